@@ -1,0 +1,26 @@
+import os
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_editor():
+    """The tiny offline VIVA editor (random weights), built once per session. Do not mutate it."""
+    from viva_base.tiny import make_tiny_editor
+
+    return make_tiny_editor(seed=0)
+
+
+@pytest.fixture()
+def repo_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

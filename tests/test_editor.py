@@ -1,0 +1,163 @@
+"""The VIVA editor: shapes, masking, widening, reference path, save/load, loading errors."""
+import pytest
+import torch
+
+from viva_base.errors import CheckpointError
+from viva_base.model import VivaEditor, widen_patch_embedding
+from viva_base.tiny import TinySpec, make_tiny_t2v_checkpoint, make_tiny_transformer
+
+INSTR = ["remove the red square", "make the background night and add a small blue circle"]
+
+
+def _inputs(b=2, f=5, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, f, 3, size, size, generator=g)
+
+
+def test_forward_shapes_and_pixel_vae_roundtrip(tiny_editor):
+    video = _inputs()
+    cond, uncond = tiny_editor.encode_condition(video, INSTR)
+    assert cond["source_latents"].shape == (2, 12, 5, 16, 16)
+    assert cond["prompt_embeds"].shape[0] == 2 and cond["prompt_embeds"].shape[2] == 64
+    assert uncond["prompt_embeds"].shape[0] == 2
+    # valid tokens come first (right padding), and the longer instruction has more of them
+    m = cond["prompt_mask"]
+    assert torch.equal(m, torch.sort(m, dim=1, descending=True).values)
+    assert m[1].sum() > m[0].sum()
+    z = torch.randn(2, *tiny_editor.latent_shape(cond))
+    v = tiny_editor.velocity(z, torch.tensor([0.3, 0.9]), cond)
+    assert v.shape == z.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
+    # the toy "VAE" is exact
+    assert torch.allclose(tiny_editor.decode(tiny_editor.encode_video(video)), video, atol=1e-6)
+
+
+def test_padded_text_positions_do_not_change_velocity(tiny_editor):
+    video = _inputs()
+    cond, _ = tiny_editor.encode_condition(video, INSTR)
+    assert (cond["prompt_mask"] == 0).any(), "need a padded row for this test"
+    z = torch.randn(2, *tiny_editor.latent_shape(cond))
+    sigma = torch.tensor([0.5, 0.5])
+    v = tiny_editor.velocity(z, sigma, cond)
+    garbage = dict(cond)
+    pad = (cond["prompt_mask"] == 0).unsqueeze(-1)
+    garbage["prompt_embeds"] = torch.where(pad, 1e3 * torch.randn_like(cond["prompt_embeds"]), cond["prompt_embeds"])
+    from viva_base.policy import Condition
+
+    v2 = tiny_editor.velocity(z, sigma, Condition(garbage))
+    assert torch.equal(v, v2)
+
+
+def test_velocity_does_not_depend_on_batch_composition(tiny_editor):
+    video = _inputs()
+    cond, _ = tiny_editor.encode_condition(video, INSTR)
+    cond1, _ = tiny_editor.encode_condition(video[1:], INSTR[1:])
+    z = torch.randn(2, *tiny_editor.latent_shape(cond))
+    v = tiny_editor.velocity(z, torch.tensor([0.2, 0.7]), cond)
+    v1 = tiny_editor.velocity(z[1:], torch.tensor([0.7]), cond1)
+    assert torch.allclose(v[1:], v1, atol=1e-5)
+
+
+def test_conditions_run_each_frozen_encoder_once(tiny_editor):
+    before = dict(tiny_editor.calls)
+    tiny_editor.encode_condition(_inputs(b=3), ["a", "b", "c"], [None, torch.rand(3, 20, 24), None])
+    assert {k: tiny_editor.calls[k] - before[k] for k in before} == {"instructor": 1, "vae_encode": 1, "text_encoder_2": 1}
+
+
+def test_reference_image_enters_the_dit(tiny_editor):
+    video = _inputs()
+    ref = torch.rand(3, 24, 40)
+    cond_ref, _ = tiny_editor.encode_condition(video, INSTR, [ref, ref])
+    cond_no, _ = tiny_editor.encode_condition(video, INSTR)
+    assert cond_ref["has_ref"].all() and not cond_no["has_ref"].any()
+    # the VLM saw one more image: more tokens
+    assert cond_ref["prompt_mask"].sum() > cond_no["prompt_mask"].sum()
+    z = torch.randn(2, *tiny_editor.latent_shape(cond_ref))
+    s = torch.tensor([0.6, 0.6])
+    v_ref = tiny_editor.velocity(z, s, cond_ref)
+    assert v_ref.shape == z.shape
+    assert not torch.allclose(v_ref, tiny_editor.velocity(z, s, cond_no))
+    # the reference latent frame matters on its own (same VLM tokens, different latent frame)
+    from viva_base.policy import Condition
+
+    other = dict(cond_ref)
+    other["ref_latents"] = torch.zeros_like(cond_ref["ref_latents"])
+    assert not torch.allclose(v_ref, tiny_editor.velocity(z, s, Condition(other)))
+    # a batch mixing items with and without reference equals the items run apart
+    mixed, _ = tiny_editor.encode_condition(video, INSTR, [ref, None])
+    v_mixed = tiny_editor.velocity(z, s, mixed)
+    assert torch.allclose(v_mixed[:1], tiny_editor.velocity(z[:1], s[:1], mixed.select([0])), atol=1e-6)
+    assert torch.allclose(v_mixed[1:], tiny_editor.velocity(z[1:], s[1:], mixed.select([1])), atol=1e-6)
+
+
+def test_widened_dit_reproduces_t2v_output():
+    spec = TinySpec()
+    t2v = make_tiny_transformer(spec, seed=3).eval()
+    wide = widen_patch_embedding(t2v).eval()
+    assert wide.config.in_channels == 24 and wide.config.out_channels == 12
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 12, 3, 8, 8, generator=g)
+    kw = dict(timestep=torch.tensor([500.0, 250.0]), encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
+              encoder_attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
+              pooled_projections=torch.randn(2, 32, generator=g), return_dict=False)
+    with torch.no_grad():
+        ref = t2v(z, **kw)[0]
+        for src in (torch.zeros_like(z), torch.randn(z.shape, generator=g)):  # the source half starts at zero
+            out = wide(torch.cat([z, src], dim=1), **kw)[0]
+            assert (out - ref).abs().max() < 1e-6
+
+
+def test_save_and_load_give_identical_outputs(tiny_editor, tmp_path):
+    video = _inputs()
+    refs = [torch.rand(3, 32, 32), None]
+    cond, uncond = tiny_editor.encode_condition(video, INSTR, refs)
+    z = torch.randn(2, *tiny_editor.latent_shape(cond))
+    s = torch.tensor([0.4, 0.8])
+    v = tiny_editor.velocity(z, s, cond)
+    tiny_editor.save_pretrained(tmp_path / "editor")
+    assert {p.name for p in (tmp_path / "editor").iterdir()} >= {"transformer", "vae", "instructor", "text_encoder_2",
+                                                                  "tokenizer_2", "scheduler", "editor_config.json"}
+    loaded = VivaEditor.from_pretrained(tmp_path / "editor")
+    cond2, uncond2 = loaded.encode_condition(video, INSTR, refs)
+    for k in cond:
+        assert torch.equal(cond[k], cond2[k]), k
+        assert torch.equal(uncond[k], uncond2[k]), k
+    assert torch.equal(v, loaded.velocity(z, s, cond2))
+
+
+def test_from_t2v_layout_loads_and_widens(tmp_path):
+    root = make_tiny_t2v_checkpoint(tmp_path / "hub")
+    editor = VivaEditor.from_t2v(root / "base", root / "instructor")
+    assert editor.transformer.config.in_channels == 2 * editor.transformer.config.out_channels
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    t2v = HunyuanVideoTransformer3DModel.from_pretrained(root / "base" / "transformer")
+    video = _inputs(b=1)
+    cond, _ = editor.encode_condition(video, INSTR[:1])
+    z = torch.randn(1, *editor.latent_shape(cond))
+    with torch.no_grad():
+        ref = t2v(z, timestep=torch.tensor([300.0]), encoder_hidden_states=cond["prompt_embeds"],
+                  encoder_attention_mask=cond["prompt_mask"], pooled_projections=cond["pooled"], return_dict=False)[0]
+    assert (editor.velocity(z, torch.tensor([0.3]), cond) - ref).abs().max() < 1e-6
+
+
+def test_tiny_hunyuan_vae_path():
+    from viva_base.tiny import make_tiny_editor
+
+    editor = make_tiny_editor(TinySpec(vae="hunyuan", latent_channels=4))
+    assert editor.valid_num_frames(10) == 9
+    video = _inputs(b=1, f=9, size=32)
+    cond, _ = editor.encode_condition(video, INSTR[:1])
+    assert cond["source_latents"].shape == (1, 4, 3, 4, 4)
+    z = torch.randn(1, *editor.latent_shape(cond))
+    assert editor.velocity(z, torch.tensor([0.5]), cond).shape == z.shape
+    assert editor.decode(z).shape == (1, 9, 3, 32, 32)
+
+
+def test_loading_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        VivaEditor.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="missing editor_config.json"):
+        VivaEditor.from_pretrained(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="could not be fetched|not a valid"):
+        VivaEditor.from_pretrained("someone/not-a-real-editor-xyz")

@@ -1,0 +1,93 @@
+"""The VLM instructor: LLaVA reads the instruction, the source video's first frame and an optional
+reference image, and its hidden states become the DiT's text tokens (VIVA paper eq. 1).
+
+Prompt layout (right-padded; see docs/architecture.md)::
+
+    <system prompt>\n<image>\n[<image>\n]Instruction: <instruction>
+
+The system prompt's tokens are cropped from the output (as HunyuanVideo crops its template with
+``crop_start``), so the DiT sees the image tokens and the instruction tokens, valid tokens first and
+padding after; the mask counts them.
+
+Which layer: HunyuanVideo's DiT was pretrained on the *third-from-last* hidden states of its LLaMA
+text encoder (diffusers' ``num_hidden_layers_to_skip=2``); the VIVA paper says "last hidden states".
+We default to ``hidden_layer=-3`` because a DiT (and its token refiner) initialised from HunyuanVideo
+expects that distribution; set ``hidden_layer=-1`` to follow the paper's wording.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a video editing assistant. Read the instruction and the images, and describe the edited video."
+)
+
+
+@dataclass
+class InstructorConfig:
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    hidden_layer: int = -3
+    max_sequence_length: int = 256
+    crop_system_prompt: bool = True
+
+
+def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, what image processors take."""
+    return image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def build_texts(instructions: list[str], num_images: list[int], cfg: InstructorConfig, image_token: str) -> list[str]:
+    return [
+        f"{cfg.system_prompt}\n" + "".join(f"{image_token}\n" for _ in range(n)) + f"Instruction: {text}"
+        for text, n in zip(instructions, num_images)
+    ]
+
+
+@torch.no_grad()
+def encode_instructions(model, processor, instructions: list[str], images: list[list[torch.Tensor]],
+                        cfg: InstructorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen VLM once on a batch.
+
+    Args:
+        instructions: B strings (an empty string gives the unconditional condition).
+        images: B lists of (3, H, W) tensors in [0, 1]: the first source frame, then the reference (if any).
+    Returns:
+        ``hidden`` (B, L, D) from ``cfg.hidden_layer`` and ``mask`` (B, L) long, valid tokens first.
+    """
+    tokenizer = processor.tokenizer
+    image_token = processor.image_token
+    texts = build_texts(instructions, [len(im) for im in images], cfg, image_token)
+    flat = [_to_uint8_hwc(im) for item in images for im in item]
+    inputs = processor(text=texts, images=flat or None, padding="longest", return_tensors="pt")
+    if tokenizer.padding_side != "right":
+        raise ValueError("the instructor's tokenizer must pad on the right (set padding_side='right')")
+    device = next(model.parameters()).device
+    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model(**inputs, output_hidden_states=True)
+    hidden = out.hidden_states[cfg.hidden_layer]
+    mask = inputs["attention_mask"].long()
+    if cfg.crop_system_prompt:
+        prefix = tokenizer(f"{cfg.system_prompt}\n", add_special_tokens=True)["input_ids"]
+        ids = inputs["input_ids"]
+        n = len(prefix)
+        if ids.shape[1] <= n or not bool((ids[:, :n] == torch.tensor(prefix, device=ids.device)).all()):
+            raise ValueError("the system prompt does not tokenize as a fixed prefix; end it with punctuation "
+                             "or set crop_system_prompt=false")
+        hidden, mask = hidden[:, n:], mask[:, n:]
+    length = int(mask.sum(1).max().clamp(min=1))
+    length = min(length, cfg.max_sequence_length)
+    return hidden[:, :length].contiguous(), mask[:, :length].contiguous()
+
+
+@torch.no_grad()
+def encode_pooled(text_encoder, tokenizer, texts: list[str], max_length: int = 77) -> torch.Tensor:
+    """HunyuanVideo's pooled text vector: the CLIP text model's pooled output (``pooled_projections``)."""
+    device = next(text_encoder.parameters()).device
+    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return text_encoder(input_ids=inputs.input_ids.to(device),
+                        attention_mask=inputs.attention_mask.to(device)).pooler_output

@@ -1,0 +1,166 @@
+"""Recipe loading shared by every command line (``viva_base.sft``, ``editgrpo.train``, ...).
+
+A recipe is a dataclass schema (typed defaults) + a YAML file + ``key=value`` overrides, the torchtune
+style::
+
+    python -m viva_base.sft recipe=recipes/sft_tiny.yaml train.max_steps=50 data.p_video=0.5
+
+Unknown keys and wrong types are errors that name the key and the closest valid one. The resolved
+config is logged and saved next to the outputs (``output_dir/config.yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SECRET_MARKERS = ("api_key", "secret", "password", "token_value")
+
+
+class RecipeError(ValueError):
+    """A user error in a recipe or an override: the message says which key and how to fix it."""
+
+
+def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            try:
+                child = cfg._get_node(k)
+            except Exception:  # pragma: no cover
+                child = None
+            if isinstance(child, DictConfig):
+                keys.extend(_dotted_keys(child, full + "."))
+    return keys
+
+
+def _closest(key: str, schema: DictConfig) -> str:
+    candidates = _dotted_keys(schema)
+    leaf = key.rsplit(".", 1)[-1]
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not match:
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        leaf_match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.5)
+        match = [by_leaf[leaf_match[0]]] if leaf_match else []
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _describe(exc: OmegaConfBaseException, schema: DictConfig, source: str) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
+        return f"unknown recipe key '{key}' in {source}{_closest(str(key), schema)}"
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return f"bad value for recipe key '{key}' in {source}: {msg}"
+    return f"invalid recipe ({source}): {str(exc).splitlines()[0]}"
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split ``recipe=PATH`` from the ``key=value`` overrides."""
+    recipe, overrides = None, []
+    for arg in argv:
+        if "=" not in arg:
+            raise RecipeError(f"argument '{arg}' is not key=value (use recipe=PATH and key=value overrides)")
+        key, value = arg.split("=", 1)
+        if key in ("recipe", "--recipe", "--config"):
+            recipe = value
+        else:
+            overrides.append(f"{key.lstrip('-')}={value}")
+    return recipe, overrides
+
+
+def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: str | None = None) -> T:
+    """Build the typed config: schema defaults <- YAML recipe <- ``key=value`` overrides.
+
+    Returns an OmegaConf structured config (attribute access, typed); raises :class:`RecipeError`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, overrides = parse_args(argv)
+    path = path or recipe
+    base = OmegaConf.structured(schema)
+    cfg = base
+    if path:
+        if not Path(path).is_file():
+            raise RecipeError(f"recipe file '{path}' not found (pass recipe=PATH to an existing YAML file)")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors come in many classes
+            raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as exc:
+            raise RecipeError(_describe(exc, base, path)) from None
+    for item in overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise RecipeError(_describe(exc, base, f"override '{item}'")) from None
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"recipe key '{getattr(exc, 'full_key', '')}' has no value: set it with key=value") from None
+    return cfg  # type: ignore[return-value]
+
+
+def redacted(cfg: Any) -> dict:
+    """The config as a plain dict with secret-looking values replaced (configs hold env-var names, not keys)."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else walk(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved, redacted config next to the outputs and log it."""
+    text = OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))
+    logger.info("resolved config:\n%s", text)
+    path = Path(output_dir) / name
+    atomic_write_text(path, text)
+    return path
+
+
+def run_cli(main, schema: type, argv: Sequence[str] | None = None) -> int:
+    """Load the recipe and run ``main(cfg)``; user errors become one line on stderr and exit code 2."""
+    from .errors import UserError
+
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_recipe(schema, argv)
+        main(cfg)
+    except (RecipeError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,191 @@
+"""Tiny offline components for the VIVA editor.
+
+Every component is the *same* library class as the real checkpoint (transformers' LLaVA and CLIP text
+model, diffusers' HunyuanVideo transformer and VAE), built from a small config with random weights,
+so that every code path runs on a CPU with no network. Tokenizers are trained in memory with the
+``tokenizers`` library (byte-level BPE) and wrapped as :class:`transformers.PreTrainedTokenizerFast`.
+
+``make_tiny_t2v_checkpoint(dir)`` writes a directory in the layout of
+``hunyuanvideo-community/HunyuanVideo`` (transformer/, vae/, text_encoder_2/, tokenizer_2/,
+scheduler/) plus an ``instructor/`` LLaVA directory in the layout of
+``xtuner/llava-llama-3-8b-v1_1-transformers``, so tests load tiny weights through exactly the loader
+that hub ids use.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+
+# Words the toy world and the tests use, plus common English, so the BPE has whole-word tokens for them.
+DEFAULT_CORPUS = """
+You are a video editing assistant. Read the instruction and the images, and describe the edited video.
+Instruction: remove delete get rid of erase take out add insert put place a an the with and on in of to
+replace swap change turn make recolour recolor paint colour color into background scene sky night day snow
+snowy dark bright sunny evening morning winter red green blue yellow purple white orange black grey pink cyan
+square circle triangle diamond cross star small large big tiny moving left right up down object objects
+shape shapes gradient stripes striped plain texture video frame frames edit edited source target image
+a red square and a small blue circle on a night sky. make the background night and remove the green triangle.
+Describe the video by detailing the following aspects: content, colour, shape, size, motion, background.
+""" * 4
+
+
+def make_tiny_tokenizer(corpus: str = DEFAULT_CORPUS, vocab_size: int = 600, *, add_eos: bool = False,
+                        model_max_length: int = 256):
+    """A byte-level BPE tokenizer trained in memory, wrapped as a transformers fast tokenizer.
+
+    Padding side is right (docs/architecture.md: the DiT's mask counts tokens). ``add_eos`` appends
+    ``</s>`` after every sequence (what CLIP text models need to pool on the end token).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    if add_eos:
+        eos = tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", eos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="right", model_max_length=model_max_length, extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the tiny editor. Defaults match DESIGN.md's measured 'width 64' configuration."""
+
+    latent_channels: int = 12        # pixel-unshuffle x2 of RGB (toy) / tiny Hunyuan VAE latent channels
+    heads: int = 2
+    head_dim: int = 32
+    num_layers: int = 1              # dual-stream blocks
+    num_single_layers: int = 2
+    num_refiner_layers: int = 1
+    text_dim: int = 64               # LLaVA hidden size (text_embed_dim of the DiT)
+    pooled_dim: int = 32             # CLIP text hidden size (pooled_projection_dim)
+    rope_axes_dim: tuple = (8, 12, 12)
+    image_size: int = 32             # LLaVA vision input
+    vision_patch: int = 8
+    guidance_embeds: bool = False
+    vae: str = "pixel"               # "pixel" (lossless pixel-unshuffle) or "hunyuan" (tiny AutoencoderKLHunyuanVideo)
+    extra: dict = field(default_factory=dict)
+
+
+def make_tiny_instructor(spec: TinySpec, tokenizer=None, seed: int = 0):
+    """(LlavaForConditionalGeneration, LlavaProcessor) with random weights from a tiny config."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer = tokenizer or make_tiny_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=spec.image_size, patch_size=spec.vision_patch, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_dim, intermediate_size=2 * spec.text_dim,
+                       num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": spec.image_size},
+                                         crop_size={"height": spec.image_size, "width": spec.image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.vision_patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor
+
+
+def make_tiny_text_encoder_2(spec: TinySpec, seed: int = 0):
+    """(CLIPTextModel, tokenizer): the pooled text vector HunyuanVideo takes as ``pooled_projections``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_tiny_tokenizer(add_eos=True, model_max_length=77)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=spec.pooled_dim, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed + 1)
+    return CLIPTextModel(config).eval(), tokenizer
+
+
+def make_tiny_transformer(spec: TinySpec, in_channels: int | None = None, seed: int = 0):
+    """A tiny ``HunyuanVideoTransformer3DModel``; ``in_channels`` defaults to the T2V value ``C``."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed + 2)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=in_channels or spec.latent_channels, out_channels=spec.latent_channels,
+        num_attention_heads=spec.heads, attention_head_dim=spec.head_dim, num_layers=spec.num_layers,
+        num_single_layers=spec.num_single_layers, num_refiner_layers=spec.num_refiner_layers, patch_size=2,
+        patch_size_t=1, guidance_embeds=spec.guidance_embeds, text_embed_dim=spec.text_dim,
+        pooled_projection_dim=spec.pooled_dim, rope_axes_dim=tuple(spec.rope_axes_dim),
+    )
+
+
+def make_tiny_vae(spec: TinySpec, seed: int = 0):
+    from .vae import PixelUnshuffleVAE
+
+    if spec.vae == "pixel":
+        if spec.latent_channels != 12:
+            raise ValueError("the pixel VAE has 12 latent channels (RGB x 2x2); set latent_channels=12")
+        return PixelUnshuffleVAE(factor=2)
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    torch.manual_seed(seed + 3)
+    return AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=spec.latent_channels,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=False,
+    ).eval()
+
+
+def make_tiny_t2v_checkpoint(path: str | os.PathLike, spec: TinySpec | None = None, seed: int = 0) -> Path:
+    """Write a tiny *text-to-video* HunyuanVideo checkpoint + LLaVA instructor in the hub layouts.
+
+    ``path/base`` mirrors ``hunyuanvideo-community/HunyuanVideo`` (transformer with ``in_channels = C``,
+    vae, text_encoder_2, tokenizer_2, scheduler); ``path/instructor`` mirrors
+    ``xtuner/llava-llama-3-8b-v1_1-transformers`` (model + processor in one folder).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    spec = spec or TinySpec()
+    path = Path(path)
+    base = path / "base"
+    make_tiny_transformer(spec, seed=seed).save_pretrained(base / "transformer")
+    make_tiny_vae(spec, seed=seed).save_pretrained(base / "vae")
+    te2, tok2 = make_tiny_text_encoder_2(spec, seed=seed)
+    te2.save_pretrained(base / "text_encoder_2")
+    tok2.save_pretrained(base / "tokenizer_2")
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(base / "scheduler")
+    llava, processor = make_tiny_instructor(spec, seed=seed)
+    llava.save_pretrained(path / "instructor")
+    processor.save_pretrained(path / "instructor")
+    return path
+
+
+def make_tiny_editor(spec: TinySpec | None = None, seed: int = 0, **editor_kwargs):
+    """A complete tiny :class:`~viva_base.model.VivaEditor` (widened DiT, random weights), in seconds."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .model import VivaEditor, widen_patch_embedding
+
+    spec = spec or TinySpec()
+    llava, processor = make_tiny_instructor(spec, seed=seed)
+    te2, tok2 = make_tiny_text_encoder_2(spec, seed=seed)
+    transformer = widen_patch_embedding(make_tiny_transformer(spec, seed=seed))
+    return VivaEditor(
+        instructor=llava, processor=processor, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer,
+        vae=make_tiny_vae(spec, seed=seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **editor_kwargs,
+    )

@@ -1,0 +1,257 @@
+"""Video and image I/O with PyAV and Pillow.
+
+Conventions (docs/architecture.md): a pixel video is a float32 tensor ``(F, 3, H, W)`` in ``[0, 1]``;
+batches add a leading ``B``.
+
+Readable inputs: any container/codec PyAV decodes (mp4, webm, mov, mkv, gif, ...), a single image
+file (a 1-frame video), or a folder of images (an image sequence, sorted by name).
+Writable outputs, chosen by the extension of the path:
+
+=========  ==========================================  =========
+extension  codec                                       lossless
+=========  ==========================================  =========
+.mp4 .mov  H.264 (yuv420p, yuv444p for odd sizes)      no
+.mkv       FFV1 (RGB)                                   yes
+.webm      VP9                                          no
+.gif       GIF (palette)                                no
+.png ...   one image (1-frame videos only)              yes
+(folder)   PNG image sequence ``00000.png``...         yes
+=========  ==========================================  =========
+
+Every write is atomic: the file is written under a temporary name in the same folder and renamed.
+Every user-caused failure raises :class:`VideoError` with one line naming the file and the problem.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+DEFAULT_IMAGE_FPS = 8.0
+
+
+class VideoError(UserError, ValueError):
+    """A video or image that cannot be read or written; the message names the path and the fix."""
+
+
+@dataclass
+class Video:
+    frames: torch.Tensor  # (F, 3, H, W) float32 in [0, 1]
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return int(self.frames.shape[-2]), int(self.frames.shape[-1])
+
+
+def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    stacked = np.stack(arrays).astype(np.float32) / 255.0  # F, H, W, 3
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise VideoError(f"expected frames of shape (F, 3, H, W), got {tuple(frames.shape)}")
+    arr = frames.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _fit(img: Image.Image, max_side: int | None) -> Image.Image:
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    scale = max_side / max(img.size)
+    new = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+    return img.resize(new, Image.BICUBIC)
+
+
+def read_image(path: str | os.PathLike, *, max_side: int | None = None) -> torch.Tensor:
+    """Read one image as ``(3, H, W)`` float32 in [0, 1]; :class:`VideoError` if it is not an image."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: image not found")
+    try:
+        with Image.open(path) as img:
+            img = _fit(img.convert("RGB"), max_side)
+            return _to_tensor([np.asarray(img)])[0]
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise VideoError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:
+    """``(num_frames, height, width, fps)`` without decoding the whole video where the container says."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS:
+        v = read_video(path)
+        return v.num_frames, *v.size, v.fps
+    import av
+
+    _check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_IMAGE_FPS)
+            n = stream.frames
+            if not n:
+                n = sum(1 for _ in container.decode(stream))
+            return int(n), int(stream.height), int(stream.width), fps
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"{path}: not a readable video ({exc.__class__.__name__})") from None
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoError(f"{path}: video not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise VideoError(f"{path}: file is empty")
+
+
+def read_video(
+    path: str | os.PathLike,
+    *,
+    max_frames: int | None = None,
+    max_side: int | None = None,
+    frame_step: int = 1,
+) -> Video:
+    """Decode a video, an image (1 frame) or a folder of images.
+
+    Args:
+        max_frames: stop decoding after this many (kept) frames: long inputs are never decoded whole.
+        max_side: frames whose longer side exceeds this are resized down while decoding.
+        frame_step: keep every ``frame_step``-th frame (fps is divided accordingly).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = files[::frame_step][:max_frames] if max_frames else files[::frame_step]
+        if not files:
+            raise VideoError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        frames = [read_image(f, max_side=max_side) for f in files]
+        if len({tuple(f.shape) for f in frames}) != 1:
+            raise VideoError(f"{path}: images of the sequence differ in size")
+        return Video(torch.stack(frames), DEFAULT_IMAGE_FPS / frame_step)
+    _check_file(path)
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return Video(read_image(path, max_side=max_side)[None], DEFAULT_IMAGE_FPS)
+
+    import av
+
+    arrays: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_IMAGE_FPS)
+            for i, frame in enumerate(container.decode(stream)):
+                if i % frame_step:
+                    continue
+                img = _fit(frame.to_image(), max_side)
+                arrays.append(np.asarray(img.convert("RGB")))
+                if max_frames and len(arrays) >= max_frames:
+                    break
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"{path}: not a readable video ({exc.__class__.__name__}: {exc})") from None
+    if not arrays:
+        raise VideoError(f"{path}: video has no frames")
+    return Video(_to_tensor(arrays), fps / frame_step)
+
+
+def _atomic_target(path: Path) -> Path:
+    if not path.parent.exists():
+        raise VideoError(f"{path}: output folder {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFAULT_IMAGE_FPS) -> Path:
+    """Write ``(F, 3, H, W)`` frames in [0, 1] to ``path`` atomically; the codec follows the extension."""
+    path = Path(path)
+    data = _to_uint8(frames)
+    ext = path.suffix.lower()
+    if ext == "":
+        return _write_folder(path, data)
+    if ext in IMAGE_EXTENSIONS:
+        if len(data) != 1:
+            raise VideoError(f"{path}: an image file holds one frame, got {len(data)}; use .mp4/.mkv or a folder")
+        tmp = _atomic_target(path)
+        try:
+            Image.fromarray(data[0]).save(tmp, format=Image.registered_extensions()[ext])
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+    tmp = _atomic_target(path)
+    try:
+        _encode(tmp, data, fps, ext)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
+    import av
+
+    h, w = data.shape[1:3]
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w") as container:
+        if ext in (".mp4", ".mov", ".m4v"):
+            stream = container.add_stream("libx264", rate=rate)
+            stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+            stream.options = {"crf": "18", "preset": "medium"}
+        elif ext == ".mkv":
+            stream = container.add_stream("ffv1", rate=rate)
+            stream.pix_fmt = "bgr0"
+        elif ext == ".webm":
+            stream = container.add_stream("libvpx-vp9", rate=rate)
+            stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+        elif ext == ".gif":
+            stream = container.add_stream("gif", rate=rate)
+            stream.pix_fmt = "pal8"
+        else:
+            raise VideoError(f"{path}: unsupported output extension {ext!r} (use .mp4, .mov, .mkv, .webm, .gif)")
+        stream.width, stream.height = w, h
+        for arr in data:
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_folder(path: Path, data: np.ndarray) -> Path:
+    if not path.parent.exists():
+        raise VideoError(f"{path}: output folder {path.parent} does not exist; create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for i, arr in enumerate(data):
+            Image.fromarray(arr).save(tmp / f"{i:05d}.png")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
