@@ -75,9 +75,8 @@ def sigma_schedule(num_steps: int, shift: float = 1.0, num_train_timesteps: int 
         sigma_max, sigma_min = shift(1), shift(1 / num_train_timesteps)   (float32, as the scheduler's __init__)
         sigmas = shift(linspace(sigma_max, sigma_min, num_steps))         (float64, then float32), append 0
 
-    (``shift(1)`` rounds to slightly above 1 in float32 for some shifts, e.g. 1/3; kept as diffusers has it.)
-
-    with ``shift(s) = shift * s / (1 + (shift - 1) * s)``.
+    with ``shift(s) = shift * s / (1 + (shift - 1) * s)``. ``shift(1)`` rounds to slightly above 1 in float32
+    for some shifts (e.g. 1/3); kept, as diffusers has it (``sde_step`` handles ``sigma >= 1``).
     """
     if num_steps < 1:
         raise ValueError(f"sigma_schedule: num_steps must be >= 1, got {num_steps}")
@@ -225,7 +224,9 @@ def sde_mean_std(
                 "sde_step: the step has std 0 (sigma_next == 0 with method='cps'), so its log-prob is undefined; "
                 "make the final step to sigma 0 an ODE step (ode_step)"
             )
-        raise ValueError(f"sde_step: non-finite std for sigma={sigma}, sigma_next={sigma_next}; sigmas must lie in [0, 1]")
+        raise ValueError(
+            f"sde_step: non-finite std for sigma={sigma}, sigma_next={sigma_next}; sigmas must lie in [0, 1]"
+        )
     return mean, std
 
 
@@ -432,7 +433,9 @@ def sample_trajectory(
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
     if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"sample_trajectory: sigmas must be a 1-D schedule of length T + 1 >= 2, got {list(sigmas.shape)}")
+        raise ValueError(
+            f"sample_trajectory: sigmas must be a 1-D schedule of length T + 1 >= 2, got {list(sigmas.shape)}"
+        )
     if bool((sigmas[1:] >= sigmas[:-1]).any()):
         raise ValueError("sample_trajectory: sigmas must be strictly decreasing (use sigma_schedule)")
     sde_steps = sde_step_indices(sigmas, mode, sde_window)

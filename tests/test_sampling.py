@@ -178,7 +178,8 @@ def test_flow_sde_at_sigma_one_is_finite():
     for shift in [1.0, 1.0 / 3.0]:  # sigma_0 == 1, and sigma_0 slightly above 1 (diffusers' float32 rounding)
         sigmas = sigma_schedule(10, shift)
         assert sigmas[0] >= 1
-        out = sde_step(v, z, sigmas[0], sigmas[1], method="flow_sde", eta=0.7, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        out = sde_step(v, z, sigmas[0], sigmas[1], method="flow_sde", eta=0.7, generator=gen)
         for t in (out.mean, out.std, out.log_prob, out.prev_sample):
             assert torch.isfinite(t).all()
         # The ratio sigma / (1 - sigma) uses sigma_next in its denominator there (as Flow-GRPO does).
@@ -257,7 +258,9 @@ def test_trajectory_is_deterministic_given_generator(method):
     sigmas = sigma_schedule(6, 3.0)
     z0 = _randn(*SHAPE, seed=22)
     runs = [
-        sample_trajectory(_ToyVelocity(), z0, sigmas, method=method, eta=0.7, generator=torch.Generator().manual_seed(s))
+        sample_trajectory(
+            _ToyVelocity(), z0, sigmas, method=method, eta=0.7, generator=torch.Generator().manual_seed(s)
+        )
         for s in (5, 5, 6)
     ]
     assert torch.equal(runs[0].latents, runs[1].latents)
@@ -278,7 +281,8 @@ def test_default_trajectory_records_all_but_final_step_and_log_probs_rescore(met
     step_inputs = [z for z, _ in fn.calls]
     assert len(step_inputs) == num_steps
     for k, rec in enumerate(traj.steps):
-        assert torch.equal(rec.sigma, sigmas[k].expand(SHAPE[0])) and torch.equal(rec.sigma_next, sigmas[k + 1].expand(SHAPE[0]))
+        assert torch.equal(rec.sigma, sigmas[k].expand(SHAPE[0]))
+        assert torch.equal(rec.sigma_next, sigmas[k + 1].expand(SHAPE[0]))
         assert rec.log_prob.shape == (SHAPE[0],) and rec.log_prob.dtype == torch.float32
         assert torch.equal(rec.latents, step_inputs[k])
         assert torch.equal(rec.next_latents, step_inputs[k + 1])

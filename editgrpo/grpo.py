@@ -1,0 +1,268 @@
+"""GRPO math for Edit-GRPO: group advantages, clipped surrogate, KL to the reference policy.
+
+Pure tensor functions; nothing here knows the model or the sampler. Equations follow VIVA (eq. 11: group
+advantage, eq. 13: clipped surrogate) and Flow-GRPO (the KL between the Gaussian step policies).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+AdvantageScale = Literal["group", "global", "none"]
+ADVANTAGE_SCALES: tuple[str, ...] = ("group", "global", "none")
+
+
+@dataclass
+class AdvantageOutput:
+    """Result of :func:`group_advantages` (all ``[N]``, on the rewards' device).
+
+    Attributes:
+        advantages: float32 advantages; 0 for invalid samples and for degenerate groups.
+        valid: bool, the reward is finite (a NaN/inf reward drops its sample from statistics and training).
+        group_mean: float32 mean of the valid rewards of the sample's group (NaN if the group has none).
+        group_std: float32 population std of the valid rewards of the sample's group (NaN if none).
+        zero_variance: bool, the sample's group is degenerate (fewer than 2 valid rewards, or all equal):
+            its advantages are exactly 0.
+    """
+
+    advantages: torch.Tensor
+    valid: torch.Tensor
+    group_mean: torch.Tensor
+    group_std: torch.Tensor
+    zero_variance: torch.Tensor
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    scale: AdvantageScale = "group",
+    eps: float = 1e-4,
+    clip: float | None = None,
+) -> AdvantageOutput:
+    """Group-relative advantages (VIVA eq. 11)::
+
+        A_i = (R_i - mean_{g(i)}) / (std + eps)
+
+    where ``mean_g`` is the mean of the valid rewards of group ``g`` (the G rollouts of one prompt) and
+
+    * ``scale="group"``: ``std = std_{g(i)}``, the std of the group's valid rewards (eq. 11);
+    * ``scale="global"``: ``std`` over all valid rewards of the batch (Flow-GRPO's ``global_std``);
+    * ``scale="none"``: ``std + eps`` replaced by 1 (only centering, as Dr. GRPO).
+
+    Stds are **population** stds (``ddof = 0``, as Flow-GRPO's ``np.std``; trl uses the unbiased one), and
+    ``eps = 1e-4`` as in Flow-GRPO. Statistics are computed in float64.
+
+    Edge cases: a non-finite reward (a failed reward model returns NaN) is left out of its group's statistics
+    and gets advantage 0 and ``valid = False``; a group whose valid rewards are all equal, or that has fewer
+    than two valid rewards, gets advantages exactly 0 (never NaN, never ``rounding_error / eps``).
+    ``clip`` (if set) clamps advantages to ``[-clip, clip]`` (Flow-GRPO's ``adv_clip_max``).
+
+    Args:
+        rewards: ``[N]`` rewards (any float dtype).
+        group_ids: ``[N]`` integer ids, equal for samples of the same prompt (any values, not necessarily
+            contiguous; must be unique across processes when gathered).
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"group_advantages: unknown scale {scale!r}; use one of {ADVANTAGE_SCALES}")
+    if rewards.ndim != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"group_advantages: rewards and group_ids must both be [N], got {list(rewards.shape)} and "
+            f"{list(group_ids.shape)}"
+        )
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_advantages: group_ids must be an integer tensor, got {group_ids.dtype}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"group_advantages: clip must be > 0 or None, got {clip}")
+    r = rewards.detach().to(torch.float64)
+    valid = torch.isfinite(r)
+    if r.numel() == 0:
+        empty = r.to(torch.float32)
+        return AdvantageOutput(empty, valid, empty, empty, valid)
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1
+    zeros = r.new_zeros(num_groups)
+    r_valid = torch.where(valid, r, 0.0)
+    count = zeros.index_add(0, inverse, valid.to(torch.float64))
+    mean = zeros.index_add(0, inverse, r_valid) / count.clamp_min(1)
+    dev = torch.where(valid, r - mean[inverse], 0.0)
+    std = torch.sqrt(zeros.index_add(0, inverse, dev**2) / count.clamp_min(1))
+    r_max = r.new_full((num_groups,), -torch.inf).scatter_reduce(0, inverse, torch.where(valid, r, -torch.inf), "amax")
+    r_min = r.new_full((num_groups,), torch.inf).scatter_reduce(0, inverse, torch.where(valid, r, torch.inf), "amin")
+    degenerate = (count < 2) | (r_max == r_min)
+
+    if scale == "group":
+        adv = dev / (std[inverse] + eps)
+    elif scale == "global":
+        n_valid = valid.sum().clamp_min(1)
+        global_mean = r_valid.sum() / n_valid
+        global_std = torch.sqrt((torch.where(valid, r - global_mean, 0.0) ** 2).sum() / n_valid)
+        adv = dev / (global_std + eps)
+    else:
+        adv = dev
+    zero = degenerate[inverse] | ~valid
+    adv = torch.where(zero, 0.0, adv)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    no_valid = count == 0
+    return AdvantageOutput(
+        advantages=adv.to(torch.float32),
+        valid=valid,
+        group_mean=torch.where(no_valid, torch.nan, mean)[inverse].to(torch.float32),
+        group_std=torch.where(no_valid, torch.nan, std)[inverse].to(torch.float32),
+        zero_variance=degenerate[inverse],
+    )
+
+
+def gather_for_advantages(
+    accelerator: Any | None, rewards: torch.Tensor, group_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, slice]:
+    """Gather ``rewards`` and ``group_ids`` (``[n]`` on each process) from all processes.
+
+    Returns ``(all_rewards [N], all_group_ids [N], local)`` where ``local`` is the slice of this process's
+    samples in the gathered batch (processes in rank order), so that a group split over processes gets its
+    statistics from all its members::
+
+        all_r, all_g, local = gather_for_advantages(accelerator, rewards, group_ids)
+        advantages = group_advantages(all_r, all_g).advantages[local]
+
+    Processes may hold different numbers of samples (tensors are padded for the collective, then unpadded).
+    With ``accelerator=None`` or a single process it is the identity. ``accelerator`` is an
+    ``accelerate.Accelerator`` (its ``gather`` and ``pad_across_processes`` are used).
+    """
+    n = rewards.shape[0]
+    if group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"gather_for_advantages: rewards {list(rewards.shape)} and group_ids {list(group_ids.shape)} differ"
+        )
+    if accelerator is None or accelerator.num_processes == 1:
+        return rewards, group_ids, slice(0, n)
+    sizes = accelerator.gather(torch.tensor([n], device=rewards.device)).tolist()
+    width = max(sizes)
+    padded_r = accelerator.gather(accelerator.pad_across_processes(rewards, dim=0))
+    padded_g = accelerator.gather(accelerator.pad_across_processes(group_ids, dim=0))
+    parts = [slice(p * width, p * width + size) for p, size in enumerate(sizes)]
+    all_rewards = torch.cat([padded_r[s] for s in parts])
+    all_group_ids = torch.cat([padded_g[s] for s in parts])
+    start = sum(sizes[: accelerator.process_index])
+    return all_rewards, all_group_ids, slice(start, start + n)
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return x.mean()
+    x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum() / valid.sum().clamp_min(1)
+
+
+def clipped_surrogate_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float | tuple[float, float],
+    *,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO/GRPO clipped surrogate (VIVA eq. 13), to minimise::
+
+        ratio = exp(logp - logp_old)
+        loss  = mean_i max(-A_i * ratio_i, -A_i * clip(ratio_i, 1 - eps_low, 1 + eps_high))
+
+    Args:
+        log_prob: ``[B]`` log-probs under the current policy (with grad), e.g. ``sde_step(...).log_prob``.
+        old_log_prob: ``[B]`` log-probs recorded at sampling time (treated as constants).
+        advantages: ``[B]`` advantages (constants).
+        clip_range: ``eps`` (symmetric) or ``(eps_low, eps_high)``.
+        valid: optional ``[B]`` bool; the mean runs over valid samples only (invalid ones get zero gradient;
+            with none valid the loss is 0 with zero gradient, so every process still runs backward).
+
+    Returns:
+        ``(loss, metrics)`` with detached scalar metrics over valid samples: ``clip_frac`` (fraction with the
+        ratio outside ``[1 - eps_low, 1 + eps_high]``), ``approx_kl`` (``0.5 * mean((logp - logp_old)^2)``,
+        the estimator Flow-GRPO logs), ``ratio_mean``.
+    """
+    if isinstance(clip_range, (tuple, list)):
+        eps_low, eps_high = float(clip_range[0]), float(clip_range[1])
+    else:
+        eps_low = eps_high = float(clip_range)
+    if not (0 < eps_low < 1 and eps_high > 0):
+        raise ValueError(
+            f"clipped_surrogate_loss: clip_range must give 0 < eps_low < 1 and eps_high > 0, got {clip_range}"
+        )
+    if not log_prob.shape == old_log_prob.shape == advantages.shape:
+        raise ValueError(
+            f"clipped_surrogate_loss: log_prob {list(log_prob.shape)}, old_log_prob {list(old_log_prob.shape)} "
+            f"and advantages {list(advantages.shape)} must have the same shape"
+        )
+    log_ratio = log_prob.float() - old_log_prob.detach().float()
+    if valid is not None:
+        # where() rather than a product: a non-finite value of an invalid sample cannot reach the gradient.
+        log_ratio = torch.where(valid, log_ratio, torch.zeros((), device=log_ratio.device))
+    adv = advantages.detach().float()
+    ratio = torch.exp(log_ratio)
+    per_sample = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+    loss = _masked_mean(per_sample, valid)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float()
+        metrics = {
+            "clip_frac": _masked_mean(clipped, valid),
+            "approx_kl": 0.5 * _masked_mean(log_ratio**2, valid),
+            "ratio_mean": _masked_mean(ratio, valid),
+        }
+    return loss, metrics
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """``[B]`` KL( N(mean, std^2) || N(ref_mean, std^2) ) per element, averaged over non-batch elements::
+
+        KL = mean_over_elements( (mean - ref_mean)^2 / (2 std^2) )
+
+    The KL term of Flow-GRPO between the current and the reference policy's step Gaussians (same std: it
+    depends on the sigmas only). Averaged like ``sde_step``'s ``log_prob`` (per element, not summed), so
+    ``beta`` has the same scale as in Flow-GRPO. ``std`` is a float, ``[B]``, or ``[B, 1, ..., 1]``
+    (``SDEStepOutput.std``). Compute ``ref_mean`` under ``torch.no_grad()`` (adapter disabled).
+    """
+    mean = mean.float()
+    ref_mean = ref_mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    if std.ndim == 1 and mean.ndim > 1:
+        std = std.view(-1, *([1] * (mean.ndim - 1)))
+    kl = (mean - ref_mean) ** 2 / (2 * std**2)
+    return kl.reshape(kl.shape[0], -1).mean(dim=1)
+
+
+def policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float | tuple[float, float],
+    *,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Edit-GRPO objective to minimise: clipped surrogate (eq. 13) ``+ beta * mean(kl)`` over valid samples.
+
+    ``kl`` is ``[B]`` from :func:`gaussian_kl` (required when ``beta > 0``). Metrics are those of
+    :func:`clipped_surrogate_loss` plus ``policy_loss`` (the surrogate), ``kl`` (when given) and ``loss``.
+    """
+    if beta < 0:
+        raise ValueError(f"policy_loss: beta must be >= 0, got {beta}")
+    if beta > 0 and kl is None:
+        raise ValueError("policy_loss: beta > 0 needs kl (gaussian_kl of the policy and reference step means)")
+    surrogate, metrics = clipped_surrogate_loss(log_prob, old_log_prob, advantages, clip_range, valid=valid)
+    loss = surrogate
+    metrics["policy_loss"] = surrogate.detach()
+    if kl is not None:
+        kl_mean = _masked_mean(kl.float(), valid)
+        metrics["kl"] = kl_mean.detach()
+        if beta > 0:
+            loss = loss + beta * kl_mean
+    metrics["loss"] = loss.detach()
+    return loss, metrics
