@@ -1,0 +1,256 @@
+"""Write the toy world's datasets: SFT pairs, Edit-GRPO prompts and held-out evaluation prompts.
+
+The generalisation setting of the paper in miniature:
+
+* ``sft.jsonl``: simple, single-operation pairs only. Video pairs cover every edit type except
+  ``image_only_types`` (default: ``replace``), which appear only in the 1-frame image pairs.
+* ``grpo.jsonl``: compound instructions (2..``max_ops`` operations of distinct types), no targets. The
+  combos of types are split (seeded) into *seen* ones, used here, and *held-out* ones.
+* ``eval.jsonl``: ``split: "compound"`` prompts, alternating held-out combos (``novel_combo: true``) and
+  seen combos, and ``split: "simple"`` prompts over all edit types; each with its true ``target`` video
+  and ``mask``. Evaluation scenes are drawn first; training scenes equal to one of them are redrawn, so
+  no evaluation scene appears in training.
+* ``world.json``: every parameter, the vocabulary and the combo split.
+
+Everything is a pure function of the seed and the parameters (examples come from
+:func:`.pairs.example_rng`), whatever the number of worker processes. Videos are lossless FFV1 ``.mkv``
+(masks as grey videos), images ``.png``; manifest paths are relative to the manifest's folder.
+
+Command line::
+
+    python -m viva_base.data.toyworld.build --out data/toy --seed 0 --n-sft-video 2000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from ...errors import UserError
+from ...video import write_video
+from ..manifest import write_manifest
+from .edits import EDIT_TYPES, MOTIONS, PLACES, mask_from_renders
+from .pairs import example_rng, ordered_types, sample_example, scene_fingerprint, split_combos
+from .render import render, to_tensor
+from .scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZE_PX_AT_32, STYLES, VARIANTS, scene_from_json
+
+logger = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def check_geometry(frames: int, size: int) -> None:
+    """Frames ``4k + 1`` and sides a multiple of 16 (the Hunyuan VAE's constraints), else a UserError."""
+    if frames < 1 or (frames - 1) % 4:
+        raise UserError(f"toy world frames={frames}: use 4k + 1 frames (5, 9, 13, 17, ...)")
+    if size < 16 or size % 16:
+        raise UserError(f"toy world size={size}: use a side that is a multiple of 16 (32, 48, 64)")
+
+
+def _task(stream: str, index: int, ident: str, types: Sequence[str], frames: int, extra: dict | None = None) -> dict:
+    return {"stream": stream, "index": index, "id": ident, "types": list(types), "frames": frames,
+            "extra": extra or {}}
+
+
+def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, exclude: frozenset) -> dict:
+    rng = example_rng(seed, task["stream"], task["index"])
+    types = ordered_types(rng, task["types"]) if len(task["types"]) > 1 else task["types"]
+    ex = sample_example(rng, types, num_frames=task["frames"], height=size, width=size, exclude_scenes=exclude)
+    a = render(ex.source)
+    ext = ".png" if task["frames"] == 1 else ".mkv"
+    stem = Path(out_dir) / "videos" / task["id"]
+    rec = {"id": task["id"], "source": str(write_video(f"{stem}_src{ext}", to_tensor(a), fps))}
+    if task["stream"] != "grpo":
+        b = render(ex.target)
+        rec["target"] = str(write_video(f"{stem}_tgt{ext}", to_tensor(b), fps))
+        mask = mask_from_renders(a, b)
+        rec["mask"] = str(write_video(f"{stem}_mask{ext}", mask.expand(-1, 3, -1, -1), fps))
+    rec["reference"] = None
+    rec.update(ex.to_json())
+    rec.update(task["extra"])
+    return rec
+
+
+def _build_chunk(tasks: list[dict], **kwargs) -> list[dict]:
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+    return [_build_one(t, **kwargs) for t in tasks]
+
+
+def _run(tasks: list[dict], workers: int, desc: str, **kwargs) -> list[dict]:
+    if not tasks:
+        return []
+    chunk = max(1, min(64, len(tasks) // (4 * workers) or 1))
+    chunks = [tasks[i:i + chunk] for i in range(0, len(tasks), chunk)]
+    fn = partial(_build_chunk, **kwargs)
+    out: list[dict] = []
+    with tqdm(total=len(tasks), desc=desc, unit="ex", disable=None) as bar:
+        if workers <= 1:
+            for c in chunks:
+                out += fn(c)
+                bar.update(len(c))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for res in pool.map(fn, chunks):  # map keeps the order: output independent of workers
+                    out += res
+                    bar.update(len(res))
+    return out
+
+
+def build_toy_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_sft_video: int = 2000,
+    n_sft_image: int = 1000,
+    n_grpo: int = 256,
+    n_eval_compound: int = 64,
+    n_eval_simple: int = 64,
+    frames: int = 9,
+    size: int = 32,
+    fps: float = 8.0,
+    image_only_types: Sequence[str] = ("replace",),
+    heldout_combo_fraction: float = 0.3,
+    max_ops: int = 3,
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write ``sft.jsonl``, ``grpo.jsonl``, ``eval.jsonl``, ``world.json`` and ``videos/`` under ``out_dir``.
+
+    Returns ``{"sft": path, "grpo": path, "eval": path, "world": path}``. ``workers`` processes write
+    files (default: 2 when there are over 200 examples, else 1); the output does not depend on it.
+    """
+    check_geometry(frames, size)
+    bad = [t for t in image_only_types if t not in EDIT_TYPES]
+    if bad:
+        raise UserError(f"image_only_types {bad}: choose from {', '.join(EDIT_TYPES)}")
+    video_types = [t for t in EDIT_TYPES if t not in image_only_types]
+    if n_sft_video and not video_types:
+        raise UserError("image_only_types leaves no edit type for SFT video pairs; reserve fewer types")
+    if not 2 <= max_ops <= 3:
+        raise UserError(f"max_ops={max_ops}: compound edits here have 2 or 3 operations")
+    out = Path(out_dir)
+    videos = out / "videos"
+    if videos.exists():
+        if not overwrite:
+            raise UserError(f"{out} already holds a toy dataset; pass overwrite=True (--overwrite) or another folder")
+        shutil.rmtree(videos)
+    videos.mkdir(parents=True)
+    seen, held = split_combos(seed, heldout_combo_fraction, max_ops)
+    total = n_sft_video + n_sft_image + n_grpo + n_eval_compound + n_eval_simple
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1) if total > 200 else 1
+    kwargs = {"seed": seed, "size": size, "fps": fps, "out_dir": str(out)}
+    t0 = time.perf_counter()
+
+    eval_tasks = []
+    for i in range(n_eval_compound):
+        novel = bool(held) and i % 2 == 0
+        pool = held if novel else seen
+        combo = pool[(i // 2 if held else i) % len(pool)]
+        eval_tasks.append(_task("eval_compound", i, f"eval-c{i:05d}", combo, frames,
+                                {"split": "compound", "novel_combo": novel}))
+    for i in range(n_eval_simple):
+        eval_tasks.append(_task("eval_simple", i, f"eval-s{i:05d}", [EDIT_TYPES[i % len(EDIT_TYPES)]], frames,
+                                {"split": "simple"}))
+    eval_recs = _run(eval_tasks, workers, "toy eval", exclude=frozenset(), **kwargs)
+    exclude = frozenset(scene_fingerprint(scene_from_json(r["scene"])) for r in eval_recs)
+
+    train_tasks = [_task("sft_video", i, f"sft-v{i:06d}", [video_types[i % len(video_types)]], frames)
+                   for i in range(n_sft_video)]
+    train_tasks += [_task("sft_image", i, f"sft-i{i:06d}", [EDIT_TYPES[i % len(EDIT_TYPES)]], 1)
+                    for i in range(n_sft_image)]
+    train_tasks += [_task("grpo", i, f"grpo-{i:06d}", seen[i % len(seen)], frames) for i in range(n_grpo)]
+    train_recs = _run(train_tasks, workers, "toy train", exclude=exclude, **kwargs)
+    elapsed = time.perf_counter() - t0
+
+    sft = [r for r in train_recs if r["id"].startswith("sft-")]
+    grpo = [{k: v for k, v in r.items() if k not in ("target", "mask")} for r in train_recs if r["id"].startswith("grpo-")]
+    paths = {"sft": out / "sft.jsonl", "grpo": out / "grpo.jsonl", "eval": out / "eval.jsonl", "world": out / "world.json"}
+    write_manifest(paths["sft"], sft)
+    write_manifest(paths["grpo"], grpo)
+    write_manifest(paths["eval"], eval_recs)
+    world = {
+        "format_version": FORMAT_VERSION, "generator": "viva_base.data.toyworld",
+        "seed": seed, "frames": frames, "size": size, "fps": fps,
+        "counts": {"sft_video": n_sft_video, "sft_image": n_sft_image, "grpo": n_grpo,
+                   "eval_compound": n_eval_compound, "eval_simple": n_eval_simple},
+        "video_sft_types": video_types, "image_only_types": list(image_only_types), "max_ops": max_ops,
+        "heldout_combo_fraction": heldout_combo_fraction,
+        "grpo_combos": [list(c) for c in seen], "heldout_combos": [list(c) for c in held],
+        "vocabulary": {"shapes": list(SHAPES), "object_colours": list(OBJECT_COLOURS),
+                       "sizes_px_at_32": SIZE_PX_AT_32, "background_styles": list(STYLES),
+                       "background_colours": list(BACKGROUND_COLOURS), "variants": list(VARIANTS),
+                       "places": list(PLACES), "motions": list(MOTIONS)},
+        "manifests": {k: p.name for k, p in paths.items() if k != "world"},
+    }
+    _write_json(paths["world"], world)
+    logger.info("toy world: %d examples in %.1f s (%.1f examples/s, %d workers) -> %s",
+                total, elapsed, total / max(elapsed, 1e-9), workers, out)
+    return paths
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m viva_base.data.toyworld.build",
+                                description="Write the toy world's SFT, Edit-GRPO and evaluation manifests.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-sft-video", type=int, default=2000)
+    p.add_argument("--n-sft-image", type=int, default=1000)
+    p.add_argument("--n-grpo", type=int, default=256)
+    p.add_argument("--n-eval-compound", type=int, default=64)
+    p.add_argument("--n-eval-simple", type=int, default=64)
+    p.add_argument("--frames", type=int, default=9, help="frames per video (4k + 1)")
+    p.add_argument("--size", type=int, default=32, help="frame side in pixels (multiple of 16)")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--image-only-types", nargs="*", default=["replace"],
+                   help=f"edit types only image pairs carry in SFT (of {', '.join(EDIT_TYPES)}); none: pass no value")
+    p.add_argument("--heldout-combo-fraction", type=float, default=0.3)
+    p.add_argument("--max-ops", type=int, default=3)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        paths = build_toy_dataset(
+            args.out, seed=args.seed, n_sft_video=args.n_sft_video, n_sft_image=args.n_sft_image,
+            n_grpo=args.n_grpo, n_eval_compound=args.n_eval_compound, n_eval_simple=args.n_eval_simple,
+            frames=args.frames, size=args.size, fps=args.fps, image_only_types=args.image_only_types,
+            heldout_combo_fraction=args.heldout_combo_fraction, max_ops=args.max_ops, workers=args.workers,
+            overwrite=args.overwrite)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Edit operations as data, their application to scenes, exact edit masks and instruction templates.
+
+Operations (applied in order by :func:`apply`; an ``index`` refers to the scene as it is when the
+operation is applied, so a compound edit is a sequence of simple ones):
+
+* :class:`Add` ``(obj, where, motion)``: put ``obj`` on top of the z-order. Added objects start at one of
+  nine named places (``"top left"`` ... ``"bottom right"``) and stand still or move 1 px/frame (at 32x32)
+  in a named direction, so the instruction ("add a small red square in the top left corner moving
+  right") determines the target video exactly.
+* :class:`Remove` ``(index)``, :class:`Replace` ``(index, shape, colour)`` (new shape, optionally new
+  colour; size and trajectory kept), :class:`Recolour` ``(index, colour)``.
+* :class:`SetBackground` ``(style, colour, variant)``: fields left ``None`` are kept (a global change;
+  objects are untouched).
+
+The edit mask is the set of pixels whose rendered colour changes: ``M[f, 0, i, j] = 1`` iff
+``render(src)[f, i, j] != render(tgt)[f, i, j]`` in any channel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from .render import changed_pixels, render
+from .scene import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, STYLES, VARIANTS, Background,
+                    Obj, Scene, obj_from_json, obj_to_json, object_bounds, speed_unit, style_colour)
+
+PLACES = {  # name -> (fraction of width, fraction of height)
+    "top left": (0.25, 0.25), "top": (0.5, 0.25), "top right": (0.75, 0.25),
+    "left": (0.25, 0.5), "centre": (0.5, 0.5), "right": (0.75, 0.5),
+    "bottom left": (0.25, 0.75), "bottom": (0.5, 0.75), "bottom right": (0.75, 0.75),
+}
+PLACE_PHRASES = {
+    "top left": "in the top left corner", "top": "at the top", "top right": "in the top right corner",
+    "left": "on the left", "centre": "in the centre", "right": "on the right",
+    "bottom left": "in the bottom left corner", "bottom": "at the bottom", "bottom right": "in the bottom right corner",
+}
+MOTIONS = {"still": (0, 0), "left": (-2, 0), "right": (2, 0), "up": (0, -2), "down": (0, 2)}  # in speed units
+MOTION_PHRASES = {
+    "still": ("", " that stays still", " that does not move"),
+    "left": (" moving left", " that moves to the left"),
+    "right": (" moving right", " that moves to the right"),
+    "up": (" moving up", " that moves upwards"),
+    "down": (" moving down", " that moves downwards"),
+}
+EDIT_TYPES = ("add", "remove", "replace", "recolour", "background")
+
+
+@dataclass(frozen=True)
+class Add:
+    obj: Obj
+    where: str | None = None  # a PLACES name, used by the instruction
+    motion: str | None = None  # a MOTIONS name
+
+    @staticmethod
+    def place(shape: str, colour: str, size: str, where: str, motion: str, height: int, width: int) -> "Add":
+        """The Add whose object sits at the named place and moves in the named direction."""
+        if where not in PLACES:
+            raise ValueError(f"unknown place {where!r}; choose one of {', '.join(PLACES)}")
+        if motion not in MOTIONS:
+            raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
+        fx, fy = PLACES[where]
+        x_lo, x_hi, y_lo, y_hi = object_bounds(size, height, width)
+        x = min(max(math.floor(fx * width * 4) / 4, x_lo), x_hi)
+        y = min(max(math.floor(fy * height * 4) / 4, y_lo), y_hi)
+        u = speed_unit(height, width)
+        mx, my = MOTIONS[motion]
+        return Add(Obj(shape, colour, size, x, y, mx * u, my * u), where, motion)
+
+
+@dataclass(frozen=True)
+class Remove:
+    index: int
+
+
+@dataclass(frozen=True)
+class Replace:
+    index: int
+    shape: str
+    colour: str | None = None  # None: keep the colour
+
+
+@dataclass(frozen=True)
+class Recolour:
+    index: int
+    colour: str
+
+
+@dataclass(frozen=True)
+class SetBackground:
+    style: str | None = None
+    colour: str | None = None
+    variant: str | None = None
+
+
+Op = Union[Add, Remove, Replace, Recolour, SetBackground]
+_TYPE_OF = {Add: "add", Remove: "remove", Replace: "replace", Recolour: "recolour", SetBackground: "background"}
+
+
+def op_type(op: Op) -> str:
+    return _TYPE_OF[type(op)]
+
+
+def edit_type(ops: Sequence[Op]) -> str:
+    """The manifest's ``edit_type``: the operation's type for one op, ``"compound"`` for several."""
+    return op_type(ops[0]) if len(ops) == 1 else "compound"
+
+
+class EditError(ValueError):
+    """An operation that does not apply to the scene (bad index, no change, duplicate object)."""
+
+
+def _target(scene: Scene, index: int, op: Op) -> Obj:
+    if not 0 <= index < len(scene.objects):
+        raise EditError(f"{op}: index {index} out of range for a scene with {len(scene.objects)} objects")
+    return scene.objects[index]
+
+
+def apply_op(scene: Scene, op: Op) -> Scene:
+    """The scene after one operation; :class:`EditError` if it changes nothing or breaks key uniqueness."""
+    objs = list(scene.objects)
+    if isinstance(op, Add):
+        objs.append(op.obj)
+    elif isinstance(op, Remove):
+        _target(scene, op.index, op)
+        del objs[op.index]
+    elif isinstance(op, Replace):
+        o = _target(scene, op.index, op)
+        if op.shape == o.shape:
+            raise EditError(f"{op}: a replacement must change the shape (use Recolour for colour only)")
+        objs[op.index] = dataclasses.replace(o, shape=op.shape, colour=op.colour or o.colour)
+    elif isinstance(op, Recolour):
+        o = _target(scene, op.index, op)
+        if op.colour == o.colour:
+            raise EditError(f"{op}: the object is already {op.colour}")
+        objs[op.index] = dataclasses.replace(o, colour=op.colour)
+    elif isinstance(op, SetBackground):
+        old = scene.background
+        new = Background(op.style or old.style, op.colour or old.colour, op.variant or old.variant)
+        if new == old:
+            raise EditError(f"{op}: the background is already {old}")
+        return scene.replace(background=new)
+    else:
+        raise EditError(f"unknown operation {op!r}")
+    try:
+        return scene.replace(objects=tuple(objs))
+    except ValueError as exc:
+        raise EditError(f"{op}: {exc}") from None
+
+
+def apply(scene: Scene, ops: Sequence[Op]) -> Scene:
+    """Apply ``ops`` in order (each index refers to the scene left by the previous operations)."""
+    for op in ops:
+        scene = apply_op(scene, op)
+    return scene
+
+
+def edit_mask(src: Scene, tgt: Scene) -> torch.Tensor:
+    """``(F, 1, H, W)`` float32 in {0, 1}: 1 exactly where ``render(src)`` and ``render(tgt)`` differ."""
+    return mask_from_renders(render(src), render(tgt))
+
+
+def mask_from_renders(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+    """Edit mask of two uint8 ``(F, H, W, 3)`` renders as ``(F, 1, H, W)`` float32 in {0, 1}."""
+    return torch.from_numpy(changed_pixels(a, b)).float()[:, None]
+
+
+# ------------------------------------------------------------------------------------ JSON
+
+def op_to_json(op: Op) -> dict:
+    if isinstance(op, Add):
+        d = {"op": "add", "object": obj_to_json(op.obj), "where": op.where, "motion": op.motion}
+    else:
+        d = {"op": op_type(op), **dataclasses.asdict(op)}
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def op_from_json(d: dict) -> Op:
+    d = dict(d)
+    kind = d.pop("op", None)
+    if kind == "add":
+        return Add(obj_from_json(d["object"]), d.get("where"), d.get("motion"))
+    cls = {"remove": Remove, "replace": Replace, "recolour": Recolour, "background": SetBackground}.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown op {kind!r}; choose one of {', '.join(EDIT_TYPES)}")
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------------- instructions
+
+REMOVE_TEMPLATES = ("remove {ref}", "delete {ref}", "get rid of {ref}", "take {ref} out of the scene", "erase {ref}")
+ADD_TEMPLATES = ("add {new}{where}{motion}", "put {new}{where}{motion}", "insert {new}{where}{motion}",
+                 "place {new}{where}{motion}")
+REPLACE_TEMPLATES = ("replace {ref} with {new}", "turn {ref} into {new}", "swap {ref} for {new}",
+                     "change {ref} into {new}")
+RECOLOUR_TEMPLATES = ("make {ref} {colour}", "paint {ref} {colour}", "change the colour of {ref} to {colour}",
+                      "recolour {ref} {colour}", "turn {ref} {colour}")
+VARIANT_TEMPLATES = {
+    "night": ("make it night", "turn the scene into night", "make the background night", "set the scene at night"),
+    "snow": ("make it snow", "add falling snow", "make it a snowy scene", "let it snow"),
+    "day": ("make it daytime", "change the scene to day", "make the background daylight", "make it day"),
+}
+BACKGROUND_TEMPLATES = ("change the background to {bg}", "replace the background with {bg}", "use {bg} instead",
+                        "switch the background to {bg}")
+VARIANT_TAILS = {"night": " at night", "snow": " with falling snow", "day": " in daylight"}
+JOIN_TEMPLATES = {
+    2: ("{0} and {1}", "{0}, then {1}", "{0} and also {1}", "first {0}, then {1}"),
+    3: ("{0}, {1} and {2}", "{0}, then {1}, then {2}", "first {0}, then {1} and finally {2}"),
+}
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def object_reference(obj: Obj, rng: np.random.Generator, *, relative: bool = True) -> str:
+    """A phrase naming ``obj`` uniquely in its scene: 'the red square', 'the large red square', and with
+    ``relative`` also 'the square that is red' (not before a colour word: 'paint the square that is red blue')."""
+    options = [f"the {obj.colour} {obj.shape}", f"the {obj.size} {obj.colour} {obj.shape}", f"the {obj.colour} {obj.shape}"]
+    if relative:
+        options.append(f"the {obj.shape} that is {obj.colour}")
+    return _pick(rng, options)
+
+
+def describe_op(op: Op, scene: Scene, rng: np.random.Generator) -> str:
+    """One phrase for ``op`` applied to ``scene`` (the scene just before the operation)."""
+    if isinstance(op, Remove):
+        return _pick(rng, REMOVE_TEMPLATES).format(ref=object_reference(_target(scene, op.index, op), rng))
+    if isinstance(op, Add):
+        o = op.obj
+        where = " " + PLACE_PHRASES[op.where] if op.where else ""
+        motion = _pick(rng, MOTION_PHRASES[op.motion]) if op.motion else ""
+        return _pick(rng, ADD_TEMPLATES).format(new=o.phrase(), where=where, motion=motion)
+    if isinstance(op, Replace):
+        o = _target(scene, op.index, op)
+        ref = object_reference(o, rng)
+        if op.colour and op.colour != o.colour:
+            new = f"a {op.colour} {op.shape}"
+        else:
+            new = _pick(rng, (f"a {op.shape}", f"a {o.colour} {op.shape}"))
+        return _pick(rng, REPLACE_TEMPLATES).format(ref=ref, new=new)
+    if isinstance(op, Recolour):
+        ref = object_reference(_target(scene, op.index, op), rng, relative=False)
+        return _pick(rng, RECOLOUR_TEMPLATES).format(ref=ref, colour=op.colour)
+    if isinstance(op, SetBackground):
+        old = scene.background
+        new = Background(op.style or old.style, op.colour or old.colour, op.variant or old.variant)
+        look_changed = (new.style, new.colour) != (old.style, old.colour)
+        if not look_changed:
+            return _pick(rng, VARIANT_TEMPLATES[new.variant])
+        if new.style == old.style and rng.random() < 0.5:
+            text = f"make the background {new.colour}"
+        else:
+            text = _pick(rng, BACKGROUND_TEMPLATES).format(
+                bg=f"a {style_colour(new.style, new.colour)} background")
+        return text + (VARIANT_TAILS[new.variant] if new.variant != old.variant else "")
+    raise EditError(f"unknown operation {op!r}")
+
+
+def instruction(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> str:
+    """The instruction ``t_ins`` for ``ops`` on ``scene``: one phrase per operation (each described on the
+    scene it applies to), joined by a template for 2 or 3 operations ('... and ...', 'first ..., then ...')."""
+    if not ops:
+        raise EditError("an instruction needs at least one operation")
+    phrases = []
+    for op in ops:
+        phrases.append(describe_op(op, scene, rng))
+        scene = apply_op(scene, op)
+    if len(phrases) == 1:
+        return phrases[0]
+    if len(phrases) in JOIN_TEMPLATES:
+        return _pick(rng, JOIN_TEMPLATES[len(phrases)]).format(*phrases)
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+# --------------------------------------------------------------------------------- sampling
+
+def sample_op(rng: np.random.Generator, scene: Scene, kind: str, *, protected: set = frozenset(),
+              forbidden_keys: set = frozenset(), max_objects: int = 4) -> Op | None:
+    """A random operation of type ``kind`` valid on ``scene``, or None when none is possible.
+
+    Objects whose key is in ``protected`` are not targeted; new (colour, shape) keys avoid
+    ``forbidden_keys`` and the scene's own keys."""
+    h, w = scene.height, scene.width
+    taken = {o.key for o in scene.objects} | set(forbidden_keys)
+    targets = [i for i, o in enumerate(scene.objects) if o.key not in protected]
+    if kind == "add":
+        if len(scene.objects) >= max_objects:
+            return None
+        free = [(c, s) for c in OBJECT_COLOURS for s in SHAPES if (c, s) not in taken]
+        colour, shape = free[int(rng.integers(len(free)))]
+        size, where = _pick(rng, SIZES), _pick(rng, list(PLACES))
+        motion = _pick(rng, list(MOTIONS)) if scene.num_frames > 1 else "still"  # images: no motion words
+        return Add.place(shape, colour, size, where, motion, h, w)
+    if kind == "background":
+        bg = scene.background
+        if rng.random() < 0.5:
+            return SetBackground(variant=_pick(rng, [v for v in VARIANTS if v != bg.variant]))
+        change = int(rng.integers(3))  # 0: colour, 1: style, 2: both
+        colour = _pick(rng, [c for c in BACKGROUND_COLOURS if c != bg.colour]) if change != 1 else None
+        style = _pick(rng, [s for s in STYLES if s != bg.style]) if change != 0 else None
+        return SetBackground(style=style, colour=colour)
+    if not targets:
+        return None
+    i = targets[int(rng.integers(len(targets)))]
+    o = scene.objects[i]
+    if kind == "remove":
+        return Remove(i)
+    if kind == "recolour":
+        options = [c for c in OBJECT_COLOURS if c != o.colour and (c, o.shape) not in taken]
+        return Recolour(i, _pick(rng, options)) if options else None
+    if kind == "replace":
+        new_colour = rng.random() < 0.5
+        options = [(c, s) for s in SHAPES if s != o.shape
+                   for c in ([c for c in OBJECT_COLOURS if c != o.colour] if new_colour else [o.colour])
+                   if (c, s) not in taken]
+        if not options:
+            return None
+        c, s = options[int(rng.integers(len(options)))]
+        return Replace(i, s, c if new_colour else None)
+    raise ValueError(f"unknown edit type {kind!r}; choose one of {', '.join(EDIT_TYPES)}")
+
+
+def new_keys(op: Op, before: Scene) -> set:
+    """(colour, shape) keys an operation brings into the scene."""
+    if isinstance(op, Add):
+        return {op.obj.key}
+    if isinstance(op, Replace):
+        return {(op.colour or before.objects[op.index].colour, op.shape)}
+    if isinstance(op, Recolour):
+        return {(op.colour, before.objects[op.index].shape)}
+    return set()
+
+
+__all__ = ["Add", "Remove", "Replace", "Recolour", "SetBackground", "Op", "EditError", "EDIT_TYPES", "PLACES",
+           "MOTIONS", "op_type", "edit_type", "apply_op", "apply", "edit_mask", "mask_from_renders", "op_to_json",
+           "op_from_json", "object_reference", "describe_op", "instruction", "sample_op", "new_keys"]
