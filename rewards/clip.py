@@ -1,0 +1,524 @@
+"""CLIP models for rewards (two backends, loaded once per process) and the CLIP rewards.
+
+How a CLIP is named (the ``model`` option of every CLIP-based reward):
+
+* ``"hf:<hub id or local dir>"`` (or a bare hub id / local dir): a transformers ``CLIPModel``;
+  the tokenizer and image-processor config come from the same place, or from ``processor``
+  when given (PickScore: model ``yuvalkirstain/PickScore_v1``, processor
+  ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
+* ``"open_clip:<arch>"`` + ``pretrained=<tag or local weights file>``: an open_clip architecture
+  (``open_clip.list_models()``) with a pretrained tag or a local ``.safetensors`` / ``.pt`` file
+  (``{"state_dict": ...}`` and ``module.`` prefixes are handled, so HPS checkpoints load as they are);
+* ``"open_clip:local-dir:<dir>"`` (or ``"open_clip:<dir>"``): a folder with ``open_clip_config.json``
+  and ``open_clip_model.safetensors`` (what :func:`rewards.tiny.make_tiny_open_clip` writes);
+  ``pretrained=<file>`` then overrides the weights found there;
+* ``"open_clip:hf-hub:<repo>"``: an open_clip model on the hub.
+
+Nothing here downloads unless the name is a hub id / tag and the machine is online.
+
+Images are preprocessed with torch ops on the tensors (no PIL round trip): resize to the model's
+size the way its own preprocessing does (shortest side + center crop, squash, or longest side +
+pad), antialiased bicubic, then normalise with the model's own mean/std. All frames of a call go
+through ONE batched forward (``max_batch`` splits it when memory demands).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .base import FrameSpec, Reward, RewardOutput
+from .registry import register_reward
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ClipImageRewardBase",
+    "ClipInstructionFollowing",
+    "ClipScorer",
+    "ClipSourcePreservation",
+    "ClipSpec",
+    "ImagePreprocess",
+    "clear_clip_cache",
+    "clip_if_score",
+    "clip_sp_score",
+    "frame_text_similarity",
+    "load_clip",
+    "parse_clip_spec",
+]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------------
+# The math (paper section 3.3)
+# ------------------------------------------------------------------------------------------------
+def frame_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """``C(V, t) = 1/F sum_f cos(E_I(v_f), E_T(t))``, the frame-averaged CLIP similarity of eqs. 4 and 6.
+
+    Args:
+        image_emb: ``(B, F, D)`` L2-normalised frame embeddings.
+        text_emb: ``(B, D)`` L2-normalised text embeddings.
+    Returns:
+        ``(B,)``.
+    """
+    return (image_emb * text_emb[:, None, :]).sum(-1).mean(-1)
+
+
+def clip_if_score(image_emb: torch.Tensor, edit_text_emb: torch.Tensor, src_text_emb: torch.Tensor) -> torch.Tensor:
+    """Eq. 4, instruction following: ``R_IF = C(V_edit, t_edit) - C(V_edit, t_src)``.
+
+    Exactly 0 when ``t_edit == t_src`` (both terms are the same computation on the same numbers).
+    Shapes as in :func:`frame_text_similarity`; returns ``(B,)``.
+    """
+    return frame_text_similarity(image_emb, edit_text_emb) - frame_text_similarity(image_emb, src_text_emb)
+
+
+def clip_sp_score(source_emb: torch.Tensor, edited_emb: torch.Tensor) -> torch.Tensor:
+    """Eq. 5, source preservation: ``R_SP = 1/F sum_f cos(E_I(v_src,f), E_I(v_edit,f))``.
+
+    Args:
+        source_emb, edited_emb: ``(B, F, D)`` L2-normalised embeddings of matching frames.
+    Returns:
+        ``(B,)``; 1 when the videos are identical.
+    """
+    return (source_emb * edited_emb).sum(-1).mean(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Naming and preprocessing
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which CLIP to load: ``backend`` is ``"hf"`` or ``"open_clip"``; ``name`` the hub id, folder or
+    open_clip architecture; ``pretrained`` an open_clip tag or weights file; ``processor`` where an
+    hf model's tokenizer and image-processor config live when not next to the weights."""
+
+    backend: str
+    name: str
+    pretrained: str | None = None
+    processor: str | None = None
+
+
+def parse_clip_spec(model: str | ClipSpec, pretrained: str | None = None, processor: str | None = None) -> ClipSpec:
+    """Parse ``"hf:<id|dir>"``, ``"open_clip:<arch|local-dir:dir|hf-hub:repo|dir>"`` or a bare id/dir (= hf)."""
+    if isinstance(model, ClipSpec):
+        return model
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"invalid CLIP model name {model!r}: use 'hf:<hub id or dir>' or 'open_clip:<arch>' "
+                         f"with pretrained=<tag or file>")
+    if model.startswith("open_clip:"):
+        name = model[len("open_clip:"):]
+        if os.path.isdir(name):
+            name = "local-dir:" + name
+        if processor is not None:
+            raise ValueError("processor= applies to hf CLIP models only; open_clip models carry their own preprocessing")
+        return ClipSpec("open_clip", name, pretrained=str(pretrained) if pretrained is not None else None)
+    name = model[len("hf:"):] if model.startswith("hf:") else model
+    if pretrained is not None:
+        raise ValueError(f"pretrained= applies to open_clip models only; for hf models put the weights in the "
+                         f"folder given as model (got model={model!r}, pretrained={pretrained!r})")
+    return ClipSpec("hf", name, processor=str(processor) if processor is not None else None)
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """The model's own image preprocessing, done with torch ops on ``(N, 3, H, W)`` tensors in [0, 1].
+
+    ``resize_mode``: ``"shortest"`` (resize the short side to the crop size, center crop; CLIP's
+    default), ``"squash"`` (resize to the size directly) or ``"longest"`` (resize the long side, pad
+    with ``fill``).
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill: float = 0.0
+    #: "shortest": the short-side length before the crop (default: the larger crop side);
+    #: "squash": the (h, w) resized to before the crop (default: ``size``)
+    resize_to: int | tuple[int, int] | None = None
+    #: center-crop offset: ``"round"`` (torchvision / open_clip) or ``"floor"`` (transformers)
+    crop_offset: str = "round"
+    #: clamp resized pixels to [0, 1] (open_clip resizes 8-bit PIL images; transformers does not clamp)
+    clamp: bool = True
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        th, tw = self.size
+        h, w = images.shape[-2:]
+        if self.resize_mode == "squash":
+            images = _resize(images, tuple(self.resize_to or self.size), self.interpolation, self.clamp)
+            images = _center_crop(images, (th, tw), self.crop_offset)
+        elif self.resize_mode == "longest":
+            scale = min(th / h, tw / w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            images = _resize(images, (nh, nw), self.interpolation, self.clamp)
+            top, left = (th - nh) // 2, (tw - nw) // 2
+            images = F.pad(images, (left, tw - nw - left, top, th - nh - top), value=self.fill)
+        elif self.resize_mode == "shortest":
+            short = int(self.resize_to) if self.resize_to is not None else max(th, tw)
+            # like torchvision's Resize(int): the short side becomes `short`, the long side is truncated
+            nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+            images = _center_crop(_resize(images, (nh, nw), self.interpolation, self.clamp), (th, tw),
+                                  self.crop_offset)
+        else:
+            raise ValueError(f"unknown resize_mode {self.resize_mode!r}: use 'shortest', 'squash' or 'longest'")
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+
+def _center_crop(images: torch.Tensor, size: tuple[int, int], offset: str = "round") -> torch.Tensor:
+    th, tw = size
+    h, w = images.shape[-2:]
+    if (h, w) == (th, tw):
+        return images
+    if h < th or w < tw:  # pad the short side symmetrically (as the hf image processors do)
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        images = F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        h, w = images.shape[-2:]
+    if offset == "floor":
+        top, left = int((h - th) / 2.0), int((w - tw) / 2.0)
+    else:
+        top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    return images[..., top : top + th, left : left + tw]
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str, clamp: bool = True) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    mode = interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic"
+    kwargs = {"align_corners": False, "antialias": True} if mode != "nearest" else {}
+    images = F.interpolate(images, size=size, mode=mode, **kwargs)
+    return images.clamp(0, 1) if clamp else images
+
+
+# ------------------------------------------------------------------------------------------------
+# Scorers
+# ------------------------------------------------------------------------------------------------
+class ClipScorer:
+    """A loaded CLIP in eval mode: ``encode_images`` / ``encode_texts`` return L2-normalised float32
+    embeddings; ``logit_scale`` is ``exp(model.logit_scale)``. Get one with :func:`load_clip`."""
+
+    backend: str = ""
+
+    def __init__(self, model: torch.nn.Module, preprocess: ImagePreprocess, device: torch.device, dtype: torch.dtype):
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp())
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_images(self, frames: torch.Tensor | Sequence[torch.Tensor], max_batch: int | None = None) -> torch.Tensor:
+        """Embed images: ``frames`` is ``(N, 3, H, W)`` in [0, 1] or a list of such tensors (sizes may
+        differ between tensors; the result stacks them in order). Returns ``(N_total, D)`` float32 on
+        the model's device, L2-normalised. One forward for all images unless ``max_batch`` splits it."""
+        parts = [frames] if isinstance(frames, torch.Tensor) else list(frames)
+        pixels = torch.cat(
+            [self.preprocess(p.to(device=self.device, dtype=torch.float32)) for p in parts], dim=0
+        ).to(self.dtype)
+        step = pixels.shape[0] if not max_batch else max_batch
+        feats = [self._image_features(pixels[i : i + step]) for i in range(0, pixels.shape[0], max(step, 1))]
+        return F.normalize(torch.cat(feats).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embed texts: ``(len(texts), D)`` float32, L2-normalised. Duplicates are embedded once, so
+        equal strings give bitwise-equal rows."""
+        unique = list(dict.fromkeys(texts))
+        feats = F.normalize(self._text_features(unique).float(), dim=-1)
+        index = {t: i for i, t in enumerate(unique)}
+        return feats[torch.tensor([index[t] for t in texts], device=feats.device, dtype=torch.long)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device}, dtype={self.dtype})"
+
+
+class HFClipScorer(ClipScorer):
+    backend = "hf"
+
+    def __init__(self, model, tokenizer, preprocess, device, dtype, max_length: int):
+        super().__init__(model, preprocess, device, dtype)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def _image_features(self, pixels):
+        out = self.model.get_image_features(pixel_values=pixels)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def _text_features(self, texts):
+        # Pad to the fixed maximum length so a text's embedding never depends on the other texts.
+        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                           attention_mask=tok["attention_mask"].to(self.device))
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class OpenClipScorer(ClipScorer):
+    backend = "open_clip"
+
+    def __init__(self, model, tokenizer, preprocess, device, dtype):
+        super().__init__(model, preprocess, device, dtype)
+        self.tokenizer = tokenizer
+
+    def _image_features(self, pixels):
+        return self.model.encode_image(pixels)
+
+    def _text_features(self, texts):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
+_CACHE: dict[tuple, ClipScorer] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)}")
+    return names[dtype]
+
+
+def load_clip(
+    model: str | ClipSpec,
+    *,
+    pretrained: str | None = None,
+    processor: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+) -> ClipScorer:
+    """Load a CLIP once per process (cached by backend, name, weights, processor, device and dtype).
+
+    See the module doc for how ``model`` names a CLIP. Raises a one-line error when weights are
+    missing (an open_clip architecture without ``pretrained`` would be random: refused).
+    """
+    spec = parse_clip_spec(model, pretrained, processor)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = _as_dtype(dtype)
+    key = (spec, str(device), dtype)
+    with _CACHE_LOCK:
+        scorer = _CACHE.get(key)
+        if scorer is None:
+            logger.info("loading CLIP %s:%s on %s (%s)", spec.backend, spec.name, device, dtype)
+            scorer = (_load_hf if spec.backend == "hf" else _load_open_clip)(spec, device, dtype)
+            _CACHE[key] = scorer
+    return scorer
+
+
+def clear_clip_cache() -> None:
+    """Drop every cached CLIP (frees their memory once no reward holds them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _hf_preprocess(image_processor) -> ImagePreprocess:
+    size = dict(getattr(image_processor, "size", None) or {})
+    crop = dict(getattr(image_processor, "crop_size", None) or {})
+    do_crop = getattr(image_processor, "do_center_crop", True)
+    mean = tuple(float(m) for m in (getattr(image_processor, "image_mean", None) or OPENAI_CLIP_MEAN))
+    std = tuple(float(s) for s in (getattr(image_processor, "image_std", None) or OPENAI_CLIP_STD))
+    if "shortest_edge" in size:
+        short = int(size["shortest_edge"])
+        target = (int(crop["height"]), int(crop["width"])) if do_crop and crop else (short, short)
+        return ImagePreprocess(target, mean, std, "shortest", resize_to=short, crop_offset="floor", clamp=False)
+    if "height" in size and "width" in size:
+        resize = (int(size["height"]), int(size["width"]))
+        target = (int(crop["height"]), int(crop["width"])) if do_crop and crop else resize
+        return ImagePreprocess(target, mean, std, "squash", resize_to=resize, crop_offset="floor", clamp=False)
+    raise ValueError(f"unsupported image-processor size {size!r} (expected shortest_edge or height/width)")
+
+
+def _load_hf(spec: ClipSpec, device: torch.device, dtype: torch.dtype) -> ClipScorer:
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    source = spec.processor or spec.name
+    try:
+        model = CLIPModel.from_pretrained(spec.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    except OSError as e:
+        raise OSError(f"cannot load the transformers CLIP {spec.name!r} (processor {source!r}): {e}. "
+                      f"Give a local folder (save_pretrained) or download it first; offline runs cannot "
+                      f"reach the hub") from e
+    model = model.to(device)
+    max_length = int(model.config.text_config.max_position_embeddings)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < max_length:
+        max_length = tok_max
+    return HFClipScorer(model, tokenizer, _hf_preprocess(image_processor), device, dtype, max_length)
+
+
+def _has_weights(folder: str) -> bool:
+    return any(Path(folder).glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt"))
+
+
+def _load_open_clip(spec: ClipSpec, device: torch.device, dtype: torch.dtype) -> ClipScorer:
+    import open_clip
+
+    name, pretrained = spec.name, spec.pretrained
+    has_schema = name.startswith(("local-dir:", "hf-hub:"))
+    weights_file = None
+    if pretrained is not None:
+        if os.path.isfile(pretrained):
+            weights_file = pretrained
+        elif has_schema or os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise FileNotFoundError(f"open_clip weights file not found: {pretrained}")
+    if name.startswith("local-dir:"):
+        folder = name[len("local-dir:"):]
+        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+            raise FileNotFoundError(f"{folder} has no open_clip_config.json; save models with "
+                                    f"rewards.tiny.save_open_clip or give open_clip:<arch> + pretrained=<file>")
+        if weights_file is None and not _has_weights(folder):
+            raise FileNotFoundError(f"{folder} has no weights (*.safetensors/*.bin/*.pth); "
+                                    f"add them or pass pretrained=<file>")
+    elif not has_schema and pretrained is None:
+        raise ValueError(f"open_clip:{name} needs pretrained=<tag or local weights file>; without it the "
+                         f"model would have random weights (tags: open_clip.list_pretrained_tags_by_model("
+                         f"{name!r}))")
+    tag = pretrained if (pretrained is not None and weights_file is None) else None
+    model = open_clip.create_model(name, pretrained=tag, device="cpu", pretrained_text=False)
+    if weights_file is not None:
+        open_clip.load_checkpoint(model, weights_file, weights_only=True)
+    model = model.to(device=device, dtype=dtype)
+    tokenizer = open_clip.get_tokenizer(name)
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    preprocess = ImagePreprocess(
+        size=size,
+        mean=tuple(float(m) for m in cfg.get("mean", OPENAI_CLIP_MEAN)),
+        std=tuple(float(s) for s in cfg.get("std", OPENAI_CLIP_STD)),
+        resize_mode=cfg.get("resize_mode", "shortest"),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        fill=float(cfg.get("fill_color", 0)) / 255.0,
+    )
+    return OpenClipScorer(model, tokenizer, preprocess, device, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLIP rewards
+# ------------------------------------------------------------------------------------------------
+class ClipImageRewardBase(Reward):
+    """Shared options of the CLIP-based rewards.
+
+    Args:
+        model: the CLIP (see the module doc for the naming scheme).
+        pretrained: open_clip pretrained tag or weights file.
+        processor: hf only: where the tokenizer / image-processor config live, if not with the model.
+        dtype: model dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); embeddings are float32.
+        max_batch: split the image forward into chunks of this many frames (``None``: one forward).
+        frames, device: see :class:`rewards.base.Reward`.
+    """
+
+    default_model: str = "hf:openai/clip-vit-large-patch14"
+    default_processor: str | None = None
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        pretrained: str | None = None,
+        processor: str | None = None,
+        dtype: str = "float32",
+        max_batch: int | None = None,
+        frames: FrameSpec = "all",
+        device: str | None = None,
+    ):
+        super().__init__(frames=frames, device=device)
+        model = model if model is not None else self.default_model
+        if processor is None and model == self.default_model:
+            processor = self.default_processor
+        self.spec = parse_clip_spec(model, pretrained, processor)
+        self.dtype = _as_dtype(dtype)
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        self.max_batch = max_batch
+
+    def scorer(self, video: torch.Tensor) -> ClipScorer:
+        """The (process-wide cached) CLIP on this reward's device."""
+        return load_clip(self.spec, device=self.resolve_device(video), dtype=self.dtype)
+
+    def embed_frames(self, scorer: ClipScorer, *videos: torch.Tensor) -> list[torch.Tensor]:
+        """Sample frames of each ``(B, F, 3, H, W)`` video and embed ALL of them in one forward;
+        returns one ``(B, F', D)`` tensor per video."""
+        sampled = [self.sample_frames(v) for v in videos]
+        flat = [s.reshape(-1, *s.shape[2:]) for s in sampled]
+        emb = scorer.encode_images(flat, max_batch=self.max_batch)
+        out, start = [], 0
+        for s in sampled:
+            n = s.shape[0] * s.shape[1]
+            out.append(emb[start : start + n].view(s.shape[0], s.shape[1], -1))
+            start += n
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.spec}, frames={self.frames!r})"
+
+
+@register_reward("clip_if")
+class ClipInstructionFollowing(ClipImageRewardBase):
+    """Eq. 4: ``C(V_edit, t_edit) - C(V_edit, t_src)`` with a CLIP (details: ``c_edit``, ``c_src``)."""
+
+    def score(self, edited, source, *, source_captions, target_captions, instructions, references):
+        scorer = self.scorer(edited)
+        (img,) = self.embed_frames(scorer, edited)
+        text = scorer.encode_texts(list(target_captions) + list(source_captions))
+        t_edit, t_src = text[: len(target_captions)], text[len(target_captions):]
+        c_edit = frame_text_similarity(img, t_edit)
+        c_src = frame_text_similarity(img, t_src)
+        scores = clip_if_score(img, t_edit, t_src)
+        details = [{"c_edit": float(e), "c_src": float(s)} for e, s in zip(c_edit.tolist(), c_src.tolist())]
+        return RewardOutput(scores, details)
+
+
+@register_reward("clip_sp")
+class ClipSourcePreservation(ClipImageRewardBase):
+    """Eq. 5: mean over frames of the cosine between source and edited frame embeddings.
+
+    Source and edited videos must have the same number of frames (frame f is compared with frame f).
+    """
+
+    def score(self, edited, source, *, source_captions, target_captions, instructions, references):
+        if edited.shape[1] != source.shape[1]:
+            raise ValueError(f"clip_sp compares frame f of the source with frame f of the edit: frame counts "
+                             f"differ ({source.shape[1]} source, {edited.shape[1]} edited)")
+        scorer = self.scorer(edited)
+        edited_emb, source_emb = self.embed_frames(scorer, edited, source)
+        return RewardOutput(clip_sp_score(source_emb, edited_emb))
+
+
+class ClipTextRewardBase(ClipImageRewardBase):
+    """A frame-averaged image-text score of the edited video against ``t_edit``; subclasses define
+    :meth:`combine` (default: ``C(V_edit, t_edit)``)."""
+
+    def combine(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scorer: ClipScorer) -> torch.Tensor:
+        return frame_text_similarity(image_emb, text_emb)
+
+    def score(self, edited, source, *, source_captions, target_captions, instructions, references):
+        scorer = self.scorer(edited)
+        (img,) = self.embed_frames(scorer, edited)
+        return RewardOutput(self.combine(img, scorer.encode_texts(target_captions), scorer))
