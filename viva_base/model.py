@@ -78,7 +78,9 @@ def widen_patch_embedding(transformer):
         raise CheckpointError(f"transformer has in_channels={c} != out_channels={cfg['out_channels']}: already widened?")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     cfg.update(in_channels=2 * c, out_channels=c)
-    wide = HunyuanVideoTransformer3DModel.from_config(cfg).to(dtype=transformer.dtype)
+    wide = HunyuanVideoTransformer3DModel.from_config(cfg)
+    if transformer.dtype != wide.dtype:
+        wide = wide.to(dtype=transformer.dtype)
     state = transformer.state_dict()
     old = state["x_embedder.proj.weight"]
     new = torch.zeros(old.shape[0], 2 * c, *old.shape[2:], dtype=old.dtype)
@@ -122,7 +124,10 @@ class VivaEditor:
 
     def to(self, device=None, dtype=None) -> "VivaEditor":
         for m in (self.instructor, self.text_encoder_2, self.transformer, self.vae):
-            m.to(device=device, dtype=dtype)
+            if device is not None and next(m.parameters(), torch.empty(0)).device != torch.device(device):
+                m.to(device=device)
+            if dtype is not None and next(m.parameters(), torch.empty(0, dtype=dtype)).dtype != dtype:
+                m.to(dtype=dtype)
         return self
 
     @property

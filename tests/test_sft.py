@@ -1,0 +1,88 @@
+"""Masked SFT: overfitting a fixed batch, the recipe end to end, resume, CLI errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from viva_base.model import VivaEditor
+from viva_base.recipe import load_recipe
+from viva_base.sft import SFTConfig, TrainConfig, main, set_trainable, sft_loss
+from viva_base.tiny import make_tiny_editor
+
+
+def test_sft_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    editor = make_tiny_editor(seed=1)
+    params = set_trainable(editor, TrainConfig(trainable="full"))
+    g = torch.Generator().manual_seed(0)
+    batch = {"source": torch.rand(2, 5, 3, 16, 16, generator=g), "target": torch.rand(2, 5, 3, 16, 16, generator=g),
+             "mask": (torch.rand(2, 5, 1, 16, 16, generator=g) > 0.7).float(),
+             "instruction": ["remove the red square", "make the background night"], "reference": [None, None]}
+    noise, sigma = torch.randn(2, 12, 5, 8, 8, generator=g), torch.tensor([0.3, 0.7])
+    opt = torch.optim.Adam(params, lr=2e-3)
+    losses = []
+    for i in range(60):
+        loss = sft_loss(editor, batch, torch.Generator().manual_seed(i), w_m=1.0, cfg_dropout=0.0,
+                        timestep_sampling="uniform", shift=1.0, noise=noise, sigma=sigma)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_set_trainable_modes():
+    editor = make_tiny_editor()
+    pr = set_trainable(editor, TrainConfig(trainable="projector_refiner"))
+    names = {n for n, p in editor.transformer.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("x_embedder", "context_embedder")) for n in names)
+    assert len(pr) == len(names)
+    editor = make_tiny_editor()
+    set_trainable(editor, TrainConfig(trainable="lora"))
+    names = {n for n, p in editor.transformer.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in names) and any(n.startswith("x_embedder") for n in names)
+    assert not any(n.startswith("transformer_blocks") and "lora_" not in n for n in names)
+
+
+def _cfg(tmp_path, *overrides):
+    return load_recipe(SFTConfig, ["recipe=recipes/sft_tiny.yaml", f"output_dir={tmp_path}", "report_to=none",
+                                   *overrides])
+
+
+@pytest.mark.slow
+def test_sft_recipe_end_to_end_and_exact_resume(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    steps = ["train.max_steps=8", "train.checkpoint_every=4", "data.toy.n_video=6", "data.toy.n_image=4"]
+    final = main(_cfg(tmp_path / "a", *steps))
+    editor = VivaEditor.from_pretrained(final)
+    assert editor.transformer.config.in_channels == 24
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["loss"] > 0 for r in rows)
+    assert (tmp_path / "a" / "config.yaml").exists() and (tmp_path / "a" / "checkpoint-4").is_dir()
+    # stop after the checkpoint at step 4, then resume to 8: identical weights to the uninterrupted run
+    main(_cfg(tmp_path / "b", *steps[:1], "train.max_steps=4", *steps[1:]))
+    main(_cfg(tmp_path / "b", *steps, "resume=latest"))
+    a = load_file(str(tmp_path / "a" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
+
+
+@pytest.mark.slow
+def test_sft_cli_runs_and_rejects_unknown_keys(tmp_path, repo_root):
+    run = subprocess.run([sys.executable, "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml",
+                          f"output_dir={tmp_path}/run", "report_to=none"], cwd=repo_root, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert VivaEditor.from_pretrained(tmp_path / "run" / "final") is not None
+    bad = subprocess.run([sys.executable, "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml",
+                          f"output_dir={tmp_path}/bad", "train.learnig_rate=1"], cwd=repo_root, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0
+    err = bad.stderr.strip().splitlines()
+    assert err[-1].startswith("error: unknown recipe key 'train.learnig_rate'") and "train.learning_rate" in err[-1]
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad" / "final").exists()

@@ -1,0 +1,99 @@
+"""JSONL manifests: the one data format every recipe reads (docs/data.md).
+
+One JSON object per line; file paths are relative to the manifest's folder (or absolute).
+
+* **pairs** (SFT): ``id``, ``source`` (video, image or image folder), ``target``, ``instruction``;
+  optional ``mask`` (a video/image whose non-zero pixels mark the edited region; any channel),
+  ``reference`` (image), ``source_caption``, ``target_caption``, ``edit_type``.
+* **prompts** (Edit-GRPO): ``id``, ``source``, ``instruction``, ``source_caption`` (t_src),
+  ``target_caption`` (t_edit); optional ``reference``, ``edit_type``.
+* **eval**: a prompts line, optionally with ``target`` and ``mask`` (ground truth, toy world), ``category``, ``task``.
+
+Unknown extra keys are kept (``extra``) so tools can carry their own fields.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import UserError
+
+PATH_KEYS = ("source", "target", "mask", "reference")
+REQUIRED = {
+    "pairs": ("id", "source", "target", "instruction"),
+    "prompts": ("id", "source", "instruction", "source_caption", "target_caption"),
+    "eval": ("id", "source", "instruction"),
+}
+
+
+class ManifestError(UserError):
+    pass
+
+
+def read_manifest(path: str | os.PathLike, kind: str = "pairs", *, check_files: bool = True) -> list[dict]:
+    """Read and validate a manifest; returns dicts with absolute paths. Errors name the file and line."""
+    if kind not in REQUIRED:
+        raise ValueError(f"unknown manifest kind {kind!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest '{path}' not found")
+    root = path.parent.resolve()
+    records, seen = [], set()
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ManifestError(f"{path}:{lineno}: each line must be a JSON object")
+            missing = [k for k in REQUIRED[kind] if rec.get(k) in (None, "") and not (k == "instruction" and k in rec)]
+            if missing:
+                raise ManifestError(f"{path}:{lineno}: missing {', '.join(missing)} (a {kind} manifest needs "
+                                    f"{', '.join(REQUIRED[kind])})")
+            rec["id"] = str(rec["id"])
+            if rec["id"] in seen:
+                raise ManifestError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
+            seen.add(rec["id"])
+            for key in PATH_KEYS:
+                if rec.get(key):
+                    p = Path(rec[key])
+                    p = p if p.is_absolute() else root / p
+                    if check_files and not p.exists():
+                        raise ManifestError(f"{path}:{lineno}: {key} file '{p}' not found")
+                    rec[key] = str(p)
+            rec.setdefault("source_caption", "")
+            rec.setdefault("target_caption", "")
+            rec.setdefault("reference", None)
+            rec.setdefault("mask", None)
+            records.append(rec)
+    if not records:
+        raise ManifestError(f"manifest '{path}' holds no records")
+    return records
+
+
+def write_manifest(path: str | os.PathLike, records: Iterable[dict], *, relative_to: str | os.PathLike | None = None) -> Path:
+    """Write records atomically; paths under the manifest's folder are stored relative to it."""
+    path = Path(path)
+    root = Path(relative_to or path.parent).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for rec in records:
+                rec = dict(rec)
+                for key in PATH_KEYS:
+                    if rec.get(key):
+                        p = Path(rec[key]).resolve()
+                        rec[key] = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,102 @@
+"""Paired editing data for SFT: a map-style dataset over a pairs manifest, and a batch sampler that
+mixes video and image pairs (paper: p_video = 0.4) deterministically from (seed, step).
+
+Every batch holds one kind (all videos or all 1-frame image pairs) so tensors stack. The indices of
+step ``s`` depend only on ``(seed, s)``: a resumed run sees exactly the batches it would have seen,
+and with several processes each takes its slice of the same global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..video import probe_video, read_image, read_video
+
+
+def _fit_clip(frames: torch.Tensor, num_frames: int | None, size: tuple[int, int] | None, what: str) -> torch.Tensor:
+    if num_frames is not None and frames.shape[0] > 1:
+        if frames.shape[0] < num_frames:
+            raise UserError(f"{what}: has {frames.shape[0]} frames, the recipe asks for data.frames={num_frames}")
+        frames = frames[:num_frames]
+    if size is not None and tuple(frames.shape[-2:]) != tuple(size):
+        frames = F.interpolate(frames, size=tuple(size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return frames
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Items: ``source``/``target`` (F, 3, H, W), ``mask`` (F, 1, H, W) in {0,1} (zeros when absent),
+    ``instruction``, ``reference`` (3, H, W) or None, ``is_image``."""
+
+    def __init__(self, records: list[dict], *, frames: int | None = None, size: tuple[int, int] | None = None):
+        self.records = records
+        self.frames = frames
+        self.size = tuple(size) if size else None
+        self.is_image = [self._num_frames(r) == 1 for r in records]
+
+    @staticmethod
+    def _num_frames(rec: dict) -> int:
+        return probe_video(rec["source"])[0]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        src = _fit_clip(read_video(rec["source"]).frames, self.frames, self.size, rec["source"])
+        tgt = _fit_clip(read_video(rec["target"]).frames, self.frames, self.size, rec["target"])
+        if src.shape != tgt.shape:
+            raise UserError(f"pair {rec['id']}: source {tuple(src.shape)} and target {tuple(tgt.shape)} differ in shape")
+        if rec.get("mask"):
+            m = _fit_clip(read_video(rec["mask"]).frames, self.frames, self.size, rec["mask"])
+            mask = (m.amax(dim=1, keepdim=True) > 0.5).float()
+            if mask.shape[0] != src.shape[0]:
+                raise UserError(f"pair {rec['id']}: mask has {mask.shape[0]} frames, video {src.shape[0]}")
+        else:
+            mask = torch.zeros(src.shape[0], 1, *src.shape[-2:])
+        ref = read_image(rec["reference"]) if rec.get("reference") else None
+        return {"id": rec["id"], "source": src, "target": tgt, "mask": mask, "instruction": rec["instruction"],
+                "reference": ref, "is_image": src.shape[0] == 1}
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    shapes = {tuple(it["source"].shape) for it in items}
+    if len(shapes) > 1:
+        raise UserError(f"pairs in one batch differ in shape {sorted(shapes)}; set data.frames and data.size "
+                        "so every clip is cut and resized alike")
+    return {
+        "id": [it["id"] for it in items],
+        "source": torch.stack([it["source"] for it in items]),
+        "target": torch.stack([it["target"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "instruction": [it["instruction"] for it in items],
+        "reference": [it["reference"] for it in items],
+    }
+
+
+@dataclass
+class MixedBatchSampler:
+    """Global batch indices for optimizer step ``step`` (and micro-batch ``micro``), from (seed, step) alone."""
+
+    is_image: list[bool]
+    batch_size: int
+    p_video: float = 0.4
+    seed: int = 0
+
+    def __post_init__(self):
+        self.video_idx = [i for i, im in enumerate(self.is_image) if not im]
+        self.image_idx = [i for i, im in enumerate(self.is_image) if im]
+        if not self.video_idx and not self.image_idx:
+            raise UserError("the dataset is empty")
+
+    def indices(self, step: int, micro: int = 0) -> list[int]:
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1009 + micro) % (2**63 - 1))
+        use_video = bool(self.video_idx) and (not self.image_idx or torch.rand((), generator=g).item() < self.p_video)
+        pool = self.video_idx if use_video else self.image_idx
+        if len(pool) >= self.batch_size:
+            pick = torch.randperm(len(pool), generator=g)[: self.batch_size]
+        else:
+            pick = torch.randint(len(pool), (self.batch_size,), generator=g)
+        return [pool[int(j)] for j in pick]

@@ -1,0 +1,60 @@
+"""Losses of the VIVA SFT stage (pure functions)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def flow_matching_target(noise: torch.Tensor, z_data: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow velocity target ``v = noise - z_data`` (``z_sigma = (1 - sigma) z_data + sigma noise``)."""
+    return noise - z_data
+
+
+def add_noise(z_data: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``z_sigma = (1 - sigma) z_data + sigma noise`` with ``sigma`` [B] broadcast over the other dims."""
+    s = sigma.reshape(-1, *([1] * (z_data.ndim - 1))).to(z_data.dtype)
+    return (1 - s) * z_data + s * noise
+
+
+def sample_sigmas(batch: int, *, shift: float = 1.0, method: str = "logit_normal", generator=None,
+                  device=None) -> torch.Tensor:
+    """Training noise levels: ``u ~ U(0,1)`` or ``sigmoid(N(0,1))`` (SD3's logit-normal), then the
+    schedule shift ``sigma = shift u / (1 + (shift - 1) u)`` (the same map diffusers' scheduler applies)."""
+    if method == "uniform":
+        u = torch.rand(batch, generator=generator)
+    elif method == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch, generator=generator))
+    else:
+        raise ValueError(f"unknown timestep sampling '{method}' (use 'uniform' or 'logit_normal')")
+    sigma = shift * u / (1 + (shift - 1) * u)
+    return sigma.to(device) if device is not None else sigma
+
+
+def mask_to_latent(mask: torch.Tensor, latent_shape: tuple[int, int, int], temporal_ratio: int = 1) -> torch.Tensor:
+    """Resize a pixel edit mask ``(B, F, 1, H, W)`` to the latent grid ``(B, 1, f, h, w)``.
+
+    A latent cell counts as edited if any pixel it covers changed (max pooling). With a causal video
+    VAE (``F = r (f - 1) + 1``: the first frame alone, then groups of ``r``), frames are grouped the
+    same way; otherwise frames are pooled into ``f`` even bins.
+    """
+    b, n, _, h, w = mask.shape
+    f, lh, lw = latent_shape
+    m = mask.float().permute(0, 2, 1, 3, 4)  # B, 1, F, H, W
+    if temporal_ratio > 1 and n == temporal_ratio * (f - 1) + 1:
+        first = m[:, :, :1]
+        rest = m[:, :, 1:].reshape(b, 1, f - 1, temporal_ratio, h, w).amax(dim=3) if f > 1 else m[:, :, :0]
+        m = torch.cat([first, rest], dim=2)
+    return F.adaptive_max_pool3d(m, (f, lh, lw))
+
+
+def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                              w_m: float) -> torch.Tensor:
+    """VIVA eq. 3: ``L = mean[(1 + w_m M) * ||v_pred - (noise - z_tgt)||^2]``.
+
+    ``mask`` (B, 1, f, h, w) in {0, 1} on the latent grid (broadcast over channels), or None (no mask:
+    the plain flow-matching loss). The mean runs over every element of every sample.
+    """
+    sq = (v_pred.float() - target.float()) ** 2
+    if mask is None or w_m == 0:
+        return sq.mean()
+    return ((1 + w_m * mask.float()) * sq).mean()

@@ -1,0 +1,245 @@
+"""Masked flow-matching SFT of the VIVA editor (paper section 3.2, eq. 3).
+
+    python -m viva_base.sft recipe=recipes/sft_tiny.yaml [key=value ...]
+    accelerate launch --num_processes N -m viva_base.sft recipe=recipes/sft_viva.yaml
+
+Reads a pairs manifest (viva_base/data/manifest.py), mixes video and image pairs (``data.p_video``),
+drops the instruction with probability ``train.cfg_dropout`` (so CFG works at inference), and trains the
+projector, the token refiner and the DiT (``train.trainable``: full | lora | projector_refiner).
+Writes ``output_dir/checkpoint-<step>/``, ``metrics.jsonl``, ``config.yaml``, tensorboard logs, and the
+trained editor to ``output_dir/final/`` (a directory ``VivaEditor.from_pretrained`` loads).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.manifest import read_manifest
+from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
+from .errors import UserError
+from .losses import add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas
+from .recipe import run_cli, save_resolved
+from .training import (MetricsFile, ModelConfig, build_editor, find_checkpoint, init_trackers, load_checkpoint,
+                       make_accelerator, save_checkpoint, step_generator)
+
+logger = logging.getLogger("viva_base.sft")
+
+
+@dataclass
+class ToyDataConfig:
+    """Build a toy-world pairs manifest when ``data.manifest`` is not given (cached in output_dir/data)."""
+
+    seed: int = 0
+    n_video: int = 64
+    n_image: int = 32
+    frames: int = 9
+    size: int = 32
+
+
+@dataclass
+class DataConfig:
+    manifest: Optional[str] = None       # a pairs manifest; None -> the toy world (data.toy)
+    frames: Optional[int] = None         # cut every clip to this many frames (4k+1 for the Hunyuan VAE)
+    size: Optional[list[int]] = None     # resize every frame to [H, W]
+    p_video: float = 0.4                 # probability that a batch is a video batch (paper: 0.4)
+    toy: ToyDataConfig = field(default_factory=ToyDataConfig)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64
+    alpha: int = 128
+    init: str = "gaussian"
+    targets: Optional[str] = None        # peft target_modules; None -> the editor's lora_targets
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 100
+    batch_size: int = 4                  # global batch per optimizer step (paper: 128)
+    gradient_accumulation_steps: int = 1
+    trainable: str = "full"              # full | lora | projector_refiner
+    learning_rate: float = 2e-5          # paper: 2e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    w_m: float = 1.0                     # eq. 3 mask weight
+    cfg_dropout: float = 0.1             # probability of an empty instruction
+    timestep_sampling: str = "logit_normal"   # logit_normal | uniform
+    shift: Optional[float] = None        # training sigma shift; None -> the editor's schedule shift
+    mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "outputs/sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
+    resume: Optional[str] = None         # latest | a checkpoint folder
+
+
+def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """Choose what SFT trains; returns the trainable parameters (projector + refiner always)."""
+    dit = editor.transformer
+    dit.requires_grad_(False)
+    if cfg.trainable == "full":
+        dit.requires_grad_(True)
+    elif cfg.trainable == "lora":
+        from .peft_utils import add_lora
+
+        add_lora(dit, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
+                 targets=cfg.lora.targets or editor.lora_targets)
+    elif cfg.trainable != "projector_refiner":
+        raise UserError(f"train.trainable={cfg.trainable!r}: use full, lora or projector_refiner")
+    dit.x_embedder.requires_grad_(True)        # the projector (2C-channel patch embedding)
+    dit.context_embedder.requires_grad_(True)  # the token refiner
+    return [p for p in dit.parameters() if p.requires_grad]
+
+
+def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
+             timestep_sampling: str, shift: float, noise: torch.Tensor | None = None,
+             sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller."""
+    b = len(batch["instruction"])
+    drop = torch.rand(b, generator=generator) < cfg_dropout
+    instructions = ["" if d else t for d, t in zip(drop.tolist(), batch["instruction"])]
+    device = editor.device
+    cond, _ = editor.encode_condition(batch["source"].to(device), instructions, batch["reference"], with_uncond=False)
+    z_tgt = editor.encode_video(batch["target"].to(device)).float()
+    if noise is None:
+        noise = torch.randn(z_tgt.shape, generator=generator)
+    if sigma is None:
+        sigma = sample_sigmas(b, shift=shift, method=timestep_sampling, generator=generator)
+    noise, sigma = noise.to(device), sigma.to(device)
+    z_t = add_noise(z_tgt, noise, sigma)
+    v = editor.velocity(z_t, sigma, cond)
+    mask = mask_to_latent(batch["mask"].to(device), tuple(z_tgt.shape[2:]), editor.temporal_ratio)
+    return masked_flow_matching_loss(v, flow_matching_target(noise, z_tgt), mask, w_m)
+
+
+def prepare_toy_manifest(cfg: SFTConfig) -> str:
+    from .data.toy import ensure_toy_dataset
+
+    out = Path(cfg.output_dir) / "data"
+    t = cfg.data.toy
+    paths = ensure_toy_dataset(out, seed=t.seed, n_sft_video=t.n_video, n_sft_image=t.n_image, n_grpo=0,
+                              n_eval_compound=0, n_eval_simple=0, frames=t.frames, size=t.size)
+    return str(paths["sft"])
+
+
+def main(cfg: SFTConfig) -> Path:
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    accelerator = make_accelerator(str(out), report_to=cfg.report_to, mixed_precision=tc.mixed_precision,
+                                   gradient_accumulation_steps=tc.gradient_accumulation_steps)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_micro = tc.batch_size // (tc.gradient_accumulation_steps * world)
+    if per_micro * tc.gradient_accumulation_steps * world != tc.batch_size or per_micro == 0:
+        raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of gradient_accumulation_steps "
+                        f"({tc.gradient_accumulation_steps}) x processes ({world})")
+    if accelerator.is_main_process:
+        save_resolved(cfg, out)
+    manifest = cfg.data.manifest
+    if manifest is None:
+        with accelerator.main_process_first():
+            manifest = prepare_toy_manifest(cfg)
+    records = read_manifest(manifest, "pairs")
+    dataset = PairDataset(records, frames=cfg.data.frames, size=cfg.data.size)
+    sampler = MixedBatchSampler(dataset.is_image, tc.batch_size // tc.gradient_accumulation_steps,
+                                cfg.data.p_video, tc.seed)
+
+    editor = build_editor(cfg.model, device=accelerator.device)
+    params = set_trainable(editor, tc)
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+                                  weight_decay=tc.weight_decay)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
+                                 num_training_steps=tc.max_steps)
+    start = 0
+    ckpt = find_checkpoint(out, cfg.resume)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model=editor.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler)["step"]
+        logger.info("resumed from %s at step %d", ckpt, start)
+    dit, optimizer, lr_scheduler = accelerator.prepare(editor.transformer, optimizer, lr_scheduler)
+    editor.dit_forward = dit
+    init_trackers(accelerator, "viva_sft", cfg)
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=accelerator.is_main_process)
+    shift = tc.shift if tc.shift is not None else editor.config.shift
+    logger.info("SFT: %d pairs (%d video, %d image), %d trainable parameters, steps %d -> %d", len(dataset),
+                len(sampler.video_idx), len(sampler.image_idx), sum(p.numel() for p in params), start, tc.max_steps)
+
+    dit.train()
+    loss_mean = float("nan")
+    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="sft",
+               disable=not accelerator.is_main_process)
+    for step in bar:
+        t_step, losses = time.time(), []
+        for micro in range(tc.gradient_accumulation_steps):
+            idx = sampler.indices(step, micro)[rank * per_micro:(rank + 1) * per_micro]
+            batch = collate_pairs([dataset[i] for i in idx])
+            with accelerator.accumulate(dit), accelerator.autocast():
+                loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
+                                cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift)
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if accelerator.sync_gradients else None
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not math.isfinite(loss_mean):
+            raise RuntimeError(f"SFT loss became {loss_mean} at step {step + 1}; lower train.learning_rate")
+        row = {"step": step + 1, "loss": loss_mean, "lr": lr_scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm) if grad_norm is not None else None, "seconds": time.time() - t_step}
+        if (step + 1) % tc.log_every == 0:
+            accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step + 1)
+            metrics.write(row)
+        bar.set_postfix(loss=f"{loss_mean:.4f}")
+        if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(out, step + 1, model=accelerator.unwrap_model(dit), optimizer=optimizer,
+                                lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if accelerator.is_main_process:
+        transformer = accelerator.unwrap_model(dit)
+        if tc.trainable == "lora":
+            from .peft_utils import merge_lora
+
+            transformer = merge_lora(transformer)
+        editor.transformer, editor.dit_forward = transformer, None
+        editor.save_pretrained(final)
+        logger.info("SFT done in %.1f s; editor written to %s", time.time() - t0, final)
+        print(f"SFT finished: {tc.max_steps} steps, last loss {loss_mean:.4f}, "
+              f"editor in {final}")
+    accelerator.end_training()
+    return final
+
+
+def cli(argv=None) -> int:
+    return run_cli(main, SFTConfig, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

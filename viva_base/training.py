@@ -1,0 +1,226 @@
+"""Pieces both training recipes (``viva_base.sft`` and ``editgrpo.train``) use: building the editor
+from a recipe, the accelerator and trackers, metrics files, and atomic, resumable checkpoints.
+
+A checkpoint folder ``output_dir/checkpoint-<step>/`` holds:
+
+* ``trainable.safetensors``: every trainable parameter by name (full weights, or adapter weights);
+* ``lora/`` (when the DiT carries a peft adapter): ``adapter_config.json`` + ``adapter_model.safetensors``,
+  loadable with ``PeftModel.from_pretrained`` and by ``load_lora`` here;
+* ``optimizer.pt``, ``scheduler.pt`` (tensors and numbers only; loaded with ``weights_only=True``);
+* ``trainer_state.json``: the step and anything the recipe adds (data order is a function of
+  ``(seed, step)``, so the step is the data state).
+
+It is written under a temporary name and renamed, so a killed run never leaves a half checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, UserError
+from .recipe import redacted
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which editor to start from (exactly one of ``pretrained``, ``t2v_base`` + ``instructor``, ``tiny``)."""
+
+    pretrained: Optional[str] = None     # an editor directory (save_pretrained) or hub id
+    t2v_base: Optional[str] = None       # a HunyuanVideo text-to-video checkpoint (widened on load) ...
+    instructor: Optional[str] = None     # ... with this LLaVA checkpoint
+    tiny: bool = False                   # the tiny offline editor (random weights; tests and smoke runs)
+    tiny_seed: int = 0
+    dtype: str = "float32"               # weights of the frozen parts and the DiT: float32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    shift: Optional[float] = None        # override the sampling schedule's shift
+
+
+def build_editor(cfg: ModelConfig, device: torch.device | str | None = None):
+    """The editor a recipe asks for; the class comes from the directory's ``editor_config.json``."""
+    from .model import VivaEditor
+
+    dtype = DTYPES.get(cfg.dtype)
+    if dtype is None:
+        raise UserError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    chosen = [bool(cfg.pretrained), bool(cfg.t2v_base or cfg.instructor), bool(cfg.tiny)]
+    if sum(chosen) != 1:
+        raise UserError("set exactly one of model.pretrained, model.t2v_base (+ model.instructor), or model.tiny=true")
+    if cfg.tiny:
+        from .tiny import make_tiny_editor
+
+        editor = make_tiny_editor(seed=cfg.tiny_seed)
+    elif cfg.pretrained:
+        editor = load_editor(cfg.pretrained, torch_dtype=dtype)
+    else:
+        if not (cfg.t2v_base and cfg.instructor):
+            raise UserError("model.t2v_base needs model.instructor (a LLaVA checkpoint) too")
+        editor = VivaEditor.from_t2v(cfg.t2v_base, cfg.instructor, torch_dtype=dtype)
+    editor.to(device=device, dtype=dtype)
+    if cfg.shift is not None:
+        editor.config.shift = float(cfg.shift)
+    if cfg.gradient_checkpointing:
+        editor.transformer.enable_gradient_checkpointing()
+    return editor
+
+
+EDITOR_CLASSES = {"VivaEditor": ("viva_base.model", "VivaEditor")}
+
+
+def load_editor(path: str | os.PathLike, **kwargs):
+    """Load any editor directory; its ``editor_config.json`` names the class (see EDITOR_CLASSES)."""
+    import importlib
+
+    from .model import EDITOR_CONFIG, _resolve
+
+    root = _resolve(path, EDITOR_CONFIG)
+    name = json.loads((root / EDITOR_CONFIG).read_text()).get("_class_name")
+    if name not in EDITOR_CLASSES:
+        raise CheckpointError(f"{path}: unknown editor class {name!r} (known: {', '.join(EDITOR_CLASSES)})")
+    module, cls = EDITOR_CLASSES[name]
+    return getattr(importlib.import_module(module), cls).from_pretrained(root, **kwargs)
+
+
+# ---------------------------------------------------------------------------- accelerator, trackers
+def make_accelerator(output_dir: str, *, report_to: str = "tensorboard", mixed_precision: str = "no",
+                     gradient_accumulation_steps: int = 1, seed: int | None = None):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    log_with = None if report_to in ("none", "", None) else report_to
+    acc = Accelerator(log_with=log_with, mixed_precision=mixed_precision,
+                      gradient_accumulation_steps=gradient_accumulation_steps,
+                      project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/logs"))
+    return acc
+
+
+def init_trackers(accelerator, name: str, cfg: Any) -> None:
+    if accelerator.log_with:
+        flat = {}
+
+        def walk(prefix, node):
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+        walk("", redacted(cfg))
+        accelerator.init_trackers(name, config=flat)
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON object per step; on resume, lines past the resumed step are dropped
+    so the file reads as if the run had never stopped. Written by the main process only."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, optimizer, lr_scheduler,
+                    state: dict | None = None, keep: int | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically (see the module docstring); keep the newest ``keep``."""
+    out = Path(output_dir)
+    final = out / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out))
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        if hasattr(model, "peft_config"):
+            from .peft_utils import save_lora
+
+            save_lora(model, tmp / "lora")  # diffusers + peft formats
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "time": time.time(), **(state or {})}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    if keep:
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CKPT_RE.match(p.name)) and
+             (p / "trainer_state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """``resume``: None/"" (fresh run), "latest" (newest complete checkpoint, or fresh if none), or a path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    p = Path(resume)
+    if not (p / "trainer_state.json").exists():
+        raise CheckpointError(f"resume={resume}: not a checkpoint folder (no trainer_state.json); "
+                              "use resume=latest or a checkpoint-<step> path")
+    return p
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, lr_scheduler) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns ``trainer_state.json``."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise CheckpointError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unknown {unknown[:3]})")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w.to(params[n].device, params[n].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def step_generator(seed: int, step: int, stream: int = 0, rank: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, stream, rank): resumed runs draw the same numbers."""
+    return torch.Generator().manual_seed((((seed * 1_000_003 + step) * 101 + stream) * 8191 + rank) % (2 ** 63 - 1))
