@@ -140,7 +140,7 @@ def test_sft_manifest_loads_in_the_pair_dataset(toy):
 
 def test_same_seed_same_dataset_other_seed_other(tmp_path, toy):
     out, paths = toy
-    again = build_toy_dataset(tmp_path / "a", seed=3, workers=1, **COUNTS)
+    again = build_toy_dataset(tmp_path / "a", seed=3, workers=2, **COUNTS)  # any number of writers
     for name in ("sft", "grpo", "eval", "world"):
         assert again[name].read_bytes() == paths[name].read_bytes(), name
     rec = _lines(paths["eval"])[0]
@@ -156,6 +156,8 @@ def test_geometry_and_overwrite_errors(tmp_path, toy):
         build_toy_dataset(tmp_path / "x", frames=8, n_sft_video=1)
     with pytest.raises(UserError, match="multiple of 16"):
         build_toy_dataset(tmp_path / "x", size=40, n_sft_video=1)
+    with pytest.raises(UserError, match="n_grpo"):
+        build_toy_dataset(tmp_path / "x", n_grpo=-1)
     with pytest.raises(UserError, match="choose from"):
         build_toy_dataset(tmp_path / "x", image_only_types=["resize"])
     out, _ = toy

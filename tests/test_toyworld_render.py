@@ -34,6 +34,8 @@ def test_shape_pixel_counts_by_hand(shape, count):
     assert np.all(frame[~is_red] == GREY)
     rows, cols = np.nonzero(is_red)
     assert rows.min() >= 13 and rows.max() <= 19 and cols.min() >= 13 and cols.max() <= 19
+    if shape == "triangle":  # apex up: 1 pixel in the top row, 7 in the bottom one
+        assert is_red[13].sum() == 1 and is_red[19].sum() == 7
 
 
 def test_square_exact_position():
