@@ -26,6 +26,7 @@ __all__ = [
     "CombinedOutput",
     "CombinedReward",
     "FrameSpec",
+    "JudgeClient",
     "Reward",
     "RewardOutput",
     "available_rewards",

@@ -23,6 +23,7 @@ through ONE batched forward (``max_batch`` splits it when memory demands).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -357,14 +358,14 @@ def _load_hf(spec: ClipSpec, device: torch.device, dtype: torch.dtype) -> ClipSc
 
     source = spec.processor or spec.name
     try:
-        model = CLIPModel.from_pretrained(spec.name, dtype=dtype)
+        model = CLIPModel.from_pretrained(spec.name)
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
     except OSError as e:
         raise OSError(f"cannot load the transformers CLIP {spec.name!r} (processor {source!r}): {e}. "
                       f"Give a local folder (save_pretrained) or download it first; offline runs cannot "
                       f"reach the hub") from e
-    model = model.to(device)
+    model = model.to(device=device, dtype=dtype)
     max_length = int(model.config.text_config.max_position_embeddings)
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < max_length:
@@ -400,9 +401,15 @@ def _load_open_clip(spec: ClipSpec, device: torch.device, dtype: torch.dtype) ->
                          f"model would have random weights (tags: open_clip.list_pretrained_tags_by_model("
                          f"{name!r}))")
     tag = pretrained if (pretrained is not None and weights_file is None) else None
-    model = open_clip.create_model(name, pretrained=tag, device="cpu", pretrained_text=False)
+    extra = {"pretrained_text": False} if "pretrained_text" in inspect.signature(open_clip.create_model).parameters else {}
+    try:
+        model = open_clip.create_model(name, pretrained=tag, device="cpu", **extra)
+    except (RuntimeError, OSError) as e:
+        raise RuntimeError(f"cannot build open_clip:{name} (pretrained={pretrained!r}): {e}. Offline, download the "
+                           f"weights once and pass the file as pretrained=<path>") from e
     if weights_file is not None:
-        open_clip.load_checkpoint(model, weights_file, weights_only=True)
+        safe = {"weights_only": True} if "weights_only" in inspect.signature(open_clip.load_checkpoint).parameters else {}
+        open_clip.load_checkpoint(model, weights_file, **safe)
     model = model.to(device=device, dtype=dtype)
     tokenizer = open_clip.get_tokenizer(name)
     cfg = open_clip.get_model_preprocess_cfg(model)

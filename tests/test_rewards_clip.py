@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from rewards import build_reward, frame_indices, parse_frames
-from rewards.clip import ImagePreprocess, clip_if_score, clip_sp_score, frame_text_similarity, load_clip
+from rewards.clip import clip_if_score, clip_sp_score, frame_text_similarity, load_clip
 from rewards.tiny import make_tiny_hf_clip, make_tiny_open_clip, tiny_open_clip_config
 
 SIZE = 32  # the tiny models' image size
@@ -328,3 +328,15 @@ def test_input_validation(hf_dir):
         reward(video, video, **{**kw, "target_captions": ["a", "b"]})
     with pytest.raises(ValueError, match="frame counts differ"):
         build_reward("clip_sp", model="hf:" + hf_dir)(video, video[:, :1], **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_models_follow_the_input_device(hf_dir, oc_model):
+    edited, source = torch.rand(2, 3, 3, 40, 40), torch.rand(2, 3, 3, 40, 40)
+    for name, model in (("clip_if", "hf:" + hf_dir), ("clip_sp", "open_clip:" + oc_model[0])):
+        reward = build_reward(name, model=model)
+        on_cpu = call(reward, edited, source).scores
+        on_gpu = call(reward, edited.cuda(), source.cuda()).scores
+        assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float32
+        assert reward.scorer(edited.cuda()).device.type == "cuda"
+        torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)

@@ -1,15 +1,16 @@
 """The reward registry: names, errors, the weighted combination, and a plugin installed by pip."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import rewards
 from rewards import (
     ENTRY_POINT_GROUP,
     CombinedReward,
@@ -132,87 +133,54 @@ def test_combined_nan_sample_is_nan_in_total():
     assert zero.weights["clip"] == 1.0
 
 
-PLUGIN_MODULE = '''
-"""A third-party reward: how much of the edited video differs from the source."""
-import torch
-from rewards import Reward, RewardOutput
+def plugin_files_from_docs() -> dict[str, str]:
+    """The complete plugin package that docs/rewards.md shows (blocks after `<!-- plugin-file: NAME -->`)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "rewards.md").read_text()
+    files = dict(re.findall(r"<!-- plugin-file: (\S+) -->\s*```\w*\n(.*?)```", text, flags=re.S))
+    assert set(files) == {"pyproject.toml", "editgrpo_reward_example.py"}
+    return files
 
 
-class ChangedFraction(Reward):
-    def __init__(self, threshold: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.threshold = threshold
-
-    def score(self, edited, source, *, source_captions, target_captions, instructions, references):
-        changed = ((self.sample_frames(edited) - self.sample_frames(source)).abs() > self.threshold).float()
-        return RewardOutput(changed.mean(dim=(1, 2, 3, 4)))
-
-
-def make_length_reward(scale: float = 1.0):
-    """A factory entry point: reward = scale * number of words in the instruction."""
-
-    class InstructionLength(Reward):
-        def score(self, edited, source, *, source_captions, target_captions, instructions, references):
-            return torch.tensor([scale * len(t.split()) for t in instructions])
-
-    return InstructionLength()
-'''
-
-PLUGIN_PYPROJECT = '''
-[build-system]
-requires = ["setuptools>=61"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "editgrpo-test-plugin"
-version = "0.1.0"
-
-[project.entry-points."editgrpo.rewards"]
-changed_fraction = "editgrpo_test_plugin:ChangedFraction"
-instruction_length = "editgrpo_test_plugin:make_length_reward"
-
-[tool.setuptools]
-py-modules = ["editgrpo_test_plugin"]
-'''
-
-
-def test_installed_plugin_is_found_and_used_by_a_recipe(tmp_path, monkeypatch):
+def test_documented_plugin_installs_and_is_used_by_a_recipe(tmp_path, monkeypatch):
     package = tmp_path / "plugin"
     package.mkdir()
-    (package / "pyproject.toml").write_text(textwrap.dedent(PLUGIN_PYPROJECT))
-    (package / "editgrpo_test_plugin.py").write_text(textwrap.dedent(PLUGIN_MODULE))
+    for name, content in plugin_files_from_docs().items():
+        (package / name).write_text(content)
     site = tmp_path / "site"
-    assert "changed_fraction" not in available_rewards()
+    assert "temporal_smoothness" not in available_rewards()
     # a real installation (pip builds the wheel and writes the .dist-info with entry_points.txt) into a
-    # private site dir on sys.path, so the shared environment is left untouched
+    # private site dir put on sys.path, so the shared environment is left untouched
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                     "--quiet", "--disable-pip-version-check", "--target", str(site), str(package)],
                    check=True, capture_output=True, timeout=240)
-    assert list(site.glob("editgrpo_test_plugin-0.1.0.dist-info/entry_points.txt"))
+    assert list(site.glob("editgrpo_reward_example-0.1.0.dist-info/entry_points.txt"))
     monkeypatch.syspath_prepend(str(site))
     try:
         names = available_rewards()
-        assert {"changed_fraction", "instruction_length"} <= set(names)
+        assert {"temporal_smoothness", "brightness_target"} <= set(names)
         assert BUILTINS <= set(names)
 
         recipe = OmegaConf.create(textwrap.dedent("""
             rewards:
-              changed_fraction: {weight: 2.0, threshold: 0.5, frames: {num: 2}}
-              instruction_length: {weight: 0.5, scale: 3.0}
+              temporal_smoothness: {weight: 0.5, scale: 2.0, frames: {every: 2}}
+              brightness_target: {weight: 3.0, target: 0.4}
               test_mean_pixel: {weight: 1.0}
         """))
         reward = CombinedReward.from_config(recipe.rewards)
         edited, source, texts = batch(b=2, f=4)
         out = reward(edited, source, **texts)
-        idx = rewards.frame_indices(4, {"num": 2})
-        changed = ((edited[:, idx] - source[:, idx]).abs() > 0.5).float().mean(dim=(1, 2, 3, 4))
-        torch.testing.assert_close(out.components["changed_fraction"], changed)
-        words = torch.tensor([3.0 * len(t.split()) for t in texts["instructions"]])
-        torch.testing.assert_close(out.components["instruction_length"], words)
-        torch.testing.assert_close(out.total, 2.0 * changed + 0.5 * words + edited.mean(dim=(1, 2, 3, 4)))
-        assert reward.rewards["changed_fraction"].name == "changed_fraction"
+        smooth = -2.0 * (edited[:, 2] - edited[:, 0]).abs().mean(dim=(1, 2, 3))  # frames 0 and 2
+        bright = -(edited.mean(dim=(1, 2, 3, 4)) - 0.4).abs()
+        torch.testing.assert_close(out.components["temporal_smoothness"], smooth)
+        torch.testing.assert_close(out.components["brightness_target"], bright)
+        torch.testing.assert_close(out.total, 0.5 * smooth + 3.0 * bright + edited.mean(dim=(1, 2, 3, 4)))
+        assert [d["mean_change"] for d in out.details["temporal_smoothness"]] == pytest.approx(
+            (-smooth / 2).tolist())
+        assert reward.rewards["temporal_smoothness"].name == "temporal_smoothness"
+        with pytest.raises(TypeError, match="brightness_target"):
+            build_reward("brightness_target", bogus=1)
     finally:
-        sys.modules.pop("editgrpo_test_plugin", None)
+        sys.modules.pop("editgrpo_reward_example", None)
 
 
 def test_plugin_factory_must_return_a_reward(monkeypatch):
