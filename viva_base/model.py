@@ -108,6 +108,8 @@ class VivaEditor:
         if transformer.config.in_channels != 2 * transformer.config.out_channels:
             raise CheckpointError("the transformer is not an editor DiT (in_channels must be 2 x out_channels); "
                                   "load a text-to-video checkpoint with VivaEditor.from_t2v(...) to widen it")
+        # How many prompts/videos each frozen encoder has processed (tests and benchmarks check that
+        # rollouts encode each prompt once, never once per sample).
         self.calls = {"instructor": 0, "vae_encode": 0, "text_encoder_2": 0}
         # The module the velocity forward goes through: the transformer itself, or the wrapper a
         # trainer made of it (DDP / DeepSpeed from accelerator.prepare) so gradients sync.
@@ -157,7 +159,10 @@ class VivaEditor:
     @torch.no_grad()
     def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
         """(B, F, 3, H, W) in [0, 1] -> normalised latents (B, C, f, h, w) (distribution mode, deterministic)."""
-        self.calls["vae_encode"] += 1
+        self.calls["vae_encode"] += videos.shape[0]
+        return self._encode(videos)
+
+    def _encode(self, videos: torch.Tensor) -> torch.Tensor:
         x = videos.to(self.vae.device, self.vae.dtype).permute(0, 2, 1, 3, 4) * 2 - 1
         z = self.vae.encode(x).latent_dist.mode()
         return z * float(self.vae.config.scaling_factor)
@@ -184,10 +189,10 @@ class VivaEditor:
         first = [videos[i, 0] for i in range(b)]
         images = [[first[i]] + ([references[i]] if references[i] is not None else []) for i in range(b)]
         texts = list(instructions) + ([""] * b if with_uncond else [])
-        self.calls["instructor"] += 1
+        self.calls["instructor"] += b  # prompts encoded (cond and uncond of a prompt: one batched pass)
         hidden, mask = encode_instructions(self.instructor, self.processor, texts,
                                            images + (images if with_uncond else []), self.config.instructor)
-        self.calls["text_encoder_2"] += 1
+        self.calls["text_encoder_2"] += b
         pooled = encode_pooled(self.text_encoder_2, self.tokenizer_2, texts, self.config.pooled_max_length)
         src = self.encode_video(videos)
         has_ref = torch.tensor([r is not None for r in references], device=src.device)
@@ -197,8 +202,7 @@ class VivaEditor:
             imgs = torch.stack([
                 F.interpolate(r[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
                 if r is not None else torch.zeros(3, h, w) for r in references]).clamp(0, 1)
-            ref = self.encode_video(imgs[:, None].to(videos))
-            self.calls["vae_encode"] -= 1  # the reference encode belongs to the same per-prompt pass
+            ref = self._encode(imgs[:, None].to(videos))  # part of the same per-prompt pass
         dt = self.dtype
         common = {"source_latents": src.to(dt), "ref_latents": ref.to(dt), "has_ref": has_ref}
         cond = Condition({"prompt_embeds": hidden[:b].to(dt), "prompt_mask": mask[:b],

@@ -216,7 +216,8 @@ def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
 
     h, w = data.shape[1:3]
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
+    # +bitexact: no random muxer ids, so the same frames give byte-identical files (reproducible datasets)
+    with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as container:
         if ext in (".mp4", ".mov", ".m4v"):
             stream = container.add_stream("libx264", rate=rate)
             stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"

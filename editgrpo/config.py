@@ -1,0 +1,99 @@
+"""The Edit-GRPO recipe's schema (``python -m editgrpo.train recipe=... key=value``).
+
+Field names follow trl's ``GRPOConfig`` where they mean the same thing (``num_generations``, ``beta``,
+``epsilon``, ``scale_rewards``, ``learning_rate``, ``max_grad_norm``). Every value a recipe may set is
+here, typed; an unknown key is an error naming the closest valid one (viva_base.recipe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from viva_base.training import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    manifest: Optional[str] = None       # a prompts manifest (viva_base/data/manifest.py); None -> toy prompts
+    frames: Optional[int] = None         # cut source clips to this many frames
+    size: Optional[list[int]] = None     # resize source frames to [H, W]
+    toy_seed: int = 0                    # when manifest is None: toy-world prompts generated into output_dir/data
+    toy_prompts: int = 8
+    toy_frames: int = 9
+    toy_size: int = 32
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 16                  # denoising steps of a rollout
+    guidance_scale: float = 2.0          # CFG on the instruction only (paper: 2.0)
+    method: str = "flow_sde"             # flow_sde | cps
+    eta: float = 0.7                     # SDE noise level
+    shift: Optional[float] = None        # schedule shift; None -> the editor's
+    sde_window_size: Optional[int] = None   # SDE on a window of this many steps (ODE elsewhere); None -> all steps
+    sde_window_range: Optional[list[int]] = None  # [lo, hi] of the window start; None -> any valid start
+    train_steps: Optional[int] = None    # train this many of the SDE steps (random subset); None -> all of them
+    rollout_batch_size: Optional[int] = None  # samples per sampling forward; None -> num_generations
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64                       # paper: r = 64
+    alpha: int = 128                     # paper: alpha = 128
+    init: str = "gaussian"               # paper: gaussian init
+    targets: Optional[str] = None        # peft target_modules; None -> the editor's lora_targets (self/cross attn)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    num_iterations: int = 100
+    prompts_per_iteration: int = 2       # global, over all processes
+    num_generations: int = 4             # G, samples per prompt
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    epsilon: float = 1e-4                # clip range of the ratio (Flow-GRPO: 1e-4)
+    beta: float = 0.004                  # KL weight to the reference policy (adapter disabled)
+    scale_rewards: str = "group"         # group | global | none (eq. 11's std)
+    advantage_eps: float = 1e-4
+    advantage_clip: Optional[float] = 5.0
+    num_inner_epochs: int = 1
+    minibatches_per_iteration: int = 1   # optimizer steps per inner epoch (1: fully on-policy)
+    train_batch_size: Optional[int] = None   # samples per training forward; None -> rollout_batch_size
+    mixed_precision: str = "no"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    log_every: int = 1
+
+
+@dataclass
+class EvalConfig:
+    manifest: Optional[str] = None       # an eval manifest; None -> no evaluation
+    every: int = 0                       # evaluate every k iterations (0: only at the end)
+    at_start: bool = True                # evaluate the starting policy too (the baseline row)
+    num_steps: int = 16                  # ODE steps
+    guidance_scale: float = 2.0
+    seed: int = 1234
+    max_items: Optional[int] = None
+    batch_size: int = 8
+    save_videos: int = 8                 # write this many items' edited clips per evaluation
+
+
+@dataclass
+class GRPOConfig:
+    output_dir: str = "outputs/grpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # reward name -> {weight: w, ...kwargs} (rewards/registry.py; docs/rewards.md)
+    rewards: Any = field(default_factory=lambda: {"clip_if": {"weight": 1.0}, "clip_sp": {"weight": 1.0}})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report_to: str = "tensorboard"
+    resume: Optional[str] = None         # latest | a checkpoint folder

@@ -1,0 +1,267 @@
+"""Edit-GRPO: post-train an edit policy with Group Relative Policy Optimization (VIVA section 3.3).
+
+    python -m editgrpo.train recipe=recipes/tiny.yaml [key=value ...]
+    accelerate launch --num_processes N -m editgrpo.train recipe=recipes/viva.yaml
+
+Per iteration (docs/architecture.md):
+  1. pick ``prompts_per_iteration`` prompts; build each one's condition ONCE (VLM, pooled text, source
+     latents, and the unconditional condition for CFG);
+  2. roll out ``num_generations`` samples per prompt with the SDE sampler, recording the trained steps;
+  3. decode and score them with the reward registry (every component logged);
+  4. group-relative advantages over the whole group, gathered across processes (eq. 11);
+  5. update the LoRA: recompute each trained step's log-prob with grad, clipped-ratio surrogate
+     (eq. 13) + beta * KL to the reference policy (the same DiT with the adapter disabled).
+Outputs: ``output_dir/checkpoint-<it>/`` (LoRA in diffusers + peft formats, optimizer, scheduler, state),
+``metrics.jsonl`` (one object per iteration), ``config.yaml``, tensorboard logs, ``lora/`` (final adapter).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from viva_base.data.manifest import read_manifest
+from viva_base.errors import UserError
+from viva_base.peft_utils import add_lora, save_lora
+from viva_base.recipe import run_cli, save_resolved
+from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init_trackers, load_checkpoint,
+                                make_accelerator, save_checkpoint, step_generator)
+
+from .config import GRPOConfig
+from .grpo import gather_for_advantages, gaussian_kl, group_advantages, policy_loss
+from .prompts import PromptSource
+from .rollout import reference_mean, rollout, step_log_prob
+from .sampling import sde_step_indices, sde_window_at, sigma_schedule
+
+logger = logging.getLogger("editgrpo.train")
+
+
+def sample_seed(seed: int, iteration: int, sample: int) -> int:
+    """The noise seed of global sample ``sample`` of ``iteration`` (independent of process layout)."""
+    return ((seed * 1_000_003 + iteration) * 65_537 + sample) % (2 ** 63 - 1)
+
+
+def choose_steps(cfg, sigmas: torch.Tensor, iteration: int) -> tuple[tuple[int, int] | None, list[int]]:
+    """The SDE window of this iteration (same on every process) and the steps to train."""
+    sc = cfg.sampling
+    window = None
+    if sc.sde_window_size:
+        rng = tuple(sc.sde_window_range) if sc.sde_window_range else None
+        window = sde_window_at(len(sigmas) - 1, sc.sde_window_size, start_range=rng,
+                               generator=step_generator(cfg.train.seed, iteration, stream=1))
+    sde = list(sde_step_indices(sigmas, "sde", window))
+    if sc.train_steps and sc.train_steps < len(sde):
+        pick = torch.randperm(len(sde), generator=step_generator(cfg.train.seed, iteration, stream=2))[: sc.train_steps]
+        sde = sorted(sde[int(i)] for i in pick)
+    return window, sde
+
+
+def main(cfg: GRPOConfig) -> Path:
+    t_start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tc, sc = cfg.train, cfg.sampling
+    accelerator = make_accelerator(str(out), report_to=cfg.report_to, mixed_precision=tc.mixed_precision)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    G, P = tc.num_generations, tc.prompts_per_iteration
+    n_total = P * G
+    if n_total % world:
+        raise UserError(f"prompts_per_iteration x num_generations = {n_total} must be divisible by the {world} processes")
+    n_local = n_total // world
+    rollout_bs = sc.rollout_batch_size or min(G, n_local)
+    train_bs = tc.train_batch_size or rollout_bs
+    if accelerator.is_main_process:
+        save_resolved(cfg, out)
+
+    # ---- prompts, policy, rewards
+    with accelerator.main_process_first():
+        prompts = PromptSource.from_config(cfg)
+    editor = build_editor(cfg.model, device=accelerator.device)
+    add_lora(editor.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
+             targets=cfg.lora.targets or editor.lora_targets)
+    params = [p for p in editor.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+                                  weight_decay=tc.weight_decay)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
+                                 num_training_steps=tc.num_iterations * tc.num_inner_epochs * tc.minibatches_per_iteration)
+    from rewards.registry import CombinedReward
+
+    reward_fn = CombinedReward.from_config(cfg.rewards)
+    start = 0
+    ckpt = find_checkpoint(out, cfg.resume)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model=editor.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler)["step"]
+        logger.info("resumed from %s at iteration %d", ckpt, start)
+    dit_raw = editor.transformer
+    dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
+    editor.dit_forward = dit
+    init_trackers(accelerator, "edit_grpo", cfg)
+    metrics_file = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=accelerator.is_main_process)
+    shift = sc.shift if sc.shift is not None else editor.config.shift
+    sigmas = sigma_schedule(sc.num_steps, shift)
+    evaluator = None
+    if cfg.eval.manifest:
+        from .evaluate import Evaluator
+
+        evaluator = Evaluator(cfg.eval, reward_fn, out / "eval")
+        if cfg.eval.at_start and start == 0:
+            evaluator.run(editor, step=0, accelerator=accelerator)
+    logger.info("Edit-GRPO: %d prompts, %d x %d samples per iteration on %d process(es), %d LoRA parameters",
+                len(prompts), P, G, world, sum(p.numel() for p in params))
+
+    bar = tqdm(range(start, tc.num_iterations), initial=start, total=tc.num_iterations, desc="edit-grpo",
+               disable=not accelerator.is_main_process)
+    for it in bar:
+        t_it = time.time()
+        # 1. prompts of this iteration; this process's samples and their prompts' conditions (once per prompt)
+        chosen = prompts.choose(P, step_generator(tc.seed, it, stream=0))
+        mine = list(range(rank * n_local, (rank + 1) * n_local))
+        local_prompts = sorted({g // G for g in mine})
+        batch = prompts.load([chosen[j] for j in local_prompts])
+        with torch.no_grad():
+            cond, uncond = editor.encode_condition(batch["source"].to(accelerator.device), batch["instruction"],
+                                                   batch["reference"])
+        prompt_index = [local_prompts.index(g // G) for g in mine]
+        window, train_steps = choose_steps(cfg, sigmas, it)
+
+        # 2. rollouts (no grad), recording the trained steps
+        dit.eval()
+        ro = rollout(editor, cond, uncond, prompt_index, [sample_seed(tc.seed, it, g) for g in mine], sigmas,
+                     mode="sde", method=sc.method, eta=sc.eta, sde_window=window, train_steps=train_steps,
+                     guidance_scale=sc.guidance_scale, batch_size=rollout_bs)
+
+        # 3. decode and score
+        rows = torch.tensor(prompt_index)
+        edited = torch.cat([editor.decode(ro.latents[i:i + rollout_bs]) for i in range(0, n_local, rollout_bs)])
+        pick = lambda key: [batch[key][i] for i in prompt_index]  # noqa: E731
+        scored = reward_fn(edited, batch["source"][rows], source_captions=pick("source_caption"),
+                           target_captions=pick("target_caption"), instructions=pick("instruction"),
+                           references=pick("reference"))
+        rewards = scored.total.float().cpu()
+
+        # 4. advantages over whole groups (gathered across processes)
+        group_ids = torch.tensor([g // G for g in mine])
+        all_r, all_g, local = gather_for_advantages(accelerator if world > 1 else None, rewards, group_ids)
+        adv_out = group_advantages(all_r, all_g, scale=tc.scale_rewards, eps=tc.advantage_eps, clip=tc.advantage_clip)
+        adv, valid = adv_out.advantages[local].float(), adv_out.valid[local]
+
+        # 5. policy update on the recorded steps
+        dit.train()
+        sums = defaultdict(float)
+        n_terms = 0
+        mb_size = math.ceil(n_local / tc.minibatches_per_iteration)
+        for _epoch in range(tc.num_inner_epochs):
+            for mb_start in range(0, n_local, mb_size):
+                mb = list(range(mb_start, min(n_local, mb_start + mb_size)))
+                n_valid = valid[mb].sum().float()
+                n_valid_global = accelerator.reduce(n_valid.to(accelerator.device), "sum").item() if world > 1 else n_valid.item()
+                micro = [mb[i:i + train_bs] for i in range(0, len(mb), train_bs)]
+                n_back = len(micro) * len(ro.steps)
+                k = 0
+                for ids in micro:
+                    sel = torch.tensor(ids)
+                    for rec in ro.steps:
+                        k += 1
+                        ctx = accelerator.no_sync(dit) if (world > 1 and k < n_back) else _null()
+                        with ctx, accelerator.autocast():
+                            step = step_log_prob(editor, rec, rows[sel], cond, uncond, guidance_scale=sc.guidance_scale,
+                                                 method=sc.method, eta=sc.eta, sample_index=sel)
+                            kl = None
+                            if tc.beta > 0:
+                                ref = reference_mean(editor, dit_raw, rec, rows[sel], cond, uncond,
+                                                     guidance_scale=sc.guidance_scale, method=sc.method, eta=sc.eta,
+                                                     sample_index=sel)
+                                kl = gaussian_kl(step.mean, ref, step.std)
+                            loss, m = policy_loss(step.log_prob, rec.log_prob[sel].to(step.log_prob.device),
+                                                  adv[sel].to(step.log_prob.device), tc.epsilon, kl=kl, beta=tc.beta,
+                                                  valid=valid[sel].to(step.log_prob.device))
+                            # mean over the minibatch's valid samples of all processes, and over the trained steps
+                            weight = valid[sel].sum().item() / max(n_valid_global, 1.0) / len(ro.steps) * world
+                            accelerator.backward(loss * weight)
+                        for name, value in m.items():
+                            sums[name] += float(value)
+                        n_terms += 1
+                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # logging: every reward component, totals, loss terms
+        comp = {f"reward/{k}": _global_mean(accelerator, v) for k, v in scored.components.items()}
+        row = {"step": it + 1, "reward": _global_mean(accelerator, rewards), **comp,
+               "reward_std": float(torch.nan_to_num(adv_out.group_std, nan=0.0).mean()),
+               "nan_rewards": int((~adv_out.valid).sum()), "zero_variance_groups": int(adv_out.zero_variance.sum()) // G,
+               **{k: v / max(n_terms, 1) for k, v in sums.items()},
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "lr": lr_scheduler.get_last_lr()[0], "sde_window": list(window) if window else None,
+               "seconds": time.time() - t_it}
+        if (it + 1) % tc.log_every == 0:
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=it + 1)
+            metrics_file.write(row)
+        bar.set_postfix(reward=f"{row['reward']:.4f}", kl=f"{row.get('kl', 0.0):.2e}")
+        done = it + 1 == tc.num_iterations
+        if (tc.checkpoint_every and (it + 1) % tc.checkpoint_every == 0) or done:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(out, it + 1, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                keep=tc.keep_checkpoints)
+        if evaluator is not None and ((cfg.eval.every and (it + 1) % cfg.eval.every == 0) or done):
+            evaluator.run(editor, step=it + 1, accelerator=accelerator)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = out / "lora"
+        _save_lora_atomic(dit_raw, final)
+        logger.info("Edit-GRPO done in %.1f s; LoRA in %s", time.time() - t_start, final)
+        print(f"Edit-GRPO finished: {tc.num_iterations} iterations, LoRA in {final}, metrics in {out / 'metrics.jsonl'}")
+    accelerator.end_training()
+    return out
+
+
+def _save_lora_atomic(model, path: Path) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_lora(model, tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _global_mean(accelerator, values: torch.Tensor) -> float:
+    """Mean of the finite values over all processes."""
+    v = values.float().flatten().to(accelerator.device)
+    finite = torch.isfinite(v)
+    stats = torch.stack([torch.where(finite, v, torch.zeros_like(v)).sum(), finite.sum().float()])
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats, "sum")
+    return float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+
+
+def cli(argv=None) -> int:
+    return run_cli(main, GRPOConfig, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

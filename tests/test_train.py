@@ -1,0 +1,136 @@
+"""Edit-GRPO trainer: on-policy ratio and gradient, encoder call counts, the tiny recipe, exact resume after SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from editgrpo.grpo import policy_loss
+from editgrpo.rollout import rollout, step_log_prob
+from editgrpo.sampling import sigma_schedule
+from viva_base.peft_utils import add_lora
+from viva_base.tiny import make_tiny_editor
+
+
+def _lora_editor(seed=2):
+    editor = make_tiny_editor(seed=seed)
+    add_lora(editor.transformer, rank=4, alpha=8, targets=editor.lora_targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in editor.transformer.named_parameters():
+            if "lora_B" in n:  # a trained-looking adapter, so every LoRA weight gets a gradient
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return editor
+
+
+def test_first_inner_step_ratio_is_one_and_gradient_is_plain_policy_gradient():
+    editor = _lora_editor()
+    video = torch.rand(2, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond, uncond = editor.encode_condition(video, ["remove the red square", "make the background night"])
+    sigmas = sigma_schedule(4, shift=1.0)
+    ro = rollout(editor, cond, uncond, [0, 0, 1, 1], [11, 12, 13, 14], sigmas, method="flow_sde", eta=0.7,
+                 guidance_scale=2.0, batch_size=2)
+    assert len(ro.steps) == 3  # every step but the final ODE step to sigma 0
+    adv = torch.tensor([1.0, -0.5, 0.3, -0.8])
+    rows = torch.tensor([0, 0, 1, 1])
+    params = [p for p in editor.transformer.parameters() if p.requires_grad]
+    clipped, plain = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for micro in ([0, 1], [2, 3]):
+        sel = torch.tensor(micro)
+        for rec in ro.steps:
+            out = step_log_prob(editor, rec, rows[sel], cond, uncond, guidance_scale=2.0, method="flow_sde",
+                                eta=0.7, sample_index=sel)
+            ratio = torch.exp(out.log_prob - rec.log_prob[sel])
+            assert (ratio - 1).abs().max() < 1e-5
+            loss, metrics = policy_loss(out.log_prob, rec.log_prob[sel], adv[sel], 1e-4)
+            assert metrics["clip_frac"] == 0
+            g_clip = torch.autograd.grad(loss, params, retain_graph=True)
+            g_plain = torch.autograd.grad(-(adv[sel] * out.log_prob).mean(), params)
+            for acc, g in zip(clipped, g_clip):
+                acc += g
+            for acc, g in zip(plain, g_plain):
+                acc += g
+    assert any(g.abs().sum() > 0 for g in plain)
+    for a, b in zip(clipped, plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_rollout_sample_is_independent_of_batching():
+    editor = _lora_editor()
+    video = torch.rand(2, 5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    cond, uncond = editor.encode_condition(video, ["add a blue circle", "remove the square"])
+    sigmas = sigma_schedule(3)
+    a = rollout(editor, cond, uncond, [0, 1, 1], [5, 6, 7], sigmas, batch_size=3)
+    b = rollout(editor, cond, uncond, [1], [6], sigmas, batch_size=1)
+    assert torch.allclose(a.latents[1:2], b.latents, atol=1e-5)
+
+
+def _run_train(args, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "editgrpo.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_tiny_recipe_runs_and_resumes_bit_identically_after_sigkill(tmp_path, repo_root):
+    common = ["recipe=recipes/tiny.yaml", "report_to=none", "train.num_iterations=4", "data.toy_prompts=4"]
+    t0 = time.time()
+    full = _run_train([*common, f"output_dir={tmp_path}/full"], repo_root)
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err[-3000:]
+    assert time.time() - t0 < 180
+    rows = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward", "reward/clip_if", "reward/clip_sp", "loss", "kl", "clip_frac", "seconds"):
+        assert all(key in r for r in rows), key
+    assert {"checkpoint-2", "checkpoint-4", "lora", "config.yaml"} <= {p.name for p in (tmp_path / "full").iterdir()}
+    lora = tmp_path / "full" / "lora"
+    assert {"pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json"} <= \
+        {p.name for p in lora.iterdir()}
+
+    # kill a second run with SIGKILL right after its first checkpoint, then resume it
+    run = tmp_path / "killed"
+    proc = _run_train([*common, f"output_dir={run}"], repo_root)
+    deadline = time.time() + 240
+    while not (run / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (run / "lora").exists()
+    resumed = _run_train([*common, f"output_dir={run}", "resume=latest"], repo_root)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    a = load_file(str(lora / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_b = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows_b] == [r["reward"] for r in rows]
+
+
+def test_frozen_encoders_run_once_per_prompt_per_iteration(tmp_path, repo_root, monkeypatch):
+    """The VLM instructor and the VAE encoder see each prompt once per iteration, not once per sample."""
+    from editgrpo import train as train_mod
+    from editgrpo.config import GRPOConfig
+    from viva_base.recipe import load_recipe
+
+    seen = {}
+    real_build = train_mod.build_editor
+
+    def build(cfg, device=None):
+        seen["editor"] = real_build(cfg, device)
+        return seen["editor"]
+
+    monkeypatch.setattr(train_mod, "build_editor", build)
+    monkeypatch.chdir(repo_root)
+    cfg = load_recipe(GRPOConfig, ["recipe=recipes/tiny.yaml", f"output_dir={tmp_path}", "report_to=none",
+                                   "train.num_iterations=2", "train.prompts_per_iteration=3",
+                                   "train.num_generations=4", "data.toy_prompts=4", "sampling.num_steps=3",
+                                   "sampling.sde_window_size=1", "train.checkpoint_every=0"])
+    train_mod.main(cfg)
+    calls = seen["editor"].calls
+    assert calls["instructor"] == 2 * 3 and calls["vae_encode"] == 2 * 3 and calls["text_encoder_2"] == 2 * 3
