@@ -362,7 +362,8 @@ def _load_hf(spec: ClipSpec, device: torch.device, dtype: torch.dtype) -> ClipSc
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
     except OSError as e:
-        raise OSError(f"cannot load the transformers CLIP {spec.name!r} (processor {source!r}): {e}. "
+        reason = " ".join(str(e).split()).rstrip(".")
+        raise OSError(f"cannot load the transformers CLIP {spec.name!r} (processor {source!r}): {reason}. "
                       f"Give a local folder (save_pretrained) or download it first; offline runs cannot "
                       f"reach the hub") from e
     model = model.to(device=device, dtype=dtype)

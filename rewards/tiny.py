@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,10 @@ _CORPUS = [
 ]
 
 
-def make_tiny_hf_tokenizer(max_length: int = 32, vocab_size: int = 512):
+def make_tiny_hf_tokenizer(max_length: int = 32, vocab_size: int = 512, corpus: Sequence[str] | None = None):
     """A CLIP-style tokenizer (``<|startoftext|> ... <|endoftext|>``, right padding with ``<|pad|>``),
-    a byte-level BPE trained in memory; returned as a transformers fast tokenizer."""
+    a byte-level BPE trained in memory on ``corpus`` (default: a small built-in one; any text still
+    tokenizes, byte by byte at worst); returned as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,7 +58,7 @@ def make_tiny_hf_tokenizer(max_length: int = 32, vocab_size: int = 512):
     # BOS=0, EOS=1: transformers' CLIP pools at the first EOS unless eos_token_id == 2 (a legacy path).
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(list(corpus) if corpus is not None else _CORPUS, trainer)
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos), (EOS, eos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
@@ -74,14 +76,16 @@ def make_tiny_hf_clip(
     projection_dim: int = 16,
     max_length: int = 32,
     seed: int = 0,
+    corpus: Sequence[str] | None = None,
 ) -> str:
     """Save a tiny random transformers ``CLIPModel`` with its tokenizer and image processor in
-    ``directory``; returns the directory (use it as ``model="hf:<dir>"``)."""
+    ``directory``; returns the directory (use it as ``model="hf:<dir>"``). ``corpus``: texts the
+    tokenizer's BPE is trained on (see :func:`make_tiny_hf_tokenizer`)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
-    tokenizer = make_tiny_hf_tokenizer(max_length=max_length)
+    tokenizer = make_tiny_hf_tokenizer(max_length=max_length, corpus=corpus)
     text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
                 num_attention_heads=heads, max_position_embeddings=max_length,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
