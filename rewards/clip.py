@@ -115,6 +115,8 @@ def parse_clip_spec(model: str | ClipSpec, pretrained: str | None = None, proces
     if not isinstance(model, str) or not model:
         raise ValueError(f"invalid CLIP model name {model!r}: use 'hf:<hub id or dir>' or 'open_clip:<arch>' "
                          f"with pretrained=<tag or file>")
+    if model.startswith("tiny:"):
+        return tiny_clip_spec(model)
     if model.startswith("open_clip:"):
         name = model[len("open_clip:"):]
         if os.path.isdir(name):
@@ -127,6 +129,41 @@ def parse_clip_spec(model: str | ClipSpec, pretrained: str | None = None, proces
         raise ValueError(f"pretrained= applies to open_clip models only; for hf models put the weights in the "
                          f"folder given as model (got model={model!r}, pretrained={pretrained!r})")
     return ClipSpec("hf", name, processor=str(processor) if processor is not None else None)
+
+
+def tiny_clip_spec(model: str) -> ClipSpec:
+    """``"tiny:hf[:seed]"`` / ``"tiny:open_clip[:seed]"``: a tiny random CLIP (rewards.tiny) saved once per
+    machine into a cache folder and loaded through the normal loader, exactly like real weights. For tests and
+    smoke recipes that must run with no prior step; its scores carry no meaning."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .tiny import make_tiny_hf_clip, make_tiny_open_clip
+
+    parts = model.split(":")
+    kind = parts[1] if len(parts) > 1 else ""
+    if kind not in ("hf", "open_clip") or len(parts) > 3:
+        raise ValueError(f"invalid tiny CLIP name {model!r}: use 'tiny:hf', 'tiny:open_clip' or 'tiny:hf:<seed>'")
+    seed = int(parts[2]) if len(parts) == 3 else 0
+    root = Path(os.environ.get("EDITGRPO_CACHE", Path(tempfile.gettempdir()) / "editgrpo-cache")) / "tiny-clip"
+    folder = root / f"{kind}-{seed}"
+    if not (folder / ".complete").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+        try:
+            (make_tiny_hf_clip if kind == "hf" else make_tiny_open_clip)(tmp, seed=seed)
+            (tmp / ".complete").write_text("ok")
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished first
+                pass
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return ClipSpec("hf", str(folder)) if kind == "hf" else ClipSpec("open_clip", f"local-dir:{folder}")
 
 
 @dataclass(frozen=True)
