@@ -299,6 +299,12 @@ class VivaEditor:
         comps = _load_components(base_root, base_root, instr_root, None, torch_dtype, widen=True)
         return cls(**comps, **overrides)
 
+    def edit(self, video, instruction, reference=None, **kwargs):
+        """Edit one clip (tensor or path); see :class:`viva_base.pipeline.EditPipeline` for the arguments."""
+        from .pipeline import EditPipeline
+
+        return EditPipeline(self)(video, instruction, reference, **kwargs)
+
 
 def _resolve(path: str | os.PathLike, probe: str) -> Path:
     """A local folder, or a hub repo id resolved through the local Hugging Face cache (offline-safe)."""
