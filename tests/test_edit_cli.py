@@ -1,0 +1,221 @@
+"""The edit command on real files: a clip made from a real photograph (scikit-image's astronaut, panned
+and zoomed), mp4 / gif / image-folder inputs, reproducible files, and a table of bad inputs that must
+each give one clear line, a non-zero exit, no traceback and no output file."""
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from viva_base.edit import main
+from viva_base.pipeline import EditPipeline
+from viva_base.video import probe_video, read_video, write_video
+
+INSTR = "make the sky night"
+FPS = 12
+N, H, W = 9, 50, 70  # an odd size: neither x4 (pixel editor) nor x16
+
+
+def photo_clip(n=N, h=H, w=W) -> torch.Tensor:
+    """A short clip panning and zooming across a real photograph (skimage.data.astronaut, 512x512)."""
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float() / 255
+    frames = []
+    for i in range(n):
+        ch = 360 - 12 * i                      # zoom in
+        cw = int(ch * w / h)
+        y, x = 40 + 4 * i, 10 + 6 * i          # pan
+        crop = img[:, y:y + ch, x:x + cw]
+        frames.append(F.interpolate(crop[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0])
+    return torch.stack(frames).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_editor):
+    """The saved tiny editor, the photo clip as mp4 / gif / PNG folder, a reference, and LoRAs."""
+    from viva_base.model import widen_patch_embedding
+    from viva_base.peft_utils import add_lora, save_lora
+    from viva_base.tiny import TinySpec, make_tiny_transformer
+
+    root = tmp_path_factory.mktemp("edit_cli")
+    clip = photo_clip()
+    d = {"root": root, "clip": clip, "editor": tiny_editor.save_pretrained(root / "editor")}
+    d["mp4"] = write_video(root / "photo.mp4", clip, fps=FPS)
+    pil = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for f in clip]
+    pil[0].save(root / "photo.gif", save_all=True, append_images=pil[1:], duration=80, loop=0)  # 12.5 fps
+    d["gif"] = root / "photo.gif"
+    (root / "seq").mkdir()
+    for i, im in enumerate(pil[:5]):
+        im.save(root / "seq" / f"frame_{i:03d}.png")
+    d["seq"] = root / "seq"
+    d["ref"] = root / "ref.png"
+    pil[4].resize((32, 24)).save(d["ref"])
+    for name, spec, bump in (("lora_ok", TinySpec(), True), ("lora_other", TinySpec(head_dim=16), False)):
+        dit = add_lora(widen_patch_embedding(make_tiny_transformer(spec)), rank=4, alpha=4,
+                       targets=tiny_editor.lora_targets)
+        if bump:  # non-zero B, so the adapter changes the output
+            with torch.no_grad():
+                for n_, p in dit.named_parameters():
+                    if "lora_B" in n_:
+                        p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        save_lora(dit, root / name)
+        d[name] = root / name
+    return d
+
+
+def _run_cli(*args, timeout=120):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "viva_base.edit", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_cli_edits_a_photo_clip_at_the_input_frame_count_size_and_fps(files, tiny_editor, tmp_path):
+    out = tmp_path / "edited.mp4"
+    r = _run_cli("--model", files["editor"], "--video", files["mp4"], "--instruction", INSTR, "--out", out,
+                 "--steps", 3, "--frames", 5, "--seed", 7, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert probe_video(out) == (N, H, W, float(FPS))
+    got = read_video(out)
+    assert got.frames.shape == (N, 3, H, W) and got.fps == FPS
+    assert f"wrote {out} ({N} frames, {W}x{H}, {FPS} fps)" in r.stdout
+    # the same edit in-process (same weights, same seed): the same file content up to float noise
+    again = EditPipeline(tiny_editor).edit_file(files["mp4"], INSTR, tmp_path / "api.mp4", num_inference_steps=3,
+                                                num_frames=5, seed=7, progress=False)
+    assert (read_video(again).frames - got.frames).abs().max() <= 2 / 255
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api.mp4", "edited.mp4"]  # no temp files left
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("gif", (N, H, W, 12.5)),      # GIF delays are centiseconds: 80 ms -> 12.5 fps
+    ("seq", (5, H, W, 8.0)),       # an image folder plays at the default 8 fps
+    ("mp4", (N, H, W, float(FPS))),
+])
+def test_file_inputs_keep_frame_count_size_and_fps(files, tiny_editor, tmp_path, source, expected):
+    assert probe_video(files[source]) == expected
+    out = EditPipeline(tiny_editor).edit_file(files[source], INSTR, tmp_path / "o.mp4", num_inference_steps=2,
+                                              size=(24, 16), num_frames=3, progress=False)
+    assert probe_video(out) == expected
+    assert read_video(out).frames.shape == (expected[0], 3, H, W)
+
+
+def test_same_seed_gives_identical_files(files, tiny_editor, tmp_path):
+    pipe = EditPipeline(tiny_editor)
+    kw = dict(num_inference_steps=2, size="32x24", progress=False)
+    paths = [pipe.edit_file(files["mp4"], INSTR, tmp_path / f"{name}.mp4", seed=seed, **kw)
+             for name, seed in (("a", 3), ("b", 3), ("c", 4))]
+    a, b, c = (p.read_bytes() for p in paths)
+    assert a == b and a != c
+    assert torch.equal(read_video(paths[0]).frames, read_video(paths[1]).frames)
+
+
+def test_lora_and_dtype_options(files, tmp_path):
+    """--lora loads the adapter (it changes the edit); --dtype bf16 gives the same edit up to bf16 noise."""
+    common = ["--model", str(files["editor"]), "--video", str(files["seq"]), "--instruction", INSTR, "--steps", "2",
+              "--size", "24x16", "--frames", "3", "--no-progress", "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "base.mp4")]) == 0
+    assert main(common + ["--out", str(tmp_path / "lora.mp4"), "--lora", str(files["lora_ok"])]) == 0
+    assert main(common + ["--out", str(tmp_path / "bf16.mp4"), "--dtype", "bf16"]) == 0
+    base, lora, bf16 = (read_video(tmp_path / f"{n}.mp4").frames for n in ("base", "lora", "bf16"))
+    assert base.shape == lora.shape == bf16.shape == (5, 3, H, W)
+    assert (base - lora).abs().mean() > 0.02
+    assert (base - bf16).abs().mean() < 0.03
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+def _bad_inputs(root, files):
+    """name -> (argument overrides, text the one-line error must contain)."""
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with av.open(str(root / "zero.mkv"), "w") as c:  # a video stream with no frames
+        s = c.add_stream("ffv1", rate=Fraction(12))
+        s.width, s.height, s.pix_fmt = 64, 48, "bgr0"
+        c.start_encoding()
+    (root / "noimages").mkdir(exist_ok=True)
+    (root / "notanimage.png").write_text("hello")
+    (root / "notaneditor").mkdir(exist_ok=True)
+    (root / "emptylora").mkdir(exist_ok=True)
+    return {
+        "missing video": ({"--video": root / "nope.mp4"}, "nope.mp4: video not found"),
+        "empty video": ({"--video": root / "empty.mp4"}, "empty.mp4: file is empty"),
+        "corrupt video": ({"--video": root / "corrupt.mp4"}, "corrupt.mp4: not a readable video"),
+        "zero-frame video": ({"--video": root / "zero.mkv"}, "zero.mkv: not a readable video"),
+        "empty image folder": ({"--video": root / "noimages"}, "noimages: folder holds no images"),
+        "non-image reference": ({"--reference": root / "notanimage.png"}, "notanimage.png: not a readable image"),
+        "missing reference": ({"--reference": root / "nope.png"}, "nope.png: image not found"),
+        "empty instruction": ({"--instruction": ""}, "instruction is empty"),
+        "blank instruction": ({"--instruction": "  \t"}, "instruction is empty"),
+        "missing output folder": ({"--out": root / "no_such_dir" / "o.mp4"}, "no_such_dir does not exist"),
+        "unsupported extension": ({"--out": root / "out" / "o.avi"}, "unsupported output extension '.avi'"),
+        "image out, many frames": ({"--out": root / "out" / "o.png"}, "an image file holds one frame"),
+        "unknown model folder": ({"--model": root / "notaneditor"}, "missing editor_config.json"),
+        "hub id while offline": ({"--model": "nobody/no-such-editor"}, "could not be fetched"),
+        "missing LoRA folder": ({"--lora": root / "nolora"}, "nolora: LoRA folder not found"),
+        "folder without a LoRA": ({"--lora": root / "emptylora"}, "no LoRA here"),
+        "LoRA of another model": ({"--lora": files["lora_other"]}, "the LoRA does not match the model"),
+        "zero steps": ({"--steps": 0}, "argument --steps: 0 must be at least 1"),
+        "bad size": ({"--size": "big"}, "is not WIDTHxHEIGHT"),
+    }
+
+
+def _argv(files, out, overrides):
+    args = {"--model": files["editor"], "--video": files["mp4"], "--instruction": INSTR, "--out": out,
+            "--steps": 1, "--no-progress": None, **overrides}
+    argv = []
+    for k, v in args.items():
+        argv += [k] if v is None else [k, str(v)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def bad(files):
+    root = files["root"] / "bad"
+    root.mkdir()
+    (root / "out").mkdir()
+    return root, _bad_inputs(root, files)
+
+
+BAD_CASES = [
+    "missing video", "empty video", "corrupt video", "zero-frame video", "empty image folder",
+    "non-image reference", "missing reference", "empty instruction", "blank instruction", "missing output folder",
+    "unsupported extension", "image out, many frames", "unknown model folder", "hub id while offline",
+    "missing LoRA folder", "folder without a LoRA", "LoRA of another model", "zero steps", "bad size"]
+
+
+def test_bad_case_list_covers_the_table(tmp_path, files):
+    assert sorted(_bad_inputs(tmp_path, files)) == sorted(BAD_CASES)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_clear_line_and_no_output(files, bad, capsys, case):
+    root, table = bad
+    overrides, message = table[case]
+    out = overrides.get("--out", root / "out" / "edited.mp4")
+    before = sorted(os.listdir(root / "out"))
+    code = main(_argv(files, out, overrides))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert not os.path.exists(out) and sorted(os.listdir(root / "out")) == before
+
+
+@pytest.mark.parametrize("case", ["corrupt video", "LoRA of another model"])
+def test_bad_input_exits_nonzero_in_a_real_process(files, bad, case):
+    root, table = bad
+    overrides, message = table[case]
+    out = root / "out" / "proc.mp4"
+    r = _run_cli(*_argv(files, out, overrides))
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error: ")]) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and sorted(os.listdir(root / "out")) == []
