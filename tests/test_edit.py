@@ -10,7 +10,7 @@ import torch
 from viva_base.errors import UserError
 from viva_base.pipeline import (VIDEO_OUTPUT_EXTENSIONS, EditPipeline, check_output_path, map_back, plan_clip,
                                 read_stride, resample_indices, resize_frames)
-from viva_base.video import VideoError, probe_video, write_video
+from viva_base.video import VideoError, probe_video, read_video, write_video
 
 INSTR = "make the background night"
 
@@ -260,3 +260,36 @@ def test_output_path_checks_agree_with_the_writer(tmp_path):
     with pytest.raises(VideoError, match="does not exist"):
         check_output_path(tmp_path / "missing" / "o.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_long_large_input_is_read_strided_shrunk_and_mapped_back(tiny_editor, tmp_path, caplog):
+    """40 uniform-colour PNG frames of 50x70 with max_frames=9, max_side=32: the file is decoded every
+    4th frame (read_stride), edited as 9 frames of 24x32 (warnings say so), and each of the 40 output
+    frames (lossless .mkv) has the colour of the source frame the nearest-index chain picks."""
+    from PIL import Image
+
+    n, k = 40, 4
+    colours = (torch.rand(n, 3, generator=torch.Generator().manual_seed(5)) * 255).round() / 255
+    (tmp_path / "seq").mkdir()
+    for i in range(n):
+        Image.new("RGB", (70, 50), tuple(int(round(float(c) * 255)) for c in colours[i])).save(tmp_path / "seq" / f"{i:03d}.png")
+    small = copy.copy(tiny_editor)
+    small.config = dataclasses.replace(tiny_editor.config, max_frames=9, max_side=32)
+    rec = Recorder(CopyPolicy(small))
+    with caplog.at_level("WARNING", logger="viva_base.pipeline"):
+        out = EditPipeline(rec).edit_file(tmp_path / "seq", INSTR, tmp_path / "out.mkv", num_inference_steps=2,
+                                          progress=False)
+    assert rec.encoded == [(1, 9, 3, 24, 32)]
+    assert "subsampled uniformly" in caplog.text and "larger than the model's max side" in caplog.text
+    assert probe_video(out) == (n, 50, 70, 8.0)
+    got = read_video(out).frames
+
+    def nearest(a, b):
+        return int(Fraction(a, b) + Fraction(1, 2))
+
+    assert read_stride(n, 9) == k
+    for o in range(n):
+        j = nearest(o * 8, n - 1)               # output frame -> edited frame
+        s = nearest(j * (n - 1), 8)             # edited frame -> wanted source frame
+        d = min(nearest(s, k), -(-n // k) - 1)  # wanted source -> nearest decoded (every k-th) frame
+        assert torch.allclose(got[o], colours[k * d][:, None, None].expand(3, 50, 70), atol=1.5 / 255), o
