@@ -524,7 +524,7 @@ def run_benchmark(
     with each record after it is written.
     """
     from rewards.base import frame_indices
-    from viva_base.video import read_image, read_video
+    from viva_base.video import VideoError, read_image, read_video
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -581,7 +581,12 @@ def run_benchmark(
                 logger.warning("%s: no edited video for item %r in %s", system.name, item["id"],
                                getattr(system, "folder", out_dir))
                 continue
-            edited = read_video(edited_path, max_frames=max_frames, max_side=max_side)
+            try:
+                edited = read_video(edited_path, max_frames=max_frames, max_side=max_side)
+            except VideoError as e:  # a damaged result of one system must not stop the whole run
+                missing.setdefault(system.name, []).append(item["id"])
+                logger.error("%s: item %r: %s; counted as missing", system.name, item["id"], e)
+                continue
             source = read_video(item["source"], max_frames=max_frames, max_side=max_side)
             reference = read_image(item["reference"], max_side=max_side) if item.get("reference") else None
             scores = metrics.compute(edited.frames, item.get("target_caption")) if metrics is not None else {}

@@ -358,11 +358,11 @@ def test_model_mode_with_lora(bench, tiny_editor, tmp_path):
     save_lora(transformer, tmp_path / "lora")
     out = tmp_path / "out"
     args = bench["common"] + ["--model", str(editor_dir), "--lora", str(tmp_path / "lora"), "--name", "tiny",
-                              "--steps", "2", "--ids", "add_1,ref_5", "--metrics", "clip_tc", "--out", str(out),
+                              "--steps", "2", "--ids", "ref_5", "--metrics", "clip_tc", "--out", str(out),
                               "--dtype", "float32"]
     assert viebench.main(args) == 0
     items = {r["id"]: r for r in _lines(out / "items.jsonl")}
-    assert sorted(items) == ["add_1", "ref_5"]
+    assert sorted(items) == ["ref_5"] and items["ref_5"]["reference"]
     for item_id, r in items.items():
         edited = read_video(out / "edited" / "tiny" / f"{item_id}.mp4")
         source = read_video(bench["manifest"].parent / f"{item_id}.mp4")
@@ -376,7 +376,7 @@ def test_model_mode_with_lora(bench, tiny_editor, tmp_path):
     (out / "items.jsonl").unlink()
     assert viebench.main(args) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "edited" / "tiny").iterdir()} == stamps
-    assert len(_lines(out / "items.jsonl")) == 2
+    assert len(_lines(out / "items.jsonl")) == 1
 
 
 def test_prepare_viebench_layouts(tmp_path):
