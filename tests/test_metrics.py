@@ -236,3 +236,14 @@ def test_config_validation_and_fingerprint(tmp_path, tiny_models):
                                       dino=tiny_models["dino"])).protocol()
     assert set(proto["models"]) == {"clip", "dino"} and proto["tc_mode"] == "editverse"
     assert proto["models"]["clip"]["weights_fingerprint"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_metrics_on_cuda_match_cpu(tiny_models):
+    frames, _ = _frames(seed=3)
+    cfg = dict(metrics=("clip_tc", "dino_tc", "clip_t"), clip="hf:" + tiny_models["clip"], dino=tiny_models["dino"])
+    cpu = VideoMetrics(MetricConfig(**cfg)).compute(frames, "a cat")
+    gpu = VideoMetrics(MetricConfig(**cfg, device="cuda")).compute(frames, "a cat")
+    assert gpu.keys() == cpu.keys()
+    for k in cpu:
+        assert gpu[k] == pytest.approx(cpu[k], abs=1e-3)
