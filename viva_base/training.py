@@ -79,17 +79,30 @@ def build_editor(cfg: ModelConfig, device: torch.device | str | None = None):
     return editor
 
 
-EDITOR_CLASSES = {"VivaEditor": ("viva_base.model", "VivaEditor")}
+EDITOR_CLASSES = {"VivaEditor": ("viva_base.model", "VivaEditor"), "LucyEditor": ("viva_base.lucy", "LucyEditor")}
+# model_index.json ``_class_name`` of a diffusers pipeline directory (as downloaded) -> the editor class that loads it
+PIPELINE_EDITORS = {"LucyEditPipeline": "LucyEditor"}
+# model.tiny_kind -> (module, factory, spec dataclass) of the tiny offline editors
+TINY_EDITORS = {"viva": ("viva_base.tiny", "make_tiny_editor", "TinySpec"),
+                "lucy": ("viva_base.tiny_lucy", "make_tiny_lucy_editor", "TinyLucySpec")}
 
 
 def load_editor(path: str | os.PathLike, **kwargs):
-    """Load any editor directory; its ``editor_config.json`` names the class (see EDITOR_CLASSES)."""
+    """Load any editor directory; its ``editor_config.json`` names the class (see EDITOR_CLASSES), or, for a
+    downloaded diffusers pipeline without one, its ``model_index.json`` (see PIPELINE_EDITORS)."""
     import importlib
 
     from .model import EDITOR_CONFIG, _resolve
 
-    root = _resolve(path, EDITOR_CONFIG)
-    name = json.loads((root / EDITOR_CONFIG).read_text()).get("_class_name")
+    root = _resolve(path, ".")
+    if (root / EDITOR_CONFIG).exists():
+        name = json.loads((root / EDITOR_CONFIG).read_text()).get("_class_name")
+    elif (root / "model_index.json").exists():
+        name = json.loads((root / "model_index.json").read_text()).get("_class_name")
+        name = PIPELINE_EDITORS.get(name, name)
+    else:
+        raise CheckpointError(f"{root}: missing {EDITOR_CONFIG} (or a model_index.json of "
+                              f"{', '.join(PIPELINE_EDITORS)}); is this the right directory?")
     if name not in EDITOR_CLASSES:
         raise CheckpointError(f"{path}: unknown editor class {name!r} (known: {', '.join(EDITOR_CLASSES)})")
     module, cls = EDITOR_CLASSES[name]
