@@ -78,10 +78,28 @@ class EvalConfig:
     at_start: bool = True                # evaluate the starting policy too (the baseline row)
     num_steps: int = 16                  # ODE steps
     guidance_scale: float = 2.0
-    seed: int = 1234
+    seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])  # noise seeds; scores are averaged
     max_items: Optional[int] = None
     batch_size: int = 8
     save_videos: int = 8                 # write this many items' edited clips per evaluation
+
+
+@dataclass
+class ToyChainConfig:
+    """``toy.enabled``: build the toy world, its reward model and the SFT'd toy editor first (editgrpo/toy.py)."""
+
+    enabled: bool = False
+    seed: int = 0
+    frames: int = 9
+    size: int = 32
+    n_sft_video: int = 2000
+    n_sft_image: int = 1000
+    n_grpo: int = 256
+    n_eval_compound: int = 64
+    n_eval_simple: int = 64
+    reward_steps: Optional[int] = None   # toy CLIP training steps; None -> its default
+    sft_recipe: str = "recipes/sft_toy.yaml"
+    sft_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,5 +113,6 @@ class GRPOConfig:
     # reward name -> {weight: w, ...kwargs} (rewards/registry.py; docs/rewards.md)
     rewards: Any = field(default_factory=lambda: {"clip_if": {"weight": 1.0}, "clip_sp": {"weight": 1.0}})
     eval: EvalConfig = field(default_factory=EvalConfig)
+    toy: ToyChainConfig = field(default_factory=ToyChainConfig)
     report_to: str = "tensorboard"
     resume: Optional[str] = None         # latest | a checkpoint folder

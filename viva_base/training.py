@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +46,8 @@ class ModelConfig:
     instructor: Optional[str] = None     # ... with this LLaVA checkpoint
     tiny: bool = False                   # the tiny offline editor (random weights; tests and smoke runs)
     tiny_seed: int = 0
+    tiny_spec: Any = field(default_factory=dict)  # viva_base.tiny.TinySpec fields (sizes of the tiny editor)
+    tiny_kind: str = "viva"              # which tiny editor: viva | lucy (TINY_EDITORS; tiny_spec is its spec)
     dtype: str = "float32"               # weights of the frozen parts and the DiT: float32 | bf16 | fp16
     gradient_checkpointing: bool = False
     shift: Optional[float] = None        # override the sampling schedule's shift
@@ -62,9 +64,21 @@ def build_editor(cfg: ModelConfig, device: torch.device | str | None = None):
     if sum(chosen) != 1:
         raise UserError("set exactly one of model.pretrained, model.t2v_base (+ model.instructor), or model.tiny=true")
     if cfg.tiny:
-        from .tiny import make_tiny_editor
+        import importlib
 
-        editor = make_tiny_editor(seed=cfg.tiny_seed)
+        from omegaconf import OmegaConf
+
+        if cfg.tiny_kind not in TINY_EDITORS:
+            raise UserError(f"model.tiny_kind={cfg.tiny_kind!r} is not one of {', '.join(TINY_EDITORS)}")
+        module, make, spec_name = TINY_EDITORS[cfg.tiny_kind]
+        module = importlib.import_module(module)
+        TinySpec = getattr(module, spec_name)
+        spec = OmegaConf.to_container(cfg.tiny_spec) if OmegaConf.is_config(cfg.tiny_spec) else dict(cfg.tiny_spec)
+        try:
+            spec = TinySpec(**spec)
+        except TypeError as exc:
+            raise UserError(f"model.tiny_spec: {exc} (fields: {', '.join(TinySpec.__dataclass_fields__)})") from None
+        editor = getattr(module, make)(spec, seed=cfg.tiny_seed)
     elif cfg.pretrained:
         editor = load_editor(cfg.pretrained, torch_dtype=dtype)
     else:

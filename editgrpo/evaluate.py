@@ -1,0 +1,178 @@
+"""Held-out evaluation during and after training (a trainer feature any recipe switches on with
+``eval.manifest``): deterministic ODE edits of every eval prompt for each eval seed, scored by the
+recipe's rewards (proxy) and, where the manifest gives the true ``target`` and ``mask`` (toy world), by
+the oracle metrics (viva_base/data/toyworld/oracle.py). Proxy and oracle side by side make reward
+hacking visible.
+
+Writes ``<out>/step-<k>/items.jsonl`` (one line per prompt: every score per seed and their mean),
+``summary.json`` (means overall, per split and per edit type) and a few edited clips as GIFs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from viva_base.data.manifest import read_manifest
+from viva_base.data.toyworld.oracle import oracle_scores
+from viva_base.video import read_image, read_video, write_video
+
+from .rollout import guided_velocity, initial_noise, sample_generators
+from .sampling import sample_trajectory, sigma_schedule
+
+logger = logging.getLogger(__name__)
+
+ORACLE_KEYS = ("oracle", "if_error", "sp_error", "if_progress")
+
+
+def eval_seed(seed: int, item: int) -> int:
+    return (seed * 1_000_003 + item) % (2 ** 63 - 1)
+
+
+def group_means(items: list[dict], keys: list[str]) -> dict:
+    """Means of ``keys`` over all items, per ``split`` and per ``edit_type`` (NaNs skipped)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for it in items:
+        groups["all"].append(it)
+        if it.get("split"):
+            groups[f"split/{it['split']}"].append(it)
+            if it.get("novel_combo") is not None and it["split"] == "compound":
+                groups["split/compound-" + ("novel" if it["novel_combo"] else "seen")].append(it)
+        if it.get("edit_type"):
+            groups[f"type/{it['edit_type']}"].append(it)
+    out = {}
+    for name, rows in groups.items():
+        stats = {"n": len(rows)}
+        for k in keys:
+            vals = [r["mean"][k] for r in rows if r["mean"].get(k) is not None and r["mean"][k] == r["mean"][k]]
+            stats[k] = sum(vals) / len(vals) if vals else None
+        out[name] = stats
+    return out
+
+
+class Evaluator:
+    def __init__(self, cfg, reward_fn, out_dir: str | os.PathLike):
+        self.cfg = cfg
+        self.reward_fn = reward_fn
+        self.out = Path(out_dir)
+        records = read_manifest(cfg.manifest, "eval")
+        self.records = records[: cfg.max_items] if cfg.max_items else records
+        self.oracle = all(r.get("target") and r.get("mask") for r in self.records)
+        self.seeds = list(cfg.seeds)
+        self._videos = {}
+
+    def _load(self, rec: dict) -> dict:
+        if rec["id"] not in self._videos:
+            item = {"source": read_video(rec["source"]).frames}
+            if self.oracle:
+                item["target"] = read_video(rec["target"]).frames
+                item["mask"] = (read_video(rec["mask"]).frames.amax(dim=1, keepdim=True) > 0.5).float()
+            item["reference"] = read_image(rec["reference"]) if rec.get("reference") else None
+            self._videos[rec["id"]] = item
+        return self._videos[rec["id"]]
+
+    @torch.no_grad()
+    def edit(self, policy, recs: list[dict], seed: int, first_index: int) -> torch.Tensor:
+        """ODE edits (CFG on the instruction) of ``recs`` with per-item noise seeds."""
+        items = [self._load(r) for r in recs]
+        device = policy.device
+        cond, uncond = policy.encode_condition(torch.stack([it["source"] for it in items]).to(device),
+                                               [r["instruction"] for r in recs], [it["reference"] for it in items])
+        gens = sample_generators([eval_seed(seed, first_index + i) for i in range(len(recs))])
+        z = initial_noise(policy.latent_shape(cond), gens).to(device)
+        sigmas = sigma_schedule(self.cfg.num_steps, policy.config.shift)
+        traj = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, cond, uncond, self.cfg.guidance_scale),
+                                 z, sigmas, mode="ode")
+        return policy.decode(traj.latents).cpu()
+
+    def run(self, policy, *, step: int, accelerator=None) -> dict | None:
+        """Evaluate ``policy`` (main process only; the others wait). Returns the summary."""
+        if accelerator is not None and not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return None
+        dit = getattr(policy, "dit_forward", None) or policy.transformer
+        was_training = dit.training
+        dit.eval()
+        out = self.out / f"step-{step}"
+        per_item = {r["id"]: defaultdict(list) for r in self.records}
+        clips = {}
+        bs = self.cfg.batch_size
+        n_batches = len(self.seeds) * ((len(self.records) + bs - 1) // bs)
+        bar = tqdm(total=n_batches, desc=f"eval@{step}", leave=False)
+        for seed in self.seeds:
+            for start in range(0, len(self.records), bs):
+                recs = self.records[start:start + bs]
+                edited = self.edit(policy, recs, seed, start)
+                items = [self._load(r) for r in recs]
+                source = torch.stack([it["source"] for it in items])
+                scored = self.reward_fn(edited, source, source_captions=[r["source_caption"] for r in recs],
+                                        target_captions=[r["target_caption"] for r in recs],
+                                        instructions=[r["instruction"] for r in recs],
+                                        references=[it["reference"] for it in items])
+                scores = {"reward": scored.total, **{f"reward/{k}": v for k, v in scored.components.items()}}
+                if self.oracle:
+                    o = oracle_scores(edited, source, torch.stack([it["target"] for it in items]),
+                                      torch.stack([it["mask"] for it in items]))
+                    scores.update({k: o[k] for k in ORACLE_KEYS})
+                for i, r in enumerate(recs):
+                    for k, v in scores.items():
+                        per_item[r["id"]][k].append(float(v[i]))
+                    if seed == self.seeds[0] and start + i < self.cfg.save_videos:
+                        clips[r["id"]] = edited[i]
+                bar.update(1)
+        bar.close()
+        rows = []
+        for r in self.records:
+            scores = per_item[r["id"]]
+            mean = {k: (sum(v) / len(v) if all(x == x for x in v) else float("nan")) for k, v in scores.items()}
+            rows.append({"id": r["id"], "edit_type": r.get("edit_type"), "split": r.get("split"),
+                         "novel_combo": r.get("novel_combo"), "instruction": r["instruction"],
+                         "seeds": self.seeds, "scores": dict(scores), "mean": mean})
+        keys = sorted({k for row in rows for k in row["mean"]})
+        summary = {"step": step, "n_prompts": len(rows), "seeds": self.seeds, "oracle_available": self.oracle,
+                   "groups": group_means(rows, keys)}
+        _write_eval(out, rows, summary, clips, fps=8.0)
+        logger.info("eval@%d: %s", step, {k: round(v, 4) for k, v in summary["groups"]["all"].items()
+                                          if isinstance(v, float)})
+        if accelerator is not None:
+            accelerator.log({f"eval/{k}": v for k, v in summary["groups"]["all"].items()
+                             if isinstance(v, float)}, step=step)
+            accelerator.wait_for_everyone()
+        if was_training:
+            dit.train()
+        return summary
+
+
+def _write_eval(out: Path, rows: list[dict], summary: dict, clips: dict, fps: float) -> None:
+    """Write the step's folder atomically (temp folder, then rename)."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with open(tmp / "items.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        if clips:
+            (tmp / "videos").mkdir()
+            for name, frames in clips.items():
+                write_video(tmp / "videos" / f"{name}.gif", frames, fps)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_eval(folder: str | os.PathLike) -> tuple[list[dict], dict]:
+    folder = Path(folder)
+    rows = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines() if line.strip()]
+    return rows, json.loads((folder / "summary.json").read_text())

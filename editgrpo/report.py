@@ -1,0 +1,169 @@
+"""The end-of-run report: the starting policy (SFT) against the trained one (SFT + Edit-GRPO) on the
+held-out prompts, in the layout of the VIVA paper's Table 2 (per edit type; oracle and proxy columns),
+with reward curves, side-by-side clips and ``report.json``.
+
+``delta_oracle`` is the paired difference of the per-prompt oracle score (each prompt's mean over the
+eval seeds), with a percentile bootstrap 95% interval over prompts.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+from pathlib import Path
+
+from viva_base.data.toyworld.oracle import bootstrap_ci
+from viva_base.recipe import atomic_write_text
+from viva_base.video import read_video, write_video
+
+from .evaluate import load_eval
+
+COLUMNS = ["oracle", "if_error", "sp_error", "reward"]
+
+
+def _fmt(v) -> str:
+    return "–" if v is None or v != v else f"{v:.4f}"
+
+
+def comparison_table(sft: dict, grpo: dict, keys: list[str]) -> str:
+    """Markdown: one row per group (all, splits, edit types), SFT and GRPO side by side for each key."""
+    head = "| group | n | " + " | ".join(f"{k} SFT | {k} GRPO" for k in keys) + " |"
+    sep = "|" + "---|" * (2 + 2 * len(keys))
+    lines = [head, sep]
+    order = sorted(sft, key=lambda g: (g != "all", not g.startswith("split"), g))
+    for g in order:
+        a, b = sft[g], grpo.get(g, {})
+        cells = " | ".join(f"{_fmt(a.get(k))} | {_fmt(b.get(k))}" for k in keys)
+        lines.append(f"| {g} | {a['n']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(metrics_path: Path, out_png: Path, eval_points: list[tuple[int, float]]) -> bool:
+    """Reward (total and components) per iteration, and the eval oracle score, with matplotlib."""
+    if not metrics_path.exists():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return False
+    keys = ["reward"] + sorted(k for k in rows[0] if k.startswith("reward/"))
+    fig, axes = plt.subplots(1, 2 if eval_points else 1, figsize=(11 if eval_points else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    steps = [r["step"] for r in rows]
+    for k in keys:
+        ax.plot(steps, [r.get(k) for r in rows], label=k, lw=1.4 if k == "reward" else 1.0)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean reward of the rollouts")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if eval_points:
+        ax2 = axes[0][1]
+        ax2.plot([s for s, _ in eval_points], [v for _, v in eval_points], "o-", color="tab:green")
+        ax2.set_xlabel("iteration")
+        ax2.set_ylabel("held-out oracle score")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return True
+
+
+def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, start_step: int, final_step: int,
+                 seconds: float, eval_manifest: str | None = None, title: str = "Edit-GRPO report") -> dict:
+    """Write ``report.json``, ``report.md``, ``reward_curves.png`` and ``report.html`` into ``out_dir``."""
+    out, eval_dir = Path(out_dir), Path(eval_dir)
+    rows_a, sum_a = load_eval(eval_dir / f"step-{start_step}")
+    rows_b, sum_b = load_eval(eval_dir / f"step-{final_step}")
+    by_id = {r["id"]: r for r in rows_b}
+    keys = [k for k in COLUMNS if k in sum_a["groups"]["all"]]
+    keys += sorted(k for k in sum_a["groups"]["all"] if k.startswith("reward/"))
+    result = {"sft": {k: sum_a["groups"]["all"].get(k) for k in keys},
+              "grpo": {k: sum_b["groups"]["all"].get(k) for k in keys},
+              "n_prompts": len(rows_a), "seeds": sum_a["seeds"], "seconds": seconds,
+              "start_step": start_step, "final_step": final_step,
+              "groups": {"sft": sum_a["groups"], "grpo": sum_b["groups"]}}
+    for key in ("oracle", "reward"):
+        if key in sum_a["groups"]["all"]:
+            deltas = [by_id[r["id"]]["mean"][key] - r["mean"][key] for r in rows_a if r["id"] in by_id]
+            mean, lo, hi = bootstrap_ci(deltas, n=5000, seed=0)
+            wins = sum(d > 0 for d in deltas)
+            result[f"delta_{key}"] = {"mean": mean, "ci95": [lo, hi], "wins": wins, "losses": sum(d < 0 for d in deltas),
+                                      "n": len(deltas)}
+    table = comparison_table(sum_a["groups"], sum_b["groups"], keys)
+    evals = sorted((int(p.name.split("-")[1]) for p in eval_dir.glob("step-*") if (p / "summary.json").exists()))
+    points = []
+    for s in evals:
+        v = json.loads((eval_dir / f"step-{s}" / "summary.json").read_text())["groups"]["all"].get("oracle")
+        if v is not None:
+            points.append((s, v))
+    has_plot = plot_curves(out / "metrics.jsonl", out / "reward_curves.png", points)
+    md = [f"# {title}", "", f"{len(rows_a)} held-out prompts x {len(sum_a['seeds'])} seeds; "
+          f"SFT = the starting policy (step {start_step}), GRPO = after {final_step} iterations.", ""]
+    for key in ("oracle", "reward"):
+        if f"delta_{key}" in result:
+            d = result[f"delta_{key}"]
+            md.append(f"- delta {key} (GRPO - SFT): {d['mean']:+.4f}, 95% bootstrap CI [{d['ci95'][0]:+.4f}, "
+                      f"{d['ci95'][1]:+.4f}]; better on {d['wins']}/{d['n']} prompts, worse on {d['losses']}")
+    md += ["", table]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2))
+    _write_html(out, eval_dir, start_step, final_step, rows_a, by_id, md, has_plot, eval_manifest)
+    return result
+
+
+def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lines, has_plot, manifest) -> None:
+    media = out / "report_media"
+    media.mkdir(exist_ok=True)
+    records = {}
+    if manifest:
+        from viva_base.data.manifest import read_manifest
+
+        records = {r["id"]: r for r in read_manifest(manifest, "eval")}
+    body = []
+    for r in rows_a:
+        sft_gif = eval_dir / f"step-{a}" / "videos" / f"{r['id']}.gif"
+        grpo_gif = eval_dir / f"step-{b}" / "videos" / f"{r['id']}.gif"
+        if not (sft_gif.exists() and grpo_gif.exists()):
+            continue
+        cells = []
+        rec = records.get(r["id"], {})
+        for name, src in (("source", rec.get("source")), ("target", rec.get("target"))):
+            if src:
+                dst = media / f"{r['id']}_{name}.gif"
+                if not dst.exists():
+                    v = read_video(src)
+                    write_video(dst, v.frames, v.fps)
+                cells.append(f"<td><img src='report_media/{dst.name}' width=128></td>")
+            else:
+                cells.append("<td>–</td>")
+        for name, gif in (("sft", sft_gif), ("grpo", grpo_gif)):
+            dst = media / f"{r['id']}_{name}.gif"
+            shutil.copyfile(gif, dst)
+            cells.append(f"<td><img src='report_media/{dst.name}' width=128></td>")
+        g = by_id.get(r["id"], {}).get("mean", {})
+        score = (f"oracle {_fmt(r['mean'].get('oracle'))} → {_fmt(g.get('oracle'))}<br>"
+                 f"reward {_fmt(r['mean'].get('reward'))} → {_fmt(g.get('reward'))}")
+        body.append(f"<tr><td>{html.escape(r['id'])}<br><small>{html.escape(str(r.get('edit_type')))}</small></td>"
+                    f"<td>{html.escape(r['instruction'])}</td>{''.join(cells)}<td>{score}</td></tr>")
+    summary = "".join(f"<p>{html.escape(line)}</p>" for line in md_lines if line.startswith("- "))
+    table_rows = [ln for ln in md_lines[-1].splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+    table = "<table class=t>" + "".join(
+        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
+                         for c in ln.strip("|").split("|")) + "</tr>" for i, ln in enumerate(table_rows)) + "</table>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Edit-GRPO report</title>
+<style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
+padding:4px;font-size:13px;vertical-align:top}} img{{image-rendering:pixelated}}</style></head><body>
+<h1>Edit-GRPO: SFT vs SFT + Edit-GRPO</h1>{summary}
+{'<img src="reward_curves.png" style="max-width:100%">' if has_plot else ''}
+<h2>Per group</h2>{table}
+<h2>Held-out edits (eval seed {html.escape(str(rows_a[0]['seeds'][0]) if rows_a else '')})</h2>
+<table><tr><th>id</th><th>instruction</th><th>source</th><th>target</th><th>SFT</th><th>SFT + GRPO</th><th>scores</th></tr>
+{''.join(body)}</table></body></html>"""
+    atomic_write_text(out / "report.html", page)

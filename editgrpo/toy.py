@@ -1,0 +1,76 @@
+"""The toy-world chain behind ``python -m editgrpo.train recipe=recipes/toy.yaml``.
+
+Builds what the Edit-GRPO recipe needs and is missing, each stage cached in ``output_dir`` so a rerun
+skips finished stages:
+
+1. toy data (``output_dir/data``): SFT pairs (simple single-op videos + image pairs), GRPO compound
+   prompts (no targets) and held-out eval prompts with their true targets and masks;
+2. the toy reward model (``output_dir/reward_model``): a small open_clip CLIP trained contrastively on
+   toy frames and captions; every reward whose ``model`` is ``"toy"`` uses it;
+3. the SFT'd toy editor (``output_dir/sft/final``) through the SFT recipe (``toy.sft_recipe``).
+
+It then points the GRPO recipe at them (``model.pretrained``, ``data.manifest``, ``eval.manifest``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(cfg, accelerator=None):
+    """Run the missing stages (main process first) and return the GRPO config pointing at them."""
+    t = cfg.toy
+    out = Path(cfg.output_dir)
+    main = accelerator is None or accelerator.is_main_process
+    ctx = accelerator.main_process_first() if accelerator is not None else _null()
+    with ctx:
+        from viva_base.data.toy import ensure_toy_dataset
+
+        paths = ensure_toy_dataset(out / "data", seed=t.seed, n_sft_video=t.n_sft_video, n_sft_image=t.n_sft_image,
+                                   n_grpo=t.n_grpo, n_eval_compound=t.n_eval_compound, n_eval_simple=t.n_eval_simple,
+                                   frames=t.frames, size=t.size)
+        reward_name = None
+        if _uses_toy_reward(cfg.rewards):
+            from .toy_reward import train_toy_clip
+
+            kw = {"steps": t.reward_steps} if t.reward_steps else {}
+            reward_name = train_toy_clip(out / "reward_model", seed=t.seed, frames=t.frames, size=t.size, **kw)
+        sft_final = out / "sft" / "final"
+        if not (sft_final / "editor_config.json").exists():
+            if main:
+                from viva_base.recipe import load_recipe
+                from viva_base.sft import SFTConfig
+                from viva_base.sft import main as sft_main
+
+                sft_cfg = load_recipe(SFTConfig, [f"recipe={t.sft_recipe}", f"output_dir={out / 'sft'}",
+                                                  f"data.manifest={paths['sft']}", f"report_to={cfg.report_to}",
+                                                  "resume=latest", *t.sft_overrides])
+                sft_main(sft_cfg)
+        else:
+            logger.info("toy chain: reusing the SFT editor in %s", sft_final)
+    cfg = OmegaConf.merge(cfg, {})  # a copy
+    cfg.model.pretrained, cfg.model.tiny = str(sft_final), False
+    cfg.data.manifest = str(paths["grpo"])
+    cfg.eval.manifest = str(paths["eval"])
+    if reward_name:
+        for name, entry in cfg.rewards.items():
+            if isinstance(entry, dict) or OmegaConf.is_dict(entry):
+                if entry.get("model") == "toy":
+                    entry["model"] = reward_name
+    return cfg
+
+
+def _uses_toy_reward(rewards) -> bool:
+    return any((OmegaConf.is_dict(e) or isinstance(e, dict)) and e.get("model") == "toy" for e in rewards.values())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

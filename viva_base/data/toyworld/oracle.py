@@ -1,0 +1,127 @@
+"""Oracle metrics for the toy world, where the true target video and the exact edit mask are known.
+
+Pure torch functions, free of model code (re-exported by ``benchmarks.toybench``): the evaluation loop edits the held-out prompts of
+``eval.jsonl`` (see :mod:`viva_base.data.toyworld.build`), scores them with the proxy rewards, and
+passes the videos here, so that the proxy rewards and the oracle can be read side by side (a proxy that
+rises while the oracle falls is reward hacking).
+
+Notation, per sample: edited video ``E``, source ``S``, true target ``T``, all ``(F, 3, H, W)`` in [0, 1];
+edit mask ``M`` in {0, 1}, broadcast over the 3 channels; sums run over frames, channels and pixels.
+
+* instruction-following error (inside the edit region, against the target)::
+
+      if_error = sum(M |E - T|) / sum(M)
+
+* structure-preservation error (outside it, against the source)::
+
+      sp_error = sum((1 - M) |E - S|) / sum(1 - M)
+
+* combined oracle score, higher is better, in [0, 1] (1 = the exact target)::
+
+      oracle = 1 - (if_error + sp_error) / 2
+
+Errors are mean absolute errors (L1) per channel value, in the units of the pixels (1.0 = black vs
+white), so they read directly as "average colour error". A mean over an empty region is defined as 0:
+when nothing must change (empty mask) there is nothing to get wrong inside, and when everything must
+change there is nothing to preserve. Every toy edit changes at least one pixel, so ``if_error`` is
+always defined on toy data.
+
+Also returned: ``if_identity = sum(M |S - T|) / sum(M)``, the inside error of not editing at all (a per
+sample baseline), ``if_progress = 1 - if_error / if_identity`` (1: exact, 0: no better than copying the
+source, < 0: worse; NaN where ``if_identity = 0``), and ``full_error = mean |E - T|`` over all pixels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_videos(edited: torch.Tensor, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
+    if edited.ndim != 5 or edited.shape[2] != 3:
+        raise ValueError(f"edited must be (B, F, 3, H, W), got {tuple(edited.shape)}; add a batch dim with [None]")
+    for name, t in (("source", source), ("target", target)):
+        if t.shape != edited.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, edited {tuple(edited.shape)}; they must match")
+    b, f, _, h, w = edited.shape
+    if mask.ndim != 5 or mask.shape[2] not in (1, 3) or (mask.shape[0], mask.shape[1], *mask.shape[3:]) != (b, f, h, w):
+        raise ValueError(f"mask must be (B, F, 1, H, W) matching the videos {tuple(edited.shape)}, got {tuple(mask.shape)}")
+
+
+def masked_mean_abs(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum(w |a - b|) / sum(w)`` per sample over all non-batch dims (0 where ``sum(w) = 0``);
+    ``weight`` broadcasts against ``a``."""
+    weight = weight.expand_as(a)
+    num = (weight * (a - b).abs()).flatten(1).sum(1)
+    den = weight.flatten(1).sum(1)
+    return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
+
+
+def oracle_scores(edited: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                  mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Oracle metrics (module docstring) of ``edited`` ``(B, F, 3, H, W)`` against ``source`` and ``target``
+    with the edit ``mask`` ``(B, F, 1, H, W)`` (values > 0.5 count as inside; 3 channels: any channel).
+
+    Returns ``[B]`` float64 tensors: ``if_error``, ``sp_error``, ``oracle``, ``if_identity``, ``if_progress``,
+    ``full_error``.
+    """
+    _check_videos(edited, source, target, mask)
+    e, s, t = edited.double(), source.double(), target.double()
+    m = (mask.double() > 0.5).amax(dim=2, keepdim=True).double()
+    if_error = masked_mean_abs(e, t, m)
+    sp_error = masked_mean_abs(e, s, 1 - m)
+    if_identity = masked_mean_abs(s, t, m)
+    if_progress = torch.where(if_identity > 0, 1 - if_error / if_identity.clamp_min(1e-12),
+                              torch.full_like(if_error, math.nan))
+    return {
+        "if_error": if_error,
+        "sp_error": sp_error,
+        "oracle": 1 - 0.5 * (if_error + sp_error),
+        "if_identity": if_identity,
+        "if_progress": if_progress,
+        "full_error": (e - t).abs().flatten(1).mean(1),
+    }
+
+
+def bootstrap_ci(deltas: torch.Tensor | list[float], n: int = 2000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+    """Percentile bootstrap of the mean of paired differences ``deltas`` (e.g. oracle after GRPO minus
+    before, per prompt): resample the ``N`` values with replacement ``n`` times, take each resample's
+    mean, and return ``(mean, lo, hi)`` with ``lo``/``hi`` the ``alpha/2`` and ``1 - alpha/2`` quantiles of
+    those means. Deterministic given ``seed``. An interval that excludes 0 marks a significant change."""
+    d = torch.as_tensor(deltas, dtype=torch.float64).flatten()
+    if d.numel() == 0:
+        raise ValueError("bootstrap_ci needs at least one difference")
+    if not torch.isfinite(d).all():
+        raise ValueError("bootstrap_ci got NaN/inf differences; drop the failed samples first")
+    if not 0 < alpha < 1 or n < 1:
+        raise ValueError(f"bootstrap_ci needs 0 < alpha < 1 and n >= 1, got alpha={alpha}, n={n}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, d.numel(), (n, d.numel()), generator=gen)
+    means = d[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
+    return float(d.mean()), float(lo), float(hi)
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor, ties sharing their average rank (the ranks Spearman's rho uses)."""
+    uniq, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    last = torch.cumsum(counts, 0).double()
+    avg = last - (counts.double() - 1) / 2
+    return avg[inverse]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation ``rho = pearson(rank(a), rank(b))`` (average ranks for ties): how well a
+    proxy reward orders the samples as the oracle does. NaN when either input is constant."""
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise ValueError(f"spearman needs two equally long inputs of >= 2 values, got {a.numel()} and {b.numel()}")
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum()) / den if den > 0 else math.nan
+
+
+__all__ = ["oracle_scores", "masked_mean_abs", "bootstrap_ci", "average_ranks", "spearman"]
