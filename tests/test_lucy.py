@@ -198,16 +198,18 @@ def test_edit_command_with_a_lucy_directory_and_lora(checkpoint, editor, tmp_pat
     clip = _video(f=10, h=40, w=52, seed=8)[0]  # neither 4k+1 frames nor multiples of 16: the command adapts it
     src = write_video(tmp_path / "in.mp4", clip, fps=10)
     outs = {}
+    # PNG folders where outputs are compared (lossless: H.264 turns a 1-level float-noise flip into larger changes)
     for name, where, extra in (("published", checkpoint, []), ("saved", model, []),
-                               ("lora", model, ["--lora", tmp_path / "lora"])):
-        out = tmp_path / f"{name}.mp4"
+                               ("lora.mp4", model, ["--lora", tmp_path / "lora"])):
+        out = tmp_path / name
         rc = main(["--model", str(where), "--video", str(src), "--instruction", INSTR, "--out", str(out),
                    "--steps", "2", "--seed", "1", "--device", "cpu", "--no-progress", *map(str, extra)])
         assert rc == 0
-        assert probe_video(out) == (10, 40, 52, 10.0)
         outs[name] = read_video(out).frames
-    assert torch.equal(outs["published"], outs["saved"])
-    assert (outs["saved"] - outs["lora"]).abs().max() > 2 / 255
+        assert outs[name].shape == (10, 3, 40, 52)
+    assert probe_video(tmp_path / "lora.mp4") == (10, 40, 52, 10.0)  # the input's frame count, size and fps
+    assert (outs["published"] - outs["saved"]).abs().max() <= 1 / 255
+    assert (outs["saved"] - outs["lora.mp4"]).abs().max() > 0.1
     from PIL import Image
 
     Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "ref.png")

@@ -41,7 +41,7 @@ class TinyLucySpec:
     ffn_dim: int = 64
     freq_dim: int = 32
     text_dim: int = 32               # UMT5 d_model (the DiT's text_dim)
-    text_layers: int = 2
+    text_layers: int = 1             # UMT5 layers (each computes its own relative-position bias)
     max_sequence_length: int = 32    # prompt tokens the editor pads to (512 in the real pipeline)
     shift: float = 5.0               # flow shift of the scheduler (Wan 2.2 TI2V's value)
     expand_timesteps: bool = True
