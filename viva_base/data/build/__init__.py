@@ -12,9 +12,9 @@ Modules: :mod:`.cli` (recipe schema and runner), :mod:`.stages`, :mod:`.models` 
 tracker, generator, tiny models), :mod:`.records` (inputs, record folders, sharding, manifests),
 :mod:`.text` (caption rules and prompts).
 """
-from .cli import BuildConfig, build_record, cli, main, stage_fingerprints
+from .cli import BuildConfig, build_record, main, stage_fingerprints
 from .records import RecordStore, in_shard, list_inputs, parse_shard, write_outputs
 from .stages import choose_directions
 
-__all__ = ["BuildConfig", "RecordStore", "build_record", "choose_directions", "cli", "in_shard", "list_inputs", "main",
+__all__ = ["BuildConfig", "RecordStore", "build_record", "choose_directions", "in_shard", "list_inputs", "main",
            "parse_shard", "stage_fingerprints", "write_outputs"]

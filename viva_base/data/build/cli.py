@@ -13,6 +13,7 @@ in ``output_dir`` (``pairs.jsonl``, ``failed.jsonl``, ``summary.json``). See doc
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -289,15 +290,16 @@ def build_record(ctx: Context, store: RecordStore, item, fps: dict[str, str]) ->
     if not item.caption:
         return {**base, "status": "failed", "reason": f"no caption (write one in {Path(item.video).with_suffix('.txt').name} "
                                                         "or the manifest's 'caption')"}
+    for leftover in folder.glob(".*"):  # temporary files of a killed run
+        leftover.unlink() if leftover.is_file() else shutil.rmtree(leftover, ignore_errors=True)
     clip, fps_in = load_clip(item.video, cfg.clip.frames, tuple(cfg.clip.size), cfg.clip.frame_step)
-    real = folder / f"real{cfg.video_ext}"
-    if not real.exists():
-        write_video(real, clip, fps=fps_in)
+    real = write_video(folder / f"real{cfg.video_ext}", clip, fps=fps_in)  # same frames, same bytes
     work = Work(item=item, folder=folder, clip=clip, fps=fps_in, real=real)
     stages = [(s, GENERATING_STAGES[s]) for s in cfg.stages] + [("filter", filter_stage)]
     for name, fn in stages:
         cached = store.load_stage(item.id, name, fps[name])
         if cached is None:
+            shutil.rmtree(folder / name, ignore_errors=True)   # a stale or half-written stage starts clean
             result = fn(ctx, work)
             result["fingerprint"] = fps[name]
             store.save_stage(item.id, name, result)
