@@ -186,10 +186,6 @@ class RecordStore:
         _atomic_json(folder / RECORD_FILE, data)
         return folder / RECORD_FILE
 
-    def reset(self, record_id: str) -> None:
-        """Forget a finished record's verdict (its stage results stay and are reused if still valid)."""
-        (self.folder(record_id) / RECORD_FILE).unlink(missing_ok=True)
-
     # -- stages ----------------------------------------------------------------------------------
     def stage_dir(self, record_id: str, stage: str) -> Path:
         d = self.folder(record_id) / stage

@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Sequence
 
 #: Common object nouns by category; replacements stay within a category (a dog becomes a cat, not a bus).
 LEXICON: dict[str, tuple[str, ...]] = {
@@ -265,7 +264,3 @@ def seeded_rng(*parts) -> random.Random:
     from .records import stable_hash
 
     return random.Random(stable_hash(*parts))
-
-
-def pick(seq: Sequence, rng: random.Random):
-    return seq[rng.randrange(len(seq))]
