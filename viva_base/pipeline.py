@@ -31,9 +31,10 @@ Adapting a clip (:func:`plan_clip`, :func:`resample_indices`, :func:`resize_fram
 ``frames=`` / ``size=`` (CLI ``--frames`` / ``--size WxH``) choose the model clip explicitly; they are
 snapped to valid values and may exceed the config's limits (with a warning).
 
-Reading a file (:meth:`EditPipeline.load_clip`) never decodes more than about twice the model clip:
-it probes the length, decodes every ``k``-th frame (:func:`read_stride`) and shrinks frames while
-decoding. The output is written atomically at the end (``viva_base.video.write_video``), so a failed
+Reading a file (:meth:`EditPipeline.load_clip`) never holds much more than the model clip: it probes
+the length, keeps every ``k``-th decoded frame (:func:`read_stride`: at most ``2 f - 1`` frames) and
+shrinks frames while decoding to at most twice the model's longer side (then one antialiased resize
+to the exact model size). The output is written atomically at the end (``viva_base.video.write_video``), so a failed
 edit leaves no file; its size in memory is that of the output clip.
 
 Sampling (paper Appendix B: 50 steps, CFG 2.0 on the instruction only): a fresh copy of the policy's
@@ -260,7 +261,7 @@ class EditPipeline:
         f, h, w = self.plan(info.num_frames, info.height, info.width, num_frames_model=num_frames, size=size)
         k = read_stride(info.num_frames, f)
         wanted = -(-info.num_frames // k) if f > 1 else 1
-        side = max(h, w) if max(info.height, info.width) > max(h, w) else None
+        side = 2 * max(h, w) if max(info.height, info.width) > 2 * max(h, w) else None
         video = read_video(path, max_frames=wanted, max_side=side, frame_step=k)
         decoded = video.frames
         n = info.num_frames
