@@ -260,6 +260,17 @@ def test_output_path_checks_agree_with_the_writer(tmp_path):
     with pytest.raises(VideoError, match="does not exist"):
         check_output_path(tmp_path / "missing" / "o.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a folder output replaces the folder: never one holding other files (e.g. --out .)
+    (tmp_path / "mine.txt").write_text("keep me")
+    for name in (".", ""):
+        with pytest.raises(VideoError, match="holds other files"):
+            check_output_path(tmp_path / name if name else tmp_path)
+    (tmp_path / "noext").write_text("x")
+    with pytest.raises(VideoError, match="is a file"):
+        check_output_path(tmp_path / "noext")
+    seq = write_video(tmp_path / "seq", _clip(f=2, h=16, w=16))
+    assert check_output_path(seq) == seq  # a previous PNG-sequence output may be replaced
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
 def test_long_large_input_is_read_strided_shrunk_and_mapped_back(tiny_editor, tmp_path, caplog):

@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -211,6 +212,11 @@ def check_output_path(path: str | os.PathLike, num_frames: int | None = None) ->
                          f"(use {', '.join(VIDEO_OUTPUT_EXTENSIONS)}, or no extension for a folder of PNGs)")
     if path.is_dir() and ext:
         raise VideoError(f"{path}: is a folder; give a file name")
+    if not ext and path.exists():  # a PNG-sequence output replaces the folder: only ever replace our own
+        if not path.is_dir():
+            raise VideoError(f"{path}: exists and is a file; give the output an extension such as .mp4")
+        if any(not re.fullmatch(r"\d{5}\.png", p.name) for p in path.iterdir()):
+            raise VideoError(f"{path}: folder exists and holds other files; give a new folder name")
     return path
 
 
