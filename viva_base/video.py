@@ -40,6 +40,7 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".gif")
 DEFAULT_IMAGE_FPS = 8.0
 
 
@@ -190,6 +191,9 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFA
     path = Path(path)
     data = _to_uint8(frames)
     ext = path.suffix.lower()
+    if ext and ext not in IMAGE_EXTENSIONS and ext not in VIDEO_EXTENSIONS:
+        raise VideoError(f"{path}: unsupported output extension {ext!r} (use {', '.join(VIDEO_EXTENSIONS)}, "
+                         ".png or a folder)")
     if ext == "":
         return _write_folder(path, data)
     if ext in IMAGE_EXTENSIONS:
@@ -204,7 +208,12 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFA
         return path
     tmp = _atomic_target(path)
     try:
-        _encode(tmp, data, fps, ext)
+        if ext == ".gif":  # Pillow builds the palette (libswscale cannot convert rgb24 -> pal8)
+            frames_pil = [Image.fromarray(a) for a in data]
+            frames_pil[0].save(tmp, format="GIF", save_all=True, append_images=frames_pil[1:],
+                               duration=max(1, round(1000 / fps)), loop=0, optimize=False)
+        else:
+            _encode(tmp, data, fps, ext)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -228,11 +237,8 @@ def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
         elif ext == ".webm":
             stream = container.add_stream("libvpx-vp9", rate=rate)
             stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
-        elif ext == ".gif":
-            stream = container.add_stream("gif", rate=rate)
-            stream.pix_fmt = "pal8"
         else:
-            raise VideoError(f"{path}: unsupported output extension {ext!r} (use .mp4, .mov, .mkv, .webm, .gif)")
+            raise VideoError(f"{path}: unsupported output extension {ext!r} (use .mp4, .mov, .mkv, .webm, .gif, .png or a folder)")
         stream.width, stream.height = w, h
         for arr in data:
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
