@@ -1,0 +1,256 @@
+"""Multi-process Edit-GRPO for real (gloo on CPU): 2 processes reproduce 1 process, also under DeepSpeed ZeRO-2/3.
+
+Each run goes through the real trainer (``editgrpo.train.main``) with three observation hooks installed by
+:func:`run_and_dump` (no trainer code is re-implemented): the gathered rewards and advantages (what
+``group_advantages`` returns on the whole gathered batch), and the LoRA gradients of the first update, read
+just before the first optimizer step (DDP: after the all-reduce; DeepSpeed: ``safe_get_full_grad`` before
+``engine.step``). Multi-process runs launch this file as a script under ``torchrun`` / ``accelerate launch``.
+
+The tiny recipe runs with 3 prompts x 2 samples: on 2 processes prompt 1's group is split (sample 2 on rank 0,
+sample 3 on rank 1), so its advantages are right only if rewards are gathered across processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+COMMON = ["recipe=recipes/tiny.yaml", "report_to=none", "data.toy_prompts=4", "train.prompts_per_iteration=3",
+          "train.num_generations=2", "sampling.num_steps=4", "sampling.sde_window_size=2", "train.checkpoint_every=0",
+          "train.num_iterations=1", "sampling.rollout_batch_size=1", "train.train_batch_size=1",
+          "rewards.clip_sp.weight=0.0"]  # total = R_IF (about 1e-3): its rounding does not swamp the group spread
+TOL = 1e-5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_and_dump(argv: list[str], dump_dir: str | os.PathLike) -> None:
+    """Run ``editgrpo.train.main`` on ``argv`` and write ``dump-<rank>.pt``: the gathered rewards, group ids and
+    advantages of iteration 1, and the LoRA gradients of the first optimizer step (unclipped)."""
+    from editgrpo import train as T
+    from editgrpo.config import GRPOConfig
+    from viva_base.recipe import load_recipe
+
+    seen: dict = {}
+    real = {name: getattr(T, name) for name in ("group_advantages", "build_editor", "make_accelerator")}
+
+    def grads(full_grad) -> dict[str, torch.Tensor]:
+        return {n: full_grad(p).detach().float().cpu().clone()
+                for n, p in seen["editor"].transformer.named_parameters() if p.requires_grad}
+
+    def group_advantages(rewards, group_ids, **kw):
+        out = real["group_advantages"](rewards, group_ids, **kw)
+        seen.setdefault("adv", {"rewards": rewards.clone(), "group_ids": group_ids.clone(),
+                                "advantages": out.advantages.clone()})
+        return out
+
+    def build_editor(*a, **k):
+        seen["editor"] = real["build_editor"](*a, **k)
+        return seen["editor"]
+
+    def make_accelerator(*a, **k):
+        acc = real["make_accelerator"](*a, **k)
+        clip, prepare = acc.clip_grad_norm_, acc.prepare
+
+        def clip_grad_norm_(params, *x, **y):  # DDP / 1 process: before clipping and the first optimizer step
+            if "grads" not in seen:
+                seen["grads"] = grads(lambda p: p.grad)
+            return clip(params, *x, **y)
+
+        def prepared(*objs):
+            out = prepare(*objs)
+            engine = out[0]
+            if hasattr(engine, "save_checkpoint"):  # a DeepSpeed engine: it steps inside accelerator.backward
+                from deepspeed.utils import safe_get_full_grad
+
+                step = engine.step
+
+                def engine_step(*x, **y):
+                    if "grads" not in seen:
+                        seen["grads"] = grads(safe_get_full_grad)
+                    return step(*x, **y)
+
+                engine.step = engine_step
+                seen["partitioned"] = sum(1 for p in engine.module.parameters()  # ZeRO-3: this rank holds a slice
+                                          if hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel)
+            return out
+
+        acc.clip_grad_norm_, acc.prepare = clip_grad_norm_, prepared
+        seen["accelerator"] = acc
+        return acc
+
+    for name, fn in (("group_advantages", group_advantages), ("build_editor", build_editor),
+                     ("make_accelerator", make_accelerator)):
+        setattr(T, name, fn)
+    try:
+        T.main(load_recipe(GRPOConfig, argv))
+    finally:
+        for name, fn in real.items():
+            setattr(T, name, fn)
+    acc = seen["accelerator"]
+    Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    torch.save({**seen["adv"], "world": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                "partitioned": seen.get("partitioned", 0),
+                **{f"grad/{n}": g for n, g in seen["grads"].items()}},
+               Path(dump_dir) / f"dump-{acc.process_index}.pt")
+
+
+def _load(dump_dir: Path, rank: int) -> dict:
+    return torch.load(dump_dir / f"dump-{rank}.pt", weights_only=True)
+
+
+def _launch(launcher: list[str], args: list[str], cwd, timeout=420):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([*launcher, __file__, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
+    return proc
+
+
+def _torchrun(n: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port)]
+
+
+def _deepspeed(config: Path, n: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+            str(n), "--main_process_port", str(port)]
+
+
+def _assert_same_update(ref: dict, got: dict, adv_tol: float = TOL, grad_tol: float = TOL) -> None:
+    """Gathered rewards, advantages and first-update LoRA gradients of two layouts agree: advantages to
+    ``adv_tol``, gradients to ``grad_tol`` relative to their largest entry (they are O(1e-4) here)."""
+    assert torch.equal(got["group_ids"], ref["group_ids"])
+    assert torch.allclose(got["rewards"], ref["rewards"], rtol=0, atol=1e-6)
+    assert torch.allclose(got["advantages"], ref["advantages"], rtol=0, atol=adv_tol)
+    names = sorted(k for k in ref if k.startswith("grad/"))
+    assert names and names == sorted(k for k in got if k.startswith("grad/"))
+    scale = max(float(ref[k].abs().max()) for k in names)
+    assert scale > 0
+    for k in names:
+        err = float((got[k] - ref[k]).abs().max())
+        assert err <= grad_tol * scale, (k, err, scale)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process reference run (in this process)."""
+    out = tmp_path_factory.mktemp("one")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        run_and_dump([*COMMON, f"output_dir={out}"], out)
+    finally:
+        os.chdir(cwd)
+    ref = _load(out, 0)
+    assert ref["world"] == 1
+    return ref
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one_process(one_process, tmp_path, repo_root):
+    ref = one_process
+    # the layout the test is about: 6 samples, 3 per rank, prompt 1's group split between the ranks
+    assert ref["group_ids"].tolist() == [0, 0, 1, 1, 2, 2]
+    split = ref["advantages"][2:4]
+    assert (split.abs() > 0.1).all() and abs(float(split.sum())) < 1e-4  # a real, centred two-sample group
+    _launch(_torchrun(2, 29641), [str(tmp_path), *COMMON, f"output_dir={tmp_path}/run"], repo_root)
+    for rank in (0, 1):
+        got = _load(tmp_path, rank)
+        assert got["world"] == 2 and "MULTI_CPU" in got["distributed_type"]
+        _assert_same_update(ref, got)
+
+
+def _zero_config(tmp_path: Path, repo_root, stage_file: str, **zero) -> Path:
+    """A copy of recipes/accelerate/<stage_file> (its DeepSpeed JSON patched with ``zero``) usable from tmp."""
+    root = Path(repo_root) / "recipes" / "accelerate"
+    ds = json.loads((root / f"ds_{stage_file}.json").read_text())
+    ds["zero_optimization"].update(zero)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    text = (root / f"{stage_file}.yaml").read_text().replace(f"recipes/accelerate/ds_{stage_file}.json",
+                                                               str(tmp_path / "ds.json"))
+    assert str(tmp_path / "ds.json") in text
+    (tmp_path / "accelerate.yaml").write_text(text)
+    return tmp_path / "accelerate.yaml"
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_matches_one_process_and_resumes_exactly(one_process, tmp_path, repo_root):
+    """ZeRO-2 for real (2 CPU processes, gloo), LoRA on the frozen tiny DiT: same first update as 1 process; a run
+    resumed from its DeepSpeed checkpoint ends with the same LoRA as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    config = _zero_config(tmp_path, repo_root, "zero2")
+    run = tmp_path / "run"
+    two_iters = [a for a in COMMON if not a.startswith(("train.num_iterations", "train.checkpoint_every"))]
+    two_iters += ["train.num_iterations=2", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    _launch(_deepspeed(config, 2, 29642), [str(tmp_path / "dump"), *two_iters, f"output_dir={run}"], repo_root)
+    for rank in (0, 1):
+        got = _load(tmp_path / "dump", rank)
+        assert got["world"] == 2 and "DEEPSPEED" in got["distributed_type"]
+        _assert_same_update(one_process, got)
+    assert {"latest", "state"} <= {p.name for p in (run / "checkpoint-1" / "deepspeed").iterdir()}
+    final = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+
+    # resume from checkpoint-1 (as if killed after it) and finish: the same LoRA and the same iteration-2 metrics
+    shutil.rmtree(run / "checkpoint-2")
+    shutil.rmtree(run / "lora")
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    _launch(_deepspeed(config, 2, 29643), [str(tmp_path / "dump2"), *two_iters, f"output_dir={run}", "resume=latest"],
+            repo_root)
+    resumed = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    assert final.keys() == resumed.keys()
+    for k in final:
+        assert torch.allclose(final[k], resumed[k], rtol=0, atol=1e-7), k
+    again = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["reward"] for r in again] == [json.loads(r)["reward"] for r in rows]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_partitions_and_matches_one_process(one_process, tmp_path, repo_root):
+    """ZeRO-3 for real with every parameter partitioned (persistence threshold 0): same first update as 1 process,
+    and the saved LoRA has full shapes (gathered from the partitions).
+
+    ZeRO-3 runs linear layers through its own autograd function, so rollouts differ from 1 process in the last
+    bits (rewards by ~1e-8); a near-tied group of the tiny random CLIP (std ~1e-5) amplifies that by
+    1 / (std + eps) ~ 1e4 in its advantages. Hence 1e-3 on advantages and 1e-4 (relative) on gradients here;
+    ZeRO-2 and DDP reproduce 1 process to 1e-5."""
+    from safetensors.torch import load_file
+
+    config = _zero_config(tmp_path, repo_root, "zero3", stage3_param_persistence_threshold=0)
+    run = tmp_path / "run"
+    _launch(_deepspeed(config, 2, 29644), [str(tmp_path / "dump"), *COMMON, f"output_dir={run}"], repo_root)
+    for rank in (0, 1):
+        got = _load(tmp_path / "dump", rank)
+        assert got["world"] == 2 and "DEEPSPEED" in got["distributed_type"]
+        assert got["partitioned"] > 10  # the DiT's parameters really are split between the ranks
+        _assert_same_update(one_process, got, adv_tol=1e-3, grad_tol=1e-4)
+    lora = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    ckpt = load_file(str(run / "checkpoint-1" / "trainable.safetensors"))
+    shapes = {k.removeprefix("transformer."): tuple(v.shape) for k, v in lora.items()}
+    assert shapes and all(len(s) == 2 and min(s) > 0 for s in shapes.values())
+    assert len(ckpt) == len(lora) and all(v.numel() > 0 for v in ckpt.values())
+
+
+@pytest.mark.slow
+def test_sft_runs_on_two_processes(tmp_path, repo_root):
+    """viva_base.sft under torchrun on 2 CPU processes: each takes its half of every global batch (DDP)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run([*_torchrun(2, 29645), "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml",
+                           "report_to=none", "train.max_steps=2", "train.checkpoint_every=0", "data.toy.n_video=4",
+                           "data.toy.n_image=4", f"output_dir={tmp_path}"], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "on 2 process(es)" in proc.stderr
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    assert (tmp_path / "final" / "editor_config.json").exists()
+
+
+if __name__ == "__main__":  # a rank of a multi-process run: python tests/test_scale_multiprocess.py DUMP_DIR key=value...
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_and_dump(sys.argv[2:], sys.argv[1])
