@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,9 @@ def main(cfg: SFTConfig) -> Path:
     accelerator = make_accelerator(str(out), report_to=cfg.report_to, mixed_precision=tc.mixed_precision,
                                    gradient_accumulation_steps=tc.gradient_accumulation_steps)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate sees 1 (no GPU): on CPUs "
+                        "run `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m viva_base.sft ...`")
     per_micro = tc.batch_size // (tc.gradient_accumulation_steps * world)
     if per_micro * tc.gradient_accumulation_steps * world != tc.batch_size or per_micro == 0:
         raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of gradient_accumulation_steps "
@@ -185,8 +189,9 @@ def main(cfg: SFTConfig) -> Path:
     init_trackers(accelerator, "viva_sft", cfg)
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=accelerator.is_main_process)
     shift = tc.shift if tc.shift is not None else editor.config.shift
-    logger.info("SFT: %d pairs (%d video, %d image), %d trainable parameters, steps %d -> %d", len(dataset),
-                len(sampler.video_idx), len(sampler.image_idx), sum(p.numel() for p in params), start, tc.max_steps)
+    logger.info("SFT: %d pairs (%d video, %d image), %d trainable parameters, steps %d -> %d on %d process(es)",
+                len(dataset), len(sampler.video_idx), len(sampler.image_idx), sum(p.numel() for p in params), start,
+                tc.max_steps, world)
 
     dit.train()
     loss_mean = float("nan")
