@@ -61,13 +61,14 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .policy import Condition
-from .video import DEFAULT_IMAGE_FPS, IMAGE_EXTENSIONS, VideoError, probe_video, read_image, read_video, write_video
+from .video import (DEFAULT_IMAGE_FPS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, probe_video, read_image,
+                    read_video, write_video)
 
 logger = logging.getLogger(__name__)
 
 # Extensions viva_base.video.write_video encodes (see its table); "" is a folder of PNGs; an image
 # extension holds a 1-frame clip only.
-VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".gif")
+VIDEO_OUTPUT_EXTENSIONS = VIDEO_EXTENSIONS
 
 
 # ---------------------------------------------------------------------------------------------- clip math
