@@ -191,6 +191,7 @@ def main(cfg: GRPOConfig) -> Path:
     with accelerator.main_process_first():
         prompts = PromptSource.from_config(cfg)
     editor = build_editor(cfg.model, device=accelerator.device)
+    torch.manual_seed(tc.seed)  # the LoRA's gaussian init draws from the global generator
     add_lora(editor.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
              targets=cfg.lora.targets or editor.lora_targets)
     params = [p for p in editor.transformer.parameters() if p.requires_grad]

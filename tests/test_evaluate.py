@@ -76,3 +76,13 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     mtime = (tmp_path / "sft" / "final" / "editor_config.json").stat().st_mtime_ns
     main(cfg)
     assert (tmp_path / "sft" / "final" / "editor_config.json").stat().st_mtime_ns == mtime
+    # same seed, same results: a second chain from scratch in another folder gives the same numbers and LoRA
+    cfg2 = OmegaConf.merge(cfg, {"output_dir": str(tmp_path / "again")})
+    main(cfg2)
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["sft"] == report["sft"] and again["grpo"] == report["grpo"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "again" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

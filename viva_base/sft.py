@@ -172,6 +172,7 @@ def main(cfg: SFTConfig) -> Path:
                                 cfg.data.p_video, tc.seed)
 
     editor = build_editor(cfg.model, device=accelerator.device)
+    torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc)
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
                                   weight_decay=tc.weight_decay)
