@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from viva_base.atomic import atomic_dir
 from viva_base.data.manifest import read_manifest
 from viva_base.data.toyworld.oracle import oracle_scores
 from viva_base.video import read_image, read_video, write_video
@@ -151,11 +151,7 @@ class Evaluator:
 
 def _write_eval(out: Path, rows: list[dict], summary: dict, clips: dict, fps: float) -> None:
     """Write the step's folder atomically (temp folder, then rename)."""
-    import shutil
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         with open(tmp / "items.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -164,12 +160,6 @@ def _write_eval(out: Path, rows: list[dict], summary: dict, clips: dict, fps: fl
             (tmp / "videos").mkdir()
             for name, frames in clips.items():
                 write_video(tmp / "videos" / f"{name}.gif", frames, fps)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def load_eval(folder: str | os.PathLike) -> tuple[list[dict], dict]:

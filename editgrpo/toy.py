@@ -14,6 +14,7 @@ It then points the GRPO recipe at them (``model.pretrained``, ``data.manifest``,
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -26,7 +27,7 @@ def prepare(cfg, accelerator=None):
     t = cfg.toy
     out = Path(cfg.output_dir)
     main = accelerator is None or accelerator.is_main_process
-    ctx = accelerator.main_process_first() if accelerator is not None else _null()
+    ctx = accelerator.main_process_first() if accelerator is not None else nullcontext()
     with ctx:
         from viva_base.data.toy import ensure_toy_dataset
 
@@ -66,11 +67,3 @@ def prepare(cfg, accelerator=None):
 
 def _uses_toy_reward(rewards) -> bool:
     return any((OmegaConf.is_dict(e) or isinstance(e, dict)) and e.get("model") == "toy" for e in rewards.values())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

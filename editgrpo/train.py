@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from contextlib import nullcontext
 import os
 import time
 from collections import defaultdict
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from viva_base.data.manifest import read_manifest
+from viva_base.atomic import atomic_dir
 from viva_base.errors import UserError
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
@@ -289,7 +290,7 @@ def main(cfg: GRPOConfig) -> Path:
                         k += 1
                         if zero is not None:  # DeepSpeed accumulates, and steps at the last backward pass
                             accelerator.sync_gradients = k == n_back
-                        ctx = accelerator.no_sync(dit) if (world > 1 and k < n_back and zero is None) else _null()
+                        ctx = accelerator.no_sync(dit) if (world > 1 and k < n_back and zero is None) else nullcontext()
                         with ctx, accelerator.autocast():
                             step = step_log_prob(editor, rec, rows[sel], cond, uncond, guidance_scale=sc.guidance_scale,
                                                  method=sc.method, eta=sc.eta, sample_index=sel)
@@ -357,27 +358,8 @@ def main(cfg: GRPOConfig) -> Path:
 
 
 def _save_lora_atomic(model, path: Path) -> None:
-    import os
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_lora(model, tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _global_mean(accelerator, values: torch.Tensor) -> float:

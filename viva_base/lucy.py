@@ -41,14 +41,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import CheckpointError, UserError
 from .policy import Condition
 
@@ -301,17 +300,9 @@ class LucyEditor:
         if hasattr(self.transformer, "peft_config"):
             raise CheckpointError("save the LoRA with editgrpo's checkpoint functions, or merge it first")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.to_pipeline().save_pretrained(tmp)
             (tmp / EDITOR_CONFIG).write_text(json.dumps({"_class_name": "LucyEditor", **asdict(self.config)}, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod

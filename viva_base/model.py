@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_dir
 from .errors import CheckpointError
 from .instructor import InstructorConfig, encode_instructions, encode_pooled
 from .policy import Condition
@@ -250,13 +249,10 @@ class VivaEditor:
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the whole editor to ``path`` atomically (a temporary folder renamed at the end)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            transformer = self.transformer
-            if hasattr(transformer, "peft_config"):
-                raise CheckpointError("save the LoRA with editgrpo's checkpoint functions, or merge it first")
-            transformer.save_pretrained(tmp / "transformer")
+        if hasattr(self.transformer, "peft_config"):
+            raise CheckpointError("save the LoRA with editgrpo's checkpoint functions, or merge it first")
+        with atomic_dir(path) as tmp:
+            self.transformer.save_pretrained(tmp / "transformer")
             self.vae.save_pretrained(tmp / "vae")
             self.instructor.save_pretrained(tmp / "instructor")
             self.processor.save_pretrained(tmp / "instructor")
@@ -265,12 +261,6 @@ class VivaEditor:
             self.scheduler.save_pretrained(tmp / "scheduler")
             meta = {"_class_name": "VivaEditor", "vae_class": type(self.vae).__name__, **asdict(self.config)}
             (tmp / EDITOR_CONFIG).write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod

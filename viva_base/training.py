@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir
 from .errors import CheckpointError, UserError
 from .recipe import redacted
 
@@ -187,8 +187,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     """Write ``checkpoint-<step>`` atomically (see the module docstring); keep the newest ``keep``."""
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out))
-    try:
+    with atomic_dir(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         if hasattr(model, "peft_config"):
             from .peft_utils import save_lora
@@ -197,12 +196,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "time": time.time(), **(state or {})}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     if keep:
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .atomic import atomic_dir
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -251,14 +251,7 @@ def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
 def _write_folder(path: Path, data: np.ndarray) -> Path:
     if not path.parent.exists():
         raise VideoError(f"{path}: output folder {path.parent} does not exist; create it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         for i, arr in enumerate(data):
             Image.fromarray(arr).save(tmp / f"{i:05d}.png")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
