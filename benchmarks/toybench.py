@@ -1,4 +1,84 @@
-"""Toy-world oracle benchmark (the metric functions live in :mod:`viva_base.data.toyworld.oracle`,
-the lowest layer, because the trainer's evaluation computes them too; see docs/architecture.md)."""
-from viva_base.data.toyworld.oracle import (average_ranks, bootstrap_ci, masked_mean_abs, oracle_scores,  # noqa: F401
-                                            spearman)
+"""Toy-world benchmark: does Edit-GRPO improve the TRUE edit accuracy, across training seeds?
+
+    python -m benchmarks.toybench --out outputs/toy --seeds 0 1 2 [key=value ...]
+
+Runs the toy chain once (data, reward model and SFT editor are shared and cached in ``--out``), then the
+Edit-GRPO stage once per training seed in ``--out/seed-<s>`` (each with its own held-out evaluation and
+report), and writes ``--out/toybench.json`` / ``toybench.md``: per seed the SFT and GRPO oracle and the
+paired delta with its bootstrap interval over prompts, and the mean delta over seeds with its spread.
+
+The oracle metric functions live in :mod:`viva_base.data.toyworld.oracle` (the trainer's evaluation
+computes them too) and are re-exported here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from viva_base.data.toyworld.oracle import (average_ranks, bootstrap_ci, masked_mean_abs,  # noqa: F401
+                                            oracle_scores, spearman)
+from viva_base.recipe import atomic_write_text
+
+SHARED = ("data", "sft", "reward_model")
+
+
+def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
+    from editgrpo.config import GRPOConfig
+    from editgrpo.train import main as train_main
+    from viva_base.recipe import load_recipe
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in seeds:
+        run_dir = out / f"seed-{seed}"
+        run_dir.mkdir(exist_ok=True)
+        for name in SHARED:  # the shared, cached stages of the chain
+            (out / name).mkdir(exist_ok=True)
+            link = run_dir / name
+            if not link.exists():
+                link.symlink_to((out / name).resolve(), target_is_directory=True)
+        if not (run_dir / "report.json").exists():
+            cfg = load_recipe(GRPOConfig, [f"recipe={recipe}", f"output_dir={run_dir}", f"train.seed={seed}",
+                                           "resume=latest", *overrides])
+            train_main(cfg)
+        rep = json.loads((run_dir / "report.json").read_text())
+        rows.append({"seed": seed, "sft": rep["sft"]["oracle"], "grpo": rep["grpo"]["oracle"],
+                     "delta": rep["delta_oracle"]["mean"], "ci95": rep["delta_oracle"]["ci95"],
+                     "reward_sft": rep["sft"].get("reward"), "reward_grpo": rep["grpo"].get("reward"),
+                     "n_prompts": rep["n_prompts"]})
+    deltas = [r["delta"] for r in rows]
+    result = {"seeds": rows, "mean_delta": statistics.fmean(deltas),
+              "std_delta": statistics.stdev(deltas) if len(deltas) > 1 else None,
+              "seeds_improved": sum(d > 0 for d in deltas), "n_seeds": len(deltas)}
+    lines = ["| seed | SFT oracle | GRPO oracle | delta | 95% CI (prompts) | SFT reward | GRPO reward |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['sft']:.4f} | {r['grpo']:.4f} | {r['delta']:+.4f} | "
+                     f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | {r['reward_sft']:.4f} | {r['reward_grpo']:.4f} |")
+    lines.append(f"\nmean delta over {len(rows)} seeds: {result['mean_delta']:+.4f}"
+                 + (f" (std {result['std_delta']:.4f})" if result["std_delta"] is not None else "")
+                 + f"; improved on {result['seeds_improved']}/{len(rows)} seeds")
+    atomic_write_text(out / "toybench.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "toybench.json", json.dumps(result, indent=2))
+    print("\n".join(lines))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="outputs/toybench")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--recipe", default="recipes/toy.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO recipe")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(Path(args.out), args.seeds, args.overrides, args.recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
