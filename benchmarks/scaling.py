@@ -1,0 +1,506 @@
+"""The scaling plan of Edit-GRPO at paper scale, computed from the real model configs (docs/scaling.md).
+
+    python -m benchmarks.scaling                          # writes docs/scaling.md and outputs/scaling.json
+    python -m benchmarks.scaling --perf outputs/perf/perf.json   # + the measured CPU table of benchmarks.perf
+
+Nothing is estimated from rules of thumb where the real code can say it: the models are the library classes
+(diffusers ``HunyuanVideoTransformer3DModel`` widened to 2C input channels as the editor has it, with the
+recipe's LoRA added through ``viva_base.peft_utils.add_lora``; transformers ``LlamaModel`` and
+``CLIPVisionModel``; diffusers ``AutoencoderKLHunyuanVideo``) built on PyTorch's ``meta`` device, so a 13B model
+costs no memory, and run there:
+
+* parameters are counted;
+* FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real forward (and backward) at the
+  real shapes: matmuls, convolutions and attention;
+* activation memory is the bytes autograd saves for backward (``saved_tensors_hooks``), per DiT block, without
+  the attention score matrices (FlashAttention / memory-efficient SDPA on GPUs never stores them; they are
+  reported apart as what naive attention would need). With gradient checkpointing a block keeps only its inputs,
+  plus one block's activations while it is recomputed.
+
+What is assumed (and said in the document): H100-class GPUs (989 dense bf16 TFLOP/s, 80 GB), 40% model FLOPs
+utilisation, rollouts and updates split evenly over the GPUs (data parallel), bf16 weights and activations.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("benchmarks.scaling")
+
+GPU = {"name": "H100 SXM", "bf16_tflops": 989.4, "memory_gb": 80.0}
+MFU = 0.40
+GIB = 2 ** 30
+
+# hunyuanvideo-community/HunyuanVideo transformer/config.json (the diffusers defaults: a test checks they agree);
+# the editor widens the patch embedding to 2 x 16 input channels (viva_base.model.widen_patch_embedding).
+HUNYUAN_DIT_13B = dict(in_channels=32, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+                       num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+                       qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+                       rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+# hunyuanvideo-community/HunyuanVideo vae/config.json (= the diffusers defaults of AutoencoderKLHunyuanVideo)
+HUNYUAN_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                   spatial_compression_ratio=8, temporal_compression_ratio=4)
+# xtuner/llava-llama-3-8b-v1_1-transformers config.json: Llama-3-8B text model + CLIP ViT-L/14-336 vision tower
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128320, max_position_embeddings=8192, rope_theta=500000.0)
+CLIP_L14_336_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=336, patch_size=14)
+# reward models: openai/clip-vit-large-patch14 (clip_if, clip_sp) and PickScore_v1 (CLIP ViT-H/14)
+CLIP_L14_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14)
+CLIP_L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=77)
+CLIP_H14_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14)
+CLIP_H14_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     max_position_embeddings=77)
+
+# Resolutions x frame counts of the plan: HunyuanVideo's 480p / 540p / 720p 16:9 buckets; 33 frames is
+# recipes/viva.yaml's training clip, 129 frames HunyuanVideo's full length (frames 4k + 1).
+SETTINGS = [(480, 848, 33), (480, 848, 65), (544, 960, 65), (720, 1280, 33), (720, 1280, 129)]
+TEXT_TOKENS = 256          # the instructor's max_sequence_length (viva_base.instructor.InstructorConfig)
+VLM_TOKENS = 680           # LLaVA sequence: system prompt + 576 image tokens (336 / 14 = 24^2) + instruction
+REWARD_FRAMES = 8          # frames each reward scores (recipes/viva.yaml: frames: {num: 8})
+
+
+# ---------------------------------------------------------------------------- pure functions
+def latent_grid(frames: int, height: int, width: int, temporal: int = 4, spatial: int = 8) -> tuple[int, int, int]:
+    """The VAE latent grid ``(f, h, w)`` of a ``4k+1``-frame clip: ``f = (F - 1) / 4 + 1``, ``h = H / 8``, ``w = W / 8``."""
+    if (frames - 1) % temporal or height % (2 * spatial) or width % (2 * spatial):
+        raise ValueError(f"{frames} frames of {height}x{width}: frames must be {temporal}k+1 and sides multiples "
+                         f"of {2 * spatial}")
+    return (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def video_tokens(frames: int, height: int, width: int, patch: int = 2) -> int:
+    """DiT video tokens: the latent grid patchified by ``patch x patch`` (time patch 1)."""
+    f, h, w = latent_grid(frames, height, width)
+    return f * (h // patch) * (w // patch)
+
+
+def seconds_at_mfu(flops: float, gpus: int, mfu: float = MFU, peak_tflops: float = GPU["bf16_tflops"]) -> float:
+    """Wall time of ``flops`` spread evenly over ``gpus`` GPUs running at ``mfu`` of their peak."""
+    return flops / (gpus * mfu * peak_tflops * 1e12)
+
+
+def adam_state_bytes(trainable: int, gpus: int, zero: int) -> float:
+    """Per-GPU bytes of the trainable parameters' training state under ZeRO stage ``zero`` (0 = plain DDP):
+    bf16 weights (2 B, partitioned from stage 3), bf16 gradients (2 B, from stage 2), and fp32 master weights
+    plus Adam's two moments (12 B, from stage 1) -- the mixed-precision Adam of the ZeRO paper."""
+    weights = 2 * trainable / (gpus if zero >= 3 else 1)
+    grads = 2 * trainable / (gpus if zero >= 2 else 1)
+    optim = 12 * trainable / (gpus if zero >= 1 else 1)
+    return weights + grads + optim
+
+
+# ---------------------------------------------------------------------------- counting on the meta device
+def count_flops(fn) -> dict[str, float]:
+    """Run ``fn()`` under FlopCounterMode: total FLOPs and the attention part.
+
+    Run on the meta device: there ``scaled_dot_product_attention`` decomposes into two batched matmuls
+    (``Q K^T`` and ``P V``), the only ``bmm`` of these models, so ``attention`` = the ``bmm`` FLOPs (plus any fused
+    attention op). (On CPUs the fused SDPA kernel is not counted by FlopCounterMode at all: count on meta.)
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    total = counter.get_total_flops()
+    attention = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
+                    if "bmm" in str(op) or "scaled_dot_product" in str(op) or "attention" in str(op))
+    return {"total": float(total), "attention": float(attention)}
+
+
+def meta_like(dit: torch.nn.Module) -> torch.nn.Module:
+    """A meta-device copy of a diffusers DiT (same config, same LoRA rank/alpha/targets if it has one)."""
+    from viva_base.peft_utils import add_lora
+
+    with torch.device("meta"):
+        copy = type(dit).from_config(dit.config).to(next(dit.parameters()).dtype)
+        peft = getattr(dit, "peft_config", {}).get("default")
+        if peft is not None:
+            add_lora(copy, rank=peft.r, alpha=peft.lora_alpha, init="gaussian", targets=peft.target_modules)
+    return copy
+
+
+def pass_flops(meta_dit: torch.nn.Module, kwargs: dict, train: bool) -> dict[str, float]:
+    """FLOPs of one recorded DiT call (its kwargs' shapes) on a meta model; ``train`` adds the backward."""
+    kw = {k: (torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v)
+          for k, v in kwargs.items()}
+    if train:
+        return count_flops(lambda: meta_dit(**kw)[0].float().sum().backward())
+    with torch.no_grad():
+        return count_flops(lambda: meta_dit(**kw))
+
+
+@contextlib.contextmanager
+def saved_bytes(module: torch.nn.Module, blocks: list[torch.nn.Module], attention_len: int | None):
+    """Bytes autograd saves for backward during the block, split per entry of ``blocks`` (plus "other"),
+    excluding parameters; a saved ``[..., N, N]`` tensor with ``N = attention_len`` counts as attention scores."""
+    params = {id(p) for p in module.parameters()}
+    current = ["other"]
+    stats = {"per_block": [0] * len(blocks), "other": 0, "attention_scores": 0}
+    keep, seen = [], set()
+
+    def pack(t):
+        if id(t) in params or (t._base is not None and id(t._base) in params) or id(t) in seen:
+            return t
+        seen.add(id(t))
+        keep.append(t)
+        n = t.numel() * t.element_size()
+        if attention_len and t.dim() >= 2 and t.shape[-1] == t.shape[-2] == attention_len:
+            stats["attention_scores"] += n
+            stats.setdefault("score_blocks", set()).add(current[0])
+        elif current[0] == "other":
+            stats["other"] += n
+        else:
+            stats["per_block"][current[0]] += n
+        return t
+
+    hooks = []
+    for i, b in enumerate(blocks):
+        hooks.append(b.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
+        hooks.append(b.register_forward_hook(lambda m, a, o: current.__setitem__(0, "other")))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield stats
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def meta_editor_dit(config: dict, lora_rank: int | None = 64, lora_alpha: int = 128,
+                    dtype: torch.dtype = torch.bfloat16):
+    """The editor's DiT on the meta device (no memory), with the recipe's LoRA on the editor's targets."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from viva_base.model import HUNYUAN_LORA_TARGETS
+    from viva_base.peft_utils import add_lora
+
+    with torch.device("meta"):
+        dit = HunyuanVideoTransformer3DModel(**config).to(dtype)
+        if lora_rank:
+            add_lora(dit, rank=lora_rank, alpha=lora_alpha, init="gaussian", targets=HUNYUAN_LORA_TARGETS)
+    return dit
+
+
+def dit_inputs(config: dict, batch: int, grid: tuple[int, int, int], text_tokens: int, dtype=torch.bfloat16,
+               device="meta") -> dict:
+    f, h, w = grid
+    kw = dict(hidden_states=torch.zeros(batch, config["in_channels"], f, h, w, device=device, dtype=dtype),
+              timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
+              encoder_hidden_states=torch.zeros(batch, text_tokens, config["text_embed_dim"], device=device, dtype=dtype),
+              encoder_attention_mask=torch.ones(batch, text_tokens, device=device, dtype=torch.long),
+              pooled_projections=torch.zeros(batch, config["pooled_projection_dim"], device=device, dtype=dtype),
+              return_dict=False)
+    if config.get("guidance_embeds"):
+        kw["guidance"] = torch.full((batch,), 6000.0, device=device, dtype=dtype)
+    return kw
+
+
+def dit_pass(dit, config: dict, batch: int, grid: tuple[int, int, int], text_tokens: int, *, train: bool) -> dict:
+    """FLOPs of one DiT pass (``train``: forward + backward with the LoRA trainable) and, for ``train``, the
+    activation bytes saved for backward: total, per block, and with gradient checkpointing."""
+    kw = dit_inputs(config, batch, grid, text_tokens, dtype=next(dit.parameters()).dtype,
+                    device=next(dit.parameters()).device)
+    blocks = list(dit.transformer_blocks) + list(dit.single_transformer_blocks)
+    n_tokens = grid[0] * (grid[1] // config["patch_size"]) * (grid[2] // config["patch_size"]) + text_tokens
+    if not train:
+        with torch.no_grad():
+            return {"flops": count_flops(lambda: dit(**kw))}
+    with saved_bytes(dit, blocks, n_tokens) as saved:
+        flops = count_flops(lambda: dit(**kw)[0].float().sum().backward())
+    heads = config["num_attention_heads"]
+    d = heads * config["attention_head_dim"]
+    elt = kw["hidden_states"].element_size()
+    block_inputs = sum(batch * n_tokens * d * elt for _ in blocks)  # what a checkpointed block keeps
+    per_block = list(saved["per_block"])
+    # Where attention ran as explicit matmuls (the meta device), it saved Q, K, V and the scores; a fused kernel
+    # (FlashAttention / memory-efficient SDPA) saves Q, K, V, its output, the row log-sum-exp (fp32) and the
+    # padding mask instead (a test checks this equals what the CPU's fused SDPA saves).
+    for i in saved.get("score_blocks", ()):
+        if i != "other":
+            per_block[i] += batch * n_tokens * d * elt + batch * heads * n_tokens * 4 + batch * n_tokens * 4
+    return {"flops": flops, "activations": {
+        "no_checkpointing": sum(per_block) + saved["other"],
+        "checkpointing": block_inputs + max(per_block) + saved["other"],
+        "per_block_max": max(per_block), "outside_blocks": saved["other"],
+        "attention_scores_if_naive_per_block": saved["attention_scores"] / len(blocks)}}
+
+
+def meta_count(build, fn) -> dict:
+    """Parameters and FLOPs of a module built on the meta device (``fn(model)`` runs it under no_grad)."""
+    with torch.device("meta"):
+        model = build().to(torch.bfloat16)
+    with torch.no_grad():
+        flops = count_flops(lambda: fn(model))
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": flops["total"]}
+
+
+def vlm_cost(batch: int = 2) -> dict:
+    """LLaVA-Llama-3-8B on one prompt (cond + uncond in one batch of 2): vision tower + language model."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaModel
+
+    vision = meta_count(lambda: CLIPVisionModel(CLIPVisionConfig(**CLIP_L14_336_VISION)),
+                        lambda m: m(pixel_values=torch.zeros(batch, 3, 336, 336, device="meta", dtype=torch.bfloat16)))
+    lm = meta_count(lambda: LlamaModel(LlamaConfig(**LLAMA3_8B)),
+                    lambda m: m(inputs_embeds=torch.zeros(batch, VLM_TOKENS, LLAMA3_8B["hidden_size"], device="meta",
+                                                          dtype=torch.bfloat16)))
+    projector = 1024 * 4096 + 4096 * 4096 + 2 * 4096  # LLaVA's 2-layer MLP projector
+    return {"params": vision["params"] + lm["params"] + projector,
+            "flops": vision["flops"] + lm["flops"] + 2 * projector * 576 * batch}
+
+
+def vae_cost(frames: int, height: int, width: int) -> dict:
+    """AutoencoderKLHunyuanVideo: encoding one source clip and decoding one edited clip."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    f, h, w = latent_grid(frames, height, width)
+    enc = meta_count(lambda: AutoencoderKLHunyuanVideo(**HUNYUAN_VAE),
+                     lambda m: m.encode(torch.zeros(1, 3, frames, height, width, device="meta", dtype=torch.bfloat16)))
+    dec = meta_count(lambda: AutoencoderKLHunyuanVideo(**HUNYUAN_VAE),
+                     lambda m: m.decode(torch.zeros(1, 16, f, h, w, device="meta", dtype=torch.bfloat16)))
+    return {"params": enc["params"], "encode_flops": enc["flops"], "decode_flops": dec["flops"]}
+
+
+def reward_cost(frames: int = REWARD_FRAMES) -> dict:
+    """clip_if + clip_sp (CLIP ViT-L/14: edited and source frames, two captions) and PickScore (ViT-H/14) per sample."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    def vision(cfg, n):
+        return meta_count(lambda: CLIPVisionModel(CLIPVisionConfig(**cfg)),
+                          lambda m: m(pixel_values=torch.zeros(n, 3, 224, 224, device="meta", dtype=torch.bfloat16)))
+
+    def text(cfg, n):
+        return meta_count(lambda: CLIPTextModel(CLIPTextConfig(**cfg)),
+                          lambda m: m(input_ids=torch.zeros(n, 77, device="meta", dtype=torch.long)))
+
+    parts = [vision(CLIP_L14_VISION, 2 * frames), text(CLIP_L14_TEXT, 2), vision(CLIP_H14_VISION, frames),
+             text(CLIP_H14_TEXT, 1)]
+    params = parts[0]["params"] + parts[1]["params"] + parts[2]["params"] + parts[3]["params"]
+    return {"params": params, "flops": sum(p["flops"] for p in parts)}
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass
+class Recipe:
+    """The recipe quantities the plan needs (from recipes/viva.yaml)."""
+
+    prompts: int = 16
+    group: int = 8
+    steps: int = 16
+    trained_steps: int = 4
+    train_batch: int = 1
+    rollout_batch: int = 8
+    beta: float = 0.004
+    lora_rank: int = 64
+    lora_alpha: int = 128
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        from editgrpo.config import GRPOConfig
+        from viva_base.recipe import load_recipe
+
+        c = load_recipe(GRPOConfig, [f"recipe={path}"])
+        trained = c.sampling.train_steps or c.sampling.sde_window_size or c.sampling.num_steps - 1
+        return cls(prompts=c.train.prompts_per_iteration, group=c.train.num_generations, steps=c.sampling.num_steps,
+                   trained_steps=trained, train_batch=c.train.train_batch_size or 1,
+                   rollout_batch=c.sampling.rollout_batch_size or c.train.num_generations, beta=c.train.beta,
+                   lora_rank=c.lora.rank, lora_alpha=c.lora.alpha)
+
+
+def plan(recipe: Recipe, settings=SETTINGS, gpus=(8, 32)) -> dict:
+    """Parameters, memory per GPU, FLOPs and iteration times for each resolution x frames setting."""
+    dit = meta_editor_dit(HUNYUAN_DIT_13B, recipe.lora_rank, recipe.lora_alpha)
+    n_dit = sum(p.numel() for p in dit.parameters() if not p.requires_grad)
+    n_lora = sum(p.numel() for p in dit.parameters() if p.requires_grad)
+    vlm = vlm_cost()
+    rewards = reward_cost()
+    d = HUNYUAN_DIT_13B["num_attention_heads"] * HUNYUAN_DIT_13B["attention_head_dim"]
+    rows = []
+    for height, width, frames in settings:
+        grid = latent_grid(frames, height, width)
+        n_vid = video_tokens(frames, height, width)
+        cfg_batch = 2  # CFG: cond and uncond in one forward
+        sample = dit_pass(dit, HUNYUAN_DIT_13B, cfg_batch, grid, TEXT_TOKENS, train=False)
+        train = dit_pass(dit, HUNYUAN_DIT_13B, cfg_batch * recipe.train_batch, grid, TEXT_TOKENS, train=True)
+        vae = vae_cost(frames, height, width)
+        n = recipe.prompts * recipe.group
+        rollout_flops = recipe.steps * sample["flops"]["total"]                     # one sample, all steps, CFG
+        update_flops = recipe.trained_steps * (train["flops"]["total"] / recipe.train_batch
+                                               + (sample["flops"]["total"] if recipe.beta > 0 else 0))  # + KL ref
+        fixed = recipe.prompts * (vlm["flops"] + vae["encode_flops"]) + n * (vae["decode_flops"] + rewards["flops"])
+        iteration = n * (rollout_flops + update_flops) + fixed
+        n_tok = n_vid + TEXT_TOKENS
+        frozen = 2 * (n_dit + vlm["params"] + vae["params"] + rewards["params"] + 123_000_000)  # + CLIP-L text enc.
+        memory = {}
+        for g in gpus:
+            for zero in (0, 2, 3):
+                for ckpt in (False, True):
+                    dit_w = 2 * n_dit / (g if zero >= 3 else 1)
+                    other = frozen - 2 * n_dit
+                    act = train["activations"]["checkpointing" if ckpt else "no_checkpointing"]
+                    state = adam_state_bytes(n_lora, g, zero)
+                    # rollout forwards are transient (no grad): a block's working set at the rollout batch
+                    rollout = 2 * recipe.rollout_batch * n_tok * d * 2 * 10
+                    total = dit_w + other + state + max(act, rollout)
+                    memory[f"{g}gpu_zero{zero}_{'ckpt' if ckpt else 'nockpt'}"] = {
+                        "dit_weights": dit_w, "frozen_other": other, "lora_state": state, "train_activations": act,
+                        "rollout_working_set": rollout, "total": total, "fits_80gb": total <= 0.9 * GPU["memory_gb"] * 1e9}
+        rows.append({
+            "height": height, "width": width, "frames": frames, "latent_grid": grid, "video_tokens": n_vid,
+            "text_tokens": TEXT_TOKENS, "dit_forward_cfg_flops": sample["flops"],
+            "dit_train_step_flops": train["flops"], "activations": train["activations"],
+            "qkv_bytes_per_block": 3 * cfg_batch * n_tok * d * 2,
+            "vae": vae, "rollout_flops_per_sample": rollout_flops, "update_flops_per_sample": update_flops,
+            "fixed_flops_per_iteration": fixed, "iteration_flops": iteration,
+            "iteration_seconds": {g: seconds_at_mfu(iteration, g) for g in gpus}, "memory": memory})
+    return {"gpu": GPU, "mfu": MFU, "recipe": recipe.__dict__, "params": {
+        "dit": n_dit, "lora": n_lora, "vlm": vlm["params"], "rewards": rewards["params"]},
+        "vlm_flops_per_prompt": vlm["flops"], "reward_flops_per_sample": rewards["flops"], "settings": rows}
+
+
+# ---------------------------------------------------------------------------- the document
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.1f}"
+
+
+def _tf(f: float) -> str:
+    return f"{f / 1e12:,.0f}"
+
+
+def render(p: dict, perf: dict | None = None) -> str:
+    r, pr = p["recipe"], p["params"]
+    out = ["# Scaling plan: Edit-GRPO at paper scale",
+           "",
+           "Generated by `python -m benchmarks.scaling` from the real model configs (HunyuanVideo-13B DiT widened to 32 "
+           "input channels with the recipe's LoRA, llava-llama-3-8b, the HunyuanVideo VAE, the reward CLIPs) built on "
+           "PyTorch's meta device: parameters are counted, FLOPs counted by `FlopCounterMode` on the real forward and "
+           "backward, activation memory is what autograd saves (see the module docstring). Do not edit by hand.",
+           "",
+           f"Recipe (`recipes/viva.yaml`): {r['prompts']} prompts x G={r['group']} rollouts per iteration, "
+           f"{r['steps']} sampling steps with CFG batched (batch 2 per sample), {r['trained_steps']} trained steps per "
+           f"rollout (SDE window), train micro-batch {r['train_batch']}, rollout batch {r['rollout_batch']} samples, "
+           f"LoRA r={r['lora_rank']}/alpha={r['lora_alpha']}, KL to the adapter-disabled DiT (beta={r['beta']}: one "
+           f"extra no-grad forward per trained step). GPU: {p['gpu']['name']}, {p['gpu']['bf16_tflops']} dense bf16 "
+           f"TFLOP/s, {p['gpu']['memory_gb']:.0f} GB; times assume {p['mfu']:.0%} MFU and an even data-parallel split.",
+           "",
+           "## Parameters",
+           "",
+           "| model | parameters | bf16 bytes |",
+           "|---|---|---|",
+           f"| DiT (HunyuanVideo-13B, frozen base) | {pr['dit'] / 1e9:.2f} B | {_gb(2 * pr['dit'])} GB |",
+           f"| LoRA r={r['lora_rank']} on self/cross attention (trained) | {pr['lora'] / 1e6:.1f} M | "
+           f"{_gb(2 * pr['lora'])} GB (+ {_gb(14 * pr['lora'])} GB grads, fp32 master, Adam moments) |",
+           f"| VLM instructor (llava-llama-3-8b, frozen) | {pr['vlm'] / 1e9:.2f} B | {_gb(2 * pr['vlm'])} GB |",
+           f"| reward models (CLIP ViT-L/14 + PickScore ViT-H/14) | {pr['rewards'] / 1e9:.2f} B | "
+           f"{_gb(2 * pr['rewards'])} GB |",
+           "",
+           "With LoRA on a frozen base, ZeRO-2 only partitions the LoRA's gradients and optimizer state (a few GB); "
+           "ZeRO-3 is what removes the 25.6 GB of frozen DiT weights from each GPU (it partitions them). The VLM, VAE "
+           "and reward models are replicated on every GPU (they could be offloaded between phases; not done).",
+           "",
+           "## FLOPs and iteration time",
+           "",
+           "| resolution x frames | video tokens | DiT forward, CFG (TFLOP) | attention share | train step fwd+bwd "
+           "(TFLOP) | per rollout (TFLOP) | per update of a sample (TFLOP) | per iteration (PFLOP) | 8 GPUs | 32 GPUs |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in p["settings"]:
+        f = s["dit_forward_cfg_flops"]
+        out.append(f"| {s['height']}x{s['width']} x {s['frames']} | {s['video_tokens']:,} | {_tf(f['total'])} | "
+                   f"{f['attention'] / f['total']:.0%} | {_tf(s['dit_train_step_flops']['total'])} | "
+                   f"{_tf(s['rollout_flops_per_sample'])} | {_tf(s['update_flops_per_sample'])} | "
+                   f"{s['iteration_flops'] / 1e15:,.0f} | {_dur(s['iteration_seconds'][8])} | "
+                   f"{_dur(s['iteration_seconds'][32])} |")
+    out += ["",
+            "A training step with LoRA on a frozen base costs about 2x a forward, not 3x: the backward computes "
+            "gradients of the activations through the frozen weights but no weight gradients except the LoRA's. "
+            "Gradient checkpointing adds one forward per step (not included above: +50% on the update FLOPs). "
+            "Condition encoding (VLM on cond + uncond, VAE encoder) is once per prompt; VAE decoding and the rewards "
+            "once per rollout; together they are under 1% of an iteration at these sizes.",
+            "",
+            "## Memory per GPU (training micro-batch: 1 sample = 2 CFG rows)",
+            "",
+            "Activations are what autograd saves for backward, without attention score matrices (FlashAttention). "
+            "Naive attention would add the score matrix of every block (last column).",
+            "",
+            "| resolution x frames | activations, no checkpointing | with checkpointing | largest block "
+            "| QKV of one block | naive attention scores per block |",
+            "|---|---|---|---|---|---|"]
+    for s in p["settings"]:
+        a = s["activations"]
+        out.append(f"| {s['height']}x{s['width']} x {s['frames']} | {_gb(a['no_checkpointing'])} GB | "
+                   f"{_gb(a['checkpointing'])} GB | {_gb(a['per_block_max'])} GB | {_gb(s['qkv_bytes_per_block'])} GB | "
+                   f"{_gb(a['attention_scores_if_naive_per_block'])} GB |")
+    out += ["",
+            "Total per GPU = DiT weights (partitioned under ZeRO-3) + frozen VLM/VAE/reward weights + LoRA training "
+            "state (ZeRO stage) + the larger of the training activations and the rollout working set (one block at "
+            "the rollout batch, estimated as 10 hidden-size tensors per token). Fits: at most 90% of 80 GB.",
+            "",
+            "| resolution x frames | GPUs | DDP | DDP + ckpt | ZeRO-2 | ZeRO-2 + ckpt | ZeRO-3 | ZeRO-3 + ckpt |",
+            "|---|---|---|---|---|---|---|---|"]
+    for s in p["settings"]:
+        for g in (8, 32):
+            cells = []
+            for zero in (0, 2, 3):
+                for ckpt in ("nockpt", "ckpt"):
+                    m = s["memory"][f"{g}gpu_zero{zero}_{ckpt}"]
+                    cells.append(f"{_gb(m['total'])} GB {'fits' if m['fits_80gb'] else '**no**'}")
+            out.append(f"| {s['height']}x{s['width']} x {s['frames']} | {g} | " + " | ".join(cells) + " |")
+    fits = [f"{s['height']}x{s['width']}x{s['frames']}" for s in p["settings"]
+            if s["memory"]["8gpu_zero3_ckpt"]["fits_80gb"]]
+    out += ["",
+            f"Settings that fit on 8 GPUs with ZeRO-3 and gradient checkpointing: {', '.join(fits) or 'none'}. "
+            "Without checkpointing the saved activations of 60 blocks at 10^4+ tokens exceed 80 GB for every setting "
+            "but the smallest; with it, each block keeps only its input. `recipes/accelerate/zero3.yaml` + "
+            "`model.gradient_checkpointing: true` is the configuration recipes/viva.yaml is written for; "
+            "`zero3_offload.yaml` moves parameters and optimizer state to CPU memory when even that does not fit.",
+            "",
+            "What was not run: nothing here ran on a GPU. On the CPU machines of this project the DeepSpeed path ran "
+            "for real with the tiny editor (ZeRO-2 and ZeRO-3, 2 processes, gloo: tests/test_scale_multiprocess.py); "
+            "bf16 DeepSpeed mode, CPU offload (`zero3_offload.yaml`) and NCCL were validated as configurations only "
+            "(DeepSpeed's config classes, tests/test_scale.py)."]
+    if perf:
+        from .perf import format_passes, format_sweeps, format_table
+
+        out += ["", "## Measured: the trainer on CPU (`python -m benchmarks.perf`)", "",
+                f"Device: {perf['device']}, {perf['torch_threads']} torch threads; a shared machine (other jobs ran "
+                "at the same time), so timings vary by 10-20% between runs.", "", format_table(perf["results"]), ""]
+        for res in perf["results"]:
+            out += ["```", format_passes(res), "```", ""]
+        if perf.get("sweeps"):
+            out += ["How iteration time grows (tiny recipe; exponent k of t ~ x^k, least squares in log-log), next to "
+                    "the exponent of the FLOPs counted on the same passes:", "", format_sweeps(perf["sweeps"]), ""]
+    return "\n".join(out) + "\n"
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="recipes/viva.yaml")
+    ap.add_argument("--perf", default=None, help="a perf.json of benchmarks.perf to include (measured CPU table)")
+    ap.add_argument("--out", default="docs/scaling.md")
+    ap.add_argument("--json", default="outputs/scaling.json")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    p = plan(Recipe.from_yaml(a.recipe))
+    perf = json.loads(Path(a.perf).read_text()) if a.perf else None
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(p, indent=2, default=str))
+    Path(a.out).write_text(render(p, perf))
+    print(f"written {a.out} and {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

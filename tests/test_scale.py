@@ -1,0 +1,215 @@
+"""Scale: the 13B recipe, the DeepSpeed configs (DeepSpeed's own config classes), the scaling plan's counting."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ACC = REPO / "recipes" / "accelerate"
+
+
+# ---------------------------------------------------------------------------- recipes/viva.yaml
+def test_viva_recipe_loads_with_the_paper_values():
+    from editgrpo.config import GRPOConfig
+    from viva_base.recipe import load_recipe
+
+    cfg = load_recipe(GRPOConfig, [f"recipe={REPO / 'recipes' / 'viva.yaml'}"])
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (64, 128, "gaussian")
+    assert cfg.sampling.guidance_scale == 2.0 and cfg.sampling.method == "flow_sde"
+    assert set(cfg.rewards) == {"clip_if", "clip_sp", "pickscore"}
+    assert cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing and cfg.train.mixed_precision == "bf16"
+    frames, (h, w) = cfg.data.frames, cfg.data.size
+    assert (frames - 1) % 4 == 0 and h % 16 == 0 and w % 16 == 0  # what the Hunyuan VAE and patching need
+
+
+def test_every_viva_recipe_value_names_its_source():
+    """Each leaf value of recipes/viva.yaml carries [paper], [Flow-GRPO] or [ours] in its comment."""
+    text = (REPO / "recipes" / "viva.yaml").read_text().splitlines()
+    leaves = [ln for ln in text if re.match(r"^\s*[a-z_0-9]+:\s*\S", ln) and not ln.strip().startswith("#")]
+    assert len(leaves) > 30
+    unsourced = [ln for ln in leaves if not re.search(r"#.*\[(paper|Flow-GRPO|ours)\]", ln)]
+    assert not unsourced, unsourced
+
+
+# ---------------------------------------------------------------------------- DeepSpeed configs
+def _filled(stage_file: str, world: int, micro: int, accumulation: int, bf16: bool) -> dict:
+    """A ds_*.json with its "auto" keys filled as the trainer (and accelerate, for bf16) fill them."""
+    from editgrpo.train import _configure_deepspeed
+
+    ds = json.loads((ACC / f"ds_{stage_file}.json").read_text())
+    fake = SimpleNamespace(num_processes=world, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+    _configure_deepspeed(fake, micro_batch=micro, accumulation=accumulation, clip=1.0)
+    assert ds["bf16"]["enabled"] == "auto"
+    ds["bf16"]["enabled"] = bf16  # accelerate: from the recipe's train.mixed_precision
+    return ds
+
+
+@pytest.mark.parametrize("stage_file,stage,offload", [("zero2", 2, None), ("zero3", 3, None),
+                                                      ("zero3_offload", 3, "cpu")])
+def test_deepspeed_configs_pass_deepspeeds_own_validation(stage_file, stage, offload, monkeypatch):
+    """The configs as the 13B recipe uses them on 8 GPUs (bf16, micro-batch 1, 8 backward passes per update)."""
+    import deepspeed.runtime.config as dsc
+
+    monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    mpu = SimpleNamespace(get_data_parallel_world_size=lambda: 8)
+    cfg = dsc.DeepSpeedConfig(_filled(stage_file, world=8, micro=1, accumulation=8, bf16=True), mpu=mpu)
+    assert cfg.world_size == 8
+    assert cfg.train_batch_size == 1 * 8 * 8 and cfg.gradient_accumulation_steps == 8
+    assert cfg.zero_optimization_stage == stage and cfg.bfloat16_config.enabled and not cfg.float16_config.enabled
+    assert cfg.gradient_clipping == 1.0 and cfg.zero_allow_untested_optimizer
+    zero = cfg.zero_config
+    assert (zero.offload_param.device if zero.offload_param else None) in (offload, "none", None)
+    if offload:
+        assert zero.offload_param.device == offload and zero.offload_optimizer.device == offload
+        assert cfg.zero_force_ds_cpu_optimizer is False  # the trainer's torch AdamW is allowed with offload
+    else:
+        assert zero.offload_param is None or zero.offload_param.device == "none"
+
+
+def test_deepspeed_auto_keys_must_agree_with_the_recipe():
+    from editgrpo.train import _configure_deepspeed
+    from viva_base.errors import UserError
+
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto"}
+    fake = SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=4 but this recipe needs 2"):
+        _configure_deepspeed(fake, micro_batch=2, accumulation=3, clip=1.0)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload", "multi_gpu"])
+def test_accelerate_configs_load_with_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ACC / f"{name}.yaml"))
+    if name == "multi_gpu":
+        assert str(cfg.distributed_type).endswith("MULTI_GPU")
+        return
+    assert str(cfg.distributed_type).endswith("DEEPSPEED")
+    ds_file = REPO / cfg.deepspeed_config["deepspeed_config_file"]
+    assert ds_file.is_file() and ds_file.name == f"ds_{name}.json"
+
+
+def test_backward_passes_per_update_match_the_update_loop():
+    """DeepSpeed's gradient accumulation = micro-batches x trained steps, what the trainer's loop runs."""
+    from editgrpo.config import GRPOConfig
+    from editgrpo.train import _backward_passes, choose_steps
+    from editgrpo.sampling import sigma_schedule
+    from viva_base.errors import UserError
+    from viva_base.recipe import load_recipe
+
+    cfg = load_recipe(GRPOConfig, [f"recipe={REPO / 'recipes' / 'toy.yaml'}"])
+    n_local, train_bs = 32 // 2, 4  # 2 processes, micro-batches of 4
+    mb = math.ceil(n_local / cfg.train.minibatches_per_iteration)
+    for it in range(3):
+        steps = choose_steps(cfg, sigma_schedule(cfg.sampling.num_steps, 7.0), it)[1]
+        assert _backward_passes(cfg, n_local, train_bs) == math.ceil(mb / train_bs) * len(steps)
+    n_steps = len(choose_steps(cfg, sigma_schedule(cfg.sampling.num_steps), 0)[1])
+    assert _backward_passes(cfg, 10, 4) == 2 * n_steps  # minibatches of 5 and 5: 2 micro-batches each
+    with pytest.raises(UserError, match="same number of micro-batches"):
+        _backward_passes(cfg, 9, 4)  # minibatches of 5 and 4: 2 and 1 micro-batches
+
+
+# ---------------------------------------------------------------------------- the scaling plan's counting
+def test_real_configs_match_the_library_defaults():
+    """The 13B DiT and VAE configs in the plan are the diffusers defaults (= the hub configs), widened to 2C."""
+    import inspect
+
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+    from benchmarks.scaling import HUNYUAN_DIT_13B, HUNYUAN_VAE
+
+    dit = {k: v.default for k, v in inspect.signature(HunyuanVideoTransformer3DModel.__init__).parameters.items()}
+    for k, v in HUNYUAN_DIT_13B.items():
+        assert (2 * dit["in_channels"] if k == "in_channels" else dit[k]) == v, k
+    vae = {k: v.default for k, v in inspect.signature(AutoencoderKLHunyuanVideo.__init__).parameters.items()}
+    assert all(vae[k] == v for k, v in HUNYUAN_VAE.items())
+
+
+def test_token_counts_and_time_formula():
+    from benchmarks.scaling import latent_grid, seconds_at_mfu, video_tokens
+
+    assert latent_grid(33, 480, 848) == (9, 60, 106)
+    assert video_tokens(33, 480, 848) == 9 * 30 * 53
+    assert video_tokens(129, 720, 1280) == 33 * 45 * 80
+    with pytest.raises(ValueError, match="4k\\+1"):
+        latent_grid(32, 480, 848)
+    assert seconds_at_mfu(8 * 0.4 * 989.4e12 * 10, 8) == pytest.approx(10.0)
+
+
+def test_adam_state_bytes_per_zero_stage():
+    from benchmarks.scaling import adam_state_bytes
+
+    p, n = 1000, 8
+    assert adam_state_bytes(p, n, 0) == 16 * p
+    assert adam_state_bytes(p, n, 2) == 2 * p + (2 + 12) * p / n
+    assert adam_state_bytes(p, n, 3) == 16 * p / n
+
+
+TINY = dict(in_channels=24, out_channels=12, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+            num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=False,
+            text_embed_dim=64, pooled_projection_dim=32, rope_axes_dim=(8, 12, 12))
+
+
+def test_flops_on_meta_equal_a_real_cpu_forward_plus_attention():
+    """Meta-device counting = the real model's matmuls (counted on CPU, where fused SDPA is invisible to the
+    counter) + exactly 4 B N^2 d per block of attention (N = video + text tokens)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from benchmarks.scaling import count_flops, dit_inputs
+
+    b, grid, text = 2, (5, 16, 16), 20
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = HunyuanVideoTransformer3DModel(**TINY)
+    real = HunyuanVideoTransformer3DModel(**TINY)
+    with torch.no_grad():
+        on_meta = count_flops(lambda: meta(**dit_inputs(TINY, b, grid, text, torch.float32, "meta")))
+        on_cpu = count_flops(lambda: real(**dit_inputs(TINY, b, grid, text, torch.float32, "cpu")))
+    n = grid[0] * (grid[1] // 2) * (grid[2] // 2) + text
+    d = TINY["num_attention_heads"] * TINY["attention_head_dim"]
+    blocks = TINY["num_layers"] + TINY["num_single_layers"]
+    refiner = TINY["num_refiner_layers"] * 4 * b * text ** 2 * d  # the token refiner attends over the text only
+    assert on_meta["attention"] == blocks * 4 * b * n ** 2 * d + refiner
+    assert on_meta["total"] - on_meta["attention"] == on_cpu["total"]
+
+
+def test_saved_activations_are_the_same_on_meta_and_cpu_and_affine_in_batch():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from benchmarks.scaling import dit_pass, meta_like
+    from viva_base.peft_utils import add_lora
+
+    torch.manual_seed(0)
+    real = HunyuanVideoTransformer3DModel(**TINY)
+    add_lora(real, rank=4, alpha=8, targets=r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)")
+    meta = meta_like(real)
+    grid = (3, 8, 8)
+    a_cpu = dit_pass(real, TINY, 2, grid, 10, train=True)["activations"]
+    a_meta = dit_pass(meta, TINY, 2, grid, 10, train=True)["activations"]
+    a_meta1 = dit_pass(meta, TINY, 1, grid, 10, train=True)["activations"]
+    a_meta4 = dit_pass(meta, TINY, 4, grid, 10, train=True)["activations"]
+    assert a_cpu["no_checkpointing"] > 0
+    for k in ("no_checkpointing", "checkpointing", "per_block_max"):
+        assert a_meta[k] == a_cpu[k], k
+        # affine in the batch (RoPE tables are shared by the batch)
+        assert a_meta4[k] - a_meta[k] == 2 * (a_meta[k] - a_meta1[k]) > 0, k
+    assert a_meta["checkpointing"] < a_meta["no_checkpointing"]
+
+
+def test_13b_editor_dit_on_meta_has_13b_parameters_and_the_paper_lora():
+    from benchmarks.scaling import HUNYUAN_DIT_13B, meta_editor_dit
+
+    dit = meta_editor_dit(HUNYUAN_DIT_13B, lora_rank=64, lora_alpha=128)
+    frozen = sum(p.numel() for p in dit.parameters() if not p.requires_grad)
+    lora = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
+    assert 12.5e9 < frozen < 13.5e9
+    d = 3072
+    # dual-stream blocks: 8 projections (to_q/k/v/out, add_q/k/v, to_add_out); single-stream: to_q/k/v
+    assert sum(p.numel() for _, p in lora) == 64 * 2 * d * (20 * 8 + 40 * 3)
+    assert all("lora_" in n for n, _ in lora)
