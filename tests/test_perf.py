@@ -1,0 +1,55 @@
+"""benchmarks.perf: the floor accounting records exactly the passes an Edit-GRPO iteration runs (no timing asserts)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+
+def test_fit_power_law_recovers_the_exponent():
+    from benchmarks.perf import fit_power_law
+
+    xs = [2, 4, 8, 16]
+    assert fit_power_law(xs, [3.0 * x ** 1.7 for x in xs]) == pytest.approx(1.7, abs=1e-12)
+    with pytest.raises(ValueError, match="two different x"):
+        fit_power_law([3, 3], [1, 2])
+
+
+def test_floor_is_calls_times_seconds():
+    from benchmarks.perf import floor_seconds
+
+    assert floor_seconds({"a": 3, "b": 2}, {"a": 0.5, "b": 0.25, "c": 9.0}) == 2.0
+    with pytest.raises(KeyError, match="no timing"):
+        floor_seconds({"d": 1}, {"a": 1.0})
+
+
+def test_a_real_iteration_runs_the_minimal_passes(tmp_path):
+    """One tiny iteration, recorded: CFG in one forward (batch 2 x rollout batch), rollouts batched over the group,
+    each prompt's condition built once, one reference (KL) forward per trained forward; FLOPs counted per pass."""
+    from benchmarks.perf import CASES, run_case
+
+    P, G, steps = 2, 2, 3
+    r = run_case("tiny", [*CASES["tiny"], f"train.prompts_per_iteration={P}", f"train.num_generations={G}",
+                          f"sampling.num_steps={steps}", "sampling.sde_window_size=1", "data.toy_prompts=4"],
+                 iterations=2, reps=1, workdir=tmp_path)
+    calls = r["pass_calls_per_iteration"]
+    n, rollout_bs = P * G, G                       # 1 process; rollout batch = a whole group
+    grid = "9x16x16"                               # 9 frames of 32x32 -> pixel VAE (x2) -> 16x16 latents
+    assert calls == {
+        f"conditions[prompts={P}]": 1,
+        f"dit_sample[b={2 * rollout_bs},{grid}]": steps * math.ceil(n / rollout_bs),
+        f"dit_train[b={2 * rollout_bs},{grid}]": math.ceil(n / rollout_bs) * 1,   # 1 trained step (window 1)
+        f"dit_sample_ref[b={2 * rollout_bs},{grid}]": math.ceil(n / rollout_bs) * 1,
+        f"decode[b={rollout_bs}]": math.ceil(n / rollout_bs),
+        f"rewards[b={n}]": 1,
+    }
+    assert r["calls_per_iteration"]["instructor"] == P and r["calls_per_iteration"]["vae_encode"] == P
+    assert r["calls_ok"]
+    assert r["floor_seconds"] > 0 and r["iteration_seconds"] > 0 and r["peak_memory_bytes"] >= 0
+    f = r["pass_flops"]
+    sample, train = f[f"dit_sample[b={2 * rollout_bs},{grid}]"], f[f"dit_train[b={2 * rollout_bs},{grid}]"]
+    ref = f[f"dit_sample_ref[b={2 * rollout_bs},{grid}]"]
+    assert 0 < sample["attention"] < sample["total"]
+    assert ref["total"] < sample["total"]          # the adapter-disabled forward skips the LoRA matmuls
+    assert 2 * sample["total"] < train["total"] < 4 * sample["total"]  # forward + backward
+    assert r["dit_flops_per_iteration"]["total"] == sum(n_ * f[k]["total"] for k, n_ in calls.items() if k in f)
