@@ -178,6 +178,9 @@ def main(cfg: GRPOConfig) -> Path:
     zero = _deepspeed_stage(accelerator)
     n_back_ds = _backward_passes(cfg, n_local, train_bs) if zero is not None else 1
     if zero == 3:
+        if cfg.eval.manifest:
+            raise UserError("held-out evaluation runs on the main process only, and under ZeRO-3 every forward "
+                            "gathers parameters from all processes: set eval.manifest=null, or use ZeRO-2")
         _no_zero_init()
     if zero is not None:
         _configure_deepspeed(accelerator, micro_batch=train_bs, accumulation=n_back_ds, clip=tc.max_grad_norm)
