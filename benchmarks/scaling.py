@@ -68,6 +68,7 @@ SETTINGS = [(480, 848, 33), (480, 848, 65), (544, 960, 65), (720, 1280, 33), (72
 TEXT_TOKENS = 256          # the instructor's max_sequence_length (viva_base.instructor.InstructorConfig)
 VLM_TOKENS = 680           # LLaVA sequence: system prompt + 576 image tokens (336 / 14 = 24^2) + instruction
 REWARD_FRAMES = 8          # frames each reward scores (recipes/viva.yaml: frames: {num: 8})
+ZERO3_LIVE_PARAMS = int(1e9)  # recipes/accelerate/ds_zero3*.json: stage3_max_live_parameters (bf16 while gathered)
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -232,7 +233,7 @@ def dit_pass(dit, config: dict, batch: int, grid: tuple[int, int, int], text_tok
         "no_checkpointing": sum(per_block) + saved["other"],
         "checkpointing": block_inputs + max(per_block) + saved["other"],
         "per_block_max": max(per_block), "outside_blocks": saved["other"],
-        "attention_scores_if_naive_per_block": saved["attention_scores"] / len(blocks)}}
+        "attention_scores_saved_on_meta_per_block": saved["attention_scores"] / len(blocks)}}
 
 
 def meta_count(build, fn) -> dict:
@@ -254,7 +255,8 @@ def vlm_cost(batch: int = 2) -> dict:
                     lambda m: m(inputs_embeds=torch.zeros(batch, VLM_TOKENS, LLAMA3_8B["hidden_size"], device="meta",
                                                           dtype=torch.bfloat16)))
     projector = 1024 * 4096 + 4096 * 4096 + 2 * 4096  # LLaVA's 2-layer MLP projector
-    return {"params": vision["params"] + lm["params"] + projector,
+    lm_head = LLAMA3_8B["vocab_size"] * LLAMA3_8B["hidden_size"]  # loaded with the checkpoint, unused (hidden states)
+    return {"params": vision["params"] + lm["params"] + projector + lm_head,
             "flops": vision["flops"] + lm["flops"] + 2 * projector * 576 * batch}
 
 
@@ -336,8 +338,10 @@ def plan(recipe: Recipe, settings=SETTINGS, gpus=(8, 32)) -> dict:
         rollout_flops = recipe.steps * sample["flops"]["total"]                     # one sample, all steps, CFG
         update_flops = recipe.trained_steps * (train["flops"]["total"] / recipe.train_batch
                                                + (sample["flops"]["total"] if recipe.beta > 0 else 0))  # + KL ref
+        recompute = recipe.trained_steps * sample["flops"]["total"]  # gradient checkpointing: one more forward
         fixed = recipe.prompts * (vlm["flops"] + vae["encode_flops"]) + n * (vae["decode_flops"] + rewards["flops"])
         iteration = n * (rollout_flops + update_flops) + fixed
+        iteration_ckpt = iteration + n * recompute
         n_tok = n_vid + TEXT_TOKENS
         frozen = 2 * (n_dit + vlm["params"] + vae["params"] + rewards["params"] + 123_000_000)  # + CLIP-L text enc.
         memory = {}
@@ -348,6 +352,8 @@ def plan(recipe: Recipe, settings=SETTINGS, gpus=(8, 32)) -> dict:
                     other = frozen - 2 * n_dit
                     act = train["activations"]["checkpointing" if ckpt else "no_checkpointing"]
                     state = adam_state_bytes(n_lora, g, zero)
+                    if zero >= 3:  # parameters gathered for the blocks in flight (stage3_max_live_parameters)
+                        state += 2 * ZERO3_LIVE_PARAMS
                     # rollout forwards are transient (no grad): a block's working set at the rollout batch
                     rollout = 2 * recipe.rollout_batch * n_tok * d * 2 * 10
                     total = dit_w + other + state + max(act, rollout)
@@ -359,9 +365,11 @@ def plan(recipe: Recipe, settings=SETTINGS, gpus=(8, 32)) -> dict:
             "text_tokens": TEXT_TOKENS, "dit_forward_cfg_flops": sample["flops"],
             "dit_train_step_flops": train["flops"], "activations": train["activations"],
             "qkv_bytes_per_block": 3 * cfg_batch * n_tok * d * 2,
+            "score_matrix_bytes_per_block": cfg_batch * HUNYUAN_DIT_13B["num_attention_heads"] * n_tok ** 2 * 2,
             "vae": vae, "rollout_flops_per_sample": rollout_flops, "update_flops_per_sample": update_flops,
-            "fixed_flops_per_iteration": fixed, "iteration_flops": iteration,
-            "iteration_seconds": {g: seconds_at_mfu(iteration, g) for g in gpus}, "memory": memory})
+            "fixed_flops_per_iteration": fixed, "iteration_flops": iteration, "iteration_flops_ckpt": iteration_ckpt,
+            "iteration_seconds": {g: seconds_at_mfu(iteration, g) for g in gpus},
+            "iteration_seconds_ckpt": {g: seconds_at_mfu(iteration_ckpt, g) for g in gpus}, "memory": memory})
     return {"gpu": GPU, "mfu": MFU, "recipe": recipe.__dict__, "params": {
         "dit": n_dit, "lora": n_lora, "vlm": vlm["params"], "rewards": rewards["params"]},
         "vlm_flops_per_prompt": vlm["flops"], "reward_flops_per_sample": rewards["flops"], "settings": rows}
@@ -410,26 +418,32 @@ def render(p: dict, perf: dict | None = None) -> str:
            "## FLOPs and iteration time",
            "",
            "| resolution x frames | video tokens | DiT forward, CFG (TFLOP) | attention share | train step fwd+bwd "
-           "(TFLOP) | per rollout (TFLOP) | per update of a sample (TFLOP) | per iteration (PFLOP) | 8 GPUs | 32 GPUs |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "(TFLOP) | per rollout (TFLOP) | per update of a sample (TFLOP) | per iteration (PFLOP) | + checkpointing "
+           "| 8 GPUs | 32 GPUs |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in p["settings"]:
         f = s["dit_forward_cfg_flops"]
         out.append(f"| {s['height']}x{s['width']} x {s['frames']} | {s['video_tokens']:,} | {_tf(f['total'])} | "
                    f"{f['attention'] / f['total']:.0%} | {_tf(s['dit_train_step_flops']['total'])} | "
                    f"{_tf(s['rollout_flops_per_sample'])} | {_tf(s['update_flops_per_sample'])} | "
-                   f"{s['iteration_flops'] / 1e15:,.0f} | {_dur(s['iteration_seconds'][8])} | "
-                   f"{_dur(s['iteration_seconds'][32])} |")
+                   f"{s['iteration_flops'] / 1e15:,.0f} | {s['iteration_flops_ckpt'] / 1e15:,.0f} | "
+                   f"{_dur(s['iteration_seconds_ckpt'][8])} | {_dur(s['iteration_seconds_ckpt'][32])} |")
+    ratios = [s["dit_train_step_flops"]["total"] / s["dit_forward_cfg_flops"]["total"] for s in p["settings"]]
+    fixed = [s["fixed_flops_per_iteration"] / s["iteration_flops"] for s in p["settings"]]
     out += ["",
-            "A training step with LoRA on a frozen base costs about 2x a forward, not 3x: the backward computes "
-            "gradients of the activations through the frozen weights but no weight gradients except the LoRA's. "
-            "Gradient checkpointing adds one forward per step (not included above: +50% on the update FLOPs). "
-            "Condition encoding (VLM on cond + uncond, VAE encoder) is once per prompt; VAE decoding and the rewards "
-            "once per rollout; together they are under 1% of an iteration at these sizes.",
+            "Times are for the configuration that fits in memory (gradient checkpointing on; see below). A training "
+            f"step with LoRA on a frozen base costs {min(ratios):.1f}-{max(ratios):.1f}x a forward (counted), not 3x: "
+            "the backward computes the gradients of the activations through the frozen weights (and of attention, "
+            "about twice its forward) but no weight gradients except the LoRA's. Gradient checkpointing adds one "
+            "forward per trained step. Condition encoding (VLM on cond + uncond, VAE encoder) runs once per prompt, "
+            f"VAE decoding and the rewards once per rollout: together {min(fixed):.1%}-{max(fixed):.1%} of an "
+            "iteration. Attention's share of the DiT FLOPs grows with the tokens (quadratic against linear).",
             "",
             "## Memory per GPU (training micro-batch: 1 sample = 2 CFG rows)",
             "",
             "Activations are what autograd saves for backward, without attention score matrices (FlashAttention). "
-            "Naive attention would add the score matrix of every block (last column).",
+            "Naive attention would also keep every block's bf16 score matrix, 2 x heads x N^2 x 2 bytes (last "
+            "column): FlashAttention (or PyTorch's memory-efficient SDPA) is required at these lengths.",
             "",
             "| resolution x frames | activations, no checkpointing | with checkpointing | largest block "
             "| QKV of one block | naive attention scores per block |",
@@ -438,11 +452,13 @@ def render(p: dict, perf: dict | None = None) -> str:
         a = s["activations"]
         out.append(f"| {s['height']}x{s['width']} x {s['frames']} | {_gb(a['no_checkpointing'])} GB | "
                    f"{_gb(a['checkpointing'])} GB | {_gb(a['per_block_max'])} GB | {_gb(s['qkv_bytes_per_block'])} GB | "
-                   f"{_gb(a['attention_scores_if_naive_per_block'])} GB |")
+                   f"{_gb(s['score_matrix_bytes_per_block'])} GB |")
     out += ["",
-            "Total per GPU = DiT weights (partitioned under ZeRO-3) + frozen VLM/VAE/reward weights + LoRA training "
-            "state (ZeRO stage) + the larger of the training activations and the rollout working set (one block at "
-            "the rollout batch, estimated as 10 hidden-size tensors per token). Fits: at most 90% of 80 GB.",
+            "Total per GPU = DiT weights (partitioned under ZeRO-3, plus up to 1e9 gathered parameters in flight, "
+            "`stage3_max_live_parameters`) + frozen VLM/VAE/reward weights + LoRA training state (ZeRO stage) + the "
+            "larger of the training activations and the rollout working set (one block at the rollout batch of "
+            f"{p['recipe']['rollout_batch']} samples x 2 CFG rows, estimated as 10 hidden-size tensors per token: the "
+            "one number here that is an estimate, not a count). Fits: at most 90% of 80 GB.",
             "",
             "| resolution x frames | GPUs | DDP | DDP + ckpt | ZeRO-2 | ZeRO-2 + ckpt | ZeRO-3 | ZeRO-3 + ckpt |",
             "|---|---|---|---|---|---|---|---|"]
@@ -461,7 +477,10 @@ def render(p: dict, perf: dict | None = None) -> str:
             "Without checkpointing the saved activations of 60 blocks at 10^4+ tokens exceed 80 GB for every setting "
             "but the smallest; with it, each block keeps only its input. `recipes/accelerate/zero3.yaml` + "
             "`model.gradient_checkpointing: true` is the configuration recipes/viva.yaml is written for; "
-            "`zero3_offload.yaml` moves parameters and optimizer state to CPU memory when even that does not fit.",
+            "`zero3_offload.yaml` moves parameters and optimizer state to CPU memory when even that does not fit. "
+            "At 720p x 129 frames (119k tokens) even the checkpointed block inputs (60 blocks x 2 CFG rows x N x "
+            "3072 x 2 bytes) exceed a GPU: that length needs sequence parallelism (splitting the tokens of a sample "
+            "over GPUs), which this project does not implement.",
             "",
             "What was not run: nothing here ran on a GPU. On the CPU machines of this project the DeepSpeed path ran "
             "for real with the tiny editor (ZeRO-2 and ZeRO-3, 2 processes, gloo: tests/test_scale_multiprocess.py); "
