@@ -7,10 +7,11 @@
 What is measured (all through the real trainer, ``editgrpo.train.main``, in this process):
 
 * **iteration wall time**: the time between two consecutive ``metrics.jsonl`` rows (everything an iteration
-  does), the median over the iterations after the first (the first loads the reward models);
+  does), the minimum over the iterations after the first (the first loads the reward models);
 * **floor**: the model passes that iteration had to run, *recorded while it ran* (every DiT forward with its
   batch, grad mode and adapter state; the condition encoders; the decoder; the reward models), each kind then
-  replayed alone on the captured inputs, timed (median of ``--reps``), and summed over the iteration's calls.
+  replayed alone on the captured inputs, timed (minimum of ``--reps``), and summed over the iteration's calls.
+  Minima on both sides: on a shared machine the least-disturbed run is the one that measures the code.
   A training forward is replayed as forward + backward. The optimizer step is not a model pass: it counts as
   overhead. ``overhead = wall / floor`` (target: at most 1.15);
 * **calls**: prompts seen by the VLM instructor and the VAE encoder per iteration (``editor.calls``); they must
@@ -30,7 +31,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -179,7 +179,7 @@ def _replay(editor, reward_fn, entry) -> None:
 
 
 def time_passes(editor, reward_fn, inputs: dict[str, tuple], reps: int) -> dict[str, float]:
-    """Median seconds of each recorded pass kind, replayed alone (after one warm-up run)."""
+    """Seconds of each recorded pass kind replayed alone: the minimum of ``reps`` runs after one warm-up."""
     out = {}
     for kind, entry in inputs.items():
         _replay(editor, reward_fn, entry)
@@ -190,7 +190,7 @@ def time_passes(editor, reward_fn, inputs: dict[str, tuple], reps: int) -> dict[
             _replay(editor, reward_fn, entry)
             _sync()
             times.append(time.perf_counter() - t)
-        out[kind] = statistics.median(times)
+        out[kind] = min(times)
     editor.transformer.zero_grad(set_to_none=True)
     return out
 
@@ -353,18 +353,18 @@ def run_case(name: str, overrides: list[str], *, iterations: int, reps: int, wor
     steady = list(range(1, len(stamps)))  # iterations 2.. (wall known, reward models loaded)
     if not steady:
         raise ValueError("run at least 2 iterations (the first one loads the reward models)")
-    wall = statistics.median(walls[i - 1] for i in steady)
-    floor = statistics.median(floors[i] for i in steady)
+    best = min(steady, key=lambda i: walls[i - 1] / floors[i])  # = min wall: the floor is the same every iteration
+    wall, floor = walls[best - 1], floors[best]
     return {
         "case": name, "iterations": iterations, "overrides": overrides,
         "prompts_per_iteration": tc.prompts_per_iteration, "num_generations": tc.num_generations,
         "num_steps": cfg.sampling.num_steps, "frames": cfg.data.toy_frames, "size": cfg.data.toy_size,
         "iteration_seconds": wall, "floor_seconds": floor, "overhead": wall / floor,
         "iteration_seconds_all": walls, "floor_seconds_all": floors[1:len(stamps)],
-        "pass_calls_per_iteration": per_it[steady[0]], "pass_seconds": seconds, "pass_flops": flops,
-        "dit_flops_per_iteration": {k: sum(n * flops[kind][k] for kind, n in per_it[steady[0]].items() if kind in flops)
+        "pass_calls_per_iteration": per_it[best], "pass_seconds": seconds, "pass_flops": flops,
+        "dit_flops_per_iteration": {k: sum(n * flops[kind][k] for kind, n in per_it[best].items() if kind in flops)
                                     for k in ("total", "attention")},
-        "phase_seconds": phases[steady[0]],
+        "phase_seconds": phases[best],
         "calls_per_iteration": calls,
         "calls_ok": calls["instructor"] == tc.prompts_per_iteration and calls["vae_encode"] == tc.prompts_per_iteration,
         "peak_memory_bytes": mem.peak - mem.start, "memory_kind": mem.kind, "total_seconds": time.perf_counter() - t0,

@@ -376,6 +376,37 @@ def plan(recipe: Recipe, settings=SETTINGS, gpus=(8, 32)) -> dict:
 
 
 # ---------------------------------------------------------------------------- the document
+RUNNING = """## Running on many processes
+
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m editgrpo.train recipe=...   # DDP
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m editgrpo.train recipe=recipes/viva.yaml
+    torchrun --nproc_per_node 2 -m editgrpo.train recipe=recipes/tiny.yaml      # CPUs: gloo, found by itself
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m viva_base.sft recipe=recipes/sft_tiny.yaml
+
+What makes N processes train exactly like one (tests/test_scale_multiprocess.py checks it to 1e-5, 1 against 2
+processes, including a group split between processes):
+
+* the `P x G` samples of an iteration are numbered globally and split contiguously over the processes; every
+  sample's noise comes from its own generator seeded by `(seed, iteration, global sample index)`;
+* each process builds the conditions of its own prompts once (a prompt whose group is split is encoded by both);
+* rewards and group ids are gathered before the advantages (`editgrpo.grpo.gather_for_advantages`), so a group
+  split over processes is normalised over all its members;
+* each backward pass is weighted by `valid samples / valid samples of the minibatch on all processes x world`, so
+  the averaged gradients (DDP or DeepSpeed) are the mean over the global minibatch.
+
+DeepSpeed (`recipes/accelerate/zero{2,3,3_offload}.yaml` + `ds_*.json`): the trainer fills the configs' "auto"
+batch keys (micro-batch = `train.train_batch_size`, gradient accumulation = micro-batches x trained steps of an
+update, clipping = `train.max_grad_norm`); the engine steps the optimizer at the last backward pass of each update.
+A checkpoint keeps the usual files (LoRA, scheduler, state) plus `deepspeed/` with every rank's ZeRO partition of
+the optimizer state (`engine.save_checkpoint`), and resumes from it exactly. Under ZeRO-3 only the DiT is
+partitioned (the VLM, VAE and reward models are built whole), the LoRA is gathered for saving, held-out evaluation is
+refused (it runs on one process), and every process must run the same number of DiT forwards (a batch that mixes
+prompts with and without a reference image runs two forwards: keep the reference images uniform per iteration).
+On CPUs, ZeRO-2 and ZeRO-3 ran for real (2 processes, gloo, the tiny editor). Not run anywhere: bf16 under
+DeepSpeed, CPU offload, NCCL, multi-node; these are checked as configurations by DeepSpeed's own config classes.
+"""
+
+
 def _gb(b: float) -> str:
     return f"{b / 1e9:.1f}"
 
@@ -399,6 +430,8 @@ def render(p: dict, perf: dict | None = None) -> str:
            f"LoRA r={r['lora_rank']}/alpha={r['lora_alpha']}, KL to the adapter-disabled DiT (beta={r['beta']}: one "
            f"extra no-grad forward per trained step). GPU: {p['gpu']['name']}, {p['gpu']['bf16_tflops']} dense bf16 "
            f"TFLOP/s, {p['gpu']['memory_gb']:.0f} GB; times assume {p['mfu']:.0%} MFU and an even data-parallel split.",
+           "",
+           RUNNING,
            "",
            "## Parameters",
            "",
