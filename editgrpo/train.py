@@ -16,12 +16,10 @@ Outputs: ``output_dir/checkpoint-<it>/`` (LoRA in diffusers + peft formats, opti
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from contextlib import nullcontext
-import os
 import time
+from contextlib import nullcontext
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,9 +31,11 @@ from viva_base.errors import UserError
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
 from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init_trackers, load_checkpoint,
-                                make_accelerator, save_checkpoint, step_generator)
+                                make_accelerator, step_generator)
 
 from .config import GRPOConfig
+from .distributed import (DeepSpeedOptimizerState, backward_passes, configure_deepspeed, deepspeed_stage, gathered,
+                          no_zero_init, save_state)
 from .grpo import gather_for_advantages, gaussian_kl, group_advantages, policy_loss
 from .prompts import PromptSource
 from .rollout import reference_mean, rollout, step_log_prob
@@ -64,108 +64,11 @@ def choose_steps(cfg, sigmas: torch.Tensor, iteration: int) -> tuple[tuple[int, 
     return window, sde
 
 
-def _cpu_process_group() -> None:
-    """Without GPUs, under ``torchrun`` or ``accelerate launch``: start accelerate's process state on gloo first.
-
-    accelerate otherwise runs each of N CPU processes as a world of 1 (unless ACCELERATE_USE_CPU=1), and under
-    DeepSpeed on CPU reports 1 process while DeepSpeed sees N.
-    """
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    from accelerate import PartialState
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    PartialState(cpu=not deepspeed, backend="gloo")
-
-
-# ---------------------------------------------------------------------------- DeepSpeed (accelerate launch --config_file
-# recipes/accelerate/zero*.yaml): the engine steps the optimizer itself, at the last backward pass of an update.
-def _deepspeed_stage(accelerator) -> int | None:
-    """The ZeRO stage when launched with a DeepSpeed accelerate config, else None."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else int(plugin.zero_stage)
-
-
-def _backward_passes(cfg, n_local: int, train_bs: int) -> int:
-    """Backward passes per optimizer step (micro-batches x trained steps): DeepSpeed's gradient accumulation."""
-    tc = cfg.train
-    mb_size = math.ceil(n_local / tc.minibatches_per_iteration)
-    sizes = [min(n_local, s + mb_size) - s for s in range(0, n_local, mb_size)]
-    micro = {math.ceil(n / train_bs) for n in sizes}
-    if len(micro) != 1:
-        raise UserError(f"with DeepSpeed every minibatch needs the same number of micro-batches: make the "
-                        f"{n_local} samples per process divisible by train.minibatches_per_iteration x train.train_batch_size")
-    _, steps = choose_steps(cfg, sigma_schedule(cfg.sampling.num_steps), 0)  # the count does not depend on the shift
-    return micro.pop() * len(steps)
-
-
-def _configure_deepspeed(accelerator, *, micro_batch: int, accumulation: int, clip: float) -> None:
-    """Fill the DeepSpeed config's "auto" batch keys from the recipe (no dataloader passes through prepare)."""
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    world = accelerator.num_processes
-    for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", accumulation),
-                       ("train_batch_size", micro_batch * accumulation * world), ("gradient_clipping", clip)):
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif ds[key] != value:
-            raise UserError(f"the DeepSpeed config sets {key}={ds[key]} but this recipe needs {value}; set it to \"auto\"")
-
-
-class _DeepSpeedOptimizerState:
-    """Stands in for the optimizer in save/load_checkpoint under DeepSpeed: every rank's ZeRO partition of the
-    optimizer state is in ``checkpoint-<step>/deepspeed`` (the engine's own format), not in optimizer.pt."""
-
-    def state_dict(self):
-        return {"deepspeed": "see deepspeed/"}
-
-    def load_state_dict(self, state):
-        pass
-
-
-def _no_zero_init() -> None:
-    """ZeRO-3: accelerate's DeepSpeed config makes transformers build every model under ``deepspeed.zero.Init``
-    (partitioned at construction). Only the DiT is partitioned here (by ``accelerator.prepare``); the frozen
-    instructor, text encoder and reward models are built whole."""
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-
-
-def _gathered(accelerator, params):
-    """ZeRO-3: a context holding the full (unpartitioned) ``params`` on every rank (collective); else a no-op."""
-    if _deepspeed_stage(accelerator) == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def _save(accelerator, out: Path, step: int, *, engine, model, optimizer, lr_scheduler, keep, params) -> None:
-    """Write ``checkpoint-<step>`` (viva_base.training.save_checkpoint, main process). Under DeepSpeed every rank
-    first writes its optimizer partition with ``engine.save_checkpoint`` (moved into ``checkpoint-<step>/deepspeed``),
-    and ZeRO-3 gathers the trainable weights for the main process to save."""
-    accelerator.wait_for_everyone()
-    if _deepspeed_stage(accelerator) is None:
-        if accelerator.is_main_process:
-            save_checkpoint(out, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, keep=keep)
-        return
-    staging = out / f".deepspeed-{step}"
-    engine.save_checkpoint(str(staging), tag="state", exclude_frozen_parameters=True)
-    accelerator.wait_for_everyone()
-    with _gathered(accelerator, params):
-        if accelerator.is_main_process:
-            path = save_checkpoint(out, step, model=model, optimizer=_DeepSpeedOptimizerState(),
-                                   lr_scheduler=lr_scheduler, keep=keep)
-            os.replace(staging, path / "deepspeed")
-    accelerator.wait_for_everyone()
-
-
 def main(cfg: GRPOConfig) -> Path:
     t_start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc, sc = cfg.train, cfg.sampling
-    _cpu_process_group()
     accelerator = make_accelerator(str(out), report_to=cfg.report_to, mixed_precision=tc.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     G, P = tc.num_generations, tc.prompts_per_iteration
@@ -175,15 +78,17 @@ def main(cfg: GRPOConfig) -> Path:
     n_local = n_total // world
     rollout_bs = sc.rollout_batch_size or min(G, n_local)
     train_bs = tc.train_batch_size or rollout_bs
-    zero = _deepspeed_stage(accelerator)
-    n_back_ds = _backward_passes(cfg, n_local, train_bs) if zero is not None else 1
+    zero = deepspeed_stage(accelerator)
+    n_back_ds = 1
+    if zero is not None:  # the trained-step count does not depend on the iteration or the shift
+        n_back_ds = backward_passes(cfg, n_local, train_bs, len(choose_steps(cfg, sigma_schedule(sc.num_steps), 0)[1]))
     if zero == 3:
         if cfg.eval.manifest:
             raise UserError("held-out evaluation runs on the main process only, and under ZeRO-3 every forward "
                             "gathers parameters from all processes: set eval.manifest=null, or use ZeRO-2")
-        _no_zero_init()
+        no_zero_init()
     if zero is not None:
-        _configure_deepspeed(accelerator, micro_batch=train_bs, accumulation=n_back_ds, clip=tc.max_grad_norm)
+        configure_deepspeed(accelerator, micro_batch=train_bs, accumulation=n_back_ds, clip=tc.max_grad_norm)
     if cfg.toy.enabled:  # the toy-world chain: data, reward model and SFT editor, each cached
         from .toy import prepare
 
@@ -215,7 +120,7 @@ def main(cfg: GRPOConfig) -> Path:
             raise UserError(f"{ckpt} has no deepspeed/ optimizer state (written by a non-DeepSpeed run, or cut short); "
                             "resume it without DeepSpeed, or delete it to resume from the one before")
         start = load_checkpoint(ckpt, model=editor.transformer, lr_scheduler=lr_scheduler,
-                                optimizer=optimizer if zero is None else _DeepSpeedOptimizerState())["step"]
+                                optimizer=optimizer if zero is None else DeepSpeedOptimizerState())["step"]
         logger.info("resumed from %s at iteration %d", ckpt, start)
     dit_raw = editor.transformer
     dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
@@ -333,17 +238,17 @@ def main(cfg: GRPOConfig) -> Path:
         bar.set_postfix(reward=f"{row['reward']:.4f}", kl=f"{row.get('kl', 0.0):.2e}")
         done = it + 1 == tc.num_iterations
         if (tc.checkpoint_every and (it + 1) % tc.checkpoint_every == 0) or done:
-            _save(accelerator, out, it + 1, engine=dit, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            save_state(accelerator, out, it + 1, engine=dit, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
                   keep=tc.keep_checkpoints, params=params)
         if evaluator is not None and ((cfg.eval.every and (it + 1) % cfg.eval.every == 0) or done):
             evaluator.run(editor, step=it + 1, accelerator=accelerator)
 
-    if zero == 3:  # the full LoRA on every rank for the final save below (collective)
-        contextlib.ExitStack().enter_context(_gathered(accelerator, params))
-    accelerator.wait_for_everyone()
+    final = out / "lora"
+    with gathered(accelerator, params):  # ZeRO-3: the full LoRA on every rank for the save (collective)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_lora_atomic(dit_raw, final)
     if accelerator.is_main_process:
-        final = out / "lora"
-        _save_lora_atomic(dit_raw, final)
         if evaluator is not None and (out / "eval" / "step-0").exists():
             from .report import write_report
 

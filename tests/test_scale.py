@@ -40,7 +40,7 @@ def test_every_viva_recipe_value_names_its_source():
 # ---------------------------------------------------------------------------- DeepSpeed configs
 def _filled(stage_file: str, world: int, micro: int, accumulation: int, bf16: bool) -> dict:
     """A ds_*.json with its "auto" keys filled as the trainer (and accelerate, for bf16) fill them."""
-    from editgrpo.train import _configure_deepspeed
+    from editgrpo.distributed import configure_deepspeed as _configure_deepspeed
 
     ds = json.loads((ACC / f"ds_{stage_file}.json").read_text())
     fake = SimpleNamespace(num_processes=world, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
@@ -73,7 +73,7 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(stage_file, stage, off
 
 
 def test_deepspeed_auto_keys_must_agree_with_the_recipe():
-    from editgrpo.train import _configure_deepspeed
+    from editgrpo.distributed import configure_deepspeed as _configure_deepspeed
     from viva_base.errors import UserError
 
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto"}
@@ -98,7 +98,8 @@ def test_accelerate_configs_load_with_accelerate(name):
 def test_backward_passes_per_update_match_the_update_loop():
     """DeepSpeed's gradient accumulation = micro-batches x trained steps, what the trainer's loop runs."""
     from editgrpo.config import GRPOConfig
-    from editgrpo.train import _backward_passes, choose_steps
+    from editgrpo.distributed import backward_passes
+    from editgrpo.train import choose_steps
     from editgrpo.sampling import sigma_schedule
     from viva_base.errors import UserError
     from viva_base.recipe import load_recipe
@@ -106,13 +107,14 @@ def test_backward_passes_per_update_match_the_update_loop():
     cfg = load_recipe(GRPOConfig, [f"recipe={REPO / 'recipes' / 'toy.yaml'}"])
     n_local, train_bs = 32 // 2, 4  # 2 processes, micro-batches of 4
     mb = math.ceil(n_local / cfg.train.minibatches_per_iteration)
-    for it in range(3):
-        steps = choose_steps(cfg, sigma_schedule(cfg.sampling.num_steps, 7.0), it)[1]
-        assert _backward_passes(cfg, n_local, train_bs) == math.ceil(mb / train_bs) * len(steps)
     n_steps = len(choose_steps(cfg, sigma_schedule(cfg.sampling.num_steps), 0)[1])
-    assert _backward_passes(cfg, 10, 4) == 2 * n_steps  # minibatches of 5 and 5: 2 micro-batches each
+    for it in range(3):  # the trained-step count the trainer passes does not depend on the iteration or shift
+        steps = choose_steps(cfg, sigma_schedule(cfg.sampling.num_steps, 7.0), it)[1]
+        assert len(steps) == n_steps
+        assert backward_passes(cfg, n_local, train_bs, n_steps) == math.ceil(mb / train_bs) * len(steps)
+    assert backward_passes(cfg, 10, 4, n_steps) == 2 * n_steps  # minibatches of 5 and 5: 2 micro-batches each
     with pytest.raises(UserError, match="same number of micro-batches"):
-        _backward_passes(cfg, 9, 4)  # minibatches of 5 and 4: 2 and 1 micro-batches
+        backward_passes(cfg, 9, 4, n_steps)  # minibatches of 5 and 4: 2 and 1 micro-batches
 
 
 # ---------------------------------------------------------------------------- the scaling plan's counting

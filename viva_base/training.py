@@ -124,10 +124,26 @@ def load_editor(path: str | os.PathLike, **kwargs):
 
 
 # ---------------------------------------------------------------------------- accelerator, trackers
+def _cpu_process_group() -> None:
+    """Without GPUs, under ``torchrun`` or ``accelerate launch``: start accelerate's process state on gloo first.
+
+    accelerate otherwise runs each of N CPU processes as a world of 1 (unless ACCELERATE_USE_CPU=1), and under
+    DeepSpeed on CPU reports 1 process while DeepSpeed sees N.
+    """
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from accelerate import PartialState
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    PartialState(cpu=not deepspeed, backend="gloo")
+
+
 def make_accelerator(output_dir: str, *, report_to: str = "tensorboard", mixed_precision: str = "no",
                      gradient_accumulation_steps: int = 1, seed: int | None = None):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
+
+    _cpu_process_group()
 
     if report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
