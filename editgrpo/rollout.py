@@ -53,7 +53,7 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
     ``cond``/``uncond``), in forwards of ``batch_size`` samples (cond and uncond in one forward)."""
     n = len(seeds)
     batch_size = batch_size or n
-    device = cond["source_latents"].device
+    device = policy.device
     shape = policy.latent_shape(cond)
     finals, chunks = [], []
     for start in range(0, n, batch_size):

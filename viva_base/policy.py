@@ -83,6 +83,7 @@ class EditPolicy(Protocol):
     """The small interface an editor implements (docs/architecture.md, "The edit-policy interface")."""
 
     transformer: torch.nn.Module  # the module LoRA goes on
+    device: torch.device          # where latents and conditions live
 
     def encode_condition(self, videos: torch.Tensor, instructions: Sequence[str],
                          references: Sequence[torch.Tensor | None] | None = None) -> tuple[Condition, Condition]:
