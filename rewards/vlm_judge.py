@@ -333,6 +333,10 @@ class JudgeClient:
         images(f"EDITED video, {edited_frames.shape[0]} frame(s) at the same time steps:", edited_frames)
         if reference is not None:
             images("REFERENCE image:", _as_frames(reference, "reference"))
+        return self.request_body(content)
+
+    def request_body(self, content: list[dict[str, Any]]) -> dict[str, Any]:
+        """An OpenAI-compatible chat request with one user message holding ``content`` (text and image parts)."""
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": content}]}
         if self.temperature is not None:
             body["temperature"] = self.temperature
@@ -344,9 +348,9 @@ class JudgeClient:
         return body
 
     @staticmethod
-    def cache_key(body: Mapping[str, Any]) -> str:
+    def cache_key(body: Mapping[str, Any], version: str = JUDGE_PROMPT_VERSION) -> str:
         """SHA-256 of the prompt version and the canonical JSON of the request body."""
-        blob = json.dumps({"version": JUDGE_PROMPT_VERSION, "body": body}, sort_keys=True, separators=(",", ":"))
+        blob = json.dumps({"version": version, "body": body}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     # -- cache ---------------------------------------------------------------------------------------

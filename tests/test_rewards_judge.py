@@ -280,7 +280,9 @@ def test_key_never_appears_in_outputs(server, tmp_path, key, caplog, capsys):
     judge = reward.rewards["vlm_judge"].client
     assert judge.failures == 2
     assert "judge_error" in out.details["vlm_judge"][1] and "judge_error" not in out.details["vlm_judge"][0]
-    assert len(decode_images(server.requests[0]["body"])) == 4  # frames={"num": 2} of source and edit
+    # frames={"num": 2} of source and edit (requests run concurrently: pick item 0's by its instruction)
+    first = next(r for r in server.requests if "GOOD one" in json.dumps(r["body"]))
+    assert len(decode_images(first["body"])) == 4
     # the server saw the key (and echoed it in its error bodies) ...
     assert any(r["auth"] == f"Bearer {key}" for r in server.requests)
     # ... but it is nowhere in what we log, print, return, cache or represent

@@ -15,7 +15,6 @@ runs: outputs are meaningless, shapes and files are real).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -75,21 +74,11 @@ class ChatClient(JudgeClient):
             content.append({"type": "text", "text": label})
             for frame in frames:
                 content.append({"type": "image_url", "image_url": {"url": _png_data_url(frame, self.max_image_side)}})
-        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": content}]}
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        if self.json_mode:
-            body["response_format"] = {"type": "json_object"}
-        body.update(self.extra_body)
-        return body
+        return self.request_body(content)
 
-    @staticmethod
-    def chat_cache_key(body: Mapping[str, Any]) -> str:
+    def chat_cache_key(self, body: Mapping[str, Any]) -> str:
         """SHA-256 of :data:`DATA_PROMPT_VERSION` and the canonical JSON of the request body."""
-        blob = json.dumps({"version": DATA_PROMPT_VERSION, "body": body}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return self.cache_key(body, DATA_PROMPT_VERSION)
 
     def chat_json(self, prompt: str, required: Sequence[str], images: Sequence[tuple[str, torch.Tensor]] = ()) -> dict:
         """Ask and return the answer's JSON object (with the ``required`` keys); answers are cached on disk.
