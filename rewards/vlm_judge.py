@@ -445,6 +445,34 @@ class JudgeClient:
             wait = max(wait, min(retry_after, self.max_backoff))
         time.sleep(wait)
 
+    def post_with_retries(self, body: Mapping[str, Any], parse, what: str = "judge"):
+        """POST ``body``, parse the answer, retry transient failures and unparseable answers with backoff.
+
+        Returns ``(parsed, raw, attempts, None)``, or ``(None, None, attempts, error)`` once retries are
+        spent or the server refused for good (e.g. 401). ``parse`` raises ``ValueError`` on a bad answer.
+        """
+        payload = json.dumps(body).encode("utf-8")
+        error = "not attempted"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count("retries")
+            retry_after = None
+            try:
+                raw = self._post(payload)
+                parsed = parse(raw)
+            except _Fatal as e:
+                return None, None, attempt + 1, str(e)
+            except _Retryable as e:
+                error, retry_after = str(e), e.retry_after
+            except ValueError as e:
+                error = self._scrub(f"unparseable answer: {e}")
+            else:
+                return parsed, raw, attempt + 1, None
+            if attempt < self.max_retries:
+                logger.debug("%s: attempt %d failed (%s); retrying", what, attempt + 1, error)
+                self._sleep_before_retry(attempt, retry_after)
+        return None, None, self.max_retries + 1, error
+
     # -- judging ---------------------------------------------------------------------------------------
     def judge_result(self, source_frames: torch.Tensor, edited_frames: torch.Tensor, instruction: str,
                      reference: torch.Tensor | None = None) -> JudgeResult:
@@ -458,31 +486,11 @@ class JudgeClient:
             self._count("cache_hits")
             self._count("successes")
             return JudgeResult({**nan_scores, **cached}, cached=True)
-        payload = json.dumps(body).encode("utf-8")
-        error = "not attempted"
-        attempts = 0
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-            attempts += 1
-            retry_after = None
-            try:
-                raw = self._post(payload)
-                scores = parse_judge_answer(raw, required)
-            except _Fatal as e:
-                error = str(e)
-                break
-            except _Retryable as e:
-                error, retry_after = str(e), e.retry_after
-            except JudgeParseError as e:
-                error = self._scrub(f"unparseable answer: {e}")
-            else:
-                self._cache_put(key, scores, raw)
-                self._count("successes")
-                return JudgeResult({**nan_scores, **scores}, attempts=attempts, raw=raw)
-            if attempt < self.max_retries:
-                logger.debug("judge: attempt %d failed (%s); retrying", attempt + 1, error)
-                self._sleep_before_retry(attempt, retry_after)
+        scores, raw, attempts, error = self.post_with_retries(body, lambda r: parse_judge_answer(r, required), "judge")
+        if error is None:
+            self._cache_put(key, scores, raw)
+            self._count("successes")
+            return JudgeResult({**nan_scores, **scores}, attempts=attempts, raw=raw)
         self._count("failures")
         logger.warning("judge: giving up after %d attempt(s): %s", attempts, error)
         return JudgeResult(nan_scores, error=error, attempts=attempts)

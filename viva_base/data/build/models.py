@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from rewards.vlm_judge import JudgeClient, _Fatal, _png_data_url, _Retryable
+from rewards.vlm_judge import JudgeClient, _png_data_url
 
 from ...errors import CheckpointError, UserError
 from ...recipe import atomic_write_text
@@ -96,31 +96,13 @@ class ChatClient(JudgeClient):
                     return cached
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("chat: ignoring unreadable cache entry %s (%s)", path, exc)
-        payload = json.dumps(body).encode("utf-8")
-        error = "not attempted"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-            retry_after = None
-            try:
-                raw = self._post(payload)
-                answer = parse_json_answer(raw, required)
-            except _Fatal as exc:
-                error = str(exc)
-                break
-            except _Retryable as exc:
-                error, retry_after = str(exc), exc.retry_after
-            except ValueError as exc:
-                error = self._scrub(f"unparseable answer: {exc}")
-            else:
-                if path is not None:
-                    atomic_write_text(path, json.dumps({"json": answer, "answer": raw, "model": self.model,
-                                                        "version": DATA_PROMPT_VERSION}))
-                self._count("successes")
-                return answer
-            if attempt < self.max_retries:
-                logger.debug("chat: attempt %d failed (%s); retrying", attempt + 1, error)
-                self._sleep_before_retry(attempt, retry_after)
+        answer, raw, _, error = self.post_with_retries(body, lambda r: parse_json_answer(r, required), "chat")
+        if error is None:
+            if path is not None:
+                atomic_write_text(path, json.dumps({"json": answer, "answer": raw, "model": self.model,
+                                                    "version": DATA_PROMPT_VERSION}))
+            self._count("successes")
+            return answer
         self._count("failures")
         raise ChatError(f"{self.model} at {self.base_url}: {error}")
 
