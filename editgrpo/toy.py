@@ -39,6 +39,8 @@ def prepare(cfg, accelerator=None):
             from .toy_reward import train_toy_clip
 
             kw = {"steps": t.reward_steps} if t.reward_steps else {}
+            if t.reward_degrade:
+                kw["degrade"] = t.reward_degrade
             reward_name = train_toy_clip(out / "reward_model", seed=t.seed, frames=t.frames, size=t.size, **kw)
         sft_final = out / "sft" / "final"
         if not (sft_final / "editor_config.json").exists():
@@ -57,11 +59,12 @@ def prepare(cfg, accelerator=None):
     cfg.model.pretrained, cfg.model.tiny = str(sft_final), False
     cfg.data.manifest = str(paths["grpo"])
     cfg.eval.manifest = str(paths["eval"])
-    if reward_name:
-        for name, entry in cfg.rewards.items():
-            if isinstance(entry, dict) or OmegaConf.is_dict(entry):
-                if entry.get("model") == "toy":
-                    entry["model"] = reward_name
+    for name, entry in cfg.rewards.items():
+        if isinstance(entry, dict) or OmegaConf.is_dict(entry):
+            if reward_name and entry.get("model") == "toy":
+                entry["model"] = reward_name
+            if entry.get("manifest") == "toy":  # toy_oracle (the diagnostic upper bound) on the chain's prompts
+                entry["manifest"] = [str(paths["grpo"]), str(paths["eval"])]
     return cfg
 
 

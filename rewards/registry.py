@@ -46,7 +46,7 @@ class UnknownRewardError(KeyError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
-_BUILTIN_MODULES = ("rewards.clip", "rewards.pickscore", "rewards.hps", "rewards.vlm_judge")
+_BUILTIN_MODULES = ("rewards.clip", "rewards.pickscore", "rewards.hps", "rewards.vlm_judge", "rewards.pixel", "rewards.toy_oracle")
 
 
 def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:

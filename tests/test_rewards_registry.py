@@ -23,7 +23,7 @@ from rewards import (
 )
 from rewards.tiny import make_tiny_hf_clip
 
-BUILTINS = {"clip_if", "clip_sp", "pickscore", "hps", "vlm_judge"}
+BUILTINS = {"clip_if", "clip_sp", "pickscore", "hps", "vlm_judge", "pixel_sp", "toy_oracle"}
 
 
 def batch(b=2, f=3, seed=0):

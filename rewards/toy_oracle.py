@@ -1,0 +1,94 @@
+"""``toy_oracle``: the toy world's true edit accuracy used as a reward: a diagnostic upper bound.
+
+A proxy reward (``clip_if``, ``clip_sp``, ...) can only be as good as its agreement with the truth.
+In the toy world the truth is known: every prompt of a toy manifest carries its source ``scene`` and
+its edit ``ops``, so the true target video and the exact edit mask can be rendered. This reward looks
+each sample up by its ``(instruction, source caption)`` in that manifest, renders the target and mask
+and returns the oracle combined score (:func:`viva_base.data.toyworld.oracle.oracle_scores`, in [0, 1],
+1 = exactly the target).
+
+Training on it answers "can Edit-GRPO (sampler, advantages, clipped loss, KL, LoRA) improve the true
+edit accuracy at all with this budget, given a perfect reward?". If it can and a proxy cannot, the
+proxy is the problem; if it cannot, the optimiser settings are. It is never a method: the real world has
+no oracle.
+
+    rewards:
+      toy_oracle: {weight: 1.0, manifest: outputs/toy/data/grpo.jsonl}
+
+With the toy chain (``toy.enabled``) ``manifest: toy`` names the chain's own GRPO and eval manifests (the
+trainer's held-out evaluation scores its prompts with the same rewards).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .base import Reward, RewardOutput
+from .registry import register_reward
+
+__all__ = ["ToyOracleReward"]
+
+
+@register_reward("toy_oracle")
+class ToyOracleReward(Reward):
+    """The toy oracle score of each edit (module docstring).
+
+    Args:
+        manifest: a toy-world manifest (``grpo.jsonl``, ``eval.jsonl``) or a list of them, whose records carry
+            ``scene`` and ``ops``; every scored prompt must be in one of them.
+        component: which oracle quantity to return: ``oracle`` (default), or the negated error
+            ``-if_error`` / ``-sp_error`` (``if`` / ``sp``) to study one side alone.
+    """
+
+    COMPONENTS = ("oracle", "if", "sp")
+
+    def __init__(self, manifest, *, component: str = "oracle", frames="all", device=None):
+        super().__init__(frames=frames, device=device)
+        if component not in self.COMPONENTS:
+            raise ValueError(f"toy_oracle: component={component!r}; use one of {list(self.COMPONENTS)}")
+        self.component = component
+        self.records: dict[tuple[str, str], dict] = {}
+        for path in [Path(manifest)] if isinstance(manifest, (str, Path)) else [Path(m) for m in manifest]:
+            if not path.is_file():
+                raise FileNotFoundError(f"toy_oracle: manifest {path} does not exist; point `manifest` at a toy "
+                                        f"world manifest (python -m viva_base.data.toyworld.build --out DIR)")
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if "scene" not in rec or "ops" not in rec:
+                    raise ValueError(f"toy_oracle: {path}:{n} has no `scene`/`ops`: not a toy-world manifest")
+                self.records[(rec["instruction"], rec["source_caption"])] = rec
+        self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def truth(self, instruction: str, source_caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(target (F, 3, H, W) in [0, 1], mask (F, 1, H, W))`` of one prompt, rendered from its scene graph."""
+        key = (instruction, source_caption)
+        if key not in self._cache:
+            from viva_base.data.toyworld import apply, edit_mask, op_from_json, render_tensor, scene_from_json
+
+            rec = self.records.get(key)
+            if rec is None:
+                raise KeyError(f"toy_oracle: the prompt {instruction!r} (source {source_caption!r}) is not in the "
+                               f"manifest; give the manifest the prompts come from")
+            src = scene_from_json(rec["scene"])
+            tgt = apply(src, [op_from_json(o) for o in rec["ops"]])
+            self._cache[key] = (render_tensor(tgt), edit_mask(src, tgt))
+        return self._cache[key]
+
+    def score(self, edited, source, *, source_captions, target_captions, instructions, references):
+        from viva_base.data.toyworld.oracle import oracle_scores
+
+        truths = [self.truth(i, s) for i, s in zip(instructions, source_captions)]
+        target = torch.stack([t for t, _ in truths]).to(edited)
+        mask = torch.stack([m for _, m in truths]).to(edited)
+        if target.shape != edited.shape:
+            raise ValueError(f"toy_oracle: edited videos {tuple(edited.shape)} do not match the rendered targets "
+                             f"{tuple(target.shape)}; do not resize or cut toy clips")
+        idx = self.frame_indices(edited.shape[1])
+        s = oracle_scores(edited[:, idx], source[:, idx], target[:, idx], mask[:, idx])
+        value = {"oracle": s["oracle"], "if": -s["if_error"], "sp": -s["sp_error"]}[self.component]
+        details = [{"if_error": float(a), "sp_error": float(b)} for a, b in zip(s["if_error"], s["sp_error"])]
+        return RewardOutput(scores=value.float().cpu(), details=details)
