@@ -60,6 +60,7 @@ class TrainConfig:
     epsilon: float = 1e-4                # clip range of the ratio (Flow-GRPO: 1e-4)
     beta: float = 0.004                  # KL weight to the reference policy (adapter disabled)
     scale_rewards: str = "group"         # group | global | none (eq. 11's std)
+    reward_normalization: str = "total"  # total: eq. 11 on the weighted sum | component: per reward, then weighted
     advantage_eps: float = 1e-4
     advantage_clip: Optional[float] = 5.0
     num_inner_epochs: int = 1
@@ -98,6 +99,7 @@ class ToyChainConfig:
     n_eval_compound: int = 64
     n_eval_simple: int = 64
     reward_steps: Optional[int] = None   # toy CLIP training steps; None -> its default
+    reward_degrade: float = 0.0          # toy CLIP: probability of a damaged-copy quality negative per pair
     sft_recipe: str = "recipes/sft_toy.yaml"
     sft_overrides: list[str] = field(default_factory=list)
 

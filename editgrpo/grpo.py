@@ -120,6 +120,58 @@ def group_advantages(
     )
 
 
+def component_advantages(
+    components: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    group_ids: torch.Tensor,
+    *,
+    scale: AdvantageScale = "group",
+    eps: float = 1e-4,
+    clip: float | None = None,
+) -> AdvantageOutput:
+    """Advantages normalised per reward component, then weighted (``train.reward_normalization: component``)::
+
+        A_i = sum_k w_k A_i^(k),    A_i^(k) = (R_i^(k) - mean_{g(i)}^(k)) / (std^(k) + eps)
+
+    i.e. eq. 11 applied to each component ``R^(k)`` separately (same ``scale`` and ``eps`` rules as
+    :func:`group_advantages`) before eq. 7's weighted sum, instead of normalising the weighted total. The
+    weights then say how much each reward's *ranking* of a group counts, whatever its units or spread: with
+    the total, a component whose within-group spread is 10x larger (CLIP differences vs a pixel error)
+    decides the ranking alone whatever its weight.
+
+    Components with weight 0 are ignored. A sample is ``valid`` only if every weighted component is finite;
+    a component that is constant within a group contributes 0 there. ``group_mean``/``group_std`` describe
+    the weighted total (for logging); ``zero_variance`` marks groups where every weighted component is
+    constant. ``clip`` clamps the summed advantage.
+    """
+    used = {k: float(w) for k, w in weights.items() if float(w) != 0.0}
+    if not used:
+        raise ValueError("component_advantages: every reward weight is 0; give at least one reward a weight")
+    missing = sorted(set(used) - set(components))
+    if missing:
+        raise ValueError(f"component_advantages: no scores for weighted components {missing}")
+    valid = torch.ones_like(group_ids, dtype=torch.bool)
+    for k in used:
+        valid &= torch.isfinite(components[k].detach())
+    total = sum(w * components[k].detach().to(torch.float64) for k, w in used.items())
+    total = torch.where(valid, total, torch.nan)
+    adv = torch.zeros(group_ids.shape, dtype=torch.float64, device=group_ids.device)
+    degenerate = torch.ones_like(valid)
+    for k, w in used.items():
+        part = group_advantages(torch.where(valid, components[k].detach().double(), torch.nan), group_ids,
+                                scale=scale, eps=eps)
+        adv = adv + w * part.advantages.double()
+        degenerate &= part.zero_variance
+    if clip is not None:
+        if not clip > 0:
+            raise ValueError(f"component_advantages: clip must be > 0 or None, got {clip}")
+        adv = adv.clamp(-clip, clip)
+    adv = torch.where(valid & ~degenerate, adv, 0.0)
+    stats = group_advantages(total, group_ids, scale=scale, eps=eps)
+    return AdvantageOutput(advantages=adv.to(torch.float32), valid=valid, group_mean=stats.group_mean,
+                           group_std=stats.group_std, zero_variance=degenerate)
+
+
 def gather_for_advantages(
     accelerator: Any | None, rewards: torch.Tensor, group_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, slice]:

@@ -36,7 +36,7 @@ from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init
 from .config import GRPOConfig
 from .distributed import (DeepSpeedOptimizerState, backward_passes, configure_deepspeed, deepspeed_stage, gathered,
                           no_zero_init, save_state)
-from .grpo import gather_for_advantages, gaussian_kl, group_advantages, policy_loss
+from .grpo import component_advantages, gather_for_advantages, gaussian_kl, group_advantages, policy_loss
 from .prompts import PromptSource
 from .rollout import reference_mean, rollout, step_log_prob
 from .sampling import sde_step_indices, sde_window_at, sigma_schedule
@@ -69,6 +69,9 @@ def main(cfg: GRPOConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc, sc = cfg.train, cfg.sampling
+    if tc.reward_normalization not in ("total", "component"):
+        raise UserError(f"train.reward_normalization={tc.reward_normalization!r}: use total (eq. 11 on the weighted "
+                        "sum of rewards) or component (each reward normalised in its group, then weighted)")
     accelerator = make_accelerator(str(out), report_to=cfg.report_to, mixed_precision=tc.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     G, P = tc.num_generations, tc.prompts_per_iteration
@@ -174,8 +177,15 @@ def main(cfg: GRPOConfig) -> Path:
 
         # 4. advantages over whole groups (gathered across processes)
         group_ids = torch.tensor([g // G for g in mine])
-        all_r, all_g, local = gather_for_advantages(accelerator if world > 1 else None, rewards, group_ids)
-        adv_out = group_advantages(all_r, all_g, scale=tc.scale_rewards, eps=tc.advantage_eps, clip=tc.advantage_clip)
+        acc = accelerator if world > 1 else None
+        all_r, all_g, local = gather_for_advantages(acc, rewards, group_ids)
+        if tc.reward_normalization == "component":
+            all_c = {k: gather_for_advantages(acc, v.float().cpu(), group_ids)[0] for k, v in scored.components.items()}
+            adv_out = component_advantages(all_c, scored.weights, all_g, scale=tc.scale_rewards, eps=tc.advantage_eps,
+                                           clip=tc.advantage_clip)
+        else:
+            adv_out = group_advantages(all_r, all_g, scale=tc.scale_rewards, eps=tc.advantage_eps,
+                                       clip=tc.advantage_clip)
         adv, valid = adv_out.advantages[local].float(), adv_out.valid[local]
 
         # 5. policy update on the recorded steps

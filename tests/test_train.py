@@ -1,5 +1,6 @@
 """Edit-GRPO trainer: on-policy ratio and gradient, encoder call counts, the tiny recipe, exact resume after SIGKILL."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -134,3 +135,36 @@ def test_frozen_encoders_run_once_per_prompt_per_iteration(tmp_path, repo_root, 
     train_mod.main(cfg)
     calls = seen["editor"].calls
     assert calls["instructor"] == 2 * 3 and calls["vae_encode"] == 2 * 3 and calls["text_encoder_2"] == 2 * 3
+
+
+def test_component_reward_normalization_drives_the_update(tmp_path, repo_root, monkeypatch):
+    """train.reward_normalization=component: each reward is normalised in its group, then weighted."""
+    from editgrpo import train as train_mod
+    from editgrpo.config import GRPOConfig
+    from editgrpo.grpo import group_advantages
+    from viva_base.errors import UserError
+    from viva_base.recipe import load_recipe
+
+    seen = []
+    real = train_mod.component_advantages
+
+    def spy(components, weights, group_ids, **kw):
+        out = real(components, weights, group_ids, **kw)
+        seen.append((components, dict(weights), group_ids, out))
+        return out
+
+    monkeypatch.setattr(train_mod, "component_advantages", spy)
+    monkeypatch.chdir(repo_root)
+    base = ["recipe=recipes/tiny.yaml", f"output_dir={tmp_path}", "report_to=none", "train.num_iterations=1",
+            "train.prompts_per_iteration=2", "train.num_generations=3", "data.toy_prompts=2", "sampling.num_steps=3",
+            "sampling.sde_window_size=1", "train.checkpoint_every=0", "rewards.pixel_sp={weight: 0.5}"]
+    with pytest.raises(UserError, match="reward_normalization"):
+        train_mod.main(load_recipe(GRPOConfig, [*base, "train.reward_normalization=bogus"]))
+    train_mod.main(load_recipe(GRPOConfig, [*base, "train.reward_normalization=component"]))
+    assert len(seen) == 1
+    comps, weights, groups, out = seen[0]
+    assert {"clip_if", "clip_sp", "pixel_sp"} <= set(comps) and weights["pixel_sp"] == 0.5
+    want = sum(w * group_advantages(comps[k], groups).advantages for k, w in weights.items() if w)
+    assert torch.allclose(out.advantages, want.clamp(-5, 5), atol=1e-6)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert "reward/pixel_sp" in row and math.isfinite(row["loss"])
