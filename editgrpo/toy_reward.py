@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TOY_CLIP_DEFAULTS", "PAIR_KINDS", "caption_token_bound", "clip_contrastive_loss", "evaluate_toy_clip",
-           "heldout_pairs", "lr_at", "sample_pair", "sample_training_batch", "toy_clip_config", "train_toy_clip"]
+__all__ = ["TOY_CLIP_DEFAULTS", "PAIR_KINDS", "DEGRADED_PREFIX", "caption_token_bound", "clip_contrastive_loss",
+           "degrade_image", "evaluate_toy_clip", "heldout_pairs", "lr_at", "sample_pair", "sample_training_batch",
+           "toy_clip_config", "train_toy_clip"]
 
 META_FILE = "toy_clip.json"
 FORMAT_VERSION = 1
@@ -55,7 +56,9 @@ PAIR_KINDS = {"add": 1.0, "remove": 1.0, "replace": 2.0, "recolour": 1.0, "backg
               "resize": 0.5}
 #: the architecture and optimiser settings train_toy_clip uses unless told otherwise
 TOY_CLIP_DEFAULTS = dict(steps=600, batch_size=64, lr=2e-3, width=64, layers=2, heads=2, embed_dim=64,
-                         patch_size=4, warmup=0.05, weight_decay=0.1)
+                         patch_size=4, warmup=0.05, weight_decay=0.1, degrade=0.0)
+#: the caption of a degraded rendering: the clean caption after this prefix (see :func:`degrade_image`)
+DEGRADED_PREFIX = "a noisy blurry picture of "
 MAX_SCENE_OBJECTS = 4  # toyworld sources hold <= 3 objects and an "add" brings one more
 
 
@@ -115,12 +118,17 @@ def caption_token_bound(max_objects: int = MAX_SCENE_OBJECTS) -> int:
 
 
 def toy_clip_config(*, size: int = 32, width: int = 64, layers: int = 2, heads: int = 2, embed_dim: int = 64,
-                    patch_size: int = 4, context_length: int | None = None) -> dict:
+                    patch_size: int = 4, context_length: int | None = None, degraded_captions: bool = False) -> dict:
     """The open_clip ``model_cfg``: a ViT over ``patch_size`` patches of ``size x size`` frames and a causal
-    text transformer over open_clip's BPE; ``context_length`` defaults to the longest toy caption + 2."""
+    text transformer over open_clip's BPE; ``context_length`` defaults to the longest toy caption + 2
+    (+ the tokens of :data:`DEGRADED_PREFIX` with ``degraded_captions``)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
     from rewards.tiny import tiny_open_clip_config
 
     need = caption_token_bound() + 2
+    if degraded_captions:
+        need += len(SimpleTokenizer().encode(DEGRADED_PREFIX))
     if context_length is None:
         context_length = need
     elif context_length < need:
@@ -164,24 +172,69 @@ def sample_pair(rng: np.random.Generator, kind: str, *, frames: int = 9, size: i
     raise ValueError(f"unknown pair kind {kind!r}; choose one of {', '.join(PAIR_KINDS)}")
 
 
-def sample_training_batch(rng: np.random.Generator, n_pairs: int, *, frames: int = 9,
-                          size: int = 32) -> tuple[torch.Tensor, list[str]]:
-    """``n_pairs`` hard-negative pairs: images ``(2 n_pairs, 3, size, size)`` float32 in [0, 1] (source then
-    target of each pair, both at the same random frame index) and their ``2 n_pairs`` captions."""
+DEGRADATIONS = ("noise", "confetti", "blur", "fade", "blocks")
+
+
+def degrade_image(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A damaged copy of a clean ``(H, W, 3)`` float image in [0, 1]: one or two of
+
+    * ``noise``: additive Gaussian noise, std ~ U(0.04, 0.25);
+    * ``confetti``: a fraction ~ U(0.03, 0.3) of the pixels replaced by random colours;
+    * ``blur``: a 3x3 box blur (edge-replicated), once or twice;
+    * ``fade``: contrast and saturation pulled toward the image mean by ~ U(0.2, 0.6);
+    * ``blocks``: 2x2 average pooling upsampled back (loss of detail).
+
+    These are generic rendering faults, defined without looking at any editor's outputs; a CLIP that must
+    tell a clean frame from its damaged copy (:func:`sample_training_batch` with ``degrade > 0``) embeds
+    image quality, the role PickScore plays for real videos (VIVA eq. 7's third term).
+    """
+    x = image.astype(np.float64)
+    h, w, _ = x.shape
+    for kind in rng.choice(DEGRADATIONS, size=int(rng.integers(1, 3)), replace=False):
+        if kind == "noise":
+            x = x + rng.normal(0.0, rng.uniform(0.04, 0.25), x.shape)
+        elif kind == "confetti":
+            hit = rng.random((h, w)) < rng.uniform(0.03, 0.3)
+            x = np.where(hit[..., None], rng.random((h, w, 3)), x)
+        elif kind == "blur":
+            for _ in range(int(rng.integers(1, 3))):
+                pad = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+                x = sum(pad[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+        elif kind == "fade":
+            a = rng.uniform(0.2, 0.6)
+            x = (1 - a) * x + a * x.mean(axis=(0, 1), keepdims=True).mean(axis=2, keepdims=True)
+        else:  # blocks
+            x = x[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+            x = x.repeat(2, axis=0).repeat(2, axis=1)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def sample_training_batch(rng: np.random.Generator, n_pairs: int, *, frames: int = 9, size: int = 32,
+                          degrade: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+    """``n_pairs`` hard-negative pairs: images ``(2 n_pairs + d, 3, size, size)`` float32 in [0, 1] (source then
+    target of each pair, both at the same random frame index) and their captions.
+
+    With ``degrade > 0`` each pair also brings, with that probability, a damaged copy of one of its two
+    images (:func:`degrade_image`) captioned ``DEGRADED_PREFIX + caption``: a hard negative that differs from a
+    clean image only in quality, appended after the pairs (``d`` of them)."""
     from viva_base.data.toyworld import caption
     from viva_base.data.toyworld.render import render
 
     kinds = list(PAIR_KINDS)
     p = np.array([PAIR_KINDS[k] for k in kinds])
-    images, captions = [], []
+    images, captions, damaged, damaged_caps = [], [], [], []
     for _ in range(n_pairs):
         src, tgt = sample_pair(rng, kinds[rng.choice(len(kinds), p=p / p.sum())], frames=frames, size=size)
         f = int(rng.integers(frames))
         for scene in (src, tgt):
-            images.append(render(scene)[f])
+            images.append(render(scene)[f].astype(np.float32) / 255.0)
             captions.append(caption(scene))
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return pixels, captions
+        if degrade > 0 and rng.random() < degrade:
+            k = len(images) - 2 + int(rng.integers(2))
+            damaged.append(degrade_image(rng, images[k]))
+            damaged_caps.append(DEGRADED_PREFIX + captions[k])
+    pixels = torch.from_numpy(np.stack(images + damaged)).permute(0, 3, 1, 2).contiguous()
+    return pixels, captions + damaged_caps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,6 +269,7 @@ def train_toy_clip(
     patch_size: int = TOY_CLIP_DEFAULTS["patch_size"],
     warmup: float = TOY_CLIP_DEFAULTS["warmup"],
     weight_decay: float = TOY_CLIP_DEFAULTS["weight_decay"],
+    degrade: float = TOY_CLIP_DEFAULTS["degrade"],
     num_threads: int = 1,
     progress: bool = True,
 ) -> str:
@@ -223,6 +277,8 @@ def train_toy_clip(
     ``"open_clip:local-dir:<absolute out_dir>"``.
 
     ``batch_size`` counts image-caption pairs (an even number: half sources, half their edited targets).
+    ``degrade``: the probability that a pair also brings a damaged copy of one image as a quality hard
+    negative (:func:`sample_training_batch`), so that the CLIP's similarities fall on noisy or blurred frames.
     ``num_threads`` torch CPU threads are used while training (the weights are bit-identical for the same
     parameters and thread count). If ``out_dir`` holds a model trained with the same parameters it is
     returned at once; one trained with other parameters is replaced; any other non-empty folder is an error.
@@ -232,11 +288,15 @@ def train_toy_clip(
         raise ValueError(f"batch_size must be an even number >= 2 (source + target of each pair), got {batch_size}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= degrade <= 1.0:
+        raise ValueError(f"degrade is a probability in [0, 1], got {degrade}")
     model_cfg = toy_clip_config(size=size, width=width, layers=layers, heads=heads, embed_dim=embed_dim,
-                                patch_size=patch_size)
+                                patch_size=patch_size, degraded_captions=degrade > 0)
     params = dict(format=FORMAT_VERSION, seed=int(seed), steps=int(steps), batch_size=int(batch_size), lr=float(lr),
                   frames=int(frames), size=int(size), warmup=float(warmup), weight_decay=float(weight_decay),
                   num_threads=int(num_threads), pair_kinds=PAIR_KINDS, model_cfg=model_cfg)
+    if degrade > 0:  # absent when off, so models trained before this option still count as the same
+        params["degrade"] = float(degrade)
     params = json.loads(json.dumps(params))  # the form it has once read back from disk
     name = f"open_clip:local-dir:{out}"
     if _is_finished(out, params):
@@ -315,7 +375,8 @@ def _train(folder: Path, model_cfg: dict, params: dict, *, progress: bool) -> di
         bar = tqdm(range(steps), desc="toy CLIP", disable=not progress)
         for step in bar:
             rng = np.random.default_rng(np.random.SeedSequence([params["seed"], TRAIN_STREAM, step]))
-            pixels, captions = sample_training_batch(rng, n_pairs, frames=params["frames"], size=params["size"])
+            pixels, captions = sample_training_batch(rng, n_pairs, frames=params["frames"], size=params["size"],
+                                                     degrade=params.get("degrade", 0.0))
             _, caption_ids = np.unique(captions, return_inverse=True)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, params["lr"], params["warmup"])
@@ -363,7 +424,10 @@ def evaluate_toy_clip(model: str, *, kinds: Sequence[str] = ("add", "remove", "r
       target frames vs the source caption);
     * ``clip_if_sign``: the fraction of pairs with ``clip_if(V_tgt) > clip_if(V_src)`` (both scored with
       ``t_src`` and ``t_edit`` = the target caption), computed through the rewards registry;
-    * ``clip_sp``: mean ``clip_sp(V_tgt, V_src)``.
+    * ``clip_sp``: mean ``clip_sp(V_tgt, V_src)``;
+    * ``quality``: the fraction of target frames that score higher with their caption than a damaged copy
+      (:func:`degrade_image`) does, and ``clip_sp_damaged``: mean ``clip_sp`` of the damaged target video
+      against the clean one (1 = the CLIP cannot see the damage).
 
     ``num_threads``: torch CPU threads while evaluating (``None``: as set); one thread is fastest for
     this tiny model on a busy machine.
@@ -408,9 +472,17 @@ def _evaluate(model: str, kinds: Sequence[str], pairs_per_kind: int, seed: int, 
         texts = dict(source_captions=s_cap, target_captions=t_cap, instructions=[""] * b)
         if_tgt = clip_if(tgt, src, **texts).total
         if_src = clip_if(src, src, **texts).total
+        # quality: the target video against a damaged copy of itself
+        rng = np.random.default_rng(np.random.SeedSequence([seed, EVAL_STREAM, 99, list(PAIR_KINDS).index(kind)]))
+        bad = torch.from_numpy(np.stack([[degrade_image(rng, fr.astype(np.float32) / 255.0) for fr in v]
+                                         for v in tgt_np])).permute(0, 1, 4, 2, 3).contiguous()
+        emb_bad = scorer.encode_images(bad.flatten(0, 1)).view(b, frames, -1)
+        better = ((emb[1] * tt[:, None]).sum(-1) > (emb_bad * tt[:, None]).sum(-1)).float()
         out[kind] = {"retrieval": float(right.mean()), "frames": int(right.numel()), "pairs": b,
                      "clip_if_sign": float((if_tgt > if_src).float().mean()),
-                     "clip_sp": float(clip_sp(tgt, src, **texts).total.mean())}
+                     "clip_sp": float(clip_sp(tgt, src, **texts).total.mean()),
+                     "quality": float(better.mean()),
+                     "clip_sp_damaged": float(clip_sp(bad, tgt, **texts).total.mean())}
     return out
 
 
@@ -430,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--width", type=int, default=d["width"])
     p.add_argument("--layers", type=int, default=d["layers"])
+    p.add_argument("--degrade", type=float, default=d["degrade"],
+                   help="probability that a pair brings a damaged copy as a quality hard negative")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads while training")
     p.add_argument("--eval-pairs", type=int, default=50, help="held-out pairs per edit type to report (0: skip)")
     p.add_argument("--no-progress", action="store_true")
@@ -437,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     name = train_toy_clip(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, frames=a.frames,
-                          size=a.size, width=a.width, layers=a.layers, num_threads=a.threads,
+                          size=a.size, width=a.width, layers=a.layers, degrade=a.degrade, num_threads=a.threads,
                           progress=not a.no_progress)
     meta = _read_meta(Path(a.out))
     print(f"model: {name}")
@@ -446,9 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.eval_pairs > 0:
         res = evaluate_toy_clip(name, pairs_per_kind=a.eval_pairs, seed=a.seed, frames=a.frames, size=a.size,
                                 num_threads=a.threads)
-        print(f"{'edit type':<12} {'retrieval':>9} {'clip_if>':>9} {'clip_sp':>8}")
+        print(f"{'edit type':<12} {'retrieval':>9} {'clip_if>':>9} {'clip_sp':>8} {'quality':>8} {'sp_damaged':>10}")
         for kind, r in res.items():
-            print(f"{kind:<12} {r['retrieval']:>9.3f} {r['clip_if_sign']:>9.3f} {r['clip_sp']:>8.3f}")
+            print(f"{kind:<12} {r['retrieval']:>9.3f} {r['clip_if_sign']:>9.3f} {r['clip_sp']:>8.3f} "
+                  f"{r['quality']:>8.3f} {r['clip_sp_damaged']:>10.3f}")
     print(f'rewards config:\n  clip_if: {{weight: 1.0, model: "{name}"}}\n  clip_sp: {{weight: 0.5, model: "{name}"}}')
     return 0
 

@@ -155,6 +155,7 @@ def test_heldout_retrieval_per_edit_type(quick_model):
     for kind, r in res.items():
         assert r["frames"] >= 40
         assert r["retrieval"] > 0.65, (kind, r)  # chance is 0.5
+        assert 0 <= r["quality"] <= 1 and r["clip_sp_damaged"] < 1  # damage is measured (and visible to CLIP)
     assert np.mean([r["retrieval"] for r in res.values()]) > 0.78, res
 
 
@@ -178,3 +179,36 @@ def test_clip_sp_identities(quick_model):
     reward = CombinedReward.from_config({"clip_sp": {"weight": 1, "model": quick_model}})
     assert reward(src, src, **texts).total == pytest.approx([1.0] * len(pairs), abs=1e-5)
     assert bool((reward(tgt, src, **texts).total < 1 - 1e-4).all())
+
+
+# ------------------------------------------------------------------------ quality negatives
+def test_degrade_image_is_deterministic_damage_in_range():
+    rng = np.random.default_rng(0)
+    from viva_base.data.toyworld import random_scene
+
+    img = render(random_scene(rng))[0].astype(np.float32) / 255.0
+    a = tr.degrade_image(np.random.default_rng(7), img)
+    b = tr.degrade_image(np.random.default_rng(7), img)
+    assert np.array_equal(a, b) and a.shape == img.shape and a.dtype == np.float32
+    assert 0 <= a.min() and a.max() <= 1
+    damages = [np.abs(tr.degrade_image(np.random.default_rng(s), img) - img).mean() for s in range(20)]
+    assert min(damages) > 0.002  # every draw visibly changes the frame
+
+
+def test_degraded_negatives_in_the_batch_and_the_context_length():
+    pixels, caps = tr.sample_training_batch(np.random.default_rng(3), 12, degrade=1.0)
+    assert pixels.shape == (36, 3, 32, 32) and len(caps) == 36
+    assert all(not c.startswith(tr.DEGRADED_PREFIX) for c in caps[:24])
+    for i in range(24, 36):  # each damaged copy carries the prefixed caption of one image of its pair
+        assert caps[i].startswith(tr.DEGRADED_PREFIX)
+        assert caps[i][len(tr.DEGRADED_PREFIX):] in caps[2 * (i - 24): 2 * (i - 24) + 2]
+    plain, plain_caps = tr.sample_training_batch(np.random.default_rng(3), 12)
+    assert plain.shape == (24, 3, 32, 32) and plain_caps[:2] == caps[:2]  # same first pair; no damaged copies
+    assert not any(c.startswith(tr.DEGRADED_PREFIX) for c in plain_caps)
+    from open_clip.tokenizer import SimpleTokenizer
+
+    cfg = tr.toy_clip_config(degraded_captions=True)
+    n = len(SimpleTokenizer().encode(tr.DEGRADED_PREFIX))
+    assert cfg["text_cfg"]["context_length"] == tr.toy_clip_config()["text_cfg"]["context_length"] + n
+    with pytest.raises(ValueError, match="probability"):
+        tr.train_toy_clip("unused", degrade=1.5)
