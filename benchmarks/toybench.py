@@ -26,6 +26,38 @@ from viva_base.recipe import atomic_write_text
 SHARED = ("data", "sft", "reward_model")
 
 
+def pooled_delta(run_dirs: list[Path], *, n_boot: int = 2000) -> dict:
+    """Per held-out prompt, the mean over runs of ``oracle(GRPO) - oracle(SFT)`` (each run's first and last
+    evaluation, ``eval/step-<k>/items.jsonl``), and its bootstrap mean and 95% interval over prompts (the
+    prompts are the random unit; the runs differ only in their training seed). Also per split
+    (``compound`` / ``simple``) and the number of prompts whose pooled delta is positive."""
+    from editgrpo.evaluate import load_eval
+
+    per_run = []
+    for run in run_dirs:
+        steps = sorted((int(p.name.split("-")[1]), p) for p in (Path(run) / "eval").glob("step-*"))
+        if len(steps) < 2:
+            raise ValueError(f"{run}/eval holds {len(steps)} evaluation(s); a run needs its first and last one")
+        first, _ = load_eval(steps[0][1])
+        last, _ = load_eval(steps[-1][1])
+        before = {r["id"]: r for r in first}
+        per_run.append({r["id"]: (r["mean"]["oracle"] - before[r["id"]]["mean"]["oracle"], before[r["id"]]["split"])
+                        for r in last})
+    ids = sorted(per_run[0])
+    if any(sorted(p) != ids for p in per_run):
+        raise ValueError("the runs were evaluated on different prompts; pool runs of one chain only")
+    deltas = {i: sum(p[i][0] for p in per_run) / len(per_run) for i in ids}
+    out = {"n_runs": len(per_run), "n_prompts": len(ids), "improved": sum(d > 0 for d in deltas.values())}
+    mean, lo, hi = bootstrap_ci(list(deltas.values()), n=n_boot)
+    out["all"] = {"mean": mean, "ci95": [lo, hi]}
+    for split in ("compound", "simple"):
+        sel = [deltas[i] for i in ids if per_run[0][i][1].startswith(split)]
+        if sel:
+            mean, lo, hi = bootstrap_ci(sel, n=n_boot)
+            out[split] = {"n": len(sel), "mean": mean, "ci95": [lo, hi]}
+    return out
+
+
 def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
     from editgrpo.config import GRPOConfig
     from editgrpo.train import main as train_main
@@ -53,7 +85,8 @@ def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
     deltas = [r["delta"] for r in rows]
     result = {"seeds": rows, "mean_delta": statistics.fmean(deltas),
               "std_delta": statistics.stdev(deltas) if len(deltas) > 1 else None,
-              "seeds_improved": sum(d > 0 for d in deltas), "n_seeds": len(deltas)}
+              "seeds_improved": sum(d > 0 for d in deltas), "n_seeds": len(deltas),
+              "pooled": pooled_delta([out / f"seed-{seed}" for seed in seeds])}
     lines = ["| seed | SFT oracle | GRPO oracle | delta | 95% CI (prompts) | SFT reward | GRPO reward |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -62,6 +95,10 @@ def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
     lines.append(f"\nmean delta over {len(rows)} seeds: {result['mean_delta']:+.4f}"
                  + (f" (std {result['std_delta']:.4f})" if result["std_delta"] is not None else "")
                  + f"; improved on {result['seeds_improved']}/{len(rows)} seeds")
+    pooled = result["pooled"]
+    lines.append(f"pooled over seeds, per prompt: {pooled['all']['mean']:+.4f} "
+                 f"[{pooled['all']['ci95'][0]:+.4f}, {pooled['all']['ci95'][1]:+.4f}] (95% CI over "
+                 f"{pooled['n_prompts']} prompts; {pooled['improved']} improved)")
     atomic_write_text(out / "toybench.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "toybench.json", json.dumps(result, indent=2))
     print("\n".join(lines))

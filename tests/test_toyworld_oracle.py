@@ -116,3 +116,33 @@ def test_spearman_and_ranks():
     assert math.isnan(spearman(torch.ones(3), a[:3]))
     with pytest.raises(ValueError):
         spearman(a, a[:3])
+
+
+def test_toybench_pools_paired_deltas_over_runs(tmp_path):
+    import json
+
+    from benchmarks.toybench import pooled_delta
+
+    def write(run, step, oracles):
+        d = tmp_path / run / "eval" / f"step-{step}"
+        d.mkdir(parents=True)
+        rows = [{"id": f"p{i}", "split": "compound" if i < 3 else "simple", "mean": {"oracle": o}}
+                for i, o in enumerate(oracles)]
+        (d / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "summary.json").write_text("{}")
+
+    write("a", 0, [0.5, 0.5, 0.5, 0.5]); write("a", 24, [0.6, 0.5, 0.4, 0.7])
+    write("b", 0, [0.5, 0.5, 0.5, 0.5]); write("b", 8, [0.5, 0.5, 0.6, 0.5]); write("b", 24, [0.8, 0.4, 0.4, 0.5])
+    out = pooled_delta([tmp_path / "a", tmp_path / "b"], n_boot=500)
+    want = [0.2, -0.05, -0.1, 0.1]  # per prompt: mean over runs of last - first (step 8 is ignored)
+    assert out["n_runs"] == 2 and out["n_prompts"] == 4 and out["improved"] == 2
+    assert out["all"]["mean"] == pytest.approx(sum(want) / 4)
+    assert out["all"]["ci95"][0] <= out["all"]["mean"] <= out["all"]["ci95"][1]
+    assert out["compound"]["n"] == 3 and out["compound"]["mean"] == pytest.approx(sum(want[:3]) / 3)
+    assert out["simple"]["mean"] == pytest.approx(0.1)
+    write("c", 0, [0.5, 0.5, 0.5]); write("c", 24, [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="different prompts"):
+        pooled_delta([tmp_path / "a", tmp_path / "c"])
+    (tmp_path / "d" / "eval" / "step-0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="first and last"):
+        pooled_delta([tmp_path / "d"])
