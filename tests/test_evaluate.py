@@ -70,6 +70,12 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n_prompts"] == 3 and "ci95" in report["delta_oracle"]
     assert {"sft", "grpo", "delta_oracle", "n_prompts", "seconds"} <= set(report)
+    # the recipe logs the true accuracy of every rollout (toy_oracle, weight 0) next to the optimised rewards;
+    # on the held-out prompts it equals the evaluator's oracle, computed from the target and mask files
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"reward/toy_oracle", "reward/pixel_sp", "reward/clip_if"} <= set(row)
+    for stage in ("sft", "grpo"):
+        assert report[stage]["reward/toy_oracle"] == pytest.approx(report[stage]["oracle"], abs=1e-6)
     assert (tmp_path / "sft" / "final" / "editor_config.json").exists()
     assert (tmp_path / "reward_model").is_dir() and (tmp_path / "lora").is_dir()
     # a rerun reuses every finished stage (no retraining of the SFT editor)
