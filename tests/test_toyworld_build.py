@@ -181,3 +181,16 @@ def test_cli_builds_a_tiny_dataset_quickly(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "viva_base.data.toyworld.build", "--out", str(tmp_path / "bad"),
                           "--frames", "6"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "4k + 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_building_in_process_leaves_the_torch_thread_count_alone(tmp_path):
+    """Regression: the in-process build (workers=1, what the toy chain uses on 2 cores) set torch to one thread
+    for good, so the chain's SFT and Edit-GRPO that follow in the same process ran on one core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_toy_dataset(tmp_path / "t", seed=1, workers=1, n_sft_video=2, n_sft_image=1, n_grpo=1,
+                          n_eval_compound=1, n_eval_simple=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -83,12 +83,15 @@ def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, ex
 
 
 def _build_chunk(tasks: list[dict], **kwargs) -> list[dict]:
-    try:
-        import torch
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
     return [_build_one(t, **kwargs) for t in tasks]
+
+
+def _one_torch_thread() -> None:
+    """Worker-process initializer: one torch thread per worker (the workers already fill the cores). Never run
+    in the calling process: the toy chain builds its data in-process and then trains in the same process."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _run(tasks: list[dict], workers: int, desc: str, **kwargs) -> list[dict]:
@@ -104,7 +107,7 @@ def _run(tasks: list[dict], workers: int, desc: str, **kwargs) -> list[dict]:
                 out += fn(c)
                 bar.update(len(c))
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_torch_thread) as pool:
                 for res in pool.map(fn, chunks):  # map keeps the order: output independent of workers
                     out += res
                     bar.update(len(res))
