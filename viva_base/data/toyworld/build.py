@@ -102,10 +102,17 @@ def _run(tasks: list[dict], workers: int, desc: str, **kwargs) -> list[dict]:
     fn = partial(_build_chunk, **kwargs)
     out: list[dict] = []
     with tqdm(total=len(tasks), desc=desc, unit="ex", disable=None) as bar:
-        if workers <= 1:
-            for c in chunks:
-                out += fn(c)
-                bar.update(len(c))
+        if workers <= 1:  # in this process: one torch thread while building (tiny tensors), then as before
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for c in chunks:
+                    out += fn(c)
+                    bar.update(len(c))
+            finally:
+                torch.set_num_threads(threads)
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_torch_thread) as pool:
                 for res in pool.map(fn, chunks):  # map keeps the order: output independent of workers
