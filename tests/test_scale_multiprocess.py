@@ -138,14 +138,17 @@ def _assert_same_update(ref: dict, got: dict, adv_tol: float = TOL, grad_tol: fl
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The 1-process reference run (in this process)."""
+    """The 1-process reference run (in this process), with one torch thread like the launched processes
+    (OMP_NUM_THREADS=1): float sums, and so the tiny rewards' last digits, depend on the thread count."""
     out = tmp_path_factory.mktemp("one")
-    cwd = os.getcwd()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(REPO)
+    torch.set_num_threads(1)
     try:
         run_and_dump([*COMMON, f"output_dir={out}"], out)
     finally:
         os.chdir(cwd)
+        torch.set_num_threads(threads)
     ref = _load(out, 0)
     assert ref["world"] == 1
     return ref
