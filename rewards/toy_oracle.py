@@ -20,7 +20,6 @@ trainer's held-out evaluation scores its prompts with the same rewards).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -54,10 +53,9 @@ class ToyOracleReward(Reward):
             if not path.is_file():
                 raise FileNotFoundError(f"toy_oracle: manifest {path} does not exist; point `manifest` at a toy "
                                         f"world manifest (python -m viva_base.data.toyworld.build --out DIR)")
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
+            from viva_base.data.manifest import read_jsonl
+
+            for n, rec in read_jsonl(path):
                 if "scene" not in rec or "ops" not in rec:
                     raise ValueError(f"toy_oracle: {path}:{n} has no `scene`/`ops`: not a toy-world manifest")
                 self.records[(rec["instruction"], rec["source_caption"])] = rec

@@ -151,18 +151,24 @@ def _scores_from(obj: Any, required: Sequence[str]) -> dict[str, float] | None:
     return None
 
 
+
+def json_objects_in(text: str):
+    """Every JSON value that starts at a ``{`` of ``text``, in order (prose and code fences around them
+    are skipped): what a chat model's answer may hold. Shared by the judge and the data pipeline's client."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            yield decoder.raw_decode(text, match.start())[0]
+        except json.JSONDecodeError:
+            continue
+
 def parse_judge_answer(text: str, required: Sequence[str] = BASE_CRITERIA) -> dict[str, float]:
     """Scores from a judge's answer: the first JSON object in ``text`` (code fences and prose around it
     are fine, keys match case- and space-insensitively, values may be numbers, ``"8"`` or ``"8/10"``)
     that has every ``required`` criterion with a value in [0, 10]. Raises :class:`JudgeParseError`."""
     if not isinstance(text, str) or not text.strip():
         raise JudgeParseError("empty answer")
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
+    for obj in json_objects_in(text):
         scores = _scores_from(obj, required)
         if scores is not None:
             return scores

@@ -24,3 +24,13 @@ def tiny_editor():
 @pytest.fixture()
 def repo_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module: tiny models are overhead-bound, and one thread is several times
+    faster on a busy machine. The count before is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -95,12 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are overhead-bound: one intra-op thread is several times faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _module_on_one_thread(one_thread):
+    """The whole module runs on one torch thread (conftest's ``one_thread``)."""
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ SIMPLE = ("add", "remove", "replace", "recolour", "background")
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Train and score with one torch thread (fastest for this tiny model on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def quick_model(tmp_path_factory, one_thread):
     return tr.train_toy_clip(tmp_path_factory.mktemp("toyclip") / "model", progress=False, **QUICK)
 

@@ -33,6 +33,25 @@ class ManifestError(UserError):
     pass
 
 
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a line that is not a JSON object
+    is a :class:`ManifestError` naming the file and line."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{path}:{lineno}: each line must be a JSON object")
+            rows.append((lineno, row))
+    return rows
+
+
 def read_manifest(path: str | os.PathLike, kind: str = "pairs", *, check_files: bool = True) -> list[dict]:
     """Read and validate a manifest; returns dicts with absolute paths. Errors name the file and line."""
     if kind not in REQUIRED:
@@ -42,36 +61,27 @@ def read_manifest(path: str | os.PathLike, kind: str = "pairs", *, check_files: 
         raise ManifestError(f"manifest '{path}' not found")
     root = path.parent.resolve()
     records, seen = [], set()
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ManifestError(f"{path}:{lineno}: each line must be a JSON object")
-            missing = [k for k in REQUIRED[kind] if rec.get(k) in (None, "") and not (k == "instruction" and k in rec)]
-            if missing:
-                raise ManifestError(f"{path}:{lineno}: missing {', '.join(missing)} (a {kind} manifest needs "
-                                    f"{', '.join(REQUIRED[kind])})")
-            rec["id"] = str(rec["id"])
-            if rec["id"] in seen:
-                raise ManifestError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
-            seen.add(rec["id"])
-            for key in PATH_KEYS:
-                if rec.get(key):
-                    p = Path(rec[key])
-                    p = p if p.is_absolute() else root / p
-                    if check_files and not p.exists():
-                        raise ManifestError(f"{path}:{lineno}: {key} file '{p}' not found")
-                    rec[key] = str(p)
-            rec.setdefault("source_caption", "")
-            rec.setdefault("target_caption", "")
-            rec.setdefault("reference", None)
-            rec.setdefault("mask", None)
-            records.append(rec)
+    for lineno, rec in read_jsonl(path):
+        missing = [k for k in REQUIRED[kind] if rec.get(k) in (None, "") and not (k == "instruction" and k in rec)]
+        if missing:
+            raise ManifestError(f"{path}:{lineno}: missing {', '.join(missing)} (a {kind} manifest needs "
+                                f"{', '.join(REQUIRED[kind])})")
+        rec["id"] = str(rec["id"])
+        if rec["id"] in seen:
+            raise ManifestError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        for key in PATH_KEYS:
+            if rec.get(key):
+                p = Path(rec[key])
+                p = p if p.is_absolute() else root / p
+                if check_files and not p.exists():
+                    raise ManifestError(f"{path}:{lineno}: {key} file '{p}' not found")
+                rec[key] = str(p)
+        rec.setdefault("source_caption", "")
+        rec.setdefault("target_caption", "")
+        rec.setdefault("reference", None)
+        rec.setdefault("mask", None)
+        records.append(rec)
     if not records:
         raise ManifestError(f"manifest '{path}' holds no records")
     return records

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from rewards.vlm_judge import JudgeClient, _png_data_url
+from rewards.vlm_judge import JudgeClient, _png_data_url, json_objects_in
 
 from ...errors import CheckpointError, UserError
 from ...recipe import atomic_write_text
@@ -47,12 +46,7 @@ def parse_json_answer(text: str, required: Sequence[str]) -> dict:
     in ``required``; :class:`ValueError` if there is none."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty answer")
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
+    for obj in json_objects_in(text):
         if isinstance(obj, dict) and all(k in obj for k in required):
             return obj
     snippet = text.strip().replace("\n", " ")[:120]

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from ...errors import UserError
 from ...recipe import atomic_write_text
-from ..manifest import ManifestError, write_manifest
+from ..manifest import ManifestError, read_jsonl, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -101,20 +101,13 @@ def list_inputs(inputs: str | os.PathLike) -> list[InputVideo]:
 def _read_input_manifest(path: Path) -> list[InputVideo]:
     root = path.parent.resolve()
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            video = row.get("video") or row.get("source") if isinstance(row, dict) else None
-            if not video:
-                raise ManifestError(f"{path}:{lineno}: needs 'video' (a path) and 'caption'")
-            p = Path(video)
-            p = p if p.is_absolute() else root / p
-            items.append(InputVideo(safe_id(str(row.get("id") or p.stem)), str(p), str(row.get("caption") or "").strip()))
+    for lineno, row in read_jsonl(path):
+        video = row.get("video") or row.get("source")
+        if not video:
+            raise ManifestError(f"{path}:{lineno}: needs 'video' (a path) and 'caption'")
+        p = Path(video)
+        p = p if p.is_absolute() else root / p
+        items.append(InputVideo(safe_id(str(row.get("id") or p.stem)), str(p), str(row.get("caption") or "").strip()))
     return items
 
 
