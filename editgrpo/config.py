@@ -118,3 +118,57 @@ class GRPOConfig:
     toy: ToyChainConfig = field(default_factory=ToyChainConfig)
     report_to: str = "tensorboard"
     resume: Optional[str] = None         # latest | a checkpoint folder
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def validate_config(cfg: GRPOConfig) -> None:
+    """Check every value that can be checked without building anything (no data, model or reward is loaded),
+    so a mistyped value fails in seconds, before any expensive work. Raises ``UserError`` (one line)."""
+    from viva_base.errors import UserError
+    from viva_base.training import DTYPES
+
+    from .grpo import ADVANTAGE_SCALES
+    from .sampling import SDE_METHODS
+
+    tc, sc = cfg.train, cfg.sampling
+
+    def one_of(key: str, value, allowed) -> None:
+        if value not in allowed:
+            raise UserError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}")
+
+    def positive(key: str, value, strict: bool = True) -> None:
+        if value is not None and not (value > 0 if strict else value >= 0):
+            raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")
+
+    one_of("train.reward_normalization", tc.reward_normalization, ("total", "component"))
+    one_of("train.scale_rewards", tc.scale_rewards, ADVANTAGE_SCALES)
+    one_of("train.lr_scheduler", tc.lr_scheduler, LR_SCHEDULERS)
+    one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
+    one_of("sampling.method", sc.method, SDE_METHODS)
+    one_of("model.dtype", cfg.model.dtype, sorted(DTYPES))
+    for key in ("num_iterations", "prompts_per_iteration", "num_generations", "learning_rate", "num_inner_epochs",
+                "minibatches_per_iteration", "train_batch_size", "advantage_clip", "log_every"):
+        positive(f"train.{key}", getattr(tc, key))
+    for key in ("beta", "warmup_steps", "max_grad_norm", "advantage_eps", "weight_decay", "checkpoint_every"):
+        positive(f"train.{key}", getattr(tc, key), strict=False)
+    if not 0 < tc.epsilon < 1:
+        raise UserError(f"train.epsilon={tc.epsilon!r}: the clip range must be in (0, 1)")
+    for key in ("num_steps", "eta", "rollout_batch_size", "train_steps", "sde_window_size", "shift"):
+        positive(f"sampling.{key}", getattr(sc, key))
+    if sc.method == "cps" and sc.eta > 1:
+        raise UserError(f"sampling.eta={sc.eta!r}: CPS needs 0 < eta <= 1 (std = sigma_next sin(eta pi / 2))")
+    if sc.sde_window_size and sc.sde_window_size > sc.num_steps - 1:
+        raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
+                        f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")
+    positive("lora.rank", cfg.lora.rank)
+    from rewards.registry import UnknownRewardError, check_rewards_config
+
+    try:
+        check_rewards_config(cfg.rewards)
+    except UnknownRewardError as e:
+        raise UserError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0]) from None

@@ -33,7 +33,7 @@ from viva_base.recipe import run_cli, save_resolved
 from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init_trackers, load_checkpoint,
                                 make_accelerator, step_generator)
 
-from .config import GRPOConfig
+from .config import GRPOConfig, validate_config
 from .distributed import (DeepSpeedOptimizerState, backward_passes, configure_deepspeed, deepspeed_stage, gathered,
                           no_zero_init, save_state)
 from .grpo import component_advantages, gather_for_advantages, gaussian_kl, group_advantages, policy_loss
@@ -66,12 +66,10 @@ def choose_steps(cfg, sigmas: torch.Tensor, iteration: int) -> tuple[tuple[int, 
 
 def main(cfg: GRPOConfig) -> Path:
     t_start = time.time()
+    validate_config(cfg)  # before any expensive work: data, editor, reward models
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc, sc = cfg.train, cfg.sampling
-    if tc.reward_normalization not in ("total", "component"):
-        raise UserError(f"train.reward_normalization={tc.reward_normalization!r}: use total (eq. 11 on the weighted "
-                        "sum of rewards) or component (each reward normalised in its group, then weighted)")
     accelerator = make_accelerator(str(out), report_to=cfg.report_to, mixed_precision=tc.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     G, P = tc.num_generations, tc.prompts_per_iteration

@@ -31,6 +31,7 @@ __all__ = [
     "UnknownRewardError",
     "available_rewards",
     "build_reward",
+    "check_rewards_config",
     "register_reward",
     "weighted_total",
 ]
@@ -129,6 +130,48 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     return reward
 
 
+def _entries(cfg: Any) -> list[tuple[str, str, float, dict[str, Any]]]:
+    """``(component, registered name, weight, kwargs)`` of a ``rewards:`` mapping, with its shape and weights checked."""
+    cfg = _to_plain(cfg)
+    if not isinstance(cfg, Mapping) or not cfg:
+        raise ValueError(f"rewards config must be a non-empty mapping {{name: {{weight: w, ...}}}}, got {cfg!r}")
+    out = []
+    for name, entry in cfg.items():
+        if entry is None:
+            entry = {}
+        elif isinstance(entry, (int, float)) and not isinstance(entry, bool):
+            entry = {"weight": entry}
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"rewards.{name} must be a mapping {{weight: w, ...kwargs}}, got {entry!r}")
+        kwargs = dict(entry)
+        weight = kwargs.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"rewards.{name}.weight must be a finite number, got {weight!r}")
+        out.append((str(name), str(kwargs.pop("type", name)), float(weight), kwargs))
+    return out
+
+
+def check_rewards_config(cfg: Mapping[str, Any]) -> None:
+    """Check a ``rewards:`` mapping without building anything (no model is loaded): every name (or ``type``) is
+    a known reward, every weight a finite number, and the keyword arguments fit the reward's signature (when it
+    names them). Raises :class:`UnknownRewardError`, ``ValueError`` or ``TypeError`` with one-line messages."""
+    import inspect
+
+    entries = _entries(cfg)
+    for name, kind, _, kwargs in entries:
+        factory = _resolve(kind)
+        try:
+            sig = inspect.signature(factory)
+        except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            continue
+        try:
+            sig.bind(**kwargs)
+        except TypeError as e:
+            raise TypeError(f"rewards.{name}: {e}; {kind} takes {', '.join(sig.parameters) or 'no arguments'}") from None
+
+
 # ------------------------------------------------------------------------------------------------
 # Weighted combination (eq. 7)
 # ------------------------------------------------------------------------------------------------
@@ -193,28 +236,14 @@ class CombinedReward:
         ``weight`` defaults to 1.0; a bare number is shorthand for ``{weight: number}``; ``type``
         picks the registered reward when the component name differs from it (e.g. two judges).
         """
-        cfg = _to_plain(cfg)
-        if not isinstance(cfg, Mapping) or not cfg:
-            raise ValueError(f"rewards config must be a non-empty mapping {{name: {{weight: w, ...}}}}, got {cfg!r}")
         rewards: dict[str, Reward] = {}
         weights: dict[str, float] = {}
-        for name, entry in cfg.items():
-            if entry is None:
-                entry = {}
-            elif isinstance(entry, (int, float)) and not isinstance(entry, bool):
-                entry = {"weight": entry}
-            if not isinstance(entry, Mapping):
-                raise ValueError(f"rewards.{name} must be a mapping {{weight: w, ...kwargs}}, got {entry!r}")
-            kwargs = dict(entry)
-            weight = kwargs.pop("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ValueError(f"rewards.{name}.weight must be a finite number, got {weight!r}")
-            kind = kwargs.pop("type", name)
+        for name, kind, weight, kwargs in _entries(cfg):
             try:
-                rewards[str(name)] = build_reward(str(kind), **kwargs)
+                rewards[name] = build_reward(kind, **kwargs)
             except (TypeError, ValueError, OSError) as e:
                 raise type(e)(f"rewards.{name}: {e}") from e
-            weights[str(name)] = float(weight)
+            weights[name] = weight
         return cls(rewards, weights)
 
     def __call__(

@@ -1,0 +1,52 @@
+"""Config values a user can get wrong fail at once: one line, exit code 2, before any data, editor or reward model."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from editgrpo.config import GRPOConfig, validate_config
+from viva_base.errors import UserError
+from viva_base.recipe import load_recipe
+
+
+def _run_train(repo_root, tmp_path, *overrides):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/tiny.yaml",
+                           f"output_dir={tmp_path / 'run'}", *overrides],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.time() - t0
+
+
+def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
+    proc, seconds = _run_train(repo_root, tmp_path, "rewards.no_such_reward.weight=1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "no_such_reward" in errors[0]
+    for builtin in ("clip_if", "clip_sp", "pickscore", "hps", "vlm_judge", "pixel_sp", "toy_oracle"):
+        assert builtin in errors[0]
+    assert not (tmp_path / "run" / "data").exists()  # no toy prompts were built
+    assert seconds < 10, seconds
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rewards.clip_if.bogus_arg=1", "bogus_arg"),
+    ("rewards.clip_if.weight=abc", "weight"),
+    ("train.scale_rewards=bogus", "train.scale_rewards"),
+    ("train.lr_scheduler=cosine_warm", "train.lr_scheduler"),
+    ("sampling.method=ddim", "sampling.method"),
+    ("train.epsilon=2", "train.epsilon"),
+    ("sampling.sde_window_size=9", "sampling.sde_window_size"),
+])
+def test_cheap_checks_name_the_key(override, key):
+    cfg = load_recipe(GRPOConfig, ["recipe=recipes/tiny.yaml", override])
+    with pytest.raises(UserError, match=key):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("recipe", ["tiny", "toy", "viva", "lucy_grpo", "lucy_tiny"])
+def test_shipped_recipes_pass_the_checks(recipe):
+    validate_config(load_recipe(GRPOConfig, [f"recipe=recipes/{recipe}.yaml"]))
