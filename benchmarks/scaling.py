@@ -390,7 +390,8 @@ processes, including a group split between processes):
   sample's noise comes from its own generator seeded by `(seed, iteration, global sample index)`;
 * each process builds the conditions of its own prompts once (a prompt whose group is split is encoded by both);
 * rewards and group ids are gathered before the advantages (`editgrpo.grpo.gather_for_advantages`), so a group
-  split over processes is normalised over all its members;
+  split over processes is normalised over all its members; every tensor that reaches a collective (gather, pad,
+  reduce) is moved to `accelerator.device` first (NCCL rejects CPU tensors; gloo, used on CPUs, accepts them);
 * each backward pass is weighted by `valid samples / valid samples of the minibatch on all processes x world`, so
   the averaged gradients (DDP or DeepSpeed) are the mean over the global minibatch.
 

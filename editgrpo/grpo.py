@@ -187,6 +187,10 @@ def gather_for_advantages(
     Processes may hold different numbers of samples (tensors are padded for the collective, then unpadded).
     With ``accelerator=None`` or a single process it is the identity. ``accelerator`` is an
     ``accelerate.Accelerator`` (its ``gather`` and ``pad_across_processes`` are used).
+
+    Every tensor is moved to ``accelerator.device`` before the collectives (NCCL's all-gather rejects CPU
+    tensors; gloo accepts them, so CPU runs would not notice), and the results come back on ``rewards``'
+    device.
     """
     n = rewards.shape[0]
     if group_ids.shape != rewards.shape:
@@ -195,10 +199,11 @@ def gather_for_advantages(
         )
     if accelerator is None or accelerator.num_processes == 1:
         return rewards, group_ids, slice(0, n)
-    sizes = accelerator.gather(torch.tensor([n], device=rewards.device)).tolist()
+    home, device = rewards.device, accelerator.device
+    sizes = accelerator.gather(torch.tensor([n], device=device)).cpu().tolist()
     width = max(sizes)
-    padded_r = accelerator.gather(accelerator.pad_across_processes(rewards, dim=0))
-    padded_g = accelerator.gather(accelerator.pad_across_processes(group_ids, dim=0))
+    padded_r = accelerator.gather(accelerator.pad_across_processes(rewards.to(device), dim=0)).to(home)
+    padded_g = accelerator.gather(accelerator.pad_across_processes(group_ids.to(device), dim=0)).to(home)
     parts = [slice(p * width, p * width + size) for p, size in enumerate(sizes)]
     all_rewards = torch.cat([padded_r[s] for s in parts])
     all_group_ids = torch.cat([padded_g[s] for s in parts])

@@ -225,3 +225,42 @@ def test_policy_loss_adds_beta_kl():
     assert metrics["policy_loss"].item() == pytest.approx(surrogate.item())
     with pytest.raises(ValueError, match="needs kl"):
         policy_loss(out.log_prob, drawn.log_prob, adv, 0.2, beta=0.04)
+
+
+class _MetaDeviceAccelerator:
+    """Rank 0 of 2 processes whose device is ``meta``: every collective asserts its input is on that device (as
+    NCCL does: CPU tensors are rejected), then answers with what a real 2-process gather would give."""
+
+    device = torch.device("meta")
+    num_processes, process_index = 2, 0
+
+    def __init__(self, local, other):
+        self.ranks = [local, other]  # per rank: {"sizes": .., "rewards": .., "groups": ..} (CPU, known to the test)
+        self.calls = []
+
+    def _check(self, name, tensor):
+        self.calls.append(name)
+        assert tensor.device == self.device, f"{name} got a tensor on {tensor.device}, not on accelerator.device"
+
+    def pad_across_processes(self, tensor, dim=0):
+        self._check("pad_across_processes", tensor)
+        return tensor
+
+    def gather(self, tensor):
+        self._check("gather", tensor)
+        width = max(len(r["rewards"]) for r in self.ranks)
+        if tensor.shape == (1,) and not tensor.dtype.is_floating_point:
+            return torch.tensor([len(r["rewards"]) for r in self.ranks])
+        key = "rewards" if tensor.dtype.is_floating_point else "groups"
+        return torch.cat([torch.nn.functional.pad(r[key], (0, width - len(r[key]))) for r in self.ranks])
+
+
+def test_gather_for_advantages_moves_every_tensor_to_the_accelerator_device():
+    local = {"rewards": torch.tensor([0.1, 0.5, 0.2]), "groups": torch.tensor([0, 0, 1])}
+    other = {"rewards": torch.tensor([0.7, 0.3]), "groups": torch.tensor([1, 2])}
+    acc = _MetaDeviceAccelerator(local, other)
+    all_r, all_g, sl = gather_for_advantages(acc, local["rewards"], local["groups"])
+    assert acc.calls.count("gather") == 3 and acc.calls.count("pad_across_processes") == 2
+    assert all_r.device.type == "cpu" and all_g.device.type == "cpu"  # back on the caller's device
+    torch.testing.assert_close(all_r, torch.tensor([0.1, 0.5, 0.2, 0.7, 0.3]))
+    assert all_g.tolist() == [0, 0, 1, 1, 2] and sl == slice(0, 3)

@@ -212,7 +212,7 @@ def main(cfg: SFTConfig) -> Path:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
-        loss_mean = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        loss_mean = accelerator.reduce(torch.stack(losses).mean().to(accelerator.device), reduction="mean").item()
         if not math.isfinite(loss_mean):
             raise RuntimeError(f"SFT loss became {loss_mean} at step {step + 1}; lower train.learning_rate")
         row = {"step": step + 1, "loss": loss_mean, "lr": lr_scheduler.get_last_lr()[0],
