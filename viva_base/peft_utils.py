@@ -13,6 +13,9 @@ def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: int, init: str |
     """Inject a LoRA adapter (peft ``LoraConfig``) into a diffusers transformer; only it trains.
 
     ``init="gaussian"`` is the paper's choice (peft: A ~ N(0, 1/r), B = 0, so the adapter starts as a no-op).
+    The adapter's weights are float32 whatever the DiT's dtype (peft creates them in the base layer's dtype;
+    bf16 weights would lose small optimizer updates); peft's LoRA layer casts its input to the adapter's dtype
+    and its output back, so a bf16 base with a float32 adapter runs as it is.
     """
     from peft import LoraConfig
 
@@ -23,6 +26,9 @@ def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: int, init: str |
                                            target_modules=targets), adapter_name=adapter_name)
     except ValueError as exc:
         raise CheckpointError(f"LoRA targets {targets!r} match no module of the DiT ({exc})") from None
+    for name, p in transformer.named_parameters():
+        if "lora_" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
     return transformer
 
 

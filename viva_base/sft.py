@@ -27,8 +27,9 @@ from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
 from .errors import UserError
 from .losses import add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas
 from .recipe import run_cli, save_resolved
-from .training import (MetricsFile, ModelConfig, build_editor, find_checkpoint, init_trackers, load_checkpoint,
-                       make_accelerator, save_checkpoint, step_generator)
+from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compute_autocast, find_checkpoint,
+                       init_trackers, load_checkpoint, make_accelerator, save_checkpoint, step_generator,
+                       upcast_trainable)
 
 logger = logging.getLogger("viva_base.sft")
 
@@ -97,7 +98,8 @@ class SFTConfig:
 
 
 def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Choose what SFT trains; returns the trainable parameters (projector + refiner always)."""
+    """Choose what SFT trains; returns the trainable parameters (projector + refiner always), in float32
+    whatever the model dtype (``upcast_trainable``)."""
     dit = editor.transformer
     dit.requires_grad_(False)
     if cfg.trainable == "full":
@@ -111,7 +113,7 @@ def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
         raise UserError(f"train.trainable={cfg.trainable!r}: use full, lora or projector_refiner")
     dit.x_embedder.requires_grad_(True)        # the projector (2C-channel patch embedding)
     dit.context_embedder.requires_grad_(True)  # the token refiner
-    return [p for p in dit.parameters() if p.requires_grad]
+    return upcast_trainable(dit)
 
 
 def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
@@ -174,6 +176,7 @@ def main(cfg: SFTConfig) -> Path:
     editor = build_editor(cfg.model, device=accelerator.device)
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc)
+    model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
                                   weight_decay=tc.weight_decay)
     from diffusers.optimization import get_scheduler
@@ -204,8 +207,9 @@ def main(cfg: SFTConfig) -> Path:
             idx = sampler.indices(step, micro)[rank * per_micro:(rank + 1) * per_micro]
             batch = collate_pairs([dataset[i] for i in idx])
             with accelerator.accumulate(dit), accelerator.autocast():
-                loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
-                                cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift)
+                with compute_autocast(accelerator.device, model_dtype):  # bf16 frozen x fp32 trained weights
+                    loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
+                                    cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if accelerator.sync_gradients else None
                 optimizer.step()
@@ -234,7 +238,7 @@ def main(cfg: SFTConfig) -> Path:
             from .peft_utils import merge_lora
 
             transformer = merge_lora(transformer)
-        editor.transformer, editor.dit_forward = transformer, None
+        editor.transformer, editor.dit_forward = transformer.to(model_dtype), None
         editor.save_pretrained(final)
         logger.info("SFT done in %.1f s; editor written to %s", time.time() - t0, final)
         print(f"SFT finished: {tc.max_steps} steps, last loss {loss_mean:.4f}, "

@@ -48,7 +48,7 @@ class ModelConfig:
     tiny_seed: int = 0
     tiny_spec: Any = field(default_factory=dict)  # viva_base.tiny.TinySpec fields (sizes of the tiny editor)
     tiny_kind: str = "viva"              # which tiny editor: viva | lucy (TINY_EDITORS; tiny_spec is its spec)
-    dtype: str = "float32"               # weights of the frozen parts and the DiT: float32 | bf16 | fp16
+    dtype: str = "float32"               # weights of the frozen parts: float32 | bf16 | fp16 (trained ones are float32)
     gradient_checkpointing: bool = False
     shift: Optional[float] = None        # override the sampling schedule's shift
 
@@ -91,6 +91,32 @@ def build_editor(cfg: ModelConfig, device: torch.device | str | None = None):
     if cfg.gradient_checkpointing:
         editor.transformer.enable_gradient_checkpointing()
     return editor
+
+
+def upcast_trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Store every trainable parameter of ``module`` in float32 (the master weights) whatever the model dtype;
+    the frozen ones keep theirs. Returns the trainable parameters.
+
+    A bf16 weight cannot hold a small update: bf16 keeps 8 significant bits, so ``w + lr * u`` rounds back to
+    ``w`` unless ``|lr * u| > |w| / 512`` -- AdamW at lr 2e-5 would lose almost every step. The forward of a
+    model with bf16 frozen and fp32 trainable weights runs under :func:`compute_autocast` (peft's LoRA layers
+    also cast their input to the adapter's dtype on their own)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return params
+
+
+def compute_autocast(device: torch.device | str, model_dtype: torch.dtype):
+    """The context of a training forward whose frozen weights are ``model_dtype`` and trainable ones float32
+    (:func:`upcast_trainable`): autocast to ``model_dtype`` (matmuls and convolutions in the model dtype, so
+    mixed-dtype layers work); nothing for a float32 model."""
+    from contextlib import nullcontext
+
+    if model_dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=model_dtype)
 
 
 EDITOR_CLASSES = {"VivaEditor": ("viva_base.model", "VivaEditor"), "LucyEditor": ("viva_base.lucy", "LucyEditor")}
