@@ -394,6 +394,8 @@ processes, including a group split between processes):
   reduce) is moved to `accelerator.device` first (NCCL rejects CPU tensors; gloo, used on CPUs, accepts them);
 * each backward pass is weighted by `valid samples / valid samples of the minibatch on all processes x world`, so
   the averaged gradients (DDP or DeepSpeed) are the mean over the global minibatch.
+* the lr schedule advances once per optimizer step, whatever the number of processes and under DeepSpeed too
+  (`step_scheduler_with_optimizer=False`: accelerate's default advances it once per process per step).
 
 DeepSpeed (`recipes/accelerate/zero{2,3,3_offload}.yaml` + `ds_*.json`): the trainer fills the configs' "auto"
 batch keys (micro-batch = `train.train_batch_size`, gradient accumulation = micro-batches x trained steps of an

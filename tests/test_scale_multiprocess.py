@@ -27,6 +27,25 @@ COMMON = ["recipe=recipes/tiny.yaml", "report_to=none", "data.toy_prompts=4", "t
           "rewards.clip_sp.weight=0.0"]  # total = R_IF (about 1e-3): its rounding does not swamp the group spread
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
+WARMUP = ["train.lr_scheduler=constant_with_warmup", "train.warmup_steps=4"]  # lr 0 at the first step: grads unchanged
+
+
+def _single_process_lrs(name: str, lr: float, warmup: int, total: int, steps: int) -> list[float]:
+    """The lr after optimizer steps 1..steps of the plain schedule, stepped once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    out = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        out.append(sched.get_last_lr()[0])
+    return out
+
+
+def _metric(run: Path, key: str) -> list:
+    return [json.loads(r)[key] for r in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def run_and_dump(argv: list[str], dump_dir: str | os.PathLike) -> None:
@@ -161,11 +180,13 @@ def test_two_processes_reproduce_one_process(one_process, tmp_path, repo_root):
     assert ref["group_ids"].tolist() == [0, 0, 1, 1, 2, 2]
     split = ref["advantages"][2:4]
     assert (split.abs() > 0.1).all() and abs(float(split.sum())) < 1e-4  # a real, centred two-sample group
-    _launch(_torchrun(2, 29641), [str(tmp_path), *COMMON, f"output_dir={tmp_path}/run"], repo_root)
+    _launch(_torchrun(2, 29641), [str(tmp_path), *COMMON, *WARMUP, f"output_dir={tmp_path}/run"], repo_root)
     for rank in (0, 1):
         got = _load(tmp_path, rank)
         assert got["world"] == 2 and "MULTI_CPU" in got["distributed_type"]
         _assert_same_update(ref, got)
+    # the lr schedule advances once per optimizer step, not once per process
+    assert _metric(tmp_path / "run", "lr") == _single_process_lrs("constant_with_warmup", 1e-3, 4, 1, 1)
 
 
 def _zero_config(tmp_path: Path, repo_root, stage_file: str, **zero) -> Path:
@@ -190,13 +211,15 @@ def test_deepspeed_zero2_matches_one_process_and_resumes_exactly(one_process, tm
     config = _zero_config(tmp_path, repo_root, "zero2")
     run = tmp_path / "run"
     two_iters = [a for a in COMMON if not a.startswith(("train.num_iterations", "train.checkpoint_every"))]
-    two_iters += ["train.num_iterations=2", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    two_iters += ["train.num_iterations=2", "train.checkpoint_every=1", "train.keep_checkpoints=2", *WARMUP]
     _launch(_deepspeed(config, 2, 29642), [str(tmp_path / "dump"), *two_iters, f"output_dir={run}"], repo_root)
     for rank in (0, 1):
         got = _load(tmp_path / "dump", rank)
         assert got["world"] == 2 and "DEEPSPEED" in got["distributed_type"]
         _assert_same_update(one_process, got)
     assert {"latest", "state"} <= {p.name for p in (run / "checkpoint-1" / "deepspeed").iterdir()}
+    lrs = _single_process_lrs("constant_with_warmup", 1e-3, 4, 2, 2)
+    assert _metric(run, "lr") == lrs  # once per optimizer step under DeepSpeed too
     final = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
 
     # resume from checkpoint-1 (as if killed after it) and finish: the same LoRA and the same iteration-2 metrics
@@ -211,6 +234,7 @@ def test_deepspeed_zero2_matches_one_process_and_resumes_exactly(one_process, tm
         assert torch.allclose(final[k], resumed[k], rtol=0, atol=1e-7), k
     again = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["reward"] for r in again] == [json.loads(r)["reward"] for r in rows]
+    assert _metric(run, "lr") == lrs
 
 
 @pytest.mark.slow
@@ -241,16 +265,20 @@ def test_deepspeed_zero3_partitions_and_matches_one_process(one_process, tmp_pat
 
 @pytest.mark.slow
 def test_sft_runs_on_two_processes(tmp_path, repo_root):
-    """viva_base.sft under torchrun on 2 CPU processes: each takes its half of every global batch (DDP)."""
+    """viva_base.sft under torchrun on 2 CPU processes: each takes its half of every global batch (DDP); with
+    gradient accumulation the lr schedule still advances once per optimizer step (as on 1 process)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run([*_torchrun(2, 29645), "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml",
                            "report_to=none", "train.max_steps=2", "train.checkpoint_every=0", "data.toy.n_video=4",
+                           "train.gradient_accumulation_steps=2",
                            "data.toy.n_image=4", f"output_dir={tmp_path}"], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "on 2 process(es)" in proc.stderr
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    # recipes/sft_tiny.yaml: lr 5e-4, constant_with_warmup over 5 steps
+    assert [r["lr"] for r in rows] == _single_process_lrs("constant_with_warmup", 5e-4, 5, 2, 2)
     assert (tmp_path / "final" / "editor_config.json").exists()
 
 

@@ -213,7 +213,8 @@ def main(cfg: SFTConfig) -> Path:
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if accelerator.sync_gradients else None
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients:  # once per optimizer step (make_accelerator)
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
         loss_mean = accelerator.reduce(torch.stack(losses).mean().to(accelerator.device), reduction="mean").item()

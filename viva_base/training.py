@@ -174,7 +174,11 @@ def make_accelerator(output_dir: str, *, report_to: str = "tensorboard", mixed_p
     if report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
     log_with = None if report_to in ("none", "", None) else report_to
-    acc = Accelerator(log_with=log_with, mixed_precision=mixed_precision,
+    # step_scheduler_with_optimizer=False: the recipes call lr_scheduler.step() once per optimizer step themselves.
+    # accelerate's default steps the schedule once per process per optimizer step (it assumes a per-process
+    # batch), so a 500-step warmup would end after 63 optimizer steps on 8 processes; the lr at optimizer step k
+    # is now the same on 1 or N processes, with or without DeepSpeed.
+    acc = Accelerator(log_with=log_with, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
                       gradient_accumulation_steps=gradient_accumulation_steps,
                       project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=f"{output_dir}/logs"))
     return acc
