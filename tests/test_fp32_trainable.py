@@ -62,3 +62,16 @@ def test_sft_trainable_parts_of_a_bf16_editor_are_fp32_and_take_small_updates(tr
 
     changed = _changed_after_adamw_step(params, loss)
     assert len(changed) > 0 and all(changed)
+
+
+def test_gaussian_lora_init_has_std_one_over_rank_as_documented():
+    """peft's gaussian init draws A with standard deviation 1/r (not variance 1/r); add_lora's docstring says so."""
+    import viva_base.peft_utils as pu
+
+    editor = make_tiny_editor(seed=0)
+    torch.manual_seed(0)
+    add_lora(editor.transformer, rank=4, alpha=8, init="gaussian", targets=editor.lora_targets)
+    a = torch.cat([p.detach().flatten() for n, p in editor.transformer.named_parameters() if "lora_A" in n])
+    assert a.numel() > 1000 and abs(float(a.std()) - 1 / 4) < 0.02  # sqrt(1/r) would be 0.5
+    doc = " ".join(pu.add_lora.__doc__.split())
+    assert "standard deviation 1/r" in doc and "N(0, 1/r)" not in doc

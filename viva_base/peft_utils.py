@@ -12,7 +12,8 @@ def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: int, init: str |
              targets: str | list[str], adapter_name: str = ADAPTER) -> torch.nn.Module:
     """Inject a LoRA adapter (peft ``LoraConfig``) into a diffusers transformer; only it trains.
 
-    ``init="gaussian"`` is the paper's choice (peft: A ~ N(0, 1/r), B = 0, so the adapter starts as a no-op).
+    ``init="gaussian"`` is the paper's choice (peft: A ~ N(0, (1/r)^2), i.e. standard deviation 1/r -- not
+    variance 1/r --, and B = 0, so the adapter starts as a no-op).
     The adapter's weights are float32 whatever the DiT's dtype (peft creates them in the base layer's dtype;
     bf16 weights would lose small optimizer updates); peft's LoRA layer casts its input to the adapter's dtype
     and its output back, so a bf16 base with a float32 adapter runs as it is.
