@@ -58,7 +58,8 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     epsilon: float = 1e-4                # clip range of the ratio (Flow-GRPO: 1e-4)
-    beta: float = 0.004                  # KL weight to the reference policy (adapter disabled)
+    beta: float = 0.004                  # KL weight to the reference policy (adapter disabled), on kl_type's scale
+    kl_type: str = "exact"               # exact: true step-Gaussian KL | flow_grpo: Flow-GRPO's (= exact x |dt|, Flow-SDE)
     scale_rewards: str = "group"         # group | global | none (eq. 11's std)
     reward_normalization: str = "total"  # total: eq. 11 on the weighted sum | component: per reward, then weighted
     advantage_eps: float = 1e-4
@@ -130,7 +131,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.errors import UserError
     from viva_base.training import DTYPES
 
-    from .grpo import ADVANTAGE_SCALES
+    from .grpo import ADVANTAGE_SCALES, KL_TYPES
     from .sampling import SDE_METHODS
 
     tc, sc = cfg.train, cfg.sampling
@@ -145,6 +146,7 @@ def validate_config(cfg: GRPOConfig) -> None:
 
     one_of("train.reward_normalization", tc.reward_normalization, ("total", "component"))
     one_of("train.scale_rewards", tc.scale_rewards, ADVANTAGE_SCALES)
+    one_of("train.kl_type", tc.kl_type, KL_TYPES)
     one_of("train.lr_scheduler", tc.lr_scheduler, LR_SCHEDULERS)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
     one_of("sampling.method", sc.method, SDE_METHODS)

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 AdvantageScale = Literal["group", "global", "none"]
 ADVANTAGE_SCALES: tuple[str, ...] = ("group", "global", "none")
+KLType = Literal["exact", "flow_grpo"]
+KL_TYPES: tuple[str, ...] = ("exact", "flow_grpo")
 
 
 @dataclass
@@ -280,10 +282,11 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | 
 
         KL = mean_over_elements( (mean - ref_mean)^2 / (2 std^2) )
 
-    The KL term of Flow-GRPO between the current and the reference policy's step Gaussians (same std: it
-    depends on the sigmas only). Averaged like ``sde_step``'s ``log_prob`` (per element, not summed), so
-    ``beta`` has the same scale as in Flow-GRPO. ``std`` is a float, ``[B]``, or ``[B, 1, ..., 1]``
-    (``SDEStepOutput.std``). Compute ``ref_mean`` under ``torch.no_grad()`` (adapter disabled).
+    The exact KL between the current and the reference policy's step Gaussians (same std: it depends on the
+    sigmas only), averaged like ``sde_step``'s ``log_prob`` (per element, not summed). With the step's full
+    std (``SDEStepOutput.std``) this is ``kl_type="exact"``; Flow-GRPO's scale is :func:`step_kl` with
+    ``kl_type="flow_grpo"``. ``std`` is a float, ``[B]``, or ``[B, 1, ..., 1]``. Compute ``ref_mean`` under
+    ``torch.no_grad()`` (adapter disabled).
     """
     mean = mean.float()
     ref_mean = ref_mean.float()
@@ -292,6 +295,49 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | 
         std = std.view(-1, *([1] * (mean.ndim - 1)))
     kl = (mean - ref_mean) ** 2 / (2 * std**2)
     return kl.reshape(kl.shape[0], -1).mean(dim=1)
+
+
+def flow_grpo_std_dev(std: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float,
+                      method: str) -> torch.Tensor:
+    """Flow-GRPO's ``std_dev_t``, the divisor of its KL: the step std without the Brownian increment's
+    ``sqrt(|dt|)``::
+
+        flow_sde:  std_dev_t = eta sqrt(sigma / (1 - sigma)) = std / sqrt(sigma - sigma_next)   (VIVA eq. 14)
+        cps:       std_dev_t = sigma_next sin(eta pi / 2)    = std                              (no dt in CPS)
+
+    ``std`` is the step's full std (``SDEStepOutput.std``, ``[B, 1, ..., 1]`` or a float); ``sigma`` and
+    ``sigma_next`` floats or ``[B]``. Returns a float32 tensor shaped like ``std``.
+    """
+    std = torch.as_tensor(std, dtype=torch.float32)
+    if method == "cps":
+        return std
+    if method != "flow_sde":
+        raise ValueError(f"flow_grpo_std_dev: unknown method {method!r}; use flow_sde or cps")
+    dt = (torch.as_tensor(sigma, dtype=torch.float32, device=std.device)
+          - torch.as_tensor(sigma_next, dtype=torch.float32, device=std.device))
+    if dt.ndim == 1 and std.ndim > 1:
+        dt = dt.view(-1, *([1] * (std.ndim - 1)))
+    return std / torch.sqrt(dt)
+
+
+def step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | float, *, sigma, sigma_next,
+            method: str, kl_type: KLType = "exact") -> torch.Tensor:
+    """``[B]`` KL term of one trained step (``train.kl_type``), averaged over non-batch elements::
+
+        exact:     mean( (mu - mu_ref)^2 ) / (2 std^2)           the true KL of the two step Gaussians
+        flow_grpo: mean( (mu - mu_ref)^2 ) / (2 std_dev_t^2)     Flow-GRPO's term (:func:`flow_grpo_std_dev`)
+
+    For Flow-SDE ``std^2 = std_dev_t^2 |dt|``, so ``exact = flow_grpo / |dt|`` (x13 to x100 on the 16-step,
+    shift-7 schedule of recipes/viva.yaml); for CPS the two are equal. ``exact`` is the default: it is the KL
+    of the distributions the policy samples from, so the per-step KLs add up to the trajectory's KL whatever
+    the step sizes, and ``beta`` keeps its meaning when ``num_steps`` or the shift change. Flow-GRPO's
+    ``beta`` values (0.04, 0.01) apply to ``flow_grpo`` only.
+    """
+    if kl_type == "exact":
+        return gaussian_kl(mean, ref_mean, std)
+    if kl_type == "flow_grpo":
+        return gaussian_kl(mean, ref_mean, flow_grpo_std_dev(std, sigma, sigma_next, method).to(mean.device))
+    raise ValueError(f"step_kl: unknown kl_type {kl_type!r}; use one of {KL_TYPES}")
 
 
 def policy_loss(
@@ -306,7 +352,7 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Edit-GRPO objective to minimise: clipped surrogate (eq. 13) ``+ beta * mean(kl)`` over valid samples.
 
-    ``kl`` is ``[B]`` from :func:`gaussian_kl` (required when ``beta > 0``). Metrics are those of
+    ``kl`` is ``[B]`` from :func:`step_kl` (required when ``beta > 0``). Metrics are those of
     :func:`clipped_surrogate_loss` plus ``policy_loss`` (the surrogate), ``kl`` (when given) and ``loss``.
     """
     if beta < 0:

@@ -36,7 +36,7 @@ from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init
 from .config import GRPOConfig, validate_config
 from .distributed import (DeepSpeedOptimizerState, backward_passes, configure_deepspeed, deepspeed_stage, gathered,
                           no_zero_init, save_state)
-from .grpo import component_advantages, gather_for_advantages, gaussian_kl, group_advantages, policy_loss
+from .grpo import component_advantages, gather_for_advantages, group_advantages, policy_loss, step_kl
 from .prompts import PromptSource
 from .rollout import reference_mean, rollout, step_log_prob
 from .sampling import sde_step_indices, sde_window_at, sigma_schedule
@@ -215,7 +215,8 @@ def main(cfg: GRPOConfig) -> Path:
                                 ref = reference_mean(editor, dit_raw, rec, rows[sel], cond, uncond,
                                                      guidance_scale=sc.guidance_scale, method=sc.method, eta=sc.eta,
                                                      sample_index=sel)
-                                kl = gaussian_kl(step.mean, ref, step.std)
+                                kl = step_kl(step.mean, ref, step.std, sigma=rec.sigma[sel],
+                                             sigma_next=rec.sigma_next[sel], method=sc.method, kl_type=tc.kl_type)
                             loss, m = policy_loss(step.log_prob, rec.log_prob[sel].to(step.log_prob.device),
                                                   adv[sel].to(step.log_prob.device), tc.epsilon, kl=kl, beta=tc.beta,
                                                   valid=valid[sel].to(step.log_prob.device))

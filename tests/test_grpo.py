@@ -264,3 +264,34 @@ def test_gather_for_advantages_moves_every_tensor_to_the_accelerator_device():
     assert all_r.device.type == "cpu" and all_g.device.type == "cpu"  # back on the caller's device
     torch.testing.assert_close(all_r, torch.tensor([0.1, 0.5, 0.2, 0.7, 0.3]))
     assert all_g.tolist() == [0, 0, 1, 1, 2] and sl == slice(0, 3)
+
+
+def test_step_kl_exact_and_flow_grpo_by_hand():
+    """train.kl_type: exact = mean(d^2) / (2 std^2) with the step's full std; flow_grpo = mean(d^2) / (2 std_dev_t^2),
+    Flow-GRPO's std_dev_t = eta sqrt(sigma / (1 - sigma)) without sqrt(|dt|) (Flow-SDE); equal for CPS."""
+    from editgrpo.grpo import flow_grpo_std_dev, step_kl
+    from editgrpo.sampling import sde_mean_std
+
+    z, v = torch.zeros(2, 4), torch.zeros(2, 4)
+    sigma, sigma_next = torch.tensor([0.5, 0.8]), torch.tensor([0.4, 0.6])
+    d = torch.tensor([[0.1, 0.1, 0.1, 0.1], [0.2, 0.0, 0.2, 0.0]])  # mean - ref_mean; mean(d^2) = 0.01, 0.02
+    _, std = sde_mean_std(v, z, sigma, sigma_next, method="flow_sde", eta=0.7)
+    # by hand: s = 0.7 sqrt(sigma / (1 - sigma)) = 0.7, 0.7 * 2; std^2 = s^2 |dt| = 0.049, 1.96 * 0.2 = 0.392
+    s = torch.tensor([0.7, 1.4])
+    torch.testing.assert_close(std.flatten() ** 2, torch.tensor([0.049, 0.392]))
+    torch.testing.assert_close(flow_grpo_std_dev(std, sigma, sigma_next, "flow_sde").flatten(), s)
+    exact = step_kl(d, torch.zeros_like(d), std, sigma=sigma, sigma_next=sigma_next, method="flow_sde", kl_type="exact")
+    flow = step_kl(d, torch.zeros_like(d), std, sigma=sigma, sigma_next=sigma_next, method="flow_sde",
+                   kl_type="flow_grpo")
+    torch.testing.assert_close(exact, torch.tensor([0.01 / (2 * 0.049), 0.02 / (2 * 0.392)]))
+    torch.testing.assert_close(flow, torch.tensor([0.01 / (2 * 0.49), 0.02 / (2 * 1.96)]))
+    torch.testing.assert_close(flow, exact * (sigma - sigma_next))  # flow_grpo = exact x |dt|
+    # CPS: std_dev_t is the step std itself (sigma_next sin(eta pi / 2)), so the two scales agree
+    _, std_cps = sde_mean_std(v, z, sigma, sigma_next, method="cps", eta=0.5)
+    kw = dict(sigma=sigma, sigma_next=sigma_next, method="cps")
+    torch.testing.assert_close(step_kl(d, 0 * d, std_cps, kl_type="flow_grpo", **kw),
+                               step_kl(d, 0 * d, std_cps, kl_type="exact", **kw))
+    torch.testing.assert_close(step_kl(d, 0 * d, std_cps, kl_type="exact", **kw),
+                               torch.tensor([0.01, 0.02]) / (2 * (sigma_next * math.sin(0.25 * math.pi)) ** 2))
+    with pytest.raises(ValueError, match="kl_type"):
+        step_kl(d, 0 * d, std, kl_type="sum", **kw)
