@@ -29,6 +29,7 @@ class SamplingConfig:
     guidance_scale: float = 2.0          # CFG on the instruction only (paper: 2.0)
     method: str = "flow_sde"             # flow_sde | cps
     eta: float = 0.7                     # SDE noise level
+    log_prob: str = "exact"              # exact: Gaussian log-density | unscaled: -(x - mean)^2 (Flow-GRPO's CPS)
     shift: Optional[float] = None        # schedule shift; None -> the editor's
     sde_window_size: Optional[int] = None   # SDE on a window of this many steps (ODE elsewhere); None -> all steps
     sde_window_range: Optional[list[int]] = None  # [lo, hi] of the window start; None -> any valid start
@@ -132,7 +133,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.training import DTYPES
 
     from .grpo import ADVANTAGE_SCALES, KL_TYPES
-    from .sampling import SDE_METHODS
+    from .sampling import LOG_PROB_KINDS, SDE_METHODS
 
     tc, sc = cfg.train, cfg.sampling
 
@@ -150,6 +151,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     one_of("train.lr_scheduler", tc.lr_scheduler, LR_SCHEDULERS)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
     one_of("sampling.method", sc.method, SDE_METHODS)
+    one_of("sampling.log_prob", sc.log_prob, LOG_PROB_KINDS)
     one_of("model.dtype", cfg.model.dtype, sorted(DTYPES))
     for key in ("num_iterations", "prompts_per_iteration", "num_generations", "learning_rate", "num_inner_epochs",
                 "minibatches_per_iteration", "train_batch_size", "advantage_clip", "log_every"):

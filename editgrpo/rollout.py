@@ -48,7 +48,7 @@ class Rollouts:
 def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: list[int], seeds: list[int],
             sigmas: torch.Tensor, *, mode: str = "sde", method: str = "flow_sde", eta: float = 0.7,
             sde_window: tuple[int, int] | None = None, train_steps=None, guidance_scale: float = 2.0,
-            batch_size: int | None = None, progress: bool = False) -> Rollouts:
+            batch_size: int | None = None, progress: bool = False, log_prob: str = "exact") -> Rollouts:
     """Sample ``len(seeds)`` edits; sample ``i`` is conditioned on prompt ``prompt_index[i]`` (rows of
     ``cond``/``uncond``), in forwards of ``batch_size`` samples (cond and uncond in one forward)."""
     n = len(seeds)
@@ -65,7 +65,7 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
         z0 = initial_noise(shape, gens).to(device)
         traj = sample_trajectory(lambda z, s: guided_velocity(policy, z, s, c, u, guidance_scale), z0, sigmas,
                                  mode=mode, method=method, eta=eta, sde_window=sde_window, train_steps=train_steps,
-                                 generator=gens, progress=progress)
+                                 generator=gens, progress=progress, log_prob=log_prob)
         finals.append(traj.latents)
         chunks.append(traj.steps)
     steps = []
@@ -80,7 +80,7 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
 
 
 def step_log_prob(policy, record: StepRecord, rows: torch.Tensor, cond: Condition, uncond: Condition | None, *,
-                  guidance_scale: float, method: str, eta: float, sample_index: torch.Tensor):
+                  guidance_scale: float, method: str, eta: float, sample_index: torch.Tensor, log_prob: str = "exact"):
     """Recompute a recorded step's log-prob (with grad) for samples ``sample_index`` whose prompts are
     ``rows``; same batch layout and CFG as the rollout, so an unchanged policy reproduces it exactly."""
     c = cond.select(rows)
@@ -88,7 +88,8 @@ def step_log_prob(policy, record: StepRecord, rows: torch.Tensor, cond: Conditio
     z = record.latents[sample_index]
     sigma, sigma_next = record.sigma[sample_index], record.sigma_next[sample_index]
     v = guided_velocity(policy, z, sigma, c, u, guidance_scale)
-    return sde_step(v, z, sigma, sigma_next, method=method, eta=eta, prev_sample=record.next_latents[sample_index])
+    return sde_step(v, z, sigma, sigma_next, method=method, eta=eta, prev_sample=record.next_latents[sample_index],
+                    log_prob=log_prob)
 
 
 @torch.no_grad()

@@ -28,9 +28,12 @@ Stochastic steps (``sde_step``):
   so the sample ``mean + std * eps`` has exactly the coefficients ``(1 - sigma_next)`` on the data and
   ``sigma_next`` on (unit-variance) noise that the marginal at ``sigma_next`` has.
 
-The sample is ``z' = mean + std * eps`` with ``eps ~ N(0, I)``; ``log_prob`` is the exact Gaussian
-log-density of ``z'`` under ``N(mean, std^2 I)``, **averaged** (not summed) over all non-batch elements, so a
-policy ratio ``exp(logp - logp_old)`` is the exp of a per-element mean (as Flow-GRPO does).
+The sample is ``z' = mean + std * eps`` with ``eps ~ N(0, I)``; ``log_prob`` is, by default
+(``log_prob="exact"``), the exact Gaussian log-density of ``z'`` under ``N(mean, std^2 I)``, **averaged** (not
+summed) over all non-batch elements, so a policy ratio ``exp(logp - logp_old)`` is the exp of a per-element mean
+(as Flow-GRPO does). ``log_prob="unscaled"`` is Flow-GRPO's CPS log-prob, ``-mean((z' - mean)^2)``: without the
+``1 / (2 std^2)`` (and the constants), which for CPS reaches ~1e4 at the last steps of a shifted schedule, so
+that those steps' ratios would dominate the update and saturate the clip (see :func:`unscaled_log_prob`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 SDEMethod = Literal["flow_sde", "cps"]
 SDE_METHODS: tuple[str, ...] = ("flow_sde", "cps")
+LogProbKind = Literal["exact", "unscaled"]
+LOG_PROB_KINDS: tuple[str, ...] = ("exact", "unscaled")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -240,6 +245,31 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return _mean_non_batch(lp)
 
 
+def unscaled_log_prob(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``[B]`` Flow-GRPO's CPS log-prob (``log_prob="unscaled"``), averaged over non-batch elements (float32)::
+
+        log p~ = mean_over_elements( -(x - mean)^2 )
+
+    The exact log-density (:func:`gaussian_log_prob`) without its ``1 / (2 std^2)`` factor and its constants.
+    It is not a log-density: ``exp(log p~ - log p~_old)`` is a surrogate ratio whose log scales with ``std``
+    times the change of the mean, where the exact one scales with that change over ``std``. With CPS
+    (``std = sigma_next sin(eta pi / 2)``) the exact factor ``1 / (2 std^2)`` grows to ~1e4 at the last steps of
+    a shift-7 schedule, so those steps' ratios dominate the update and saturate the clip; the unscaled form
+    keeps every step's ratio on a comparable scale. Constants cancel in ratios either way.
+    """
+    return _mean_non_batch(-((x.float() - mean) ** 2))
+
+
+def step_log_prob_of(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, kind: LogProbKind) -> torch.Tensor:
+    """``[B]`` log-prob of ``x`` under one step: ``"exact"`` (:func:`gaussian_log_prob`) or ``"unscaled"``
+    (:func:`unscaled_log_prob`)."""
+    if kind == "exact":
+        return gaussian_log_prob(x, mean, std)
+    if kind == "unscaled":
+        return unscaled_log_prob(x, mean)
+    raise ValueError(f"sde_step: unknown log_prob {kind!r}; use one of {LOG_PROB_KINDS}")
+
+
 def _randn(shape: Sequence[int], generator: Generator, device: torch.device) -> torch.Tensor:
     """Standard normal float32 noise of ``shape`` on ``device``.
 
@@ -270,6 +300,7 @@ def sde_step(
     noise: torch.Tensor | None = None,
     prev_sample: torch.Tensor | None = None,
     generator: Generator = None,
+    log_prob: LogProbKind = "exact",
 ) -> SDEStepOutput:
     """One stochastic step ``z' = mean + std * eps`` and its log-prob (see :func:`sde_mean_std` for the math).
 
@@ -282,10 +313,12 @@ def sde_step(
         noise: explicit standard-normal ``eps`` (``[B, ...]``); else drawn in float32 from ``generator``.
         prev_sample: if given, score this sample (no draw): used to recompute log-probs in training.
         generator: ``torch.Generator`` or a list of one per sample.
+        log_prob: ``"exact"`` (the Gaussian log-density) or ``"unscaled"`` (Flow-GRPO's CPS form,
+            :func:`unscaled_log_prob`).
 
     Returns:
-        :class:`SDEStepOutput` with ``prev_sample``, ``log_prob [B]`` (exact Gaussian log-density averaged
-        over non-batch elements), ``mean``, ``std``.
+        :class:`SDEStepOutput` with ``prev_sample``, ``log_prob [B]`` (averaged over non-batch elements),
+        ``mean``, ``std``.
     """
     if prev_sample is not None and (noise is not None or generator is not None):
         raise ValueError("sde_step: pass either prev_sample (to score it) or noise/generator (to draw one), not both")
@@ -304,7 +337,7 @@ def sde_step(
             raise ValueError(f"sde_step: prev_sample has shape {list(prev_sample.shape)}, expected {list(mean.shape)}")
         prev_sample = prev_sample.float()
     return SDEStepOutput(
-        prev_sample=prev_sample, log_prob=gaussian_log_prob(prev_sample, mean, std), mean=mean, std=std
+        prev_sample=prev_sample, log_prob=step_log_prob_of(prev_sample, mean, std, log_prob), mean=mean, std=std
     )
 
 
@@ -409,6 +442,7 @@ def sample_trajectory(
     train_steps: Sequence[int] | None = None,
     generator: Generator = None,
     progress: bool = False,
+    log_prob: LogProbKind = "exact",
 ) -> Trajectory:
     """Run the sampler over the whole schedule, recording the steps to train.
 
@@ -430,6 +464,7 @@ def sample_trajectory(
             ``[B, ...]`` draw per SDE step in step order, so the same generator state gives a bit-identical
             trajectory.
         progress: show a tqdm bar.
+        log_prob: how recorded steps' log-probs are computed (:func:`sde_step`).
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
     if sigmas.ndim != 1 or len(sigmas) < 2:
@@ -459,7 +494,7 @@ def sample_trajectory(
             sigma_next = sigmas[i + 1].to(z.device).expand(batch)
             v = velocity_fn(z, sigma)
             if i in sde_set:
-                out = sde_step(v, z, sigma, sigma_next, method=method, eta=eta, generator=generator)
+                out = sde_step(v, z, sigma, sigma_next, method=method, eta=eta, generator=generator, log_prob=log_prob)
                 z_next = out.prev_sample
                 if i in record:
                     steps.append(

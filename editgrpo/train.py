@@ -162,7 +162,7 @@ def main(cfg: GRPOConfig) -> Path:
         dit.eval()
         ro = rollout(editor, cond, uncond, prompt_index, [sample_seed(tc.seed, it, g) for g in mine], sigmas,
                      mode="sde", method=sc.method, eta=sc.eta, sde_window=window, train_steps=train_steps,
-                     guidance_scale=sc.guidance_scale, batch_size=rollout_bs)
+                     guidance_scale=sc.guidance_scale, batch_size=rollout_bs, log_prob=sc.log_prob)
 
         # 3. decode and score
         rows = torch.tensor(prompt_index)
@@ -209,7 +209,7 @@ def main(cfg: GRPOConfig) -> Path:
                         ctx = accelerator.no_sync(dit) if (world > 1 and k < n_back and zero is None) else nullcontext()
                         with ctx, accelerator.autocast():
                             step = step_log_prob(editor, rec, rows[sel], cond, uncond, guidance_scale=sc.guidance_scale,
-                                                 method=sc.method, eta=sc.eta, sample_index=sel)
+                                                 method=sc.method, eta=sc.eta, sample_index=sel, log_prob=sc.log_prob)
                             kl = None
                             if tc.beta > 0:
                                 ref = reference_mean(editor, dit_raw, rec, rows[sel], cond, uncond,

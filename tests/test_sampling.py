@@ -9,6 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from editgrpo.sampling import (
     SDEStepOutput,
     cfg_velocity,
+    gaussian_log_prob,
     ode_step,
     sample_trajectory,
     sde_step,
@@ -357,3 +358,39 @@ def test_sde_window_at():
         sde_window_at(4, 4)
     with pytest.raises(ValueError, match="start_range"):
         sde_window_at(10, 3, start_range=(5, 8))
+
+
+def _log_ratio_per_step(kind: str) -> list[float]:
+    """Mean |log ratio| per step of a 16-step shift-7 CPS schedule when the velocity moves by 1e-2 (a policy
+    update): the recorded sample is scored under the old and the moved step Gaussian."""
+    from editgrpo.sampling import sde_step
+
+    g = torch.Generator().manual_seed(0)
+    sig = sigma_schedule(16, 7.0)
+    out = []
+    for i in range(15):  # every SDE step (the last one, to sigma 0, is ODE)
+        s, sn = sig[i].expand(4), sig[i + 1].expand(4)
+        z, v, u = (torch.randn(4, 4, 3, 8, 8, generator=g) for _ in range(3))
+        old = sde_step(v, z, s, sn, method="cps", eta=0.7, generator=g, log_prob=kind)
+        new = sde_step(v + 1e-2 * u, z, s, sn, method="cps", eta=0.7, prev_sample=old.prev_sample, log_prob=kind)
+        out.append(float((new.log_prob - old.log_prob).abs().mean()))
+    return out
+
+
+def test_cps_unscaled_log_prob_keeps_every_steps_ratio_on_one_scale():
+    """sampling.log_prob: exact divides by 2 std^2 (std = sigma_next sin(eta pi / 2) ~ 5e-3 at the last CPS step),
+    so the last steps' ratios are orders of magnitude larger than the others'; unscaled (Flow-GRPO's CPS
+    -(x - mean)^2) keeps them within a small factor."""
+    from editgrpo.sampling import unscaled_log_prob
+
+    exact, unscaled = _log_ratio_per_step("exact"), _log_ratio_per_step("unscaled")
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert exact[-1] > 30 * median(exact), exact  # ~110x here
+    assert max(unscaled) < 10 * median(unscaled), unscaled  # ~2.4x here
+    # the unscaled value by hand, and its identity with the exact one up to 2 std^2 and the constants
+    x, m = torch.tensor([[1.0, 2.0], [0.0, 0.5]]), torch.tensor([[0.5, 2.0], [1.0, 0.5]])
+    torch.testing.assert_close(unscaled_log_prob(x, m), torch.tensor([-0.125, -0.5]))
+    std = torch.tensor([[0.1], [0.2]])
+    exact_lp = gaussian_log_prob(x, m, std)
+    torch.testing.assert_close(exact_lp, unscaled_log_prob(x, m) / (2 * std.flatten() ** 2)
+                               - torch.log(std.flatten()) - 0.5 * math.log(2 * math.pi))
