@@ -61,6 +61,7 @@ class TrainConfig:
     epsilon: float = 1e-4                # clip range of the ratio (Flow-GRPO: 1e-4)
     beta: float = 0.004                  # KL weight to the reference policy (adapter disabled), on kl_type's scale
     kl_type: str = "exact"               # exact: true step-Gaussian KL | flow_grpo: Flow-GRPO's (= exact x |dt|, Flow-SDE)
+    cfg_grad: str = "full"               # full: grad through both CFG branches | cond_only: uncond detached (Flow-GRPO)
     scale_rewards: str = "group"         # group | global | none (eq. 11's std)
     reward_normalization: str = "total"  # total: eq. 11 on the weighted sum | component: per reward, then weighted
     advantage_eps: float = 1e-4
@@ -133,7 +134,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.training import DTYPES
 
     from .grpo import ADVANTAGE_SCALES, KL_TYPES
-    from .sampling import LOG_PROB_KINDS, SDE_METHODS
+    from .sampling import CFG_GRADS, LOG_PROB_KINDS, SDE_METHODS
 
     tc, sc = cfg.train, cfg.sampling
 
@@ -152,6 +153,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
     one_of("sampling.method", sc.method, SDE_METHODS)
     one_of("sampling.log_prob", sc.log_prob, LOG_PROB_KINDS)
+    one_of("train.cfg_grad", tc.cfg_grad, CFG_GRADS)
     one_of("model.dtype", cfg.model.dtype, sorted(DTYPES))
     for key in ("num_iterations", "prompts_per_iteration", "num_generations", "learning_rate", "num_inner_epochs",
                 "minibatches_per_iteration", "train_batch_size", "advantage_clip", "log_every"):

@@ -17,14 +17,15 @@ from .sampling import StepRecord, cfg_velocity, sample_trajectory, sde_mean_std,
 
 
 def guided_velocity(policy, latents: torch.Tensor, sigma: torch.Tensor, cond: Condition, uncond: Condition | None,
-                    guidance_scale: float) -> torch.Tensor:
-    """CFG velocity ``v_u + s (v_c - v_u)`` with ONE forward over ``[cond; uncond]`` (float32 out)."""
+                    guidance_scale: float, cfg_grad: str = "full") -> torch.Tensor:
+    """CFG velocity ``v_u + s (v_c - v_u)`` with ONE forward over ``[cond; uncond]`` (float32 out); ``cfg_grad``
+    says whether the gradient flows through the unconditional branch too (``cfg_velocity``)."""
     if uncond is None or guidance_scale == 1.0:
         return policy.velocity(latents, sigma, cond)
     both = Condition.cat([cond, uncond])
     v = policy.velocity(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both)
     v_cond, v_uncond = v.chunk(2)
-    return cfg_velocity(v_cond, v_uncond, guidance_scale)
+    return cfg_velocity(v_cond, v_uncond, guidance_scale, cfg_grad)
 
 
 def sample_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -80,14 +81,15 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
 
 
 def step_log_prob(policy, record: StepRecord, rows: torch.Tensor, cond: Condition, uncond: Condition | None, *,
-                  guidance_scale: float, method: str, eta: float, sample_index: torch.Tensor, log_prob: str = "exact"):
+                  guidance_scale: float, method: str, eta: float, sample_index: torch.Tensor, log_prob: str = "exact",
+                  cfg_grad: str = "full"):
     """Recompute a recorded step's log-prob (with grad) for samples ``sample_index`` whose prompts are
     ``rows``; same batch layout and CFG as the rollout, so an unchanged policy reproduces it exactly."""
     c = cond.select(rows)
     u = uncond.select(rows) if uncond is not None else None
     z = record.latents[sample_index]
     sigma, sigma_next = record.sigma[sample_index], record.sigma_next[sample_index]
-    v = guided_velocity(policy, z, sigma, c, u, guidance_scale)
+    v = guided_velocity(policy, z, sigma, c, u, guidance_scale, cfg_grad)
     return sde_step(v, z, sigma, sigma_next, method=method, eta=eta, prev_sample=record.next_latents[sample_index],
                     log_prob=log_prob)
 

@@ -127,14 +127,25 @@ def _mean_non_batch(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+CFG_GRADS: tuple[str, ...] = ("full", "cond_only")
+
+
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float,
+                 cfg_grad: str = "full") -> torch.Tensor:
     """Classifier-free guidance: ``v = v_uncond + w * (v_cond - v_uncond)`` in float32.
 
     In Edit-GRPO the unconditional branch drops the instruction only (same source latents); ``w = 1`` gives
-    ``v_cond``.
+    ``v_cond``. The value never depends on ``cfg_grad``; its gradient does (``train.cfg_grad``)::
+
+        full:       grad v = w grad v_cond + (1 - w) grad v_uncond     (w = 2: 2 grad v_c - grad v_u)
+        cond_only:  grad v = w grad v_cond                             (v_uncond detached, as Flow-GRPO)
     """
+    if cfg_grad not in CFG_GRADS:
+        raise ValueError(f"cfg_velocity: unknown cfg_grad {cfg_grad!r}; use one of {CFG_GRADS}")
     v_cond = v_cond.float()
     v_uncond = v_uncond.float()
+    if cfg_grad == "cond_only":
+        v_uncond = v_uncond.detach()
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 

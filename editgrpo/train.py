@@ -209,7 +209,8 @@ def main(cfg: GRPOConfig) -> Path:
                         ctx = accelerator.no_sync(dit) if (world > 1 and k < n_back and zero is None) else nullcontext()
                         with ctx, accelerator.autocast():
                             step = step_log_prob(editor, rec, rows[sel], cond, uncond, guidance_scale=sc.guidance_scale,
-                                                 method=sc.method, eta=sc.eta, sample_index=sel, log_prob=sc.log_prob)
+                                                 method=sc.method, eta=sc.eta, sample_index=sel, log_prob=sc.log_prob,
+                                                 cfg_grad=tc.cfg_grad)
                             kl = None
                             if tc.beta > 0:
                                 ref = reference_mean(editor, dit_raw, rec, rows[sel], cond, uncond,
