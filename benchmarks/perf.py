@@ -49,11 +49,14 @@ _NO_OUTPUTS = ["report_to=none", "train.checkpoint_every=0", "eval.manifest=null
 # The benchmark cases: a recipe and overrides. No checkpoints, no evaluation. The toy case is recipes/toy.yaml's
 # Edit-GRPO stage (its sampling, LoRA, group and batch settings) on the toy editor's architecture with random
 # weights and an untrained toy CLIP instead of the chain's trained ones: timing does not depend on weights.
+# Its toy_oracle reward (``manifest: toy``, which only the toy chain resolves) reads the case's own generated
+# prompts instead (TOY_PROMPTS), so the oracle's cost is timed too.
 CASES = {
     "tiny": ["recipe=recipes/tiny.yaml", *_NO_OUTPUTS],
     "toy": ["recipe=recipes/toy.yaml", *_NO_OUTPUTS, "toy.enabled=false", "model.tiny=true",
             *[f"model.tiny_spec.{k}={v}" for k, v in TOY_SPEC.items()], "data.toy_prompts=16",
-            "rewards.clip_if.model=TOY_CLIP", "rewards.clip_sp.model=TOY_CLIP"],
+            "rewards.clip_if.model=TOY_CLIP", "rewards.clip_sp.model=TOY_CLIP",
+            "rewards.toy_oracle.manifest=TOY_PROMPTS"],
 }
 
 
@@ -285,7 +288,8 @@ def run_case(name: str, overrides: list[str], *, iterations: int, reps: int, wor
     from viva_base.training import MetricsFile
 
     out = workdir / name
-    args = [a.replace("TOY_CLIP", _toy_clip(workdir)) for a in overrides]
+    args = [a.replace("TOY_CLIP", _toy_clip(workdir)) if "TOY_CLIP" in a else a for a in overrides]
+    args = [a.replace("TOY_PROMPTS", str(out / "data" / "grpo.jsonl")) for a in args]  # PromptSource's toy prompts
     args += [f"output_dir={out}", f"train.num_iterations={iterations}"]
     cfg = load_recipe(GRPOConfig, args)
     seen, log, stamps = {}, PassLog(), []

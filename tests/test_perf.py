@@ -53,3 +53,20 @@ def test_a_real_iteration_runs_the_minimal_passes(tmp_path):
     assert ref["total"] < sample["total"]          # the adapter-disabled forward skips the LoRA matmuls
     assert 2 * sample["total"] < train["total"] < 4 * sample["total"]  # forward + backward
     assert r["dit_flops_per_iteration"]["total"] == sum(n_ * f[k]["total"] for k, n_ in calls.items() if k in f)
+
+
+def test_the_toy_case_runs_with_its_toy_oracle_reward(tmp_path):
+    """The toy case (recipes/toy.yaml's Edit-GRPO stage, with its toy_oracle reward reading the case's own prompts
+    instead of the chain's ``manifest: toy``) runs; smaller than --quick: 2 prompts x 2 samples, 3 steps."""
+    from benchmarks.perf import CASES, run_case
+
+    r = run_case("toy", [*CASES["toy"], "train.prompts_per_iteration=2", "train.num_generations=2",
+                         "sampling.num_steps=3", "sampling.sde_window_size=1", "sampling.sde_window_range=[0,1]",
+                         "train.minibatches_per_iteration=1", "data.toy_prompts=2"],
+                 iterations=2, reps=1, workdir=tmp_path)
+    assert r["calls_ok"] and r["overhead"] > 0
+    assert any(k.startswith("rewards[") for k in r["pass_calls_per_iteration"])
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(0 <= row["reward/toy_oracle"] <= 1 for row in rows)  # the oracle scored every iteration
