@@ -141,8 +141,11 @@ class Evaluator:
         logger.info("eval@%d: %s", step, {k: round(v, 4) for k, v in summary["groups"]["all"].items()
                                           if isinstance(v, float)})
         if accelerator is not None:
+            from viva_base.training import log_videos
+
             accelerator.log({f"eval/{k}": v for k, v in summary["groups"]["all"].items()
                              if isinstance(v, float)}, step=step)
+            log_videos(accelerator, {f"eval/{name}": clip for name, clip in list(clips.items())[:4]}, step)
             accelerator.wait_for_everyone()
         if was_training:
             dit.train()

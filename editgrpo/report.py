@@ -19,24 +19,53 @@ from viva_base.video import read_video, write_video
 
 from .evaluate import load_eval
 
-COLUMNS = ["oracle", "if_error", "sp_error", "reward"]
+COLUMNS = ["oracle", "if_error", "sp_error", "if_progress", "reward"]
+ORACLE_COLUMNS = ("oracle", "if_error", "sp_error", "if_progress")
 
 
 def _fmt(v) -> str:
     return "–" if v is None or v != v else f"{v:.4f}"
 
 
-def comparison_table(sft: dict, grpo: dict, keys: list[str]) -> str:
-    """Markdown: one row per group (all, splits, edit types), SFT and GRPO side by side for each key."""
-    head = "| group | n | " + " | ".join(f"{k} SFT | {k} GRPO" for k in keys) + " |"
-    sep = "|" + "---|" * (2 + 2 * len(keys))
+def comparison_table(sft: dict, grpo: dict, keys: list[str], source: dict | None = None) -> str:
+    """Markdown: one row per group (all, splits, edit types), SFT and GRPO side by side for each key; with
+    ``source`` (the groups of :func:`copy_source_groups`), a "source" column first for each oracle key: the
+    score of returning the source unchanged, the baseline an editor must beat."""
+    def cols(k):
+        return (["source"] if source is not None and k in ORACLE_COLUMNS else []) + ["SFT", "GRPO"]
+
+    head = "| group | n | " + " | ".join(f"{k} {c}" for k in keys for c in cols(k)) + " |"
+    sep = "|" + "---|" * (2 + sum(len(cols(k)) for k in keys))
     lines = [head, sep]
     order = sorted(sft, key=lambda g: (g != "all", not g.startswith("split"), g))
     for g in order:
-        a, b = sft[g], grpo.get(g, {})
-        cells = " | ".join(f"{_fmt(a.get(k))} | {_fmt(b.get(k))}" for k in keys)
+        a, b, c = sft[g], grpo.get(g, {}), (source or {}).get(g, {})
+        cells = " | ".join(_fmt({"source": c, "SFT": a, "GRPO": b}[col].get(k)) for k in keys for col in cols(k))
         lines.append(f"| {g} | {a['n']} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def copy_source_groups(manifest: str | os.PathLike) -> dict | None:
+    """Oracle metrics of the trivial editor that returns the source unchanged, per group (as
+    :func:`editgrpo.evaluate.group_means`), for an eval manifest with true targets; None without them."""
+
+    from viva_base.data.manifest import read_manifest
+    from viva_base.data.toyworld.oracle import oracle_scores
+
+    from .evaluate import group_means
+
+    records = read_manifest(manifest, "eval")
+    if not records or not all(r.get("target") and r.get("mask") for r in records):
+        return None
+    rows = []
+    for r in records:
+        src = read_video(r["source"]).frames[None]
+        tgt = read_video(r["target"]).frames[None]
+        mask = (read_video(r["mask"]).frames.amax(dim=1, keepdim=True) > 0.5).float()[None]
+        o = oracle_scores(src, src, tgt, mask)
+        rows.append({"edit_type": r.get("edit_type"), "split": r.get("split"), "novel_combo": r.get("novel_combo"),
+                     "mean": {k: float(o[k][0]) for k in ORACLE_COLUMNS}})
+    return group_means(rows, list(ORACLE_COLUMNS))
 
 
 def plot_curves(metrics_path: Path, out_png: Path, eval_points: list[tuple[int, float]]) -> bool:
@@ -96,7 +125,16 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
             wins = sum(d > 0 for d in deltas)
             result[f"delta_{key}"] = {"mean": mean, "ci95": [lo, hi], "wins": wins, "losses": sum(d < 0 for d in deltas),
                                       "n": len(deltas)}
-    table = comparison_table(sum_a["groups"], sum_b["groups"], keys)
+    source = copy_source_groups(eval_manifest) if eval_manifest and "oracle" in keys else None
+    if source is not None:
+        result["copy_source"] = {k: source["all"][k] for k in ORACLE_COLUMNS}
+        result["copy_source_groups"] = source
+    if "if_progress" in keys:  # per split: how much of the way from the source to the target each policy went
+        result["if_progress"] = {g.split("/", 1)[1]: {"sft": sum_a["groups"][g].get("if_progress"),
+                                                      "grpo": sum_b["groups"].get(g, {}).get("if_progress")}
+                                 for g in sum_a["groups"] if g.startswith("split/")}
+        result["if_progress"]["all"] = {"sft": result["sft"]["if_progress"], "grpo": result["grpo"]["if_progress"]}
+    table = comparison_table(sum_a["groups"], sum_b["groups"], keys, source)
     evals = sorted((int(p.name.split("-")[1]) for p in eval_dir.glob("step-*") if (p / "summary.json").exists()))
     points = []
     for s in evals:
@@ -105,12 +143,17 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
             points.append((s, v))
     has_plot = plot_curves(out / "metrics.jsonl", out / "reward_curves.png", points)
     md = [f"# {title}", "", f"{len(rows_a)} held-out prompts x {len(sum_a['seeds'])} seeds; "
-          f"SFT = the starting policy (step {start_step}), GRPO = after {final_step} iterations.", ""]
+          f"SFT = the starting policy (step {start_step}), GRPO = after {final_step} iterations"
+          + ("; source = returning the source unchanged (the baseline an editor must beat)." if source else "."), ""]
     for key in ("oracle", "reward"):
         if f"delta_{key}" in result:
             d = result[f"delta_{key}"]
             md.append(f"- delta {key} (GRPO - SFT): {d['mean']:+.4f}, 95% bootstrap CI [{d['ci95'][0]:+.4f}, "
                       f"{d['ci95'][1]:+.4f}]; better on {d['wins']}/{d['n']} prompts, worse on {d['losses']}")
+    if source is not None:
+        c = result["copy_source"]
+        md.append(f"- returning the source unchanged scores oracle {c['oracle']:.4f} (if_error {c['if_error']:.4f}, "
+                  f"sp_error 0); SFT {result['sft']['oracle']:.4f}, GRPO {result['grpo']['oracle']:.4f}")
     md += ["", table]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.json", json.dumps(result, indent=2))

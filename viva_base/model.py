@@ -54,6 +54,11 @@ class EditorConfig:
     max_frames: int = 129                  # what the edit command adapts inputs to
     max_side: int = 720
     pooled_max_length: int = 77
+    # What the DiT's output means. "velocity": v itself (HunyuanVideo and every pretrained flow DiT).
+    # "source_residual": the clean latent's difference from the source latent, x0 = z_src + out, and
+    # v = (z_t - x0) / sigma: copying the source is the zero output, exactly, at every noise level (for DiTs
+    # trained from scratch, like the toy editor; docs/toy_world.md measures why).
+    prediction: str = "velocity"
 
     @classmethod
     def from_dict(cls, d: dict) -> "EditorConfig":
@@ -87,6 +92,18 @@ def widen_patch_embedding(transformer):
     state["x_embedder.proj.weight"] = new
     wide.load_state_dict(state)
     return wide
+
+
+def source_residual_velocity(z_t: torch.Tensor, z_src: torch.Tensor, delta: torch.Tensor,
+                             sigma: torch.Tensor) -> torch.Tensor:
+    """The velocity of a source-residual prediction: ``x0 = z_src + delta``, ``v = (z_t - x0) / sigma``.
+
+    From ``z_t = (1 - sigma) x0 + sigma noise`` and ``v = noise - x0`` (DESIGN.md's convention), ``v = (z_t - x0) /
+    sigma`` exactly; the flow-matching loss on ``v`` is unchanged (it equals the x0 error weighted by
+    ``1 / sigma^2``). ``sigma`` ([B]) is floored at 1e-4 for the division only (samplers never evaluate 0).
+    """
+    s = sigma.float().clamp_min(1e-4).reshape(-1, *([1] * (z_t.ndim - 1)))
+    return (z_t - z_src - delta) / s
 
 
 class VivaEditor:
@@ -243,7 +260,13 @@ class VivaEditor:
             encoder_attention_mask=cond["prompt_mask"], pooled_projections=cond["pooled"], guidance=guidance,
             return_dict=False,
         )[0]
-        return out[:, :, :frames].float()
+        out = out[:, :, :frames].float()
+        if self.config.prediction == "velocity":
+            return out
+        if self.config.prediction == "source_residual":
+            return source_residual_velocity(latents.float(), cond["source_latents"].float(), out, sigma)
+        raise CheckpointError(f"editor_config.json: prediction={self.config.prediction!r} is not 'velocity' or "
+                              "'source_residual'")
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, path: str | os.PathLike) -> Path:

@@ -79,6 +79,8 @@ class TinySpec:
     vision_patch: int = 8
     guidance_embeds: bool = False
     vae: str = "pixel"               # "pixel" (lossless pixel-unshuffle) or "hunyuan" (tiny AutoencoderKLHunyuanVideo)
+    init: str = "default"            # "default" (diffusers' init) or "adaln_zero" (DiT: every block starts as the identity)
+    prediction: str = "velocity"     # the editor's EditorConfig.prediction: velocity | source_residual
     extra: dict = field(default_factory=dict)
 
 
@@ -125,13 +127,40 @@ def make_tiny_transformer(spec: TinySpec, in_channels: int | None = None, seed: 
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(seed + 2)
-    return HunyuanVideoTransformer3DModel(
+    model = HunyuanVideoTransformer3DModel(
         in_channels=in_channels or spec.latent_channels, out_channels=spec.latent_channels,
         num_attention_heads=spec.heads, attention_head_dim=spec.head_dim, num_layers=spec.num_layers,
         num_single_layers=spec.num_single_layers, num_refiner_layers=spec.num_refiner_layers, patch_size=2,
         patch_size_t=1, guidance_embeds=spec.guidance_embeds, text_embed_dim=spec.text_dim,
         pooled_projection_dim=spec.pooled_dim, rope_axes_dim=tuple(spec.rope_axes_dim),
     )
+    if spec.init == "adaln_zero":
+        adaln_zero_init(model)
+    elif spec.init != "default":
+        raise ValueError(f"TinySpec.init={spec.init!r}: use 'default' or 'adaln_zero'")
+    return model
+
+
+def adaln_zero_init(transformer) -> None:
+    """DiT's adaLN-Zero initialisation (Peebles & Xie 2023, section 3.2) of a ``HunyuanVideoTransformer3DModel``.
+
+    The modulation layers of every dual- and single-stream block (``norm1``, ``norm1_context``, ``norm``) and of
+    the output layer (``norm_out``), and the output projection ``proj_out``, start at zero: every residual
+    branch is gated off (gate = 0), so each block is the identity, and the model's output starts at 0. A
+    from-scratch DiT then starts with a clean path from the patch embedding to the output instead of random
+    residual branches on top of it (docs/toy_world.md measures what this changes). Used only for DiTs trained
+    from scratch (the toy editor); pretrained checkpoints keep their weights.
+    """
+    zero = [transformer.norm_out.linear, transformer.proj_out]
+    for block in transformer.transformer_blocks:
+        zero += [block.norm1.linear, block.norm1_context.linear]
+    for block in transformer.single_transformer_blocks:
+        zero.append(block.norm.linear)
+    with torch.no_grad():
+        for layer in zero:
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
 
 
 def make_tiny_vae(spec: TinySpec, seed: int = 0):
@@ -185,6 +214,7 @@ def make_tiny_editor(spec: TinySpec | None = None, seed: int = 0, **editor_kwarg
     llava, processor = make_tiny_instructor(spec, seed=seed)
     te2, tok2 = make_tiny_text_encoder_2(spec, seed=seed)
     transformer = widen_patch_embedding(make_tiny_transformer(spec, seed=seed))
+    editor_kwargs.setdefault("prediction", spec.prediction)
     return VivaEditor(
         instructor=llava, processor=processor, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer,
         vae=make_tiny_vae(spec, seed=seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **editor_kwargs,

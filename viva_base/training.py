@@ -199,6 +199,42 @@ def init_trackers(accelerator, name: str, cfg: Any) -> None:
         accelerator.init_trackers(name, config=flat)
 
 
+def log_videos(accelerator, videos: dict[str, torch.Tensor], step: int, *, fps: float = 8.0, upscale: int = 4) -> int:
+    """Log clips ``{tag: (F, 3, H, W) in [0, 1]}`` to every tracker of ``accelerator`` (main process only).
+
+    wandb gets a ``wandb.Video`` (a GIF); tensorboard a video where ``moviepy`` (which its ``add_video`` needs)
+    is installed, else a film strip (the frames side by side) as an image. Small frames are enlarged
+    ``upscale`` times (nearest) so a toy clip is visible. Returns the number of clips logged.
+    """
+    if not accelerator.is_main_process or not videos or not getattr(accelerator, "trackers", None):
+        return 0
+    import importlib.util
+
+    import torch.nn.functional as F
+
+    clips = {}
+    for tag, v in videos.items():
+        v = v.detach().float().cpu().clamp(0, 1)
+        if upscale > 1 and max(v.shape[-2:]) < 128:
+            v = F.interpolate(v, scale_factor=upscale, mode="nearest")
+        clips[tag] = v
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            writer = tracker.writer
+            for tag, v in clips.items():
+                if importlib.util.find_spec("moviepy") is not None:
+                    writer.add_video(tag, v[None], step, fps=int(round(fps)))
+                else:
+                    writer.add_image(tag, torch.cat(list(v), dim=-1), step)
+            writer.flush()
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Video((v * 255).round().to(torch.uint8).numpy(), fps=int(round(fps)), format="gif")
+                         for tag, v in clips.items()}, step=step)
+    return len(clips)
+
+
 class MetricsFile:
     """``metrics.jsonl``: one JSON object per step; on resume, lines past the resumed step are dropped
     so the file reads as if the run had never stopped. Written by the main process only."""

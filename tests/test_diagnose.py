@@ -1,0 +1,103 @@
+"""The editor diagnostics (benchmarks.diagnose), the source-residual prediction, the report's copy-source
+baseline and video logging to the trackers."""
+import json
+
+import pytest
+import torch
+
+from benchmarks.diagnose import clean_latent_errors, group_spread, main as diagnose_main
+from viva_base.data.manifest import read_manifest
+from viva_base.data.toy import ensure_toy_dataset
+from viva_base.model import source_residual_velocity
+from viva_base.tiny import TinySpec, make_tiny_editor
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return ensure_toy_dataset(root, seed=5, n_sft_video=6, n_sft_image=0, n_grpo=0, n_eval_compound=2,
+                              n_eval_simple=2, frames=5, size=32)
+
+
+def test_source_residual_velocity_is_the_flow_velocity_of_its_clean_latent():
+    g = torch.Generator().manual_seed(0)
+    x0, z_src, noise = (torch.randn(3, 4, 2, 3, 3, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.9, 0.3, 0.05])
+    z_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
+    v = source_residual_velocity(z_t, z_src, x0 - z_src, sigma)
+    assert torch.allclose(v, noise - x0, atol=1e-5)
+    # a zero output is an exact copy of the source: x0 = z_t - sigma v = z_src
+    v0 = source_residual_velocity(z_t, z_src, torch.zeros_like(x0), sigma)
+    assert torch.allclose(z_t - sigma.view(-1, 1, 1, 1, 1) * v0, z_src, atol=1e-6)
+
+
+def test_clean_latent_errors_of_an_editor_that_copies_its_source(toy):
+    """adaLN-Zero + source_residual: the untrained editor outputs delta = 0, i.e. copies the source exactly, so the
+    error outside the edit region is 0 at every sigma and inside it equals the error of copying the source."""
+    editor = make_tiny_editor(TinySpec(init="adaln_zero", prediction="source_residual"))
+    recs = read_manifest(toy["sft"], "pairs")
+    res = clean_latent_errors(editor, recs, (0.9, 0.5, 0.1), batch_size=4)
+    assert res["n"] == 6 and 0.1 < res["latent_std"] < 1.0
+    for row in res["rows"]:
+        assert row["outside"] < 1e-5
+        assert row["inside"] == pytest.approx(res["copy_source_inside"], rel=1e-4)
+    # a velocity editor with random weights does not copy
+    rand = clean_latent_errors(make_tiny_editor(), recs, (0.9,), batch_size=4)
+    assert rand["rows"][0]["outside"] > 0.05
+
+
+def test_group_spread_and_cli(toy, tmp_path, capsys):
+    editor = make_tiny_editor(TinySpec(init="adaln_zero", prediction="source_residual"))
+    recs = read_manifest(toy["eval"], "eval")
+    res = group_spread(editor, recs, groups=2, group_size=3, num_steps=3)
+    rows = {r["score"]: r for r in res["rows"]}
+    assert {"oracle", "if_error", "sp_error"} <= set(rows)
+    # an exact copier is deterministic whatever the noise: nothing to rank within a group
+    assert rows["oracle"]["within_group_std"] < 1e-5
+    editor.save_pretrained(tmp_path / "ed")
+    out = tmp_path / "diag.json"
+    assert diagnose_main(["--model", str(tmp_path / "ed"), "--manifest", str(toy["eval"]), "--groups", "1",
+                          "--group-size", "2", "--num-steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "clean-latent error" in printed and "within-group spread" in printed
+    assert set(json.loads(out.read_text())) >= {"clean_latent", "group_spread"}
+    assert diagnose_main(["--model", str(tmp_path / "ed"), "--manifest", str(tmp_path / "nope.jsonl")]) == 2
+
+
+def test_report_copy_source_is_the_oracle_of_returning_the_source(toy):
+    from editgrpo.report import comparison_table, copy_source_groups
+    from viva_base.data.toyworld.oracle import oracle_scores
+    from viva_base.video import read_video
+
+    groups = copy_source_groups(toy["eval"])
+    recs = read_manifest(toy["eval"], "eval")
+    want = []
+    for r in recs:
+        s, t = read_video(r["source"]).frames[None], read_video(r["target"]).frames[None]
+        m = (read_video(r["mask"]).frames.amax(dim=1, keepdim=True) > 0.5).float()[None]
+        want.append(float(oracle_scores(s, s, t, m)["oracle"][0]))
+    assert groups["all"]["n"] == len(recs)
+    assert groups["all"]["oracle"] == pytest.approx(sum(want) / len(want))
+    assert groups["all"]["sp_error"] == 0 and groups["all"]["if_progress"] == pytest.approx(0.0, abs=1e-6)
+    table = comparison_table(groups, groups, ["oracle", "reward"], source=groups)
+    assert table.splitlines()[0].startswith("| group | n | oracle source | oracle SFT | oracle GRPO | reward SFT")
+
+
+def test_log_videos_to_tensorboard(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from viva_base.training import log_videos
+
+    acc = Accelerator(log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(tmp_path),
+                                                                                  logging_dir=str(tmp_path / "logs")))
+    acc.init_trackers("t")
+    clip = torch.rand(5, 3, 16, 16)
+    assert log_videos(acc, {"eval/x": clip}, step=3) == 1
+    acc.end_training()
+    ev = EventAccumulator(str(next((tmp_path / "logs").rglob("events.*")).parent), size_guidance={"images": 0})
+    ev.Reload()
+    assert "eval/x" in ev.Tags()["images"]
+    img = ev.Images("eval/x")[0]
+    assert img.step == 3 and (img.width, img.height) == (5 * 16 * 4, 16 * 4)
