@@ -64,6 +64,13 @@ def choose_steps(cfg, sigmas: torch.Tensor, iteration: int) -> tuple[tuple[int, 
     return window, sde
 
 
+def minibatches(n_local: int, minibatches_per_iteration: int) -> list[list[int]]:
+    """This process's samples ``0..n_local-1`` split into the inner epoch's minibatches (one optimizer step each):
+    ``ceil(n_local / m)`` samples each, so there may be fewer than ``m`` (4 samples, m = 3: sizes 2, 2)."""
+    size = math.ceil(n_local / minibatches_per_iteration)
+    return [list(range(s, min(n_local, s + size))) for s in range(0, n_local, size)]
+
+
 def main(cfg: GRPOConfig) -> Path:
     t_start = time.time()
     validate_config(cfg)  # before any expensive work: data, editor, reward models
@@ -109,8 +116,10 @@ def main(cfg: GRPOConfig) -> Path:
                                   weight_decay=tc.weight_decay)
     from diffusers.optimization import get_scheduler
 
+    # the optimizer steps really taken (the same on every process: n_local is), not minibatches_per_iteration
+    steps_per_epoch = len(minibatches(n_local, tc.minibatches_per_iteration))
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
-                                 num_training_steps=tc.num_iterations * tc.num_inner_epochs * tc.minibatches_per_iteration)
+                                 num_training_steps=tc.num_iterations * tc.num_inner_epochs * steps_per_epoch)
     from rewards.registry import CombinedReward
 
     reward_fn = CombinedReward.from_config(cfg.rewards)
@@ -190,10 +199,8 @@ def main(cfg: GRPOConfig) -> Path:
         dit.train()
         sums = defaultdict(float)
         n_terms = 0
-        mb_size = math.ceil(n_local / tc.minibatches_per_iteration)
         for _epoch in range(tc.num_inner_epochs):
-            for mb_start in range(0, n_local, mb_size):
-                mb = list(range(mb_start, min(n_local, mb_start + mb_size)))
+            for mb in minibatches(n_local, tc.minibatches_per_iteration):
                 n_valid = valid[mb].sum().float()
                 n_valid_global = accelerator.reduce(n_valid.to(accelerator.device), "sum").item() if world > 1 else n_valid.item()
                 micro = [mb[i:i + train_bs] for i in range(0, len(mb), train_bs)]

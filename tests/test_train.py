@@ -97,6 +97,24 @@ def test_cfg_grad_is_the_analytic_combination_of_the_branch_gradients(cfg_grad):
     assert any(float(u.abs().max()) > 1e-4 * float(c.abs().max()) for c, u in zip(g_c, g_u))  # the options differ
 
 
+def test_lr_schedule_counts_the_optimizer_steps_really_taken(tmp_path, repo_root, monkeypatch):
+    """4 samples in minibatches_per_iteration=3 make 2 minibatches of 2 (2 optimizer steps, not 3): a linear schedule
+    sized on the steps taken ends at lr 0 after the last one."""
+    from editgrpo import train as train_mod
+    from editgrpo.config import GRPOConfig
+    from viva_base.recipe import load_recipe
+
+    assert train_mod.minibatches(4, 3) == [[0, 1], [2, 3]] and train_mod.minibatches(6, 2) == [[0, 1, 2], [3, 4, 5]]
+    monkeypatch.chdir(repo_root)
+    train_mod.main(load_recipe(GRPOConfig, [
+        "recipe=recipes/tiny.yaml", f"output_dir={tmp_path}", "report_to=none", "train.num_iterations=1",
+        "train.prompts_per_iteration=2", "train.num_generations=2", "data.toy_prompts=2", "sampling.num_steps=3",
+        "sampling.sde_window_size=1", "train.checkpoint_every=0", "train.minibatches_per_iteration=3",
+        "train.lr_scheduler=linear", "train.warmup_steps=0"]))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["lr"] == 0.0
+
+
 def _run_train(args, cwd, **kw):
     return subprocess.Popen([sys.executable, "-m", "editgrpo.train", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
