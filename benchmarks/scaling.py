@@ -409,6 +409,45 @@ On CPUs, ZeRO-2 and ZeRO-3 ran for real (2 processes, gloo, the tiny editor). No
 DeepSpeed, CPU offload, NCCL, multi-node; these are checked as configurations by DeepSpeed's own config classes.
 """
 
+CHECKING = """## Checking a GPU machine
+
+    python -m benchmarks.gpu_check                                        # on a CUDA machine, a few minutes
+    python -m benchmarks.gpu_check --frames 33 --height 480 --width 848   # the 13B DiT step at recipes/viva.yaml's clip
+    python -m benchmarks.gpu_check --device cpu --tiny-only               # the same code paths on CPU, tiny shapes
+
+The first command to run on a GPU machine. Each check reports ok, FAIL or skipped, and a failing one does not
+stop the others:
+
+* `kernels`: a bf16 matmul and bf16 SDPA attention on the GPU against float32 references, and FlashAttention alone;
+* `sft`: `viva_base.sft recipe=recipes/sft_tiny.yaml`, 4 steps with `model.dtype=bf16 train.mixed_precision=bf16`;
+* `grpo`: `editgrpo.train recipe=recipes/tiny.yaml`, 2 iterations in bf16 with the held-out evaluation before and
+  after; the first minibatch's mean importance ratio (`ratio_mean` of iteration 1 in metrics.jsonl: every forward
+  there precedes the first optimizer step) must be within 1e-3 of 1, i.e. the training forward reproduces the
+  rollout's log-probs in bf16;
+* `grpo_2proc`: the same under `torchrun --nproc_per_node 2` (NCCL); "skipped: 1 GPU" on one GPU;
+* `dit`: the real-size HunyuanVideo DiT (the 13B config above, widened to 32 input channels, random weights, no
+  download) with LoRA r64 and gradient checkpointing, at `--frames x --height x --width` (default 9 x 480 x 848):
+  one sampling forward and one training forward + backward (CFG batch 2, bf16 autocast), timed, with the peak GPU
+  memory, each next to what this document's counting predicts for that shape (FLOPs at 40% MFU of 989 TFLOP/s;
+  memory = bf16 weights + fp32 LoRA and its gradients + checkpointed activations) and the ratio measured / predicted.
+
+It prints a table, writes it as JSON (`--out`, default `outputs/gpu_check/gpu_check.json`) and, next to it, a
+markdown snippet to paste here. Without CUDA it says so in one line and exits 0 with nothing run; with
+`--device cpu --tiny-only` every check runs on CPU at tiny sizes, the DiT step on a scaled-down config through
+the same function (tests/test_gpu_check.py, about 40 s). Not yet run on a GPU: no GPU was available when it was
+written.
+
+A GPU machine without network needs the packages it lacks (diffusers, omegaconf, av, open_clip_torch, ftfy; torch,
+transformers, peft, accelerate and timm are assumed there). Where a package index is reachable:
+
+    bash benchmarks/gpu_wheels.sh download   # Python 3.12 manylinux x86_64 wheels, no torch: 43 MB in gpu_wheels/
+
+`gpu_wheels/` is git-ignored; copy it with the working tree (it fits the 64 MiB a lent machine's tree may
+have: name it in `carry`), then there, from the repository root:
+
+    bash benchmarks/gpu_wheels.sh install && python -m benchmarks.gpu_check
+"""
+
 
 def _gb(b: float) -> str:
     return f"{b / 1e9:.1f}"
@@ -437,6 +476,8 @@ def render(p: dict, perf: dict | None = None) -> str:
            f"TFLOP/s, {p['gpu']['memory_gb']:.0f} GB; times assume {p['mfu']:.0%} MFU and an even data-parallel split.",
            "",
            RUNNING,
+           "",
+           CHECKING,
            "",
            "## Parameters",
            "",

@@ -1,0 +1,392 @@
+"""The first command to run on a GPU machine: does this project's GPU path work here, and how fast is it?
+
+    python -m benchmarks.gpu_check                                  # on a CUDA machine: a few minutes
+    python -m benchmarks.gpu_check --frames 33 --height 480 --width 848   # the real-size DiT at a larger shape
+    python -m benchmarks.gpu_check --device cpu --tiny-only         # the same code paths on CPU, tiny shapes
+
+Checks, each reported as ok / FAIL / skipped (a failing check does not stop the others):
+
+* ``kernels``: a bf16 matmul and bf16 SDPA attention on the device, against float32 references (on CUDA also
+  the FlashAttention backend alone);
+* ``sft``: ``python -m viva_base.sft recipe=recipes/sft_tiny.yaml`` for a few steps in bf16 (``model.dtype=bf16``,
+  ``train.mixed_precision=bf16``); the loss must be finite;
+* ``grpo``: ``python -m editgrpo.train recipe=recipes/tiny.yaml``, 2 iterations in bf16, with the held-out
+  evaluation (a few toy-world eval prompts) at the start and the end; the first minibatch's mean importance
+  ratio (``ratio_mean`` of the first iteration in metrics.jsonl, one minibatch and one inner epoch: every
+  forward before the first optimizer step) must be within 1e-3 of 1 -- the training forward reproduces the
+  rollout's log-probs in bf16;
+* ``grpo_2proc``: the same GRPO run under ``torchrun --nproc_per_node 2`` (NCCL on two GPUs; gloo on CPU);
+  skipped with one GPU;
+* ``dit``: the real-size HunyuanVideo DiT (``benchmarks.scaling.HUNYUAN_DIT_13B``, widened to 32 input channels,
+  random weights, no download) with the recipe's LoRA r64 and gradient checkpointing: one sampling forward
+  (no grad) and one training forward + backward at ``--frames x --height x --width`` (CFG batch 2), timed, with
+  the peak GPU memory, next to what benchmarks.scaling predicts for that shape (FLOPs at 40% MFU of an H100's
+  989 bf16 TFLOP/s; memory = weights + LoRA weights and gradients + checkpointed activations) and the ratio
+  measured / predicted. ``--tiny-only`` runs a scaled-down DiT config through the same function.
+
+Prints a table, writes it as JSON (``--out``) and a markdown snippet for docs/scaling.md next to it (``.md``).
+Without CUDA (and without ``--device cpu``) it says so in one line and exits 0 with nothing run.
+Exit status: 0 when no check failed, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RATIO_TOL = 1e-3
+# The --tiny-only stand-in of the 13B DiT: same class and LoRA targets, a few small blocks.
+TINY_DIT = dict(in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+                num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
+                rope_theta=256.0, rope_axes_dim=(4, 6, 6))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- checks
+def check_kernels(device: str) -> dict:
+    """A bf16 matmul and bf16 SDPA on ``device`` against float32 references (relative errors)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(512, 512, generator=g) for _ in range(2))
+    got = (a.to(device, torch.bfloat16) @ b.to(device, torch.bfloat16)).float().cpu()
+    ref = a @ b
+    mm_err = float((got - ref).norm() / ref.norm())
+    q, k, v = (torch.randn(2, 4, 256, 64, generator=g) for _ in range(3))
+    att = F.scaled_dot_product_attention(*(t.to(device, torch.bfloat16) for t in (q, k, v))).float().cpu()
+    att_ref = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1) @ v
+    sdpa_err = float((att - att_ref).norm() / att_ref.norm())
+    out = {"matmul_bf16_rel_err": mm_err, "sdpa_bf16_rel_err": sdpa_err, "torch": torch.__version__}
+    if device.startswith("cuda"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        out.update(gpu=torch.cuda.get_device_name(), capability=".".join(map(str, torch.cuda.get_device_capability())),
+                   cuda=torch.version.cuda, bf16_supported=torch.cuda.is_bf16_supported(),
+                   gpus=torch.cuda.device_count())
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(*(t.to(device, torch.bfloat16) for t in (q, k, v)))
+            _sync(device)
+            out["flash_attention"] = True
+        except RuntimeError as e:
+            out["flash_attention"] = f"unavailable: {str(e).splitlines()[0][:120]}"
+    ok = mm_err < 2e-2 and sdpa_err < 2e-2
+    return {"status": "ok" if ok else "FAIL", **out,
+            "detail": f"matmul rel err {mm_err:.1e}, sdpa rel err {sdpa_err:.1e}"}
+
+
+def _run(cmd: list[str], log: Path, env: dict) -> None:
+    """Run ``cmd`` in the repository, output to ``log``; raise with the log's tail on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {rc}: {' / '.join(tail)[-400:]} (log: {log})")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _env(device: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"  # a CPU run on a GPU machine too
+    return env
+
+
+BF16 = ["model.dtype=bf16", "train.mixed_precision=bf16", "report_to=none"]
+
+
+def check_sft(work: Path, device: str, tiny: bool) -> dict:
+    out = work / "sft"
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["recipe=recipes/sft_tiny.yaml", f"output_dir={out}", "train.max_steps=4", "train.checkpoint_every=0",
+            "train.warmup_steps=1", *BF16]
+    if tiny:
+        args += ["data.toy.n_video=4", "data.toy.n_image=2", "data.toy.size=16", "train.max_steps=2",
+                 "train.batch_size=2"]
+    _run([sys.executable, "-m", "viva_base.sft", *args], work / "sft.log", _env(device))
+    losses = [r["loss"] for r in _rows(out / "metrics.jsonl") if "loss" in r]
+    ok = bool(losses) and all(math.isfinite(x) for x in losses)
+    return {"status": "ok" if ok else "FAIL", "steps": len(losses), "losses": losses,
+            "detail": f"{len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss logged"}
+
+
+def _grpo_args(out: Path, tiny: bool) -> list[str]:
+    args = ["recipe=recipes/tiny.yaml", f"output_dir={out}", "train.num_iterations=2", "train.checkpoint_every=0",
+            "train.minibatches_per_iteration=1", "train.num_inner_epochs=1", *BF16]
+    if tiny:
+        args += ["data.toy_prompts=2", "data.toy_size=16", "train.num_generations=2", "sampling.num_steps=3",
+                 "sampling.sde_window_size=1"]
+    return args
+
+
+def _first_ratio(rows: list[dict]) -> dict:
+    ratio = rows[0].get("ratio_mean")
+    ok = ratio is not None and abs(ratio - 1.0) <= RATIO_TOL
+    return {"ratio_mean": ratio, "ratio_ok": ok,
+            "ratio_detail": f"first minibatch ratio mean {ratio:.6f} ({'within' if ok else 'NOT within'} {RATIO_TOL} of 1)"
+            if ratio is not None else "no ratio_mean logged"}
+
+
+def check_grpo(work: Path, device: str, tiny: bool) -> dict:
+    from viva_base.data.toy import ensure_toy_dataset
+
+    out = work / "grpo"
+    shutil.rmtree(out, ignore_errors=True)
+    toy = ensure_toy_dataset(work / "eval_data", seed=1, n_sft_video=0, n_sft_image=0, n_grpo=0, n_eval_compound=2,
+                             n_eval_simple=1, size=16 if tiny else 32)
+    args = _grpo_args(out, tiny) + [f"eval.manifest={toy['eval']}", "eval.num_steps=2", "eval.seeds=[1]",
+                                    "eval.save_videos=1", "eval.batch_size=4"]
+    _run([sys.executable, "-m", "editgrpo.train", *args], work / "grpo.log", _env(device))
+    rows = _rows(out / "metrics.jsonl")
+    r = _first_ratio(rows)
+    evals = sorted(p.parent.name for p in (out / "eval").glob("step-*/summary.json"))
+    eval_ok = evals == ["step-0", "step-2"]
+    finite = all(math.isfinite(x["loss"]) for x in rows)
+    ok = r["ratio_ok"] and eval_ok and finite and len(rows) == 2
+    return {"status": "ok" if ok else "FAIL", "iterations": len(rows), "evaluations": evals, **r,
+            "seconds_per_iteration": [x["seconds"] for x in rows],
+            "detail": f"{len(rows)} iterations, loss finite: {finite}, held-out eval at {', '.join(evals) or 'none'}; "
+                      + r["ratio_detail"]}
+
+
+def check_grpo_2proc(work: Path, device: str, tiny: bool) -> dict:
+    if device.startswith("cuda") and torch.cuda.device_count() < 2:
+        return {"status": "skipped", "detail": f"skipped: {torch.cuda.device_count()} GPU"}
+    out = work / "grpo_2proc"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "editgrpo.train", *_grpo_args(out, tiny)]
+    env = _env(device)
+    env.pop("ACCELERATE_USE_CPU", None)  # torchrun on CPUs: the trainer starts gloo itself (viva_base.training)
+    _run(cmd, work / "grpo_2proc.log", env)
+    rows = _rows(out / "metrics.jsonl")
+    r = _first_ratio(rows)
+    ok = r["ratio_ok"] and len(rows) == 2 and (out / "lora").is_dir()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    return {"status": "ok" if ok else "FAIL", "backend": backend, **r,
+            "seconds_per_iteration": [x["seconds"] for x in rows],
+            "detail": f"2 processes ({backend}), {len(rows)} iterations; " + r["ratio_detail"]}
+
+
+def _init_random_(dit: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights in place (fan-in scaled normals, unit norms, zero biases; LoRA: A ~ N(0, 1/r^2), B = 0)."""
+    g = torch.Generator(device=next(dit.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+            elif "lora_A" in name:
+                p.normal_(0.0, 1.0 / p.shape[0], generator=g)
+            elif p.ndim >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for buf in dit.buffers():
+            if buf.is_floating_point():
+                buf.zero_()
+
+
+def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens: int, device: str,
+             lora_rank: int = 64, repeats: int = 2) -> dict:
+    """One Edit-GRPO-like DiT step of ``config`` (random weights) on ``device``: a sampling forward (no grad) and a
+    training forward + backward (LoRA ``lora_rank``, gradient checkpointing, bf16 autocast), CFG batch 2, each
+    timed (best of ``repeats`` after a warm-up), with the peak memory of the training pass (CUDA), next to
+    benchmarks.scaling's prediction for the same config and shape (the latent grid of a ``frames x height x width``
+    clip through HunyuanVideo's VAE, ``benchmarks.scaling.latent_grid``)."""
+    from benchmarks.scaling import GPU, MFU, dit_inputs, dit_pass, latent_grid, meta_editor_dit, seconds_at_mfu
+
+    grid = latent_grid(frames, height, width)
+    batch = 2  # CFG: cond and uncond rows of one sample
+    dtype = torch.bfloat16
+    # prediction: the same model on the meta device, counted
+    meta = meta_editor_dit(config, lora_rank, 2 * lora_rank, dtype=dtype)
+    n_frozen = sum(p.numel() for p in meta.parameters() if not p.requires_grad)
+    n_lora = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+    pred_sample = dit_pass(meta, config, batch, grid, text_tokens, train=False)["flops"]["total"]
+    train = dit_pass(meta, config, batch, grid, text_tokens, train=True)
+    pred_train = train["flops"]["total"] + pred_sample  # checkpointing recomputes the forward once
+    pred_mem = 2 * n_frozen + 8 * n_lora + train["activations"]["checkpointing"]  # bf16 base, fp32 LoRA + grads
+    del meta
+
+    # the real thing: built on meta, materialised on the device, random weights
+    dit = meta_editor_dit(config, lora_rank, 2 * lora_rank, dtype=dtype).to_empty(device=device)
+    _init_random_(dit)
+    dit.enable_gradient_checkpointing()
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = dit_inputs(config, batch, grid, text_tokens, dtype=dtype, device=device)
+    for key in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+        kw[key] = torch.randn(kw[key].shape, generator=g, device=device, dtype=dtype)
+    lora = [p for p in dit.parameters() if p.requires_grad]
+    cuda = device.startswith("cuda")
+
+    def sample():
+        with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+            return dit(**kw)[0]
+
+    def train_step():
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
+            out = dit(**kw)[0]
+        out.float().square().mean().backward()
+        return out
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first is a warm-up (kernel selection, allocator)
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    t_sample = timed(sample)
+    for p in lora:
+        p.grad = None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    dit.train()
+    calls = [0]  # calls of the first block: 2 per training step when checkpointing recomputes it (a pre-hook:
+    # the recomputation stops early, before the forward hooks)
+    hook = dit.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    t_train = timed(train_step)
+    hook.remove()
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    grads = [p.grad for p in lora if p.grad is not None]
+    grad_ok = bool(grads) and all(torch.isfinite(x).all() for x in grads) and any(x.abs().sum() > 0 for x in grads)
+    out_finite = bool(torch.isfinite(sample()).all())
+    del dit, kw, grads
+    if cuda:
+        torch.cuda.empty_cache()
+    p_sample, p_train = seconds_at_mfu(pred_sample, 1), seconds_at_mfu(pred_train, 1)
+    return {"config_params": n_frozen, "lora_params": n_lora, "lora_rank": lora_rank, "frames": frames,
+            "height": height, "width": width,
+            "latent_grid": list(grid), "video_tokens": grid[0] * (grid[1] // 2) * (grid[2] // 2),
+            "text_tokens": text_tokens, "sample_seconds": t_sample, "train_seconds": t_train,
+            "predicted_sample_seconds": p_sample, "predicted_train_seconds": p_train,
+            # a GPU prediction: no ratio for a CPU run (the stand-in only exercises the code)
+            "sample_ratio": t_sample / p_sample if cuda else None, "train_ratio": t_train / p_train if cuda else None,
+            "sample_tflops": pred_sample / 1e12, "train_tflops": pred_train / 1e12,
+            "achieved_mfu_train": pred_train / t_train / (GPU["bf16_tflops"] * 1e12),
+            "peak_bytes": peak, "predicted_peak_bytes": pred_mem,
+            "memory_ratio": peak / pred_mem if peak is not None else None,
+            "prediction_basis": f"{GPU['name']} {GPU['bf16_tflops']} bf16 TFLOP/s at {MFU:.0%} MFU",
+            "grad_ok": grad_ok, "output_finite": out_finite, "checkpointing": calls[0] == 2 * (repeats + 1)}
+
+
+def check_dit(device: str, tiny: bool, frames: int, height: int, width: int, text_tokens: int) -> dict:
+    from benchmarks.scaling import HUNYUAN_DIT_13B
+
+    if tiny:  # the stand-in: a few small blocks, a small latent
+        r = dit_step(TINY_DIT, frames=5, height=32, width=32, text_tokens=8, device=device, lora_rank=4, repeats=1)
+    else:
+        r = dit_step(HUNYUAN_DIT_13B, frames=frames, height=height, width=width, text_tokens=text_tokens,
+                     device=device)
+    mem = (f", peak {r['peak_bytes'] / 2**30:.1f} GiB (predicted {r['predicted_peak_bytes'] / 2**30:.1f}, "
+           f"x{r['memory_ratio']:.2f})" if r["peak_bytes"] is not None else "")
+    x = lambda v: f"x{v:.2f} of predicted" if v is not None else "no GPU prediction"  # noqa: E731
+    detail = (f"{'tiny stand-in' if tiny else 'HunyuanVideo-13B'} {r['frames']}x{r['height']}x{r['width']}, "
+              f"{r['video_tokens']} video tokens: forward {r['sample_seconds']:.3f} s ({x(r['sample_ratio'])}), "
+              f"fwd+bwd {r['train_seconds']:.3f} s ({x(r['train_ratio'])}){mem}")
+    ok = r["grad_ok"] and r["output_finite"] and r["checkpointing"]
+    return {"status": "ok" if ok else "FAIL", **r, "detail": detail}
+
+
+# ---------------------------------------------------------------------------- report
+def markdown(results: dict, meta: dict) -> str:
+    lines = [f"Measured by `python -m benchmarks.gpu_check {meta['argv']}` on {meta['device_name']} "
+             f"(torch {torch.__version__}, {meta['date']}):", "",
+             "| check | status | result |", "|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['status']} | {r.get('detail', '')} |")
+    d = results.get("dit")
+    if d and "train_seconds" in d:
+        gib = lambda b: f"{b / 2**30:.1f} GiB" if b is not None else "n/a"  # noqa: E731
+        x = lambda r: f"{r:.2f}" if r is not None else "n/a"  # noqa: E731
+        lines += ["", "| frames x H x W | video + text tokens | forward (CFG 2) | predicted | ratio | fwd+bwd, LoRA "
+                  f"r{d['lora_rank']} + checkpointing | predicted | ratio | peak memory | predicted | ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {d['frames']}x{d['height']}x{d['width']} | {d['video_tokens']:,} + {d['text_tokens']} | "
+                  f"{d['sample_seconds']:.3g} s | {d['predicted_sample_seconds']:.3g} s | {x(d['sample_ratio'])} | "
+                  f"{d['train_seconds']:.3g} s | {d['predicted_train_seconds']:.3g} s | {x(d['train_ratio'])} | "
+                  f"{gib(d['peak_bytes'])} | {gib(d['predicted_peak_bytes'])} | {x(d['memory_ratio'])} |",
+                  "", f"Predictions: benchmarks.scaling's counts for this shape, {d['prediction_basis']}; memory = bf16 "
+                  "weights + fp32 LoRA and its gradients + the checkpointed activations (ratio = measured / predicted)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the code paths with --tiny-only)")
+    ap.add_argument("--tiny-only", action="store_true", help="tiny shapes everywhere, the DiT check on a small config")
+    ap.add_argument("--frames", type=int, default=9, help="real-size DiT check: clip frames (4k+1)")
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=848)
+    ap.add_argument("--text-tokens", type=int, default=256)
+    ap.add_argument("--checks", default="kernels,sft,grpo,grpo_2proc,dit", help="comma-separated subset to run")
+    ap.add_argument("--out", default="outputs/gpu_check/gpu_check.json", help="JSON results (markdown next to it)")
+    a = ap.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing run "
+              "(use --device cpu --tiny-only to run the code paths on CPU)")
+        return 0
+    if a.device == "cpu" and not a.tiny_only:
+        ap.error("--device cpu needs --tiny-only (the real-size DiT does not run on a CPU)")
+    out = Path(a.out)
+    work = out.parent / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cuda:0" if a.device == "cuda" else a.device
+    checks = {
+        "kernels": lambda: check_kernels(device),
+        "sft": lambda: check_sft(work, a.device, a.tiny_only),
+        "grpo": lambda: check_grpo(work, a.device, a.tiny_only),
+        "grpo_2proc": lambda: check_grpo_2proc(work, a.device, a.tiny_only),
+        "dit": lambda: check_dit(device, a.tiny_only, a.frames, a.height, a.width, a.text_tokens),
+    }
+    wanted = [c.strip() for c in a.checks.split(",") if c.strip()]
+    unknown = sorted(set(wanted) - set(checks))
+    if unknown:
+        ap.error(f"unknown checks {unknown}; use any of {', '.join(checks)}")
+    results = {}
+    for name in wanted:
+        t = time.time()
+        try:
+            r = checks[name]()
+        except Exception as e:  # noqa: BLE001 -- a failed check is a result; the next one still runs
+            r = {"status": "FAIL", "detail": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:600]}
+        r["seconds"] = time.time() - t
+        results[name] = r
+        print(f"[{r['status']:>7}] {name:<10} {r['seconds']:6.1f} s  {r.get('detail', '')}", flush=True)
+    meta = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    md = markdown(results, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    out.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    print(f"written {out} and {out.with_suffix('.md')}")
+    return 0 if all(r["status"] != "FAIL" for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""benchmarks.gpu_check: the no-GPU answer, and every check's CPU stand-in (tiny shapes, the same code paths)."""
+import json
+
+import torch
+
+from benchmarks import gpu_check
+
+
+def test_without_cuda_it_says_so_in_one_line_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert gpu_check.main([]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 and "no CUDA" in out
+    assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
+
+
+def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread):
+    out = tmp_path / "check" / "gpu_check.json"
+    assert gpu_check.main(["--device", "cpu", "--tiny-only", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert list(res) == ["kernels", "sft", "grpo", "grpo_2proc", "dit"]
+    assert all(r["status"] == "ok" for r in res.values()), {k: r["detail"] for k, r in res.items()}
+    assert res["sft"]["steps"] == 2
+    grpo = res["grpo"]
+    assert grpo["evaluations"] == ["step-0", "step-2"] and abs(grpo["ratio_mean"] - 1) <= gpu_check.RATIO_TOL
+    assert res["grpo_2proc"]["backend"] == "gloo"
+    dit = res["dit"]
+    assert dit["checkpointing"] and dit["grad_ok"] and dit["predicted_train_seconds"] > dit["predicted_sample_seconds"] > 0
+    assert dit["peak_bytes"] is None and dit["train_ratio"] is None  # no GPU: no memory peak, no ratio to a GPU
+    md = out.with_suffix(".md").read_text()
+    assert "| grpo_2proc | ok |" in md and "| 5x32x32 |" in md
+    assert "| dit | ok |" in capsys.readouterr().out
+
+
+def test_the_dit_step_is_timed_next_to_the_scaling_prediction():
+    """The same function runs the 13B config on a GPU; on the tiny config the prediction is the scaling plan's
+    count (train = fwd + bwd + one recomputed forward) and the memory prediction includes the weights."""
+    from benchmarks.scaling import dit_pass, latent_grid, meta_editor_dit, seconds_at_mfu
+
+    r = gpu_check.dit_step(gpu_check.TINY_DIT, frames=5, height=32, width=32, text_tokens=8, device="cpu",
+                           lora_rank=4, repeats=1)
+    meta = meta_editor_dit(gpu_check.TINY_DIT, 4, 8)
+    grid = latent_grid(5, 32, 32)
+    fwd = dit_pass(meta, gpu_check.TINY_DIT, 2, grid, 8, train=False)["flops"]["total"]
+    train = dit_pass(meta, gpu_check.TINY_DIT, 2, grid, 8, train=True)
+    assert r["predicted_sample_seconds"] == seconds_at_mfu(fwd, 1)
+    assert r["predicted_train_seconds"] == seconds_at_mfu(train["flops"]["total"] + fwd, 1)
+    assert r["predicted_peak_bytes"] > 2 * r["config_params"] + train["activations"]["checkpointing"]
+    assert r["output_finite"] and r["checkpointing"]
+
+
+def test_docs_scaling_has_the_generated_gpu_check_section(repo_root):
+    from pathlib import Path
+
+    from benchmarks.scaling import CHECKING
+
+    assert CHECKING in (Path(repo_root) / "docs" / "scaling.md").read_text()
