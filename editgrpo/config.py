@@ -66,7 +66,7 @@ class TrainConfig:
     reward_normalization: str = "total"  # total: eq. 11 on the weighted sum | component: per reward, then weighted
     advantage_eps: float = 1e-4
     advantage_clip: Optional[float] = 5.0
-    num_inner_epochs: int = 1
+    num_inner_epochs: int = 1            # passes over an iteration's samples; > 1: reshuffled across minibatches each
     minibatches_per_iteration: int = 1   # optimizer steps per inner epoch (1: fully on-policy)
     train_batch_size: Optional[int] = None   # samples per training forward; None -> rollout_batch_size
     mixed_precision: str = "no"

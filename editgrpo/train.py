@@ -64,11 +64,52 @@ def choose_steps(cfg, sigmas: torch.Tensor, iteration: int) -> tuple[tuple[int, 
     return window, sde
 
 
-def minibatches(n_local: int, minibatches_per_iteration: int) -> list[list[int]]:
-    """This process's samples ``0..n_local-1`` split into the inner epoch's minibatches (one optimizer step each):
-    ``ceil(n_local / m)`` samples each, so there may be fewer than ``m`` (4 samples, m = 3: sizes 2, 2)."""
+def minibatches(n_local: int, minibatches_per_iteration: int, order: list[int] | None = None) -> list[list[int]]:
+    """This process's samples ``0..n_local-1`` (in ``order``, default ascending) split into the inner epoch's
+    minibatches (one optimizer step each): ``ceil(n_local / m)`` samples each, so there may be fewer than ``m``
+    (4 samples, m = 3: sizes 2, 2)."""
+    order = list(range(n_local)) if order is None else list(order)
     size = math.ceil(n_local / minibatches_per_iteration)
-    return [list(range(s, min(n_local, s + size))) for s in range(0, n_local, size)]
+    return [order[s:s + size] for s in range(0, n_local, size)]
+
+
+def epoch_order(seed: int, iteration: int, epoch: int, num_inner_epochs: int, rank: int, n_local: int,
+                world: int) -> list[int]:
+    """The order of this process's samples in inner epoch ``epoch``: ascending with one inner epoch (the shipped
+    behaviour); with several, every epoch reshuffles them across minibatches. The shuffle is one permutation of
+    the iteration's ``world x n_local`` global samples, seeded by ``(seed, iteration, epoch)``
+    (``step_generator``), of which each process keeps its own samples in that order: a resumed run draws the same
+    orders, and the order does not depend on the number of processes."""
+    if num_inner_epochs == 1:
+        return list(range(n_local))
+    # stream 3 (0-2: prompts, SDE window, trained steps); the epoch takes step_generator's last coordinate
+    perm = torch.randperm(world * n_local, generator=step_generator(seed, iteration, stream=3, rank=epoch))
+    lo = rank * n_local
+    return [int(g) - lo for g in perm if lo <= int(g) < lo + n_local]
+
+
+def trained_microbatches(micro: list[list[int]], adv: torch.Tensor, valid: torch.Tensor, beta: float, *,
+                         accelerator=None, deepspeed: bool = False) -> list[list[int]]:
+    """The micro-batches of a minibatch whose training forwards can change the update.
+
+    A sample whose advantage is 0 (a zero-variance group) has zero surrogate gradient, and with ``beta = 0`` no KL
+    term either; an invalid sample (NaN reward) has neither. A micro-batch of only such samples adds exactly zero
+    to the gradient, so its forwards (policy and KL reference) and backward are skipped. The loss weights stay
+    those of the whole minibatch (``valid samples / valid samples of the minibatch on all processes``), so the
+    gradient is the same. With ``beta > 0`` zero-advantage samples still train (their KL gradient).
+
+    On several processes (DDP) the decision is reduced over the processes: a micro-batch index is skipped only if
+    it is skipped on every process, so all run the same backward passes and the same final gradient sync. Under
+    DeepSpeed (``deepspeed=True``) nothing is skipped: its engine counts ``gradient_accumulation_steps`` backward
+    passes per optimizer step (fixed in its config), so every micro-batch runs as before.
+    """
+    if deepspeed:
+        return micro
+    needed = torch.tensor([bool((valid[ids] & ((adv[ids] != 0) | (beta > 0))).any()) for ids in micro],
+                          dtype=torch.float32)
+    if accelerator is not None and accelerator.num_processes > 1:
+        needed = accelerator.reduce(needed.to(accelerator.device), "sum").cpu()
+    return [ids for ids, n in zip(micro, needed.tolist()) if n > 0]
 
 
 def main(cfg: GRPOConfig) -> Path:
@@ -199,13 +240,22 @@ def main(cfg: GRPOConfig) -> Path:
         dit.train()
         sums = defaultdict(float)
         n_terms = 0
-        for _epoch in range(tc.num_inner_epochs):
-            for mb in minibatches(n_local, tc.minibatches_per_iteration):
+        skipped = 0
+        for epoch in range(tc.num_inner_epochs):
+            order = epoch_order(tc.seed, it, epoch, tc.num_inner_epochs, rank, n_local, world)
+            for mb in minibatches(n_local, tc.minibatches_per_iteration, order):
                 n_valid = valid[mb].sum().float()
                 n_valid_global = accelerator.reduce(n_valid.to(accelerator.device), "sum").item() if world > 1 else n_valid.item()
-                micro = [mb[i:i + train_bs] for i in range(0, len(mb), train_bs)]
+                all_micro = [mb[i:i + train_bs] for i in range(0, len(mb), train_bs)]
+                # micro-batches that add exactly zero to the gradient are skipped (the same ones on every process)
+                micro = trained_microbatches(all_micro, adv, valid, tc.beta, accelerator=accelerator if world > 1 else None,
+                                             deepspeed=zero is not None)
+                skipped += (len(all_micro) - len(micro)) * len(ro.steps)
                 n_back = len(micro) * len(ro.steps)
                 assert zero is None or n_back == n_back_ds, (n_back, n_back_ds)
+                if n_back == 0:  # nothing to train in this minibatch: the zero gradient it would have had
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
                 k = 0
                 for ids in micro:
                     sel = torch.tensor(ids)
@@ -246,7 +296,7 @@ def main(cfg: GRPOConfig) -> Path:
                "reward_std": float(torch.nan_to_num(adv_out.group_std, nan=0.0).mean()),
                "nan_rewards": int((~adv_out.valid).sum()), "zero_variance_groups": int(adv_out.zero_variance.sum()) // G,
                **{k: v / max(n_terms, 1) for k, v in sums.items()},
-               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped_forwards": skipped,
                "lr": lr_scheduler.get_last_lr()[0], "sde_window": list(window) if window else None,
                "seconds": time.time() - t_it}
         if (it + 1) % tc.log_every == 0:
