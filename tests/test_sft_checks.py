@@ -1,0 +1,67 @@
+"""viva_base.sft_checks.validate_sft_config: a wrong SFT value is one UserError naming its key, before any work."""
+import time
+
+import pytest
+
+from viva_base.errors import UserError
+from viva_base.recipe import load_recipe
+from viva_base.sft import SFTConfig
+from viva_base.sft_checks import validate_sft_config
+
+
+def _cfg(repo_root, monkeypatch, *overrides, recipe="recipes/sft_tiny.yaml"):
+    monkeypatch.chdir(repo_root)
+    return load_recipe(SFTConfig, [f"recipe={recipe}", *overrides])
+
+
+@pytest.mark.parametrize("recipe", ["recipes/sft_tiny.yaml", "recipes/sft_toy.yaml", "recipes/sft_viva.yaml"])
+def test_shipped_recipes_pass(repo_root, monkeypatch, recipe):
+    overrides = ["data.manifest=null"] if recipe.endswith("sft_viva.yaml") else []  # its manifest is the user's
+    validate_sft_config(_cfg(repo_root, monkeypatch, *overrides, recipe=recipe))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.trainable=everything", "train.trainable"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("train.lr_scheduler=cosinus", "train.lr_scheduler"),
+    ("train.timestep_sampling=beta", "train.timestep_sampling"),
+    ("model.dtype=int8", "model.dtype"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.learning_rate=-1e-4", "train.learning_rate"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.cfg_dropout=1.5", "train.cfg_dropout"),
+    ("train.adam_beta2=1.0", "train.adam_beta2"),
+    ("train.gradient_accumulation_steps=3", "train.batch_size"),
+    ("data.p_video=2", "data.p_video"),
+    ("data.manifest=/no/such/pairs.jsonl", "data.manifest"),
+    ("data.toy.size=0", "data.toy.size"),
+    ("model.pretrained=some/dir", "model.pretrained"),
+    ("train.shift=0", "train.shift"),
+])
+def test_a_wrong_value_names_its_key(repo_root, monkeypatch, override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
+        validate_sft_config(_cfg(repo_root, monkeypatch, override))
+    assert "\n" not in str(e.value)
+
+
+def test_lora_rank_is_checked_only_when_training_a_lora(repo_root, monkeypatch):
+    validate_sft_config(_cfg(repo_root, monkeypatch, "train.lora.rank=0"))
+    with pytest.raises(UserError, match=r"train\.lora\.rank"):
+        validate_sft_config(_cfg(repo_root, monkeypatch, "train.lora.rank=0", "train.trainable=lora"))
+
+
+def test_loss_weighting_asks_the_loss_code(repo_root, monkeypatch):
+    cfg = _cfg(repo_root, monkeypatch)
+    if not hasattr(cfg.train, "loss_weighting"):
+        pytest.skip("this SFTConfig has no train.loss_weighting")
+    cfg.train.loss_weighting = "sqrt"
+    with pytest.raises(UserError, match=r"train\.loss_weighting"):
+        validate_sft_config(cfg)
+
+
+def test_checks_take_well_under_a_second(repo_root, monkeypatch):
+    cfg = _cfg(repo_root, monkeypatch)
+    validate_sft_config(cfg)  # imports warm
+    t = time.time()
+    validate_sft_config(cfg)
+    assert time.time() - t < 0.5

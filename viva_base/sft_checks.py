@@ -1,0 +1,95 @@
+"""Early checks of the SFT recipe (``python -m viva_base.sft``): every value that can be checked without building
+anything (no data, editor or accelerator), so that a mistyped value fails in about a second with one line
+(``UserError``, exit code 2), not after the data and the editor were built. The SFT counterpart of
+``editgrpo.config.validate_config``.
+
+Where the code that uses a value decides what it accepts (timestep sampling, loss weighting, the lr schedule),
+the check asks that code rather than repeating its list, so the two cannot disagree.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRAINABLE = ("full", "lora", "projector_refiner")
+
+
+def validate_sft_config(cfg) -> None:
+    """Check an ``SFTConfig`` (viva_base.sft) before any expensive work. Raises ``UserError`` naming the key."""
+    import torch
+
+    from .losses import sample_sigmas
+    from .training import DTYPES
+
+    tc, dc, mc = cfg.train, cfg.data, cfg.model
+
+    def one_of(key: str, value, allowed) -> None:
+        if value not in allowed:
+            raise UserError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}")
+
+    def positive(key: str, value, strict: bool = True) -> None:
+        if value is not None and not (value > 0 if strict else value >= 0):
+            raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")
+
+    def probability(key: str, value) -> None:
+        if not 0 <= value <= 1:
+            raise UserError(f"{key}={value!r} must be a probability in [0, 1]")
+
+    # the editor: exactly one source, a known dtype (build_editor's rules, before building anything)
+    one_of("model.dtype", mc.dtype, sorted(DTYPES))
+    if sum([bool(mc.pretrained), bool(mc.t2v_base or mc.instructor), bool(mc.tiny)]) != 1:
+        raise UserError("set exactly one of model.pretrained, model.t2v_base (+ model.instructor), or model.tiny=true")
+    if (mc.t2v_base or mc.instructor) and not (mc.t2v_base and mc.instructor):
+        raise UserError("model.t2v_base and model.instructor go together (a HunyuanVideo and a LLaVA checkpoint)")
+    positive("model.shift", mc.shift)
+
+    one_of("train.trainable", tc.trainable, TRAINABLE)
+    one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
+    from diffusers.optimization import SchedulerType
+
+    one_of("train.lr_scheduler", tc.lr_scheduler, [s.value for s in SchedulerType])
+    try:
+        sample_sigmas(1, method=tc.timestep_sampling)
+    except ValueError:
+        raise UserError(f"train.timestep_sampling={tc.timestep_sampling!r}: use logit_normal or uniform") from None
+    weighting = getattr(tc, "loss_weighting", None)
+    if weighting is not None:
+        from . import losses
+
+        try:
+            losses.sigma_loss_weight(torch.ones(1), weighting)
+        except ValueError as e:
+            raise UserError(f"train.loss_weighting={weighting!r}: {e}") from None
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every", "shift"):
+        positive(f"train.{key}", getattr(tc, key))
+    for key in ("weight_decay", "warmup_steps", "max_grad_norm", "w_m", "checkpoint_every", "keep_checkpoints"):
+        positive(f"train.{key}", getattr(tc, key), strict=False)
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(tc, key) < 1:
+            raise UserError(f"train.{key}={getattr(tc, key)!r} must be in [0, 1)")
+    probability("train.cfg_dropout", tc.cfg_dropout)
+    if tc.batch_size % tc.gradient_accumulation_steps:  # (and of the processes: checked once they are known)
+        raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of train.gradient_accumulation_steps="
+                        f"{tc.gradient_accumulation_steps}")
+    if tc.trainable == "lora":
+        positive("train.lora.rank", tc.lora.rank)
+        positive("train.lora.alpha", tc.lora.alpha)
+
+    # the data
+    probability("data.p_video", dc.p_video)
+    positive("data.frames", dc.frames)
+    if dc.size is not None and (len(dc.size) != 2 or min(dc.size) <= 0):
+        raise UserError(f"data.size={list(dc.size)!r}: give [height, width], both > 0")
+    if dc.manifest:
+        if not Path(dc.manifest).is_file():
+            raise UserError(f"data.manifest={dc.manifest!r}: no such file")
+    else:  # the toy world is generated
+        t = dc.toy
+        for key in ("frames", "size"):
+            positive(f"data.toy.{key}", getattr(t, key))
+        for key in ("n_video", "n_image"):
+            positive(f"data.toy.{key}", getattr(t, key), strict=False)
+        if t.n_video + t.n_image == 0:
+            raise UserError("data.toy.n_video + data.toy.n_image must be > 0 (no training pairs)")
