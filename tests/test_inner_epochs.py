@@ -2,6 +2,7 @@
 process layout); micro-batches that add exactly zero to the gradient (zero advantage, beta = 0) are not run."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -107,3 +108,83 @@ def test_inner_epochs_resume_bit_exactly(tmp_path, monkeypatch, repo_root):
     for f in sorted((tmp_path / "a" / "lora").rglob("*.safetensors")):
         a, b = load_file(f), load_file(tmp_path / "b" / "lora" / f.relative_to(tmp_path / "a" / "lora"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------- skipping on 2 processes (DDP, gloo)
+CONSTANT_GROUPS = (1, 2)  # 3 prompts x 2 samples; rank 0 holds samples 0-2 (groups 0, 0, 1), rank 1 samples 3-5
+
+
+def _constant_groups_and_count(forwards: list) -> None:
+    """Patch the trainer: groups CONSTANT_GROUPS get constant rewards (zero advantages); count training forwards."""
+    real_gather, real_step = train_mod.gather_for_advantages, train_mod.step_log_prob
+
+    def gather(acc, rewards, group_ids):
+        all_r, all_g, local = real_gather(acc, rewards, group_ids)
+        const = torch.isin(all_g, torch.tensor(CONSTANT_GROUPS))
+        return torch.where(const, torch.full_like(all_r, 0.25), all_r), all_g, local
+
+    def step(editor, rec, rows, *a, **kw):
+        forwards.append(len(rows))
+        return real_step(editor, rec, rows, *a, **kw)
+
+    train_mod.gather_for_advantages, train_mod.step_log_prob = gather, step
+
+
+def _skip_run(argv, dump_dir) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_scale_multiprocess import run_and_dump
+
+    forwards: list = []
+    real = train_mod.gather_for_advantages, train_mod.step_log_prob
+    _constant_groups_and_count(forwards)
+    try:
+        run_and_dump(argv, dump_dir)
+    finally:
+        train_mod.gather_for_advantages, train_mod.step_log_prob = real
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    (Path(dump_dir) / f"forwards-{rank}.json").write_text(json.dumps(forwards))
+
+
+@pytest.mark.slow
+def test_two_processes_skip_the_same_microbatches_and_match_one_process(tmp_path, repo_root):
+    """Rank 1's samples all have zero advantage, rank 0's last one too: both ranks skip only the micro-batch index
+    skipped on both (index 2), rank 1 still runs its others (zero contributions) and joins the gradient sync at the
+    last micro-batch run; the first update equals the 1-process one, which skips 4 of its 6 micro-batches."""
+    import os
+
+    from test_scale_multiprocess import COMMON, _assert_same_update, _launch, _load, _torchrun
+
+    argv = [*COMMON, "train.beta=0"]
+    one = tmp_path / "one"
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(repo_root)
+    torch.set_num_threads(1)  # like the launched processes (the rewards' last digits depend on it)
+    try:
+        _skip_run([*argv, f"output_dir={one}"], one)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    ref = _load(one, 0)
+    assert ref["group_ids"].tolist() == [0, 0, 1, 1, 2, 2] and (ref["advantages"][2:] == 0).all()
+    assert (ref["advantages"][:2].abs() > 0.1).all()
+    assert json.loads((one / "forwards-0.json").read_text()) == [1] * 4  # 2 micro-batches x 2 trained steps
+    two = tmp_path / "two"
+    _launch(_torchrun(2, 29647), [str(two), *argv, f"output_dir={two}/run"], repo_root, script=__file__)
+    for rank in (0, 1):
+        assert json.loads((two / f"forwards-{rank}.json").read_text()) == [1] * 4  # micro-batches 0 and 1
+        got = _load(two, rank)
+        assert got["world"] == 2
+        _assert_same_update(ref, got)
+    row = json.loads((two / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["skipped_forwards"] == 2
+
+
+if __name__ == "__main__":  # a rank of the 2-process run: python tests/test_inner_epochs.py DUMP_DIR key=value...
+    import os
+    import sys
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _skip_run(sys.argv[2:], sys.argv[1])

@@ -123,9 +123,9 @@ def _load(dump_dir: Path, rank: int) -> dict:
     return torch.load(dump_dir / f"dump-{rank}.pt", weights_only=True)
 
 
-def _launch(launcher: list[str], args: list[str], cwd, timeout=420):
+def _launch(launcher: list[str], args: list[str], cwd, timeout=420, script: str = __file__):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*launcher, __file__, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    proc = subprocess.run([*launcher, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
     return proc
