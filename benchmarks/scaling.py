@@ -396,6 +396,13 @@ processes, including a group split between processes):
   the averaged gradients (DDP or DeepSpeed) are the mean over the global minibatch.
 * the lr schedule advances once per optimizer step, whatever the number of processes and under DeepSpeed too
   (`step_scheduler_with_optimizer=False`: accelerate's default advances it once per process per step).
+* with `train.num_inner_epochs > 1` every inner epoch reshuffles the samples across minibatches: one permutation of
+  the iteration's global samples seeded by `(seed, iteration, epoch)`, each process keeping its own samples in
+  that order (resumes exactly; the order does not depend on the number of processes);
+* a micro-batch that adds exactly zero to the gradient (all its samples with zero advantage and `beta = 0`, or
+  NaN rewards) skips its forwards and backward, decided identically on every process (a reduced flag: skipped only
+  where skipped on all), so every process runs the same backward passes and the same final gradient sync; under
+  DeepSpeed nothing is skipped (its engine counts a fixed number of backward passes per optimizer step).
 
 DeepSpeed (`recipes/accelerate/zero{2,3,3_offload}.yaml` + `ds_*.json`): the trainer fills the configs' "auto"
 batch keys (micro-batch = `train.train_batch_size`, gradient accumulation = micro-batches x trained steps of an
@@ -430,6 +437,8 @@ stop the others:
   one sampling forward and one training forward + backward (CFG batch 2, bf16 autocast), timed, with the peak GPU
   memory, each next to what this document's counting predicts for that shape (FLOPs at 40% MFU of 989 TFLOP/s;
   memory = bf16 weights + fp32 LoRA and its gradients + checkpointed activations) and the ratio measured / predicted.
+  At the default shape (3 x 60 x 106 latent, 4,770 video + 256 text tokens) the prediction is 176 TFLOP and 0.44 s
+  for the forward, 565 TFLOP and 1.43 s for forward + backward with the recomputed forward, and 29.8 GiB.
 
 It prints a table, writes it as JSON (`--out`, default `outputs/gpu_check/gpu_check.json`) and, next to it, a
 markdown snippet to paste here. Without CUDA it says so in one line and exits 0 with nothing run; with
