@@ -105,8 +105,8 @@ def _rows(path: Path) -> list[dict]:
 
 def _env(device: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if device == "cpu":
-        env["ACCELERATE_USE_CPU"] = "1"  # a CPU run on a GPU machine too
+    if device == "cpu":  # a CPU run on a GPU machine too
+        env.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
     return env
 
 
