@@ -1,11 +1,11 @@
-"""The editor diagnostics (benchmarks.diagnose), the source-residual prediction, the report's copy-source
+"""The editor diagnostics (editgrpo.diagnose), the source-residual prediction, the report's copy-source
 baseline and video logging to the trackers."""
 import json
 
 import pytest
 import torch
 
-from benchmarks.diagnose import clean_latent_errors, group_spread, main as diagnose_main
+from editgrpo.diagnose import clean_latent_errors, group_spread, main as diagnose_main
 from viva_base.data.manifest import read_manifest
 from viva_base.data.toy import ensure_toy_dataset
 from viva_base.model import source_residual_velocity
@@ -101,3 +101,19 @@ def test_log_videos_to_tensorboard(tmp_path):
     assert "eval/x" in ev.Tags()["images"]
     img = ev.Images("eval/x")[0]
     assert img.step == 3 and (img.width, img.height) == (5 * 16 * 4, 16 * 4)
+
+
+def test_tiny_spec_init_prediction_and_instructor_scale():
+    from viva_base.errors import CheckpointError
+
+    ed = make_tiny_editor(TinySpec(init="adaln_zero"))
+    z, src = torch.randn(1, 12, 5, 16, 16), torch.rand(1, 5, 3, 32, 32)
+    cond, _ = ed.encode_condition(src, ["make it night"], with_uncond=False)
+    assert ed.velocity(z, 0.5, cond).abs().max() == 0  # every branch gated off, output layer at zero
+    ed.config.prediction = "epsilon"
+    with pytest.raises(CheckpointError, match="prediction"):
+        ed.velocity(z, 0.5, cond)
+    with pytest.raises(ValueError, match="init"):
+        make_tiny_editor(TinySpec(init="xavier"))
+    std = make_tiny_editor(TinySpec(instructor_init_std=0.1)).instructor.get_input_embeddings().weight.std()
+    assert 0.09 < float(std) < 0.11

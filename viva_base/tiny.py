@@ -81,6 +81,7 @@ class TinySpec:
     vae: str = "pixel"               # "pixel" (lossless pixel-unshuffle) or "hunyuan" (tiny AutoencoderKLHunyuanVideo)
     init: str = "default"            # "default" (diffusers' init) or "adaln_zero" (DiT: every block starts as the identity)
     prediction: str = "velocity"     # the editor's EditorConfig.prediction: velocity | source_residual
+    instructor_init_std: float = 0.02  # LLaMA's initializer_range (0.02: hidden states ~0.1 per token)
     extra: dict = field(default_factory=dict)
 
 
@@ -96,6 +97,7 @@ def make_tiny_instructor(spec: TinySpec, tokenizer=None, seed: int = 0):
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_dim, intermediate_size=2 * spec.text_dim,
                        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
                        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       initializer_range=spec.instructor_init_std,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
