@@ -1,7 +1,7 @@
 """Why does an editor (not) edit? Two measurements, for an editor directory and a pairs or eval manifest.
 
-    python -m benchmarks.diagnose --model outputs/toy/sft/final --manifest outputs/toy/data/sft.jsonl
-    python -m benchmarks.diagnose --model outputs/toy/sft/final --manifest outputs/toy/data/eval.jsonl \\
+    python -m editgrpo.diagnose --model outputs/toy/sft/final --manifest outputs/toy/data/sft.jsonl
+    python -m editgrpo.diagnose --model outputs/toy/sft/final --manifest outputs/toy/data/eval.jsonl \\
         --groups 8 --group-size 8 --rewards recipes/toy.yaml
 
 1. **Clean-latent error per noise level** (records with a ``target`` and ``mask``): for each sigma, noise the
@@ -57,9 +57,14 @@ def clean_latent_errors(editor, records: list[dict], sigmas=DEFAULT_SIGMAS, *, b
     sums = {s: {"inside": 0.0, "outside": 0.0, "n_in": 0.0, "n_out": 0.0} for s in sigmas}
     copy_in, n_in_total, lat_sq, lat_n = 0.0, 0.0, 0.0, 0
     device = editor.device
-    for start in range(0, len(recs), batch_size):
-        chunk = recs[start:start + batch_size]
-        items = [_load(r) for r in chunk]
+    loaded = [(r, _load(r)) for r in recs]
+    by_shape: dict[tuple, list] = {}
+    for r, it in loaded:  # video and image (1-frame) pairs batch separately
+        by_shape.setdefault((tuple(it["source"].shape), tuple(it["target"].shape)), []).append((r, it))
+    chunks = [grp[i:i + batch_size] for grp in by_shape.values() for i in range(0, len(grp), batch_size)]
+    for chunk_items in chunks:
+        chunk = [r for r, _ in chunk_items]
+        items = [it for _, it in chunk_items]
         src = torch.stack([it["source"] for it in items]).to(device)
         cond, _ = editor.encode_condition(src, [r["instruction"] for r in chunk], [None] * len(chunk),
                                           with_uncond=False)
@@ -147,7 +152,7 @@ def format_tables(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.diagnose", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m editgrpo.diagnose", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an editor directory (save_pretrained)")
     p.add_argument("--manifest", required=True, help="a pairs or eval manifest (records with target + mask)")

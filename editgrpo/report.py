@@ -105,7 +105,8 @@ def plot_curves(metrics_path: Path, out_png: Path, eval_points: list[tuple[int, 
 
 
 def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, start_step: int, final_step: int,
-                 seconds: float, eval_manifest: str | None = None, title: str = "Edit-GRPO report") -> dict:
+                 seconds: float, eval_manifest: str | None = None, title: str = "Edit-GRPO report",
+                 diagnostics: str | os.PathLike | None = None) -> dict:
     """Write ``report.json``, ``report.md``, ``reward_curves.png`` and ``report.html`` into ``out_dir``."""
     out, eval_dir = Path(out_dir), Path(eval_dir)
     rows_a, sum_a = load_eval(eval_dir / f"step-{start_step}")
@@ -155,13 +156,44 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
         md.append(f"- returning the source unchanged scores oracle {c['oracle']:.4f} (if_error {c['if_error']:.4f}, "
                   f"sp_error 0); SFT {result['sft']['oracle']:.4f}, GRPO {result['grpo']['oracle']:.4f}")
     md += ["", table]
+    if diagnostics and Path(diagnostics).exists():  # editgrpo.diagnose on the starting (SFT) editor
+        from .diagnose import format_tables
+
+        diag = json.loads(Path(diagnostics).read_text())
+        result["sft_diagnostics"] = diag
+        md += ["", "## The starting editor, diagnosed (`python -m editgrpo.diagnose`)", "", format_tables(diag), ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.json", json.dumps(result, indent=2))
-    _write_html(out, eval_dir, start_step, final_step, rows_a, by_id, md, has_plot, eval_manifest)
+    diag_md = format_tables(result["sft_diagnostics"]) if "sft_diagnostics" in result else ""
+    _write_html(out, eval_dir, start_step, final_step, rows_a, by_id, md, table, diag_md, has_plot, eval_manifest)
     return result
 
 
-def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lines, has_plot, manifest) -> None:
+def _md_tables_html(text: str) -> str:
+    """Markdown text of captions and pipe tables -> HTML (captions as paragraphs, each table as a <table>)."""
+    parts, rows = [], []
+
+    def flush():
+        if rows:
+            parts.append("<table class=t>" + "".join(
+                "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
+                                 for c in ln.strip("|").split("|")) + "</tr>" for i, ln in enumerate(rows)) + "</table>")
+            rows.clear()
+
+    for ln in text.splitlines():
+        if ln.startswith("|"):
+            if not ln.startswith("|---"):
+                rows.append(ln)
+            continue
+        flush()
+        if ln.strip():
+            parts.append(f"<p>{html.escape(ln)}</p>")
+    flush()
+    return "".join(parts)
+
+
+def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lines, table_md, diag_md, has_plot,
+                manifest) -> None:
     media = out / "report_media"
     media.mkdir(exist_ok=True)
     records = {}
@@ -196,16 +228,14 @@ def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lin
         body.append(f"<tr><td>{html.escape(r['id'])}<br><small>{html.escape(str(r.get('edit_type')))}</small></td>"
                     f"<td>{html.escape(r['instruction'])}</td>{''.join(cells)}<td>{score}</td></tr>")
     summary = "".join(f"<p>{html.escape(line)}</p>" for line in md_lines if line.startswith("- "))
-    table_rows = [ln for ln in md_lines[-1].splitlines() if ln.startswith("|") and not ln.startswith("|---")]
-    table = "<table class=t>" + "".join(
-        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
-                         for c in ln.strip("|").split("|")) + "</tr>" for i, ln in enumerate(table_rows)) + "</table>"
+    table = _md_tables_html(table_md)
+    diag = f"<h2>The starting editor, diagnosed</h2>{_md_tables_html(diag_md)}" if diag_md else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Edit-GRPO report</title>
 <style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
 padding:4px;font-size:13px;vertical-align:top}} img{{image-rendering:pixelated}}</style></head><body>
 <h1>Edit-GRPO: SFT vs SFT + Edit-GRPO</h1>{summary}
 {'<img src="reward_curves.png" style="max-width:100%">' if has_plot else ''}
-<h2>Per group</h2>{table}
+<h2>Per group</h2>{table}{diag}
 <h2>Held-out edits (eval seed {html.escape(str(rows_a[0]['seeds'][0]) if rows_a else '')})</h2>
 <table><tr><th>id</th><th>instruction</th><th>source</th><th>target</th><th>SFT</th><th>SFT + GRPO</th><th>scores</th></tr>
 {''.join(body)}</table></body></html>"""

@@ -65,7 +65,41 @@ def prepare(cfg, accelerator=None):
                 entry["model"] = reward_name
             if entry.get("manifest") == "toy":  # toy_oracle (the diagnostic upper bound) on the chain's prompts
                 entry["manifest"] = [str(paths["grpo"]), str(paths["eval"])]
+    if main and not (out / "sft" / DIAGNOSTICS).exists():
+        write_sft_diagnostics(cfg, paths, out / "sft" / DIAGNOSTICS)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return cfg
+
+
+DIAGNOSTICS = "diagnostics.json"
+
+
+def write_sft_diagnostics(cfg, paths: dict, dest: Path, *, n_pairs: int = 48, groups: int = 8) -> dict:
+    """``editgrpo.diagnose``'s two measurements of the SFT editor, for the report: the clean-latent error in
+    and outside the edit region per sigma on ``n_pairs`` of its own training video pairs, and the within-group
+    spread of G = ``train.num_generations`` SDE samples (the recipe's sampler and rewards; oracle from the targets)
+    on ``groups`` held-out simple prompts."""
+    import json
+
+    from editgrpo.diagnose import clean_latent_errors, group_spread
+    from rewards.registry import CombinedReward
+    from viva_base.data.manifest import read_manifest
+    from viva_base.recipe import atomic_write_text
+    from viva_base.training import load_editor
+
+    editor = load_editor(cfg.model.pretrained)
+    pairs = [r for r in read_manifest(paths["sft"], "pairs") if not r.get("reference")][:n_pairs]
+    evals = [r for r in read_manifest(paths["eval"], "eval") if r.get("split") == "simple"] or \
+        read_manifest(paths["eval"], "eval")
+    sc = cfg.sampling
+    window = (0, sc.sde_window_size) if sc.sde_window_size else None
+    result = {"clean_latent": clean_latent_errors(editor, pairs),
+              "group_spread": group_spread(editor, evals, groups=groups, group_size=cfg.train.num_generations,
+                                           num_steps=sc.num_steps, guidance_scale=sc.guidance_scale, method=sc.method,
+                                           eta=sc.eta, sde_window=window, reward_fn=CombinedReward.from_config(cfg.rewards))}
+    atomic_write_text(dest, json.dumps(result, indent=2))
+    return result
 
 
 def _uses_toy_reward(rewards) -> bool:

@@ -31,7 +31,7 @@ from viva_base.errors import UserError
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
 from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init_trackers, load_checkpoint,
-                                make_accelerator, step_generator)
+                                log_videos, make_accelerator, step_generator)
 
 from .config import GRPOConfig, validate_config
 from .distributed import (DeepSpeedOptimizerState, backward_passes, configure_deepspeed, deepspeed_stage, gathered,
@@ -305,6 +305,8 @@ def main(cfg: GRPOConfig) -> Path:
         bar.set_postfix(reward=f"{row['reward']:.4f}", kl=f"{row.get('kl', 0.0):.2e}")
         done = it + 1 == tc.num_iterations
         if (tc.checkpoint_every and (it + 1) % tc.checkpoint_every == 0) or done:
+            # a few rollouts of this process's first group (the samples GRPO ranked), to the trackers
+            log_videos(accelerator, {f"rollout/{k}": edited[k] for k in range(min(4, n_local))}, it + 1)
             save_state(accelerator, out, it + 1, engine=dit, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
                   keep=tc.keep_checkpoints, params=params)
         if evaluator is not None and ((cfg.eval.every and (it + 1) % cfg.eval.every == 0) or done):
@@ -320,7 +322,8 @@ def main(cfg: GRPOConfig) -> Path:
             from .report import write_report
 
             report = write_report(out, eval_dir=out / "eval", start_step=0, final_step=tc.num_iterations,
-                                  seconds=time.time() - t_start, eval_manifest=cfg.eval.manifest)
+                                  seconds=time.time() - t_start, eval_manifest=cfg.eval.manifest,
+                                  diagnostics=out / "sft" / "diagnostics.json" if cfg.toy.enabled else None)
             if "delta_oracle" in report:
                 d = report["delta_oracle"]
                 print(f"held-out oracle: SFT {report['sft']['oracle']:.4f} -> GRPO {report['grpo']['oracle']:.4f} "

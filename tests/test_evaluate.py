@@ -78,6 +78,14 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
         assert report[stage]["reward/toy_oracle"] == pytest.approx(report[stage]["oracle"], abs=1e-6)
     assert (tmp_path / "sft" / "final" / "editor_config.json").exists()
     assert (tmp_path / "reward_model").is_dir() and (tmp_path / "lora").is_dir()
+    # the baselines and the diagnosis of the SFT editor are part of the report
+    assert report["copy_source"]["sp_error"] == 0 and 0 < report["copy_source"]["oracle"] < 1
+    assert set(report["if_progress"]) >= {"all", "simple", "compound"}
+    diag = report["sft_diagnostics"]
+    assert [r["sigma"] for r in diag["clean_latent"]["rows"]] == [0.95, 0.8, 0.5, 0.2, 0.05]
+    assert {r["score"] for r in diag["group_spread"]["rows"]} >= {"oracle", "reward", "reward/pixel_sp"}
+    page = (tmp_path / "report.html").read_text()
+    assert "oracle source" in page and "The starting editor, diagnosed" in page and "within-group spread" in page
     # a rerun reuses every finished stage (no retraining of the SFT editor)
     mtime = (tmp_path / "sft" / "final" / "editor_config.json").stat().st_mtime_ns
     main(cfg)

@@ -1,4 +1,5 @@
 """Masked flow-matching loss (VIVA eq. 3), noise schedule helpers, mask resizing."""
+import pytest
 import torch
 
 from viva_base.losses import add_noise, mask_to_latent, masked_flow_matching_loss, sample_sigmas
@@ -53,3 +54,22 @@ def test_add_noise_endpoints_and_sigma_range():
     assert (s > 0).all() and (s < 1).all()
     u = sample_sigmas(4, shift=1.0, method="uniform", generator=torch.Generator().manual_seed(1))
     assert torch.equal(u, torch.rand(4, generator=torch.Generator().manual_seed(1)))
+
+
+def test_x0_loss_weighting_is_the_clean_latent_error():
+    """sigma^2 ||v_pred - v*||^2 = ||x0_pred - x0||^2 with x0_pred = z_sigma - sigma v_pred (per sample, exactly)."""
+    from viva_base.losses import add_noise, masked_flow_matching_loss, sigma_loss_weight
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise, v_pred = (torch.randn(3, 4, 2, 3, 3, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.9, 0.4, 0.05])
+    z = add_noise(x0, noise, sigma)
+    x0_pred = z - sigma.view(-1, 1, 1, 1, 1) * v_pred
+    got = masked_flow_matching_loss(v_pred, noise - x0, None, 0.0, sample_weight=sigma_loss_weight(sigma, "x0"))
+    assert torch.allclose(got, ((x0_pred - x0) ** 2).mean(), rtol=1e-5)
+    mask = (torch.rand(3, 1, 2, 3, 3, generator=g) > 0.5).float()
+    got_m = masked_flow_matching_loss(v_pred, noise - x0, mask, 2.0, sample_weight=sigma_loss_weight(sigma, "x0"))
+    assert torch.allclose(got_m, ((1 + 2 * mask) * (x0_pred - x0) ** 2).mean(), rtol=1e-5)
+    assert sigma_loss_weight(sigma, "none") is None
+    with pytest.raises(ValueError):
+        sigma_loss_weight(sigma, "snr")

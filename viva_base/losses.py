@@ -48,13 +48,31 @@ def mask_to_latent(mask: torch.Tensor, latent_shape: tuple[int, int, int], tempo
 
 
 def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
-                              w_m: float) -> torch.Tensor:
+                              w_m: float, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """VIVA eq. 3: ``L = mean[(1 + w_m M) * ||v_pred - (noise - z_tgt)||^2]``.
 
     ``mask`` (B, 1, f, h, w) in {0, 1} on the latent grid (broadcast over channels), or None (no mask:
-    the plain flow-matching loss). The mean runs over every element of every sample.
+    the plain flow-matching loss). ``sample_weight`` (B,) multiplies each sample's terms (a noise-level
+    weighting, :func:`sigma_loss_weight`). The mean runs over every element of every sample.
     """
     sq = (v_pred.float() - target.float()) ** 2
-    if mask is None or w_m == 0:
-        return sq.mean()
-    return ((1 + w_m * mask.float()) * sq).mean()
+    if mask is not None and w_m != 0:
+        sq = (1 + w_m * mask.float()) * sq
+    if sample_weight is not None:
+        sq = sq * sample_weight.float().reshape(-1, *([1] * (sq.ndim - 1)))
+    return sq.mean()
+
+
+def sigma_loss_weight(sigma: torch.Tensor, scheme: str) -> torch.Tensor | None:
+    """Per-sample weight of the velocity loss at noise level ``sigma`` (B,).
+
+    ``"none"``: 1 (eq. 3 as written). ``"x0"``: ``sigma^2``. Since ``x0 = z_sigma - sigma v``, the velocity error
+    times ``sigma`` is the clean-latent error, so ``sigma^2 ||v - v*||^2 = ||x0_pred - x0||^2``: every noise level
+    counts alike, instead of the low-noise levels (where ``z_sigma`` already shows the answer) dominating by
+    ``1 / sigma^2``. Returns None for ``"none"``.
+    """
+    if scheme == "none":
+        return None
+    if scheme == "x0":
+        return sigma.float() ** 2
+    raise ValueError(f"unknown loss weighting {scheme!r} (use 'none' or 'x0')")

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from .data.manifest import read_manifest
 from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
 from .errors import UserError
-from .losses import add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas
+from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
+                     sigma_loss_weight)
 from .recipe import run_cli, save_resolved
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compute_autocast, find_checkpoint,
                        init_trackers, load_checkpoint, make_accelerator, save_checkpoint, step_generator,
@@ -79,6 +80,7 @@ class TrainConfig:
     w_m: float = 1.0                     # eq. 3 mask weight
     cfg_dropout: float = 0.1             # probability of an empty instruction
     timestep_sampling: str = "logit_normal"   # logit_normal | uniform
+    loss_weighting: str = "none"         # none (eq. 3) | x0 (x sigma^2: the clean-latent error, every noise level alike)
     shift: Optional[float] = None        # training sigma shift; None -> the editor's schedule shift
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast)
     checkpoint_every: int = 50
@@ -117,7 +119,7 @@ def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
 
 
 def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
-             timestep_sampling: str, shift: float, noise: torch.Tensor | None = None,
+             timestep_sampling: str, shift: float, loss_weighting: str = "none", noise: torch.Tensor | None = None,
              sigma: torch.Tensor | None = None) -> torch.Tensor:
     """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller."""
     b = len(batch["instruction"])
@@ -134,7 +136,8 @@ def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg
     z_t = add_noise(z_tgt, noise, sigma)
     v = editor.velocity(z_t, sigma, cond)
     mask = mask_to_latent(batch["mask"].to(device), tuple(z_tgt.shape[2:]), editor.temporal_ratio)
-    return masked_flow_matching_loss(v, flow_matching_target(noise, z_tgt), mask, w_m)
+    return masked_flow_matching_loss(v, flow_matching_target(noise, z_tgt), mask, w_m,
+                                     sample_weight=sigma_loss_weight(sigma, loss_weighting))
 
 
 def prepare_toy_manifest(cfg: SFTConfig) -> str:
@@ -209,7 +212,8 @@ def main(cfg: SFTConfig) -> Path:
             with accelerator.accumulate(dit), accelerator.autocast():
                 with compute_autocast(accelerator.device, model_dtype):  # bf16 frozen x fp32 trained weights
                     loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
-                                    cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift)
+                                    cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift,
+                                    loss_weighting=tc.loss_weighting)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if accelerator.sync_gradients else None
                 optimizer.step()
