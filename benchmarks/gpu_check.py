@@ -24,7 +24,8 @@ Checks, each reported as ok / FAIL / skipped (a failing check does not stop the 
   989 bf16 TFLOP/s; memory = weights + LoRA weights and gradients + checkpointed activations) and the ratio
   measured / predicted. ``--tiny-only`` runs a scaled-down DiT config through the same function.
 
-Prints a table, writes it as JSON (``--out``) and a markdown snippet for docs/scaling.md next to it (``.md``).
+Prints a table, writes it as JSON (``--out``) and a markdown snippet next to it (``.md``); ``python -m
+benchmarks.scaling --gpu-check FILE`` adds that to docs/scaling.md.
 Without CUDA (and without ``--device cpu``) it says so in one line and exits 0 with nothing run.
 Exit status: 0 when no check failed, 1 otherwise.
 """

@@ -441,9 +441,10 @@ stop the others:
   for the forward, 565 TFLOP and 1.43 s for forward + backward with the recomputed forward, and 29.8 GiB.
 
 It prints a table, writes it as JSON (`--out`, default `outputs/gpu_check/gpu_check.json`) and, next to it, a
-markdown snippet to paste here. Without CUDA it says so in one line and exits 0 with nothing run; with
+markdown snippet; `python -m benchmarks.scaling --perf outputs/perf/perf.json --gpu-check
+outputs/gpu_check/gpu_check.json` puts it at the end of this document. Without CUDA it says so in one line and exits 0 with nothing run; with
 `--device cpu --tiny-only` every check runs on CPU at tiny sizes, the DiT step on a scaled-down config through
-the same function (tests/test_gpu_check.py, about 40 s). Not yet run on a GPU: no GPU was available when it was
+the same function (tests/test_gpu_check.py, about 50 s). Not yet run on a GPU: no GPU was available when it was
 written.
 
 A GPU machine without network needs the packages it lacks (diffusers, omegaconf, av, open_clip_torch, ftfy; torch,
@@ -466,7 +467,7 @@ def _tf(f: float) -> str:
     return f"{f / 1e12:,.0f}"
 
 
-def render(p: dict, perf: dict | None = None) -> str:
+def render(p: dict, perf: dict | None = None, gpu_check: dict | None = None) -> str:
     r, pr = p["recipe"], p["params"]
     out = ["# Scaling plan: Edit-GRPO at paper scale",
            "",
@@ -599,7 +600,17 @@ def render(p: dict, perf: dict | None = None) -> str:
                     "exponent exceeds the linear one (1 in frames, 2 in side). CPU time grows more slowly than FLOPs "
                     "at these tiny sizes: fixed per-call costs weigh more on the small settings, and larger matmuls "
                     "run at a higher fraction of the CPU's peak.", ""]
+    if gpu_check:
+        out += ["", gpu_check_section(gpu_check)]
     return "\n".join(out) + "\n"
+
+
+def gpu_check_section(gpu_check: dict) -> str:
+    """The measured section of a ``gpu_check.json`` (benchmarks.gpu_check's own markdown, under a heading)."""
+    from .gpu_check import markdown
+
+    return ("## Measured: checking a GPU machine (`python -m benchmarks.gpu_check`)\n\n"
+            + markdown(gpu_check["results"], gpu_check["meta"]).rstrip("\n"))
 
 
 def _dur(seconds: float) -> str:
@@ -610,6 +621,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="recipes/viva.yaml")
     ap.add_argument("--perf", default=None, help="a perf.json of benchmarks.perf to include (measured CPU table)")
+    ap.add_argument("--gpu-check", default=None, help="a gpu_check.json of benchmarks.gpu_check to include")
     ap.add_argument("--out", default="docs/scaling.md")
     ap.add_argument("--json", default="outputs/scaling.json")
     a = ap.parse_args(argv)
@@ -618,7 +630,8 @@ def main(argv=None) -> int:
     perf = json.loads(Path(a.perf).read_text()) if a.perf else None
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(p, indent=2, default=str))
-    Path(a.out).write_text(render(p, perf))
+    gpu = json.loads(Path(a.gpu_check).read_text()) if a.gpu_check else None
+    Path(a.out).write_text(render(p, perf, gpu))
     print(f"written {a.out} and {a.json}")
     return 0
 

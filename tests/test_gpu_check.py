@@ -31,6 +31,10 @@ def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread):
     md = out.with_suffix(".md").read_text()
     assert "| grpo_2proc | ok |" in md and "| 5x32x32 |" in md
     assert "| dit | ok |" in capsys.readouterr().out
+    from benchmarks.scaling import gpu_check_section  # python -m benchmarks.scaling --gpu-check FILE adds it
+
+    section = gpu_check_section(json.loads(out.read_text()))
+    assert section.startswith("## Measured: checking a GPU machine") and "| grpo | ok |" in section
 
 
 def test_the_dit_step_is_timed_next_to_the_scaling_prediction():
