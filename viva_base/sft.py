@@ -28,6 +28,7 @@ from .errors import UserError
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
                      sigma_loss_weight)
 from .recipe import run_cli, save_resolved
+from .sft_checks import validate_sft_config
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compute_autocast, find_checkpoint,
                        init_trackers, load_checkpoint, make_accelerator, save_checkpoint, step_generator,
                        upcast_trainable)
@@ -152,6 +153,7 @@ def prepare_toy_manifest(cfg: SFTConfig) -> str:
 
 def main(cfg: SFTConfig) -> Path:
     t0 = time.time()
+    validate_sft_config(cfg)  # before any data, editor or accelerator
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
