@@ -131,20 +131,14 @@ def validate_config(cfg: GRPOConfig) -> None:
     """Check every value that can be checked without building anything (no data, model or reward is loaded),
     so a mistyped value fails in seconds, before any expensive work. Raises ``UserError`` (one line)."""
     from viva_base.errors import UserError
+    from viva_base.recipe import check_one_of as one_of
+    from viva_base.recipe import check_positive as positive
     from viva_base.training import DTYPES
 
     from .grpo import ADVANTAGE_SCALES, KL_TYPES
     from .sampling import CFG_GRADS, LOG_PROB_KINDS, SDE_METHODS
 
     tc, sc = cfg.train, cfg.sampling
-
-    def one_of(key: str, value, allowed) -> None:
-        if value not in allowed:
-            raise UserError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}")
-
-    def positive(key: str, value, strict: bool = True) -> None:
-        if value is not None and not (value > 0 if strict else value >= 0):
-            raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")
 
     one_of("train.reward_normalization", tc.reward_normalization, ("total", "component"))
     one_of("train.scale_rewards", tc.scale_rewards, ADVANTAGE_SCALES)

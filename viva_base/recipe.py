@@ -164,3 +164,19 @@ def run_cli(main, schema: type, argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_one_of(key: str, value, allowed) -> None:
+    """Config check: ``value`` is one of ``allowed``, else a one-line ``UserError`` naming ``key`` and the choices."""
+    from .errors import UserError
+
+    if value not in allowed:
+        raise UserError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}")
+
+
+def check_positive(key: str, value, strict: bool = True) -> None:
+    """Config check: ``value`` is > 0 (``strict``) or >= 0; None passes (an optional value left unset)."""
+    from .errors import UserError
+
+    if value is not None and not (value > 0 if strict else value >= 0):
+        raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")

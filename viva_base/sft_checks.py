@@ -21,17 +21,11 @@ def validate_sft_config(cfg) -> None:
     import torch
 
     from .losses import sample_sigmas
+    from .recipe import check_one_of as one_of
+    from .recipe import check_positive as positive
     from .training import DTYPES
 
     tc, dc, mc = cfg.train, cfg.data, cfg.model
-
-    def one_of(key: str, value, allowed) -> None:
-        if value not in allowed:
-            raise UserError(f"{key}={value!r}: use one of {', '.join(map(str, allowed))}")
-
-    def positive(key: str, value, strict: bool = True) -> None:
-        if value is not None and not (value > 0 if strict else value >= 0):
-            raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")
 
     def probability(key: str, value) -> None:
         if not 0 <= value <= 1:
