@@ -338,7 +338,7 @@ def _resolve(path: str | os.PathLike, probe: str) -> Path:
     except Exception as exc:  # offline, unknown repo, no network
         raise CheckpointError(f"{path}: no such directory, and the hub repo could not be fetched "
                               f"({exc.__class__.__name__}; offline? download it first with "
-                              f"`huggingface-cli download {path}`)") from None
+                              f"`hf download {path}`)") from None
 
 
 def _load_components(root: Path, base: Path, instructor_dir: Path, vae_class: str | None,

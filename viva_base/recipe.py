@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -69,9 +71,15 @@ def _describe(exc: OmegaConfBaseException, schema: DictConfig, source: str) -> s
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Split ``recipe=PATH`` from the ``key=value`` overrides."""
+    """Split ``recipe=PATH`` (also ``--recipe=PATH`` and ``--recipe PATH``) from the ``key=value`` overrides."""
     recipe, overrides = None, []
-    for arg in argv:
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg in ("--recipe", "--config"):
+            if i + 1 >= len(argv) or "=" in argv[i + 1]:
+                raise RecipeError(f"{arg} needs a path: {arg} PATH")
+            argv[i + 1] = f"recipe={argv[i + 1]}"
+            continue
         if "=" not in arg:
             raise RecipeError(f"argument '{arg}' is not key=value (use recipe=PATH and key=value overrides)")
         key, value = arg.split("=", 1)
@@ -152,10 +160,72 @@ def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.y
     return path
 
 
+_FIELD_COMMENT = re.compile(r"^\s*(\w+)\s*:[^#]*#\s*(.*)$")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # pragma: no cover (no source: a frozen install)
+        return {}
+    return {m.group(1): m.group(2).strip() for m in map(_FIELD_COMMENT.match, lines) if m}
+
+
+def _type_name(tp) -> str:
+    name = getattr(tp, "__name__", None) if isinstance(tp, type) else None
+    return name or str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def recipe_reference(schema: type, cfg: Any = None) -> str:
+    """Every recipe key of ``schema`` (a dataclass, nested ones flattened with dots) with its type, its value (the
+    default, or the resolved one of ``cfg``) and its one-line doc (the field's comment in the schema's source)."""
+    import typing
+
+    rows = []
+
+    def walk(cls, prefix: str, node) -> None:
+        docs = _field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, tp = f"{prefix}{f.name}", hints.get(f.name, f.type)
+            value = node.get(f.name) if node is not None else None
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".", value)
+                continue
+            if node is None:
+                value = (f.default if f.default is not dataclasses.MISSING else
+                         f.default_factory() if f.default_factory is not dataclasses.MISSING else "???")
+            elif isinstance(value, DictConfig) or OmegaConf.is_list(value):
+                value = OmegaConf.to_container(value)
+            rows.append((key, _type_name(tp), repr(value), docs.get(f.name, "")))
+
+    walk(schema, "", cfg)
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {k:<{width}}  {t}  = {v}" + (f"\n  {'':<{width}}    {d}" if d else "") for k, t, v, d in rows)
+
+
 def run_cli(main, schema: type, argv: Sequence[str] | None = None) -> int:
-    """Load the recipe and run ``main(cfg)``; user errors become one line on stderr and exit code 2."""
+    """Load the recipe and run ``main(cfg)``; user errors become one line on stderr and exit code 2.
+
+    ``-h`` / ``--help`` prints the command's usage and every recipe key (type, default, doc) and exits 0; with a
+    recipe (``--help recipe=PATH``) the values shown are the resolved ones."""
     from .errors import UserError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        rest = [a for a in argv if a not in ("-h", "--help")]
+        try:
+            cfg = load_recipe(schema, rest) if rest else None
+        except RecipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        doc = (sys.modules.get(getattr(main, "__module__", ""), None).__doc__ or "").strip()
+        print(doc.split("\n\n")[0] if doc else "")
+        print("\nArguments: recipe=PATH (or --recipe PATH) loads a YAML recipe; key=value overrides any key below.\n")
+        print(f"Recipe keys ({'resolved from ' + ' '.join(rest) if cfg is not None else 'defaults'}):")
+        print(recipe_reference(schema, cfg))
+        return 0
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_recipe(schema, argv)
