@@ -105,13 +105,27 @@ def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, in any order: ``key=value`` overrides may also follow ``--seeds 0 1 2`` directly (argparse
+    alone would read them as seeds)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.toybench", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/toybench")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="training seeds of the Edit-GRPO stage")
     p.add_argument("--recipe", default="recipes/toy.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO recipe")
     args = p.parse_args(argv)
+    args.overrides = [*[s for s in args.seeds if "=" in s], *args.overrides]
+    bad = [s for s in args.seeds if "=" not in s and not s.lstrip("-").isdigit()]
+    if bad:
+        p.error(f"--seeds: {bad[0]!r} is not an integer seed")
+    args.seeds = [int(s) for s in args.seeds if "=" not in s]
+    if not args.seeds:
+        p.error("--seeds needs at least one integer seed")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(Path(args.out), args.seeds, args.overrides, args.recipe)
     return 0

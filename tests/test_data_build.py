@@ -253,5 +253,13 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, repo_root):
     assert "inputs is not set" in capsys.readouterr().err
     assert cli([out, f"inputs={tmp_path / 'nothing'}"]) == 2
     assert "not found" in capsys.readouterr().err
+    # the recipe's generator is unset: the error names the key to set, before any record is built
+    (tmp_path / "vids").mkdir()
+    write_video(tmp_path / "vids" / "a.mp4", torch.rand(9, 3, 32, 32), 8.0)
+    (tmp_path / "vids" / "a.txt").write_text("a cat")
+    assert cli([f"recipe={repo_root}/recipes/data_build.yaml", out, f"inputs={tmp_path / 'vids'}"]) == 2
+    err = capsys.readouterr().err
+    assert "generator.model.pretrained" in err and "set exactly one of model." not in err
+    assert not (tmp_path / "o" / "records").exists() or not any((tmp_path / "o" / "records").iterdir())
     cfg = load_recipe(BuildConfig, [f"recipe={repo_root}/recipes/data_build.yaml"])
     assert cfg.stages == ["replace", "add_remove", "global_edit"] and cfg.clip.frames == 33

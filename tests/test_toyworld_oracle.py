@@ -146,3 +146,15 @@ def test_toybench_pools_paired_deltas_over_runs(tmp_path):
     (tmp_path / "d" / "eval" / "step-0").mkdir(parents=True)
     with pytest.raises(ValueError, match="first and last"):
         pooled_delta([tmp_path / "d"])
+
+
+def test_toybench_arguments_as_its_usage_line_shows():
+    """`--seeds 0 1 2 key=value` (the module's usage line): the overrides are not read as seeds."""
+    from benchmarks.toybench import parse_args
+
+    a = parse_args(["--out", "o", "--seeds", "0", "1", "2", "train.num_iterations=2", "toy.n_grpo=8"])
+    assert a.seeds == [0, 1, 2] and a.overrides == ["train.num_iterations=2", "toy.n_grpo=8"]
+    b = parse_args(["train.lr=1", "--seeds", "3"])
+    assert b.seeds == [3] and b.overrides == ["train.lr=1"]
+    with pytest.raises(SystemExit):
+        parse_args(["--seeds", "x"])

@@ -53,16 +53,23 @@ class ModelConfig:
     shift: Optional[float] = None        # override the sampling schedule's shift
 
 
-def build_editor(cfg: ModelConfig, device: torch.device | str | None = None):
-    """The editor a recipe asks for; the class comes from the directory's ``editor_config.json``."""
-    from .model import VivaEditor
-
-    dtype = DTYPES.get(cfg.dtype)
-    if dtype is None:
-        raise UserError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+def check_model_config(cfg: ModelConfig, key: str = "model") -> None:
+    """The rules :func:`build_editor` applies, without building anything; errors name the recipe key ``key``."""
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"{key}.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
     chosen = [bool(cfg.pretrained), bool(cfg.t2v_base or cfg.instructor), bool(cfg.tiny)]
     if sum(chosen) != 1:
-        raise UserError("set exactly one of model.pretrained, model.t2v_base (+ model.instructor), or model.tiny=true")
+        raise UserError(f"set exactly one of {key}.pretrained (an editor folder), {key}.t2v_base "
+                        f"(+ {key}.instructor), or {key}.tiny=true")
+
+
+def build_editor(cfg: ModelConfig, device: torch.device | str | None = None, *, key: str = "model"):
+    """The editor a recipe asks for; the class comes from the directory's ``editor_config.json``. ``key``: where
+    the model block sits in the recipe (for error messages)."""
+    from .model import VivaEditor
+
+    check_model_config(cfg, key)
+    dtype = DTYPES[cfg.dtype]
     if cfg.tiny:
         import importlib
 
@@ -83,7 +90,7 @@ def build_editor(cfg: ModelConfig, device: torch.device | str | None = None):
         editor = load_editor(cfg.pretrained, torch_dtype=dtype)
     else:
         if not (cfg.t2v_base and cfg.instructor):
-            raise UserError("model.t2v_base needs model.instructor (a LLaVA checkpoint) too")
+            raise UserError(f"{key}.t2v_base needs {key}.instructor (a LLaVA checkpoint) too")
         editor = VivaEditor.from_t2v(cfg.t2v_base, cfg.instructor, torch_dtype=dtype)
     editor.to(device=device, dtype=dtype)
     if cfg.shift is not None:

@@ -259,7 +259,7 @@ class Context:
         from .models import check_clip_for_editor
 
         def build():
-            editor = build_editor(self.cfg.generator.model, device=self.device)
+            editor = build_editor(self.cfg.generator.model, device=self.device, key="generator.model")
             check_clip_for_editor(editor, self.cfg.clip.frames, *self.cfg.clip.size)
             return editor
 
@@ -331,6 +331,10 @@ def main(cfg: BuildConfig) -> dict:
     if state.is_main_process:
         save_resolved(cfg, out)
     items = [it for it in list_inputs(cfg.inputs) if in_shard(it.id, index, count)]
+    if cfg.stages:  # every generating stage synthesises with our editor: say so before the first record
+        from ...training import check_model_config
+
+        check_model_config(cfg.generator.model, "generator.model")
     store = RecordStore(out)
     todo = [it for it in items if not store.is_finished(it.id, fps["record"], retry_failed=cfg.retry_failed)]
     logger.info("shard %d/%d: %d records, %d finished, %d to build", index, count, len(items), len(items) - len(todo), len(todo))
