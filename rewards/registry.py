@@ -47,7 +47,8 @@ class UnknownRewardError(KeyError):
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
-_BUILTIN_MODULES = ("rewards.clip", "rewards.pickscore", "rewards.hps", "rewards.vlm_judge", "rewards.pixel", "rewards.toy_oracle")
+# Modules of the ``rewards`` package that define no reward (imported anyway by what needs them).
+_NOT_REWARD_MODULES = {"registry", "base", "tiny"}
 
 
 def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
@@ -71,8 +72,19 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def _builtin_modules() -> list[str]:
+    """Every module of the ``rewards`` package (so a module added there with ``@register_reward`` is found without
+    being listed anywhere), in name order."""
+    import pkgutil
+
+    import rewards
+
+    return sorted(f"rewards.{m.name}" for m in pkgutil.iter_modules(rewards.__path__)
+                  if not m.name.startswith("_") and m.name not in _NOT_REWARD_MODULES)
+
+
 def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
+    for module in _builtin_modules():
         importlib.import_module(module)
 
 

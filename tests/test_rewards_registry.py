@@ -198,3 +198,27 @@ def test_plugin_factory_must_return_a_reward(monkeypatch):
     assert "not_a_reward" in available_rewards()
     with pytest.raises(TypeError, match="not a rewards.Reward"):
         build_reward("not_a_reward")
+
+
+def test_a_reward_module_added_to_the_package_is_found_without_being_listed(tmp_path, monkeypatch):
+    """docs/rewards.md: inside this repository a module in rewards/ registers itself with @register_reward."""
+    import sys
+
+    import rewards
+    from rewards.registry import _REGISTRY, available_rewards, build_reward
+
+    (tmp_path / "my_new_reward.py").write_text(
+        "import torch\n"
+        "from rewards.base import Reward\n"
+        "from rewards.registry import register_reward\n\n"
+        "@register_reward('my_new_reward')\n"
+        "class MyNew(Reward):\n"
+        "    def __call__(self, edited, source, **kw):\n"
+        "        return torch.full((edited.shape[0],), 0.5)\n")
+    monkeypatch.setattr(rewards, "__path__", [*rewards.__path__, str(tmp_path)])
+    try:
+        assert "my_new_reward" in available_rewards()
+        assert build_reward("my_new_reward").__class__.__name__ == "MyNew"
+    finally:
+        _REGISTRY.pop("my_new_reward", None)
+        sys.modules.pop("rewards.my_new_reward", None)
