@@ -71,14 +71,16 @@ def gathered(accelerator, params):
     return contextlib.nullcontext()
 
 
-def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, lr_scheduler, keep, params) -> None:
+def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, lr_scheduler, keep, params,
+               config=None) -> None:
     """Write ``checkpoint-<step>`` (viva_base.training.save_checkpoint, main process). Under DeepSpeed every rank
     first writes its optimizer partition with ``engine.save_checkpoint`` (moved into ``checkpoint-<step>/deepspeed``),
     and ZeRO-3 gathers the trainable weights for the main process to save."""
     accelerator.wait_for_everyone()
     if deepspeed_stage(accelerator) is None:
         if accelerator.is_main_process:
-            save_checkpoint(out, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, keep=keep)
+            save_checkpoint(out, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, keep=keep,
+                            config=config)
         return
     staging = out / f".deepspeed-{step}"
     engine.save_checkpoint(str(staging), tag="state", exclude_frozen_parameters=True)
@@ -86,7 +88,7 @@ def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, l
     with gathered(accelerator, params):
         if accelerator.is_main_process:
             path = save_checkpoint(out, step, model=model, optimizer=DeepSpeedOptimizerState(),
-                                   lr_scheduler=lr_scheduler, keep=keep)
+                                   lr_scheduler=lr_scheduler, keep=keep, config=config)
             os.replace(staging, path / "deepspeed")
     accelerator.wait_for_everyone()
 

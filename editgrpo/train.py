@@ -142,6 +142,7 @@ def main(cfg: GRPOConfig) -> Path:
         from .toy import prepare
 
         cfg = prepare(cfg, accelerator)
+    ckpt = find_checkpoint(out, cfg.resume, cfg)  # before anything is written: a different recipe is refused
     if accelerator.is_main_process:
         save_resolved(cfg, out)
 
@@ -165,7 +166,6 @@ def main(cfg: GRPOConfig) -> Path:
 
     reward_fn = CombinedReward.from_config(cfg.rewards)
     start = 0
-    ckpt = find_checkpoint(out, cfg.resume)
     if ckpt is not None:
         if zero is not None and not (ckpt / "deepspeed").is_dir():
             raise UserError(f"{ckpt} has no deepspeed/ optimizer state (written by a non-DeepSpeed run, or cut short); "
@@ -308,7 +308,7 @@ def main(cfg: GRPOConfig) -> Path:
             # a few rollouts of this process's first group (the samples GRPO ranked), to the trackers
             log_videos(accelerator, {f"rollout/{k}": edited[k] for k in range(min(4, n_local))}, it + 1)
             save_state(accelerator, out, it + 1, engine=dit, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                  keep=tc.keep_checkpoints, params=params)
+                  keep=tc.keep_checkpoints, params=params, config=cfg)
         if evaluator is not None and ((cfg.eval.every and (it + 1) % cfg.eval.every == 0) or done):
             evaluator.run(editor, step=it + 1, accelerator=accelerator)
 

@@ -70,6 +70,18 @@ def test_sft_recipe_end_to_end_and_exact_resume(tmp_path, repo_root, monkeypatch
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
+    # resume=latest refuses a checkpoint written by a different recipe (one line naming the keys), nothing changed
+    from viva_base.errors import UserError
+
+    before = sorted(p.name for p in (tmp_path / "b").iterdir())
+    saved = (tmp_path / "b" / "config.yaml").read_text()
+    with pytest.raises(UserError, match=r"different recipe \(train.learning_rate: 0.0005 -> 0.001\).*resume=null"):
+        main(_cfg(tmp_path / "b", *steps, "train.max_steps=12", "resume=latest", "train.learning_rate=1e-3"))
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == before
+    assert (tmp_path / "b" / "config.yaml").read_text() == saved
+    # ... but continues the same recipe for longer (train.max_steps is free)
+    main(_cfg(tmp_path / "b", *steps, "train.max_steps=9", "resume=latest"))
+    assert json.loads((tmp_path / "b" / "checkpoint-9" / "trainer_state.json").read_text())["config"]["train.w_m"] == 2.0
 
 
 @pytest.mark.slow

@@ -167,6 +167,7 @@ def main(cfg: SFTConfig) -> Path:
     if per_micro * tc.gradient_accumulation_steps * world != tc.batch_size or per_micro == 0:
         raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of gradient_accumulation_steps "
                         f"({tc.gradient_accumulation_steps}) x processes ({world})")
+    ckpt = find_checkpoint(out, cfg.resume, cfg)  # before anything is written: a different recipe is refused
     if accelerator.is_main_process:
         save_resolved(cfg, out)
     manifest = cfg.data.manifest
@@ -189,7 +190,6 @@ def main(cfg: SFTConfig) -> Path:
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                  num_training_steps=tc.max_steps)
     start = 0
-    ckpt = find_checkpoint(out, cfg.resume)
     if ckpt is not None:
         start = load_checkpoint(ckpt, model=editor.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler)["step"]
         logger.info("resumed from %s at step %d", ckpt, start)
@@ -235,7 +235,7 @@ def main(cfg: SFTConfig) -> Path:
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, model=accelerator.unwrap_model(dit), optimizer=optimizer,
+                save_checkpoint(out, step + 1, model=accelerator.unwrap_model(dit), optimizer=optimizer, config=cfg,
                                 lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints)
     accelerator.wait_for_everyone()
     final = out / "final"

@@ -271,9 +271,50 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
+# Recipe keys a resumed run may change without becoming a different run (where and how long, logging, evaluation).
+RESUME_FREE_KEYS = ("resume", "output_dir", "report_to", "train.num_iterations", "train.max_steps",
+                    "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.")
+
+
+def resume_config(cfg: Any) -> dict:
+    """The resolved recipe as ``{dotted key: value}``, less :data:`RESUME_FREE_KEYS`: what a checkpoint stores so
+    that ``resume`` can refuse to continue a different run."""
+    from omegaconf import OmegaConf
+
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg))
+    return {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
+                                                     for f in RESUME_FREE_KEYS)}
+
+
+def check_resume_config(ckpt: Path, cfg: Any) -> None:
+    """Refuse to resume ``ckpt`` with a recipe that differs from the one that wrote it (beyond RESUME_FREE_KEYS)."""
+    stored = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
+    if stored is None:  # written before checkpoints stored their config
+        return
+    now = resume_config(cfg)
+    diff = sorted(k for k in set(stored) | set(now) if stored.get(k, "<unset>") != now.get(k, "<unset>"))
+    if diff:
+        shown = ", ".join(f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:3])
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UserError(f"{ckpt} was written by a different recipe ({shown}{more}): resume=null (or another "
+                        f"output_dir) starts a fresh run; set those keys back to continue this one")
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, optimizer, lr_scheduler,
-                    state: dict | None = None, keep: int | None = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically (see the module docstring); keep the newest ``keep``."""
+                    state: dict | None = None, keep: int | None = None, config: Any = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically (see the module docstring); keep the newest ``keep``. ``config``: the
+    run's recipe, stored (less RESUME_FREE_KEYS) so that a resume with another recipe is refused."""
+    if config is not None:
+        state = {**(state or {}), "config": resume_config(config)}
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
@@ -300,17 +341,21 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """``resume``: None/"" (fresh run), "latest" (newest complete checkpoint, or fresh if none), or a path."""
+def find_checkpoint(output_dir: str | os.PathLike, resume: str | None, config: Any = None) -> Path | None:
+    """``resume``: None/"" (fresh run), "latest" (newest complete checkpoint, or fresh if none), or a path.
+    With ``config`` (the run's recipe) a checkpoint written by a different recipe is refused (check_resume_config)."""
     if not resume:
         return None
     if resume == "latest":
         ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
-    p = Path(resume)
-    if not (p / "trainer_state.json").exists():
-        raise CheckpointError(f"resume={resume}: not a checkpoint folder (no trainer_state.json); "
-                              "use resume=latest or a checkpoint-<step> path")
+        p = ckpts[-1] if ckpts else None
+    else:
+        p = Path(resume)
+        if not (p / "trainer_state.json").exists():
+            raise CheckpointError(f"resume={resume}: not a checkpoint folder (no trainer_state.json); "
+                                  "use resume=latest or a checkpoint-<step> path")
+    if p is not None and config is not None:
+        check_resume_config(p, config)
     return p
 
 
