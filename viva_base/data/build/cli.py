@@ -326,15 +326,16 @@ def main(cfg: BuildConfig) -> dict:
         return counts
     if not cfg.inputs:
         raise UserError("inputs is not set: inputs=<folder of videos with .txt captions | JSONL manifest>")
+    inputs = list_inputs(cfg.inputs)
+    if cfg.stages:  # every generating stage synthesises with our editor: say so before any work
+        from ...training import check_model_config
+
+        check_model_config(cfg.generator.model, "generator.model")
     state = PartialState()
     index, count = combine_shards(parse_shard(cfg.shard), (state.process_index, state.num_processes))
     if state.is_main_process:
         save_resolved(cfg, out)
-    items = [it for it in list_inputs(cfg.inputs) if in_shard(it.id, index, count)]
-    if cfg.stages:  # every generating stage synthesises with our editor: say so before the first record
-        from ...training import check_model_config
-
-        check_model_config(cfg.generator.model, "generator.model")
+    items = [it for it in inputs if in_shard(it.id, index, count)]
     store = RecordStore(out)
     todo = [it for it in items if not store.is_finished(it.id, fps["record"], retry_failed=cfg.retry_failed)]
     logger.info("shard %d/%d: %d records, %d finished, %d to build", index, count, len(items), len(items) - len(todo), len(todo))
