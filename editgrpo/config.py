@@ -105,6 +105,7 @@ class ToyChainConfig:
     reward_degrade: float = 0.0          # toy CLIP: probability of a damaged-copy quality negative per pair
     sft_recipe: str = "recipes/sft_toy.yaml"
     sft_overrides: list[str] = field(default_factory=list)
+    sft_fingerprint: Optional[str] = None  # set by the chain: the hash of the SFT stage's recipe (resume checks it)
 
 
 @dataclass

@@ -43,20 +43,15 @@ def prepare(cfg, accelerator=None):
                 kw["degrade"] = t.reward_degrade
             reward_name = train_toy_clip(out / "reward_model", seed=t.seed, frames=t.frames, size=t.size, **kw)
         sft_final = out / "sft" / "final"
-        if not (sft_final / "editor_config.json").exists():
-            if main:
-                from viva_base.recipe import load_recipe
-                from viva_base.sft import SFTConfig
-                from viva_base.sft import main as sft_main
+        if main:
+            fingerprint = _sft_stage(t, out / "sft", paths["sft"], cfg.report_to)
+        else:  # the main process built it (main_process_first)
+            import json
 
-                sft_cfg = load_recipe(SFTConfig, [f"recipe={t.sft_recipe}", f"output_dir={out / 'sft'}",
-                                                  f"data.manifest={paths['sft']}", f"report_to={cfg.report_to}",
-                                                  "resume=latest", *t.sft_overrides])
-                sft_main(sft_cfg)
-        else:
-            logger.info("toy chain: reusing the SFT editor in %s", sft_final)
+            fingerprint = stage_fingerprint(json.loads((out / "sft" / SFT_STAGE).read_text()))
     cfg = OmegaConf.merge(cfg, {})  # a copy
     cfg.model.pretrained, cfg.model.tiny = str(sft_final), False
+    cfg.toy.sft_fingerprint = fingerprint  # part of the recipe a GRPO checkpoint records: a new SFT editor is a new run
     cfg.data.manifest = str(paths["grpo"])
     cfg.eval.manifest = str(paths["eval"])
     for name, entry in cfg.rewards.items():
@@ -100,6 +95,45 @@ def write_sft_diagnostics(cfg, paths: dict, dest: Path, *, n_pairs: int = 48, gr
                                            eta=sc.eta, sde_window=window, reward_fn=CombinedReward.from_config(cfg.rewards))}
     atomic_write_text(dest, json.dumps(result, indent=2))
     return result
+
+
+SFT_STAGE = "stage.json"
+
+
+def _sft_stage(t, sft_dir: Path, manifest, report_to: str) -> str:
+    """The SFT stage, cached by what produced it: ``sft_dir/stage.json`` holds the resolved SFT recipe (less
+    output_dir, report_to and resume) of the editor in ``sft_dir/final``. The same recipe reuses it; another one
+    resumes the SFT run from its last checkpoint, which continues it where only ``train.max_steps`` grew and is
+    refused with one line naming the keys otherwise (viva_base.training.check_resume_config)."""
+    import json
+
+    from viva_base.recipe import atomic_write_text, load_recipe
+    from viva_base.sft import SFTConfig
+    from viva_base.sft import main as sft_main
+    from viva_base.training import resume_config
+
+    sft_cfg = load_recipe(SFTConfig, [f"recipe={t.sft_recipe}", f"output_dir={sft_dir}", f"data.manifest={manifest}",
+                                      f"report_to={report_to}", "resume=latest", *t.sft_overrides])
+    want = json.loads(json.dumps({**resume_config(sft_cfg), "train.max_steps": sft_cfg.train.max_steps}, default=str))
+    stage = sft_dir / SFT_STAGE
+    if (sft_dir / "final" / "editor_config.json").exists() and stage.exists() and json.loads(stage.read_text()) == want:
+        logger.info("toy chain: reusing the SFT editor in %s (same recipe)", sft_dir / "final")
+        return stage_fingerprint(want)
+    if stage.exists():
+        logger.info("toy chain: the SFT recipe changed since %s was built; resuming it with the new one", sft_dir)
+    for stale in (stage, sft_dir / DIAGNOSTICS):
+        stale.unlink(missing_ok=True)
+    sft_main(sft_cfg)
+    atomic_write_text(stage, json.dumps(want, indent=1))
+    return stage_fingerprint(want)
+
+
+def stage_fingerprint(config: dict) -> str:
+    """A short hash of a stage's resolved recipe (what the GRPO run records as ``toy.sft_fingerprint``)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _uses_toy_reward(rewards) -> bool:

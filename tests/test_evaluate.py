@@ -100,3 +100,12 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     a = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "again" / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the SFT stage is cached by its recipe, not by its folder: 3 -> 4 steps continues the SFT run from its
+    # checkpoint; the Edit-GRPO run (resume: latest) then refuses to continue on a different SFT editor
+    from viva_base.errors import UserError
+
+    longer = OmegaConf.merge(cfg, {"toy": {"sft_overrides": ["train.max_steps=4", "train.checkpoint_every=0"]}})
+    with pytest.raises(UserError, match="toy.sft_fingerprint"):
+        main(longer)
+    assert json.loads((tmp_path / "sft" / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "sft" / "stage.json").read_text())["train.max_steps"] == 4
