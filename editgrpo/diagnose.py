@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from viva_base.data.manifest import read_manifest
-from viva_base.data.toyworld.oracle import oracle_scores
+from viva_base.data.toyworld.oracle import oracle_scores, read_mask
 from viva_base.losses import add_noise, mask_to_latent
 from viva_base.video import read_video
 
@@ -39,7 +39,7 @@ def _load(rec: dict) -> dict:
     if rec.get("target"):
         item["target"] = read_video(rec["target"]).frames
     if rec.get("mask"):
-        item["mask"] = (read_video(rec["mask"]).frames.amax(dim=1, keepdim=True) > 0.5).float()
+        item["mask"] = read_mask(rec["mask"])
     return item
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from viva_base.atomic import atomic_dir
 from viva_base.data.manifest import read_manifest
-from viva_base.data.toyworld.oracle import oracle_scores
+from viva_base.data.toyworld.oracle import oracle_scores, read_mask
 from viva_base.video import read_image, read_video, write_video
 
 from .rollout import guided_velocity, initial_noise, sample_generators
@@ -72,7 +72,7 @@ class Evaluator:
             item = {"source": read_video(rec["source"]).frames}
             if self.oracle:
                 item["target"] = read_video(rec["target"]).frames
-                item["mask"] = (read_video(rec["mask"]).frames.amax(dim=1, keepdim=True) > 0.5).float()
+                item["mask"] = read_mask(rec["mask"])
             item["reference"] = read_image(rec["reference"]) if rec.get("reference") else None
             self._videos[rec["id"]] = item
         return self._videos[rec["id"]]

@@ -125,3 +125,10 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 __all__ = ["oracle_scores", "masked_mean_abs", "bootstrap_ci", "average_ranks", "spearman"]
+
+
+def read_mask(path) -> torch.Tensor:
+    """An edit-mask video (grey frames, as the toy builder writes them) as ``(F, 1, H, W)`` floats in {0, 1}."""
+    from viva_base.video import read_video
+
+    return (read_video(path).frames.amax(dim=1, keepdim=True) > 0.5).float()
