@@ -161,3 +161,23 @@ def test_loading_errors_are_clear(tmp_path):
         VivaEditor.from_pretrained(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="could not be fetched|not a valid"):
         VivaEditor.from_pretrained("someone/not-a-real-editor-xyz")
+
+
+def test_pooled_text_vector_sees_the_whole_instruction(tiny_editor):
+    """The tiny CLIP text encoder pools at the end token, as real CLIP checkpoints do. Before the fix its </s> had
+    id 2, transformers took the legacy ``argmax(input_ids)`` path and pooled at the highest-id word: the pooled vector
+    of "make the red diamond green" and "make the red diamond blue" was identical (the target colour never reached
+    the DiT's AdaLN conditioning)."""
+    from viva_base.instructor import encode_pooled
+
+    ed = tiny_editor
+    texts = ["make the red diamond green", "make the red diamond blue", "make the green diamond red"]
+    p = encode_pooled(ed.text_encoder_2, ed.tokenizer_2, texts, ed.config.pooled_max_length)
+    ids = ed.tokenizer_2(texts[:1]).input_ids[0]
+    assert ed.tokenizer_2.eos_token_id != 2 and ids[-1] == ed.tokenizer_2.eos_token_id
+    # the pooled vector is CLIP's last hidden state (after the final LayerNorm) at the first </s>
+    out = ed.text_encoder_2(input_ids=torch.tensor([ids]))
+    assert torch.allclose(out.pooler_output[0], out.last_hidden_state[0, len(ids) - 1], atol=1e-6)
+    rel = lambda a, b: float((a - b).norm() / a.norm())
+    assert rel(p[0], p[1]) > 0.05   # the last word (target colour) changes it
+    assert rel(p[0], p[2]) > 0.02   # word order changes it (causal attention)

@@ -73,3 +73,44 @@ def test_x0_loss_weighting_is_the_clean_latent_error():
     assert sigma_loss_weight(sigma, "none") is None
     with pytest.raises(ValueError):
         sigma_loss_weight(sigma, "snr")
+
+
+def test_area_normalized_masked_loss_matches_a_per_sample_loop():
+    """normalization="area": per sample mean outside + (1 + w_m) mean inside, then the mean over samples; a
+    sample without edited elements keeps its outside mean only."""
+    g = torch.Generator().manual_seed(0)
+    v, t = torch.randn(3, 2, 1, 4, 4, generator=g), torch.randn(3, 2, 1, 4, 4, generator=g)
+    m = torch.zeros(3, 1, 1, 4, 4)
+    m[0, 0, 0, :3, :] = 1       # 12 of 16 cells
+    m[1, 0, 0, 0, 0] = 1        # 1 of 16
+    # sample 2: no edit
+    w = torch.tensor([1.0, 0.5, 2.0])
+    expected = 0.0
+    for b in range(3):
+        inside, outside = [], []
+        for c in range(2):
+            for i in range(4):
+                for j in range(4):
+                    (inside if m[b, 0, 0, i, j] else outside).append((v[b, c, 0, i, j] - t[b, c, 0, i, j]).item() ** 2)
+        term = sum(outside) / len(outside) + (3.0 * sum(inside) / len(inside) if inside else 0.0)
+        expected += w[b].item() * term / 3
+    got = masked_flow_matching_loss(v, t, m, 2.0, sample_weight=w, normalization="area")
+    assert abs(got.item() - expected) < 1e-5
+
+
+def test_area_normalization_makes_a_small_edit_count_as_much_as_a_large_one():
+    """Eq. 3 as written weighs a sample's edit error by its area; "area" does not."""
+    v = torch.zeros(2, 1, 1, 4, 4)
+    t = torch.zeros(2, 1, 1, 4, 4)
+    m = torch.zeros(2, 1, 1, 4, 4)
+    m[0, 0, 0, :, :2] = 1   # half the frame
+    m[1, 0, 0, 0, 0] = 1    # one cell
+    t[m.bool().expand_as(t)] = 1.0  # the same unit error on every edited element, none elsewhere
+    def per_sample(norm):
+        return [masked_flow_matching_loss(v[i:i + 1], t[i:i + 1], m[i:i + 1], 2.0, normalization=norm).item()
+                for i in range(2)]
+    big, small = per_sample("none")
+    assert big == pytest.approx(8 * small)          # 8 cells vs 1
+    assert per_sample("area") == pytest.approx([3.0, 3.0])
+    with pytest.raises(ValueError):
+        masked_flow_matching_loss(v, t, m, 2.0, normalization="pixels")

@@ -82,6 +82,8 @@ class TrainConfig:
     cfg_dropout: float = 0.1             # probability of an empty instruction
     timestep_sampling: str = "logit_normal"   # logit_normal | uniform
     loss_weighting: str = "none"         # none (eq. 3) | x0 (x sigma^2: the clean-latent error, every noise level alike)
+    mask_normalization: str = "none"     # none (eq. 3: a sample's edit term grows with its area) | area (every
+                                         # sample's edit region averaged alone: small edits count as much as large)
     shift: Optional[float] = None        # training sigma shift; None -> the editor's schedule shift
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast)
     checkpoint_every: int = 50
@@ -120,7 +122,7 @@ def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
 
 
 def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
-             timestep_sampling: str, shift: float, loss_weighting: str = "none", noise: torch.Tensor | None = None,
+             timestep_sampling: str, shift: float, loss_weighting: str = "none", mask_normalization: str = "none", noise: torch.Tensor | None = None,
              sigma: torch.Tensor | None = None) -> torch.Tensor:
     """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller."""
     b = len(batch["instruction"])
@@ -138,7 +140,8 @@ def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg
     v = editor.velocity(z_t, sigma, cond)
     mask = mask_to_latent(batch["mask"].to(device), tuple(z_tgt.shape[2:]), editor.temporal_ratio)
     return masked_flow_matching_loss(v, flow_matching_target(noise, z_tgt), mask, w_m,
-                                     sample_weight=sigma_loss_weight(sigma, loss_weighting))
+                                     sample_weight=sigma_loss_weight(sigma, loss_weighting),
+                                     normalization=mask_normalization)
 
 
 def prepare_toy_manifest(cfg: SFTConfig) -> str:
@@ -215,7 +218,7 @@ def main(cfg: SFTConfig) -> Path:
                 with compute_autocast(accelerator.device, model_dtype):  # bf16 frozen x fp32 trained weights
                     loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
                                     cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift,
-                                    loss_weighting=tc.loss_weighting)
+                                    loss_weighting=tc.loss_weighting, mask_normalization=tc.mask_normalization)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if accelerator.sync_gradients else None
                 optimizer.step()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+CLIP_SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>", "</s>", "<image>"]  # </s> at id 3 (make_tiny_text_encoder_2)
 
 # Words the toy world and the tests use, plus common English, so the BPE has whole-word tokens for them.
 DEFAULT_CORPUS = """
@@ -35,7 +36,7 @@ Describe the video by detailing the following aspects: content, colour, shape, s
 
 
 def make_tiny_tokenizer(corpus: str = DEFAULT_CORPUS, vocab_size: int = 600, *, add_eos: bool = False,
-                        model_max_length: int = 256):
+                        model_max_length: int = 256, special_tokens: list[str] = SPECIAL_TOKENS):
     """A byte-level BPE tokenizer trained in memory, wrapped as a transformers fast tokenizer.
 
     Padding side is right (docs/architecture.md: the DiT's mask counts tokens). ``add_eos`` appends
@@ -48,7 +49,7 @@ def make_tiny_tokenizer(corpus: str = DEFAULT_CORPUS, vocab_size: int = 600, *, 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
@@ -115,7 +116,14 @@ def make_tiny_text_encoder_2(spec: TinySpec, seed: int = 0):
     """(CLIPTextModel, tokenizer): the pooled text vector HunyuanVideo takes as ``pooled_projections``."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = make_tiny_tokenizer(add_eos=True, model_max_length=77)
+    # </s> must not get id 2: transformers' CLIPTextTransformer treats eos_token_id == 2 as the legacy OpenAI config
+    # and pools at argmax(input_ids), which is the end token only when it has the highest id (49407 in real CLIP
+    # vocabularies). Here it would pool at the highest-id *word*, whose causal state never sees the rest of the
+    # instruction ("make the red diamond green" and "... blue" pooled identically). With </s> at id 3 CLIP pools
+    # at the first </s>, the end of the text, as real checkpoints do.
+    tokenizer = make_tiny_tokenizer(add_eos=True, model_max_length=77, special_tokens=CLIP_SPECIAL_TOKENS)
+    if tokenizer.eos_token_id == 2:
+        raise AssertionError("the tiny CLIP tokenizer's </s> must not have id 2 (see above)")
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=spec.pooled_dim, intermediate_size=64,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
