@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from .data.manifest import read_manifest
 from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
 from .errors import UserError
-from .instructor_pretrain import InstructorPretrainConfig
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
                      sigma_loss_weight)
 from .recipe import run_cli, save_resolved
@@ -97,9 +96,6 @@ class TrainConfig:
 class SFTConfig:
     output_dir: str = "outputs/sft"
     model: ModelConfig = field(default_factory=ModelConfig)
-    # tiny editors only: train the random tiny LLaVA to describe the edited video first (then frozen, as the paper's
-    # pretrained VLM is); its weights are cached in output_dir/instructor (viva_base/instructor_pretrain.py)
-    instructor_pretrain: InstructorPretrainConfig = field(default_factory=InstructorPretrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
@@ -158,50 +154,6 @@ def prepare_toy_manifest(cfg: SFTConfig) -> str:
     return str(paths["sft"])
 
 
-INSTRUCTOR_DIR = "instructor"
-
-
-def _plain(x):
-    from omegaconf import OmegaConf
-
-    import dataclasses
-
-    if OmegaConf.is_config(x):
-        return OmegaConf.to_container(x, resolve=True)
-    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
-
-
-def prepare_instructor(editor, records: list[dict], cfg: SFTConfig, out: Path, accelerator) -> None:
-    """Pretrain the tiny editor's instructor (``cfg.instructor_pretrain``) once and cache it in
-    ``out/instructor``; a rerun or a resumed run with the same settings loads the cached weights. The main process
-    trains; the others wait and load (``main_process_first``)."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from .instructor_pretrain import examples_from_pairs, pretrain_instructor
-    from .recipe import atomic_write_text
-
-    ipc = cfg.instructor_pretrain
-    d = out / INSTRUCTOR_DIR
-    want = {"instructor_pretrain": _plain(ipc),
-            "model": {"tiny_seed": cfg.model.tiny_seed, "tiny_spec": _plain(cfg.model.tiny_spec)},
-            "manifest": str(cfg.data.manifest), "pairs": len(records)}
-    done = d / "pretrain.json"
-    with accelerator.main_process_first():
-        cached = done.exists() and json.loads(done.read_text()).get("config") == want
-        if not cached and accelerator.is_main_process:
-            rows = pretrain_instructor(editor, examples_from_pairs(records), ipc, log=lambda r: logger.info(
-                "instructor pretraining: step %d, answer loss %.4f", r["step"], r["loss_ema"]))
-            d.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in editor.instructor.state_dict().items()}, str(d / "model.safetensors"))
-            atomic_write_text(done, json.dumps({"config": want, "log": rows}, indent=1))  # last: marks it complete
-        elif cached or not accelerator.is_main_process:
-            editor.instructor.load_state_dict(load_file(str(d / "model.safetensors")))
-            editor.config.instructor.hidden_layer = ipc.hidden_layer
-            logger.info("instructor: loaded the pretrained weights from %s", d)
-
-
 def main(cfg: SFTConfig) -> Path:
     t0 = time.time()
     validate_sft_config(cfg)  # before any data, editor or accelerator
@@ -231,8 +183,6 @@ def main(cfg: SFTConfig) -> Path:
                                 cfg.data.p_video, tc.seed)
 
     editor = build_editor(cfg.model, device=accelerator.device)
-    if cfg.instructor_pretrain.steps:
-        prepare_instructor(editor, records, cfg, out, accelerator)
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc)
     model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32

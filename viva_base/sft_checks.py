@@ -56,14 +56,6 @@ def validate_sft_config(cfg) -> None:
             losses.sigma_loss_weight(torch.ones(1), weighting)
         except ValueError as e:
             raise UserError(f"train.loss_weighting={weighting!r}: {e}") from None
-    ipc = getattr(cfg, "instructor_pretrain", None)
-    if ipc is not None and ipc.steps:
-        if not cfg.model.tiny:
-            raise UserError("instructor_pretrain.steps > 0 trains a tiny editor's random instructor; a real LLaVA "
-                            "checkpoint is pretrained already: set instructor_pretrain.steps=0")
-        for key in ("batch_size", "learning_rate"):
-            positive(f"instructor_pretrain.{key}", getattr(ipc, key))
-        positive("instructor_pretrain.steps", ipc.steps)
     one_of("train.mask_normalization", getattr(tc, "mask_normalization", "none"), ["none", "area"])
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every", "shift"):
         positive(f"train.{key}", getattr(tc, key))
