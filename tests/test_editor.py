@@ -181,3 +181,23 @@ def test_pooled_text_vector_sees_the_whole_instruction(tiny_editor):
     rel = lambda a, b: float((a - b).norm() / a.norm())
     assert rel(p[0], p[1]) > 0.05   # the last word (target colour) changes it
     assert rel(p[0], p[2]) > 0.02   # word order changes it (causal attention)
+
+
+def test_tiny_spec_chooses_the_instructor_layer_the_dit_reads():
+    """TinySpec.instructor_hidden_layer reaches InstructorConfig.hidden_layer: with -1 the DiT's text tokens are the
+    LLaVA's last hidden states (after its final norm), with the default -3 the first layer's output."""
+    from viva_base.instructor import encode_instructions
+    from viva_base.tiny import TinySpec, make_tiny_editor
+
+    ed = make_tiny_editor(TinySpec(instructor_hidden_layer=-1), seed=0)
+    assert ed.config.instructor.hidden_layer == -1 and make_tiny_editor(seed=0).config.instructor.hidden_layer == -3
+    img = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    h_last, m = encode_instructions(ed.instructor, ed.processor, ["make the red diamond green"], [[img]],
+                                    ed.config.instructor)
+    ed.config.instructor.hidden_layer = -3
+    h_first, _ = encode_instructions(ed.instructor, ed.processor, ["make the red diamond green"], [[img]],
+                                     ed.config.instructor)
+    assert h_last.shape == h_first.shape and not torch.allclose(h_last, h_first)
+    # the last hidden states are RMS-normalised per token (LLaMA's final norm, unit weight at init)
+    rms = h_last[0][m[0].bool()].pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=5e-3)  # up to the norm's eps

@@ -83,6 +83,11 @@ class TinySpec:
     init: str = "default"            # "default" (diffusers' init) or "adaln_zero" (DiT: every block starts as the identity)
     prediction: str = "velocity"     # the editor's EditorConfig.prediction: velocity | source_residual
     instructor_init_std: float = 0.02  # LLaMA's initializer_range (0.02: hidden states ~0.1 per token)
+    # which LLaVA hidden states the DiT reads (InstructorConfig.hidden_layer). -3 is HunyuanVideo's choice for a
+    # 32-layer LLaMA; in the 3-layer tiny LLaMA it is the output of the first layer, nearly a bag of word
+    # embeddings. -1 ("last hidden states", the paper's wording) mixes context through all 3 layers
+    # (docs/toy_world.md: a recolour-only SFT reaches if_progress 0.30 with -1 and -0.05 with -3)
+    instructor_hidden_layer: int = -3
     extra: dict = field(default_factory=dict)
 
 
@@ -225,6 +230,12 @@ def make_tiny_editor(spec: TinySpec | None = None, seed: int = 0, **editor_kwarg
     te2, tok2 = make_tiny_text_encoder_2(spec, seed=seed)
     transformer = widen_patch_embedding(make_tiny_transformer(spec, seed=seed))
     editor_kwargs.setdefault("prediction", spec.prediction)
+    if "config" not in editor_kwargs:
+        from .instructor import InstructorConfig
+        from .model import EditorConfig
+
+        editor_kwargs["config"] = EditorConfig(shift=1.0, instructor=InstructorConfig(
+            hidden_layer=spec.instructor_hidden_layer))
     return VivaEditor(
         instructor=llava, processor=processor, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer,
         vae=make_tiny_vae(spec, seed=seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **editor_kwargs,
