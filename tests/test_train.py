@@ -93,7 +93,9 @@ def test_cfg_grad_is_the_analytic_combination_of_the_branch_gradients(cfg_grad):
     got = torch.autograd.grad((w * v).sum(), params)
     for a, c, u in zip(got, g_c, g_u):
         want = 2.0 * c - u if cfg_grad == "full" else 2.0 * c
-        torch.testing.assert_close(a, want, rtol=1e-4, atol=1e-7)
+        # float32 round-off of 2c - u scales with the terms, not with the (possibly cancelled) result
+        scale = float((2.0 * c).abs().max() + u.abs().max())
+        torch.testing.assert_close(a, want, rtol=1e-4, atol=1e-6 * scale)
     assert any(float(u.abs().max()) > 1e-4 * float(c.abs().max()) for c, u in zip(g_c, g_u))  # the options differ
 
 
