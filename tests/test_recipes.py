@@ -30,3 +30,16 @@ def test_paper_settings_in_the_13b_recipe():
     assert cfg.sampling.guidance_scale == 2.0
     sft = load_recipe(SFTConfig, [f"recipe={ROOT / 'sft_viva.yaml'}"])
     assert (sft.train.learning_rate, sft.train.batch_size, sft.train.max_steps, sft.data.p_video) == (2e-5, 128, 12000, 0.4)
+
+
+def test_data_build_makes_clips_at_the_size_the_viva_recipes_train_at(repo_root):
+    """The pairs pipeline's output size is the SFT / GRPO training size: a different one (480x832 vs 480x848 before)
+    would be stretched by the trainers' resize (viva_base/data/pairs.py)."""
+    from omegaconf import OmegaConf
+
+    from viva_base.data.build.cli import ClipConfig
+
+    build = OmegaConf.load(f"{repo_root}/recipes/data_build.yaml").clip.size
+    assert list(build) == ClipConfig().size
+    for name in ("sft_viva.yaml", "viva.yaml"):
+        assert list(OmegaConf.load(f"{repo_root}/recipes/{name}").data.size) == list(build), name

@@ -40,7 +40,7 @@ logger = logging.getLogger("viva_base.data.build")
 @dataclass
 class ClipConfig:
     frames: int = 33                      # frames of the working clip (r k + 1 for the editor's VAE)
-    size: list[int] = field(default_factory=lambda: [480, 832])   # [H, W]: scaled to cover, centre-cropped
+    size: list[int] = field(default_factory=lambda: [480, 848])   # [H, W]: scaled to cover, centre-cropped (the VIVA recipes' size)
     frame_step: int = 1                   # take every k-th frame of the input
 
 
