@@ -47,6 +47,9 @@ def mask_to_latent(mask: torch.Tensor, latent_shape: tuple[int, int, int], tempo
     return F.adaptive_max_pool3d(m, (f, lh, lw))
 
 
+MASK_NORMALIZATIONS = ("none", "area")  # masked_flow_matching_loss(normalization=...)
+
+
 def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
                               w_m: float, sample_weight: torch.Tensor | None = None,
                               normalization: str = "none") -> torch.Tensor:
@@ -62,6 +65,8 @@ def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: 
     edited elements keeps only the first term), then the mean over samples: every sample's edit counts alike
     whatever its size, and the ratio of edit to preservation terms is ``1 + w_m`` for every sample.
     """
+    if normalization not in MASK_NORMALIZATIONS:
+        raise ValueError(f"unknown mask normalization {normalization!r} (use one of {', '.join(MASK_NORMALIZATIONS)})")
     sq = (v_pred.float() - target.float()) ** 2
     if normalization == "area" and mask is not None:
         m = mask.float().expand_as(sq).reshape(sq.shape[0], -1)
@@ -74,8 +79,6 @@ def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: 
         if sample_weight is not None:
             per_sample = per_sample * sample_weight.float()
         return per_sample.mean()
-    if normalization not in ("none", "area"):
-        raise ValueError(f"unknown mask normalization {normalization!r} (use 'none' or 'area')")
     if mask is not None and w_m != 0:
         sq = (1 + w_m * mask.float()) * sq
     if sample_weight is not None:

@@ -122,7 +122,8 @@ def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
 
 
 def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
-             timestep_sampling: str, shift: float, loss_weighting: str = "none", mask_normalization: str = "none", noise: torch.Tensor | None = None,
+             timestep_sampling: str, shift: float, loss_weighting: str = "none", mask_normalization: str = "none",
+             noise: torch.Tensor | None = None,
              sigma: torch.Tensor | None = None) -> torch.Tensor:
     """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller."""
     b = len(batch["instruction"])

@@ -56,7 +56,9 @@ def validate_sft_config(cfg) -> None:
             losses.sigma_loss_weight(torch.ones(1), weighting)
         except ValueError as e:
             raise UserError(f"train.loss_weighting={weighting!r}: {e}") from None
-    one_of("train.mask_normalization", getattr(tc, "mask_normalization", "none"), ["none", "area"])
+    from .losses import MASK_NORMALIZATIONS
+
+    one_of("train.mask_normalization", tc.mask_normalization, MASK_NORMALIZATIONS)
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate", "log_every", "shift"):
         positive(f"train.{key}", getattr(tc, key))
     for key in ("weight_decay", "warmup_steps", "max_grad_norm", "w_m", "checkpoint_every", "keep_checkpoints"):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-CLIP_SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>", "</s>", "<image>"]  # </s> at id 3 (make_tiny_text_encoder_2)
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+CLIP_SPECIAL_TOKENS = ("<pad>", "<s>", "<unk>", "</s>", "<image>")  # </s> at id 3 (make_tiny_text_encoder_2)
 
 # Words the toy world and the tests use, plus common English, so the BPE has whole-word tokens for them.
 DEFAULT_CORPUS = """
@@ -36,7 +36,7 @@ Describe the video by detailing the following aspects: content, colour, shape, s
 
 
 def make_tiny_tokenizer(corpus: str = DEFAULT_CORPUS, vocab_size: int = 600, *, add_eos: bool = False,
-                        model_max_length: int = 256, special_tokens: list[str] = SPECIAL_TOKENS):
+                        model_max_length: int = 256, special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
     """A byte-level BPE tokenizer trained in memory, wrapped as a transformers fast tokenizer.
 
     Padding side is right (docs/architecture.md: the DiT's mask counts tokens). ``add_eos`` appends
@@ -49,7 +49,7 @@ def make_tiny_tokenizer(corpus: str = DEFAULT_CORPUS, vocab_size: int = 600, *, 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=list(special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
@@ -127,8 +127,6 @@ def make_tiny_text_encoder_2(spec: TinySpec, seed: int = 0):
     # instruction ("make the red diamond green" and "... blue" pooled identically). With </s> at id 3 CLIP pools
     # at the first </s>, the end of the text, as real checkpoints do.
     tokenizer = make_tiny_tokenizer(add_eos=True, model_max_length=77, special_tokens=CLIP_SPECIAL_TOKENS)
-    if tokenizer.eos_token_id == 2:
-        raise AssertionError("the tiny CLIP tokenizer's </s> must not have id 2 (see above)")
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=spec.pooled_dim, intermediate_size=64,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -230,13 +228,10 @@ def make_tiny_editor(spec: TinySpec | None = None, seed: int = 0, **editor_kwarg
     te2, tok2 = make_tiny_text_encoder_2(spec, seed=seed)
     transformer = widen_patch_embedding(make_tiny_transformer(spec, seed=seed))
     editor_kwargs.setdefault("prediction", spec.prediction)
-    if "config" not in editor_kwargs:
-        from .instructor import InstructorConfig
-        from .model import EditorConfig
-
-        editor_kwargs["config"] = EditorConfig(shift=1.0, instructor=InstructorConfig(
-            hidden_layer=spec.instructor_hidden_layer))
-    return VivaEditor(
+    editor = VivaEditor(
         instructor=llava, processor=processor, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer,
         vae=make_tiny_vae(spec, seed=seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), **editor_kwargs,
     )
+    if "config" not in editor_kwargs:  # a caller's own EditorConfig wins
+        editor.config.instructor.hidden_layer = spec.instructor_hidden_layer
+    return editor
