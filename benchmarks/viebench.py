@@ -679,7 +679,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ids", help="comma-separated item ids to evaluate (default: all)")
     g.add_argument("--limit", type=int, help="evaluate only the first N items (smoke runs)")
     g = p.add_argument_group("editing (--model)")
-    g.add_argument("--steps", type=int, default=50, help="sampling steps (paper: 50)")
+    g.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=50,
+                   help="sampling steps (paper: 50; --steps is its old name)")
     g.add_argument("--guidance-scale", type=float, default=2.0, help="CFG on the instruction (paper: 2.0)")
     g.add_argument("--seed", type=int, default=0, help="base seed; each item mixes in its id")
     g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "float32",
@@ -730,6 +731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from viva_base.recipe import warn_deprecated_flags
+
+    warn_deprecated_flags(argv, ("--steps",))
     try:
         if args.prepare:
             fields = {}
@@ -772,7 +776,7 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     systems: list[ResultsSystem | ModelSystem] = []
     if args.model:
         name = args.name or Path(args.model).name + (f"+{Path(args.lora).name}" if args.lora else "")
-        systems.append(ModelSystem(name, args.model, args.lora, args.steps, args.guidance_scale, args.seed,
+        systems.append(ModelSystem(name, args.model, args.lora, args.num_steps, args.guidance_scale, args.seed,
                                    args.device, args.dtype, args.frames, args.size))
     for spec in args.results:
         name, sep, folder = spec.partition("=")

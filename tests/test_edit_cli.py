@@ -81,7 +81,7 @@ def test_cli_edits_a_photo_clip_at_the_input_frame_count_size_and_fps(files, tin
     # rounding flip of a pixel changes the encoder's choices and whole blocks (a CI run saw 13/255)
     out = tmp_path / "edited.mkv"
     r = _run_cli("--model", files["editor"], "--video", files["mp4"], "--instruction", INSTR, "--out", out,
-                 "--steps", 3, "--frames", 5, "--seed", 7, "--device", "cpu")
+                 "--num-steps", 3, "--frames", 5, "--seed", 7, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
     assert probe_video(out) == (N, H, W, float(FPS))
     got = read_video(out)
@@ -119,7 +119,7 @@ def test_same_seed_gives_identical_files(files, tiny_editor, tmp_path):
 
 def test_lora_and_dtype_options(files, tmp_path):
     """--lora loads the adapter (it changes the edit); --dtype bf16 gives the same edit up to bf16 noise."""
-    common = ["--model", str(files["editor"]), "--video", str(files["seq"]), "--instruction", INSTR, "--steps", "2",
+    common = ["--model", str(files["editor"]), "--video", str(files["seq"]), "--instruction", INSTR, "--num-steps", "2",
               "--size", "24x16", "--frames", "3", "--no-progress", "--device", "cpu"]
     assert main(common + ["--out", str(tmp_path / "base.mp4")]) == 0
     assert main(common + ["--out", str(tmp_path / "lora.mp4"), "--lora", str(files["lora_ok"])]) == 0
@@ -161,14 +161,14 @@ def _bad_inputs(root, files):
         "missing LoRA folder": ({"--lora": root / "nolora"}, "nolora: LoRA folder not found"),
         "folder without a LoRA": ({"--lora": root / "emptylora"}, "no LoRA here"),
         "LoRA of another model": ({"--lora": files["lora_other"]}, "the LoRA does not match the model"),
-        "zero steps": ({"--steps": 0}, "argument --steps: 0 must be at least 1"),
+        "zero steps": ({"--num-steps": 0}, "argument --num-steps/--steps: 0 must be at least 1"),
         "bad size": ({"--size": "big"}, "is not WIDTHxHEIGHT"),
     }
 
 
 def _argv(files, out, overrides):
     args = {"--model": files["editor"], "--video": files["mp4"], "--instruction": INSTR, "--out": out,
-            "--steps": 1, "--no-progress": None, **overrides}
+            "--num-steps": 1, "--no-progress": None, **overrides}
     argv = []
     for k, v in args.items():
         argv += [k] if v is None else [k, str(v)]
@@ -221,3 +221,19 @@ def test_bad_input_exits_nonzero_in_a_real_process(files, bad, case):
     assert len([line for line in r.stderr.splitlines() if line.startswith("error: ")]) == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists() and sorted(os.listdir(root / "out")) == []
+
+
+def test_old_flag_spellings_are_aliases_of_the_shared_knob_names(files, tmp_path, caplog):
+    """--num-steps / --guidance-scale are the names every command and recipe uses (sampling.num_steps,
+    sampling.guidance_scale); the edit command's old --steps / --guidance give the same edit, with a warning."""
+    from viva_base.edit import main
+
+    base = ["--model", str(files["editor"]), "--video", str(files["mp4"]), "--instruction", INSTR, "--frames", "5",
+            "--seed", "3", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "new.mkv"), "--num-steps", "2", "--guidance-scale", "3"]) == 0
+    with caplog.at_level("WARNING"):
+        assert main([*base, "--out", str(tmp_path / "old.mkv"), "--steps", "2", "--guidance", "3"]) == 0
+    assert "--steps is the old name of --num-steps" in caplog.text and "--guidance is the old name" in caplog.text
+    assert torch.equal(read_video(tmp_path / "new.mkv").frames, read_video(tmp_path / "old.mkv").frames)
+    assert main([*base, "--out", str(tmp_path / "other.mkv"), "--num-steps", "2", "--guidance-scale", "1"]) == 0
+    assert not torch.equal(read_video(tmp_path / "new.mkv").frames, read_video(tmp_path / "other.mkv").frames)

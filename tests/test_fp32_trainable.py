@@ -47,7 +47,7 @@ def test_grpo_lora_on_a_bf16_editor_is_fp32_and_takes_small_updates():
 @pytest.mark.parametrize("trainable", ["projector_refiner", "lora"])
 def test_sft_trainable_parts_of_a_bf16_editor_are_fp32_and_take_small_updates(trainable):
     editor = _bf16_editor()
-    params = set_trainable(editor, TrainConfig(trainable=trainable, lora=LoraConfig(rank=4, alpha=8)))
+    params = set_trainable(editor, TrainConfig(trainable=trainable), LoraConfig(rank=4, alpha=8))
     assert params and all(p.dtype == torch.float32 for p in params)
     assert any(p.dtype == torch.bfloat16 for p in editor.transformer.parameters() if not p.requires_grad)
     g = torch.Generator().manual_seed(0)

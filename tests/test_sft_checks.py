@@ -45,8 +45,11 @@ def test_a_wrong_value_names_its_key(repo_root, monkeypatch, override, key):
 
 
 def test_lora_rank_is_checked_only_when_training_a_lora(repo_root, monkeypatch):
-    validate_sft_config(_cfg(repo_root, monkeypatch, "train.lora.rank=0"))
-    with pytest.raises(UserError, match=r"train\.lora\.rank"):
+    validate_sft_config(_cfg(repo_root, monkeypatch, "lora.rank=0"))
+    with pytest.raises(UserError, match=r"'?lora\.rank"):
+        validate_sft_config(_cfg(repo_root, monkeypatch, "lora.rank=0", "train.trainable=lora"))
+    # the spelling before the LoRA block moved to the top level (as in Edit-GRPO's recipes) still works
+    with pytest.raises(UserError, match=r"lora\.rank"):
         validate_sft_config(_cfg(repo_root, monkeypatch, "train.lora.rank=0", "train.trainable=lora"))
 
 

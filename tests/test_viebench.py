@@ -358,7 +358,7 @@ def test_model_mode_with_lora(bench, tiny_editor, tmp_path):
     save_lora(transformer, tmp_path / "lora")
     out = tmp_path / "out"
     args = bench["common"] + ["--model", str(editor_dir), "--lora", str(tmp_path / "lora"), "--name", "tiny",
-                              "--steps", "2", "--ids", "ref_5", "--metrics", "clip_tc", "--out", str(out),
+                              "--num-steps", "2", "--ids", "ref_5", "--metrics", "clip_tc", "--out", str(out),
                               "--dtype", "float32"]
     assert viebench.main(args) == 0
     items = {r["id"]: r for r in _lines(out / "items.jsonl")}

@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", required=True, help="what to change, e.g. \"make the sky night\"")
     p.add_argument("--reference", help="optional reference image")
     p.add_argument("--out", required=True, help="output path (.mp4 .mov .mkv .webm .gif, or no extension: PNG folder)")
-    p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=2.0, help="CFG scale on the instruction (default 2.0; 1 = off)")
+    p.add_argument("--num-steps", "--steps", dest="num_steps", type=_positive_int, default=50,
+                   help="denoising steps (default 50; --steps is its old name)")
+    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=2.0,
+                   help="CFG scale on the instruction (default 2.0; 1 = off; --guidance is its old name)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same seed, same edit)")
     p.add_argument("--frames", type=_positive_int, help="frames the model edits (snapped to 4k+1); default: the input's, "
                    "capped by the model config")
@@ -112,8 +114,8 @@ def run(args) -> Path:
         load_lora(editor.transformer, args.lora)
         logger.info("loaded LoRA %s", args.lora)
     return EditPipeline(editor).edit_file(
-        args.video, args.instruction, args.out, args.reference, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, seed=args.seed, num_frames=args.frames, size=args.size,
+        args.video, args.instruction, args.out, args.reference, num_inference_steps=args.num_steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, num_frames=args.frames, size=args.size,
         progress=not args.no_progress)
 
 
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(levelname)s: %(message)s")
     from .errors import UserError
+    from .recipe import warn_deprecated_flags
+
+    warn_deprecated_flags(sys.argv[1:] if argv is None else argv, ("--steps", "--guidance"))
 
     try:
         out = run(args)

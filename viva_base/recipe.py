@@ -90,14 +90,98 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return recipe, overrides
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def size_hw(value) -> Any:
+    """A ``size`` value as ``[H, W]``: the recipes' list form passes through; the command lines' ``"WxH"`` string
+    (``--size 848x480``, the way video sizes are written) becomes ``[480, 848]``."""
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return [int(m.group(2)), int(m.group(1))]
+    return value
+
+
+def _canonical_key(key: str, aliases: dict[str, str], source: str) -> str:
+    """``key`` with a deprecated prefix (``aliases``: old dotted prefix -> new one) renamed, with a warning."""
+    for old, new in aliases.items():
+        if key == old or key.startswith(old + "."):
+            renamed = new + key[len(old):]
+            logger.warning("recipe key '%s' (%s) is a deprecated spelling of '%s': it still works, but use the new "
+                           "name", key, source, renamed)
+            return renamed
+    return key
+
+
+def _normalise_tree(tree: dict, aliases: dict[str, str], source: str) -> dict:
+    """A YAML recipe (plain containers) with deprecated keys moved to their current place and ``size: WxH``
+    strings made ``[H, W]``."""
+    for old, new in aliases.items():
+        *parents, leaf = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        logger.warning("recipe key '%s' (%s) is a deprecated spelling of '%s': it still works, but use the new name",
+                       old, source, new)
+        *parents, leaf = new.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(node.get(leaf), dict) and isinstance(value, dict):
+            value = {**node[leaf], **value}
+        node[leaf] = value
+
+    def sizes(node):
+        if isinstance(node, dict):
+            return {k: size_hw(v) if k == "size" else sizes(v) for k, v in node.items()}
+        return node
+
+    return sizes(tree)
+
+
+def _normalise_override(item: str, aliases: dict[str, str]) -> str:
+    key, value = item.split("=", 1)
+    key = _canonical_key(key, aliases, f"override '{item}'")
+    if key.rsplit(".", 1)[-1] == "size":
+        hw = size_hw(value)
+        value = f"[{hw[0]},{hw[1]}]" if isinstance(hw, list) else value
+    return f"{key}={value}"
+
+
+# Old spellings of command-line flags: one name per knob across commands and recipes (``--num-steps`` and
+# ``--guidance-scale`` as ``sampling.num_steps`` / ``sampling.guidance_scale``); the old ones still parse.
+DEPRECATED_FLAGS = {"--steps": "--num-steps", "--guidance": "--guidance-scale"}
+
+
+def warn_deprecated_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """Log a deprecation warning for each old flag spelling (of ``flags``) used in ``argv``; returns them."""
+    used = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in flags and a.split("=", 1)[0] in DEPRECATED_FLAGS]
+    for flag in used:
+        logger.warning("%s is the old name of %s: it still works, but use %s", flag, DEPRECATED_FLAGS[flag],
+                       DEPRECATED_FLAGS[flag])
+    return used
+
+
+def recipe_aliases(schema: type) -> dict[str, str]:
+    """The schema's deprecated key spellings (``RECIPE_ALIASES``: old dotted prefix -> the current one)."""
+    return dict(getattr(schema, "RECIPE_ALIASES", {}) or {})
+
+
 def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: str | None = None) -> T:
     """Build the typed config: schema defaults <- YAML recipe <- ``key=value`` overrides.
 
+    Deprecated key spellings (the schema's ``RECIPE_ALIASES``) are renamed with a warning, and a ``size`` may be
+    written ``WxH`` as on the command lines (``data.size=848x480`` is ``[480, 848]``).
     Returns an OmegaConf structured config (attribute access, typed); raises :class:`RecipeError`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     path, overrides = parse_args(argv)
     path = path or recipe
+    aliases = recipe_aliases(schema)
     base = OmegaConf.structured(schema)
     cfg = base
     if path:
@@ -108,12 +192,13 @@ def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: s
         except Exception as exc:  # yaml errors come in many classes
             raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
         try:
+            loaded = OmegaConf.create(_normalise_tree(OmegaConf.to_container(loaded), aliases, path))
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as exc:
             raise RecipeError(_describe(exc, base, path)) from None
     for item in overrides:
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([_normalise_override(item, aliases)]))
         except OmegaConfBaseException as exc:
             raise RecipeError(_describe(exc, base, f"override '{item}'")) from None
     try:
@@ -177,9 +262,9 @@ def _type_name(tp) -> str:
     return name or str(tp).replace("typing.", "").replace("NoneType", "None")
 
 
-def recipe_reference(schema: type, cfg: Any = None) -> str:
-    """Every recipe key of ``schema`` (a dataclass, nested ones flattened with dots) with its type, its value (the
-    default, or the resolved one of ``cfg``) and its one-line doc (the field's comment in the schema's source)."""
+def recipe_rows(schema: type, cfg: Any = None) -> list[tuple[str, str, str, str]]:
+    """``(key, type, value, doc)`` for every recipe key of ``schema`` (a dataclass, nested ones flattened with dots):
+    the value is the default, or the resolved one of ``cfg``; the doc is the field's comment in the schema's source."""
     import typing
 
     rows = []
@@ -201,8 +286,18 @@ def recipe_reference(schema: type, cfg: Any = None) -> str:
             rows.append((key, _type_name(tp), repr(value), docs.get(f.name, "")))
 
     walk(schema, "", cfg)
+    return rows
+
+
+def recipe_reference(schema: type, cfg: Any = None) -> str:
+    """Every recipe key of ``schema`` with its type, value and one-line doc, as text (``--help``)."""
+    rows = recipe_rows(schema, cfg)
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {k:<{width}}  {t}  = {v}" + (f"\n  {'':<{width}}    {d}" if d else "") for k, t, v, d in rows)
+    text = "\n".join(f"  {k:<{width}}  {t}  = {v}" + (f"\n  {'':<{width}}    {d}" if d else "") for k, t, v, d in rows)
+    aliases = recipe_aliases(schema)
+    if aliases:
+        text += "\n\nOld spellings still accepted: " + ", ".join(f"{o}.* -> {n}.*" for o, n in aliases.items())
+    return text
 
 
 def run_cli(main, schema: type, argv: Sequence[str] | None = None) -> int:

@@ -40,11 +40,11 @@ logger = logging.getLogger("viva_base.sft")
 class ToyDataConfig:
     """Build a toy-world pairs manifest when ``data.manifest`` is not given (cached in output_dir/data)."""
 
-    seed: int = 0
-    n_video: int = 64
-    n_image: int = 32
-    frames: int = 9
-    size: int = 32
+    seed: int = 0                        # toy-world seed
+    n_video: int = 64                    # video pairs
+    n_image: int = 32                    # 1-frame image pairs
+    frames: int = 9                      # frames per clip (4k+1)
+    size: int = 32                       # frame side in pixels (multiple of 16)
 
 
 @dataclass
@@ -58,26 +58,26 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 64
-    alpha: int = 128
-    init: str = "gaussian"
+    rank: int = 64                       # LoRA rank r
+    alpha: int = 128                     # LoRA alpha (scale alpha / r)
+    init: str = "gaussian"               # peft init_lora_weights: gaussian | default (kaiming) | ...
     targets: Optional[str] = None        # peft target_modules; None -> the editor's lora_targets
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    max_steps: int = 100
+    seed: int = 0                        # seeds the batches, noise, CFG dropout and any LoRA init
+    max_steps: int = 100                 # optimizer steps (paper: 12k)
     batch_size: int = 4                  # global batch per optimizer step (paper: 128)
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (batch_size = micro x accum x procs)
     trainable: str = "full"              # full | lora | projector_refiner
     learning_rate: float = 2e-5          # paper: 2e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
+    weight_decay: float = 0.0            # AdamW weight decay
+    adam_beta1: float = 0.9              # AdamW betas
     adam_beta2: float = 0.999
-    lr_scheduler: str = "constant_with_warmup"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # a diffusers get_scheduler name (constant, cosine, linear, ...)
+    warmup_steps: int = 0                # optimizer steps of linear warmup
+    max_grad_norm: float = 1.0           # gradient clipping
     w_m: float = 1.0                     # eq. 3 mask weight
     cfg_dropout: float = 0.1             # probability of an empty instruction
     timestep_sampling: str = "logit_normal"   # logit_normal | uniform
@@ -86,25 +86,28 @@ class TrainConfig:
                                          # sample's edit region averaged alone: small edits count as much as large)
     shift: Optional[float] = None        # training sigma shift; None -> the editor's schedule shift
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast)
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint_every: int = 50           # steps between checkpoints (0: only the final editor)
+    keep_checkpoints: int = 2            # older checkpoints are deleted
+    log_every: int = 1                   # steps between logged metric rows
 
 
 @dataclass
 class SFTConfig:
-    output_dir: str = "outputs/sft"
+    output_dir: str = "outputs/sft"      # checkpoints, logs and final/ (the trained editor) land here
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used with train.trainable=lora (same block as Edit-GRPO's)
     report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
     resume: Optional[str] = None         # latest | a checkpoint folder
 
+    RECIPE_ALIASES = {"train.lora": "lora"}  # the spelling before 2026-11-30 (the LoRA block is top-level everywhere)
 
-def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Choose what SFT trains; returns the trainable parameters (projector + refiner always), in float32
-    whatever the model dtype (``upcast_trainable``)."""
+
+def set_trainable(editor, cfg: TrainConfig, lora: LoraConfig | None = None) -> list[torch.nn.Parameter]:
+    """Choose what SFT trains (``cfg.trainable``; the adapter's shape from ``lora``); returns the trainable
+    parameters (projector + refiner always), in float32 whatever the model dtype (``upcast_trainable``)."""
+    lora = lora if lora is not None else LoraConfig()
     dit = editor.transformer
     dit.requires_grad_(False)
     if cfg.trainable == "full":
@@ -112,8 +115,7 @@ def set_trainable(editor, cfg: TrainConfig) -> list[torch.nn.Parameter]:
     elif cfg.trainable == "lora":
         from .peft_utils import add_lora
 
-        add_lora(dit, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
-                 targets=cfg.lora.targets or editor.lora_targets)
+        add_lora(dit, rank=lora.rank, alpha=lora.alpha, init=lora.init, targets=lora.targets or editor.lora_targets)
     elif cfg.trainable != "projector_refiner":
         raise UserError(f"train.trainable={cfg.trainable!r}: use full, lora or projector_refiner")
     dit.x_embedder.requires_grad_(True)        # the projector (2C-channel patch embedding)
@@ -185,7 +187,7 @@ def main(cfg: SFTConfig) -> Path:
 
     editor = build_editor(cfg.model, device=accelerator.device)
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
-    params = set_trainable(editor, tc)
+    params = set_trainable(editor, tc, cfg.lora)
     model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
                                   weight_decay=tc.weight_decay)

@@ -71,8 +71,8 @@ def validate_sft_config(cfg) -> None:
         raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of train.gradient_accumulation_steps="
                         f"{tc.gradient_accumulation_steps}")
     if tc.trainable == "lora":
-        positive("train.lora.rank", tc.lora.rank)
-        positive("train.lora.alpha", tc.lora.alpha)
+        positive("lora.rank", cfg.lora.rank)
+        positive("lora.alpha", cfg.lora.alpha)
 
     # the data
     probability("data.p_video", dc.p_video)
