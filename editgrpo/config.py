@@ -18,9 +18,9 @@ class DataConfig:
     frames: Optional[int] = None         # cut source clips to this many frames
     size: Optional[list[int]] = None     # resize source frames to [H, W]
     toy_seed: int = 0                    # when manifest is None: toy-world prompts generated into output_dir/data
-    toy_prompts: int = 8
-    toy_frames: int = 9
-    toy_size: int = 32
+    toy_prompts: int = 8                 # toy-world prompts generated when manifest is None
+    toy_frames: int = 9                  # frames of those toy clips (4k+1)
+    toy_size: int = 32                   # side in pixels of those toy clips (multiple of 16)
 
 
 @dataclass
@@ -47,32 +47,32 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    num_iterations: int = 100
+    seed: int = 0                        # seeds noise, prompt order and LoRA init (same seed, same run)
+    num_iterations: int = 100            # rollout + update rounds
     prompts_per_iteration: int = 2       # global, over all processes
     num_generations: int = 4             # G, samples per prompt
-    learning_rate: float = 1e-4
-    adam_beta1: float = 0.9
+    learning_rate: float = 1e-4          # AdamW on the LoRA (paper: 1e-4)
+    adam_beta1: float = 0.9              # AdamW betas
     adam_beta2: float = 0.999
-    weight_decay: float = 1e-4
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    weight_decay: float = 1e-4           # AdamW weight decay
+    lr_scheduler: str = "constant"       # a diffusers get_scheduler name (constant, cosine, linear, ...)
+    warmup_steps: int = 0                # optimizer steps of linear warmup
+    max_grad_norm: float = 1.0           # gradient clipping
     epsilon: float = 1e-4                # clip range of the ratio (Flow-GRPO: 1e-4)
     beta: float = 0.004                  # KL weight to the reference policy (adapter disabled), on kl_type's scale
     kl_type: str = "exact"               # exact: true step-Gaussian KL | flow_grpo: Flow-GRPO's (= exact x |dt|, Flow-SDE)
     cfg_grad: str = "full"               # full: grad through both CFG branches | cond_only: uncond detached (Flow-GRPO)
     scale_rewards: str = "group"         # group | global | none (eq. 11's std)
     reward_normalization: str = "total"  # total: eq. 11 on the weighted sum | component: per reward, then weighted
-    advantage_eps: float = 1e-4
-    advantage_clip: Optional[float] = 5.0
+    advantage_eps: float = 1e-4          # added to the std in eq. 11 (a group of equal rewards gets advantage 0)
+    advantage_clip: Optional[float] = 5.0   # advantages clipped to [-c, c]; None: no clipping
     num_inner_epochs: int = 1            # passes over an iteration's samples; > 1: reshuffled across minibatches each
     minibatches_per_iteration: int = 1   # optimizer steps per inner epoch (1: fully on-policy)
     train_batch_size: Optional[int] = None   # samples per training forward; None -> rollout_batch_size
-    mixed_precision: str = "no"
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 3
-    log_every: int = 1
+    mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast; trained weights stay float32)
+    checkpoint_every: int = 10           # iterations between checkpoints (resume: latest continues from the last)
+    keep_checkpoints: int = 3            # older checkpoints are deleted
+    log_every: int = 1                   # iterations between logged metric rows
 
 
 @dataclass
@@ -81,10 +81,10 @@ class EvalConfig:
     every: int = 0                       # evaluate every k iterations (0: only at the end)
     at_start: bool = True                # evaluate the starting policy too (the baseline row)
     num_steps: int = 16                  # ODE steps
-    guidance_scale: float = 2.0
+    guidance_scale: float = 2.0          # CFG on the instruction (paper: 2.0)
     seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])  # noise seeds; scores are averaged
-    max_items: Optional[int] = None
-    batch_size: int = 8
+    max_items: Optional[int] = None      # evaluate only the first N items (None: all)
+    batch_size: int = 8                  # items edited per forward
     save_videos: int = 8                 # write this many items' edited clips per evaluation
 
 
@@ -92,35 +92,35 @@ class EvalConfig:
 class ToyChainConfig:
     """``toy.enabled``: build the toy world, its reward model and the SFT'd toy editor first (editgrpo/toy.py)."""
 
-    enabled: bool = False
-    seed: int = 0
-    frames: int = 9
-    size: int = 32
-    n_sft_video: int = 2000
-    n_sft_image: int = 1000
-    n_grpo: int = 256
-    n_eval_compound: int = 64
-    n_eval_simple: int = 64
+    enabled: bool = False                # run the toy chain's stages before Edit-GRPO (recipes/toy.yaml)
+    seed: int = 0                        # toy-world seed (scenes, instructions, splits)
+    frames: int = 9                      # frames per toy clip (4k+1)
+    size: int = 32                       # side of a toy frame in pixels (multiple of 16)
+    n_sft_video: int = 2000              # video SFT pairs
+    n_sft_image: int = 1000              # 1-frame image SFT pairs (replace is image-only)
+    n_grpo: int = 256                    # compound GRPO prompts (no targets)
+    n_eval_compound: int = 64            # held-out compound eval prompts (half novel combinations)
+    n_eval_simple: int = 64              # held-out single-edit eval prompts
     reward_steps: Optional[int] = None   # toy CLIP training steps; None -> its default
     reward_degrade: float = 0.0          # toy CLIP: probability of a damaged-copy quality negative per pair
-    sft_recipe: str = "recipes/sft_toy.yaml"
-    sft_overrides: list[str] = field(default_factory=list)
+    sft_recipe: str = "recipes/sft_toy.yaml"   # the SFT stage's recipe
+    sft_overrides: list[str] = field(default_factory=list)   # key=value overrides of that recipe (a change retrains)
     sft_fingerprint: Optional[str] = None  # set by the chain: the hash of the SFT stage's recipe (resume checks it)
 
 
 @dataclass
 class GRPOConfig:
-    output_dir: str = "outputs/grpo"
+    output_dir: str = "outputs/grpo"     # checkpoints, logs, eval videos and report land here
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     # reward name -> {weight: w, ...kwargs} (rewards/registry.py; docs/rewards.md)
-    rewards: Any = field(default_factory=lambda: {"clip_if": {"weight": 1.0}, "clip_sp": {"weight": 1.0}})
+    rewards: Any = field(default_factory=lambda: {"clip_if": {"weight": 1.0}, "clip_sp": {"weight": 1.0}})  # name: {weight, kwargs}
     eval: EvalConfig = field(default_factory=EvalConfig)
     toy: ToyChainConfig = field(default_factory=ToyChainConfig)
-    report_to: str = "tensorboard"
+    report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
     resume: Optional[str] = None         # latest | a checkpoint folder
 
 

@@ -1,5 +1,6 @@
 """Recipe loading: YAML + key=value overrides, typed; clear errors naming the key."""
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -90,3 +91,52 @@ def test_train_help_from_the_command_line(repo_root):
     out = subprocess.run([sys.executable, "-m", "editgrpo.train", "--help"], cwd=repo_root, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "sampling.num_steps" in out.stdout and not out.stderr.strip().startswith("Traceback")
+
+
+def test_deprecated_key_spellings_move_to_the_current_key(tmp_path, repo_root, monkeypatch, caplog):
+    """One name per knob: SFT's LoRA block is top-level `lora.*` as in Edit-GRPO; the old `train.lora.*` still
+    works (YAML and key=value) with a deprecation warning."""
+    from viva_base.sft import SFTConfig
+
+    monkeypatch.chdir(repo_root)
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  trainable: lora\n  lora:\n    rank: 8\n    alpha: 16\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_recipe(SFTConfig, [f"recipe={old}", "train.lora.init=default"])
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.train.trainable) == (8, 16, "default", "lora")
+    assert "deprecated spelling of 'lora'" in caplog.text
+    new = load_recipe(SFTConfig, ["recipe=recipes/sft_tiny.yaml", "lora.rank=8", "lora.alpha=16"])
+    assert (new.lora.rank, new.lora.alpha) == (8, 16)
+    with pytest.raises(RecipeError, match="unknown recipe key 'train.lora_rank'"):
+        load_recipe(SFTConfig, ["train.lora_rank=8"])
+
+
+def test_sizes_may_be_written_wxh_as_on_the_command_lines(tmp_path, repo_root, monkeypatch):
+    from editgrpo.config import GRPOConfig
+    from viva_base.recipe import size_hw
+    from viva_base.sft import SFTConfig
+
+    assert size_hw("848x480") == [480, 848] and size_hw([480, 848]) == [480, 848] and size_hw(32) == 32
+    monkeypatch.chdir(repo_root)
+    assert list(load_recipe(SFTConfig, ["data.size=848x480"]).data.size) == [480, 848]
+    assert list(load_recipe(GRPOConfig, ["data.size=[480,848]"]).data.size) == [480, 848]
+    y = tmp_path / "r.yaml"
+    y.write_text("data:\n  size: 640x360\n")
+    assert list(load_recipe(GRPOConfig, [f"recipe={y}"]).data.size) == [360, 640]
+    with pytest.raises(RecipeError, match="data.size"):
+        load_recipe(SFTConfig, ["data.size=big"])
+
+
+def test_recipe_key_reference_page_matches_the_schemas(repo_root, monkeypatch):
+    """docs/recipes.md is generated from the schemas; a schema change without regenerating it fails here."""
+    from viva_base import recipe_docs
+    from viva_base.recipe import recipe_rows
+
+    monkeypatch.chdir(repo_root)
+    assert recipe_docs.main(["--check"]) == 0, "run: python -m viva_base.recipe_docs"
+    page = (Path(repo_root) / "docs" / "recipes.md").read_text()
+    from viva_base.sft import SFTConfig
+
+    for key, *_ in recipe_rows(SFTConfig):
+        assert f"| `{key}` |" in page
+    assert "`train.lora.*` -> `lora.*`" in page

@@ -45,11 +45,11 @@ class ModelConfig:
     t2v_base: Optional[str] = None       # a HunyuanVideo text-to-video checkpoint (widened on load) ...
     instructor: Optional[str] = None     # ... with this LLaVA checkpoint
     tiny: bool = False                   # the tiny offline editor (random weights; tests and smoke runs)
-    tiny_seed: int = 0
+    tiny_seed: int = 0                   # seed of the tiny editor's random weights
     tiny_spec: Any = field(default_factory=dict)  # viva_base.tiny.TinySpec fields (sizes of the tiny editor)
     tiny_kind: str = "viva"              # which tiny editor: viva | lucy (TINY_EDITORS; tiny_spec is its spec)
     dtype: str = "float32"               # weights of the frozen parts: float32 | bf16 | fp16 (trained ones are float32)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each DiT block in backward (less memory, ~1/3 more time)
     shift: Optional[float] = None        # override the sampling schedule's shift
 
 

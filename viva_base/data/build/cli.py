@@ -47,9 +47,9 @@ class ClipConfig:
 @dataclass
 class DetectorConfig:
     model: str = "IDEA-Research/grounding-dino-tiny"   # a folder, a hub id, or "tiny" (random, offline)
-    box_threshold: float = 0.35
-    text_threshold: float = 0.25
-    dtype: str = "float32"
+    box_threshold: float = 0.35           # Grounding DINO box score threshold
+    text_threshold: float = 0.25          # Grounding DINO phrase score threshold
+    dtype: str = "float32"                # float32 | bf16 | fp16
 
 
 @dataclass
@@ -59,13 +59,13 @@ class TrackerConfig:
     dilate: int = 4                       # pixels added around the tracked mask before inpainting
     min_area: float = 0.005               # keep an object whose mask covers this much of the frame (mean) ...
     max_area: float = 0.6                 # ... and at most this much
-    dtype: str = "float32"
+    dtype: str = "float32"                # float32 | bf16 | fp16
 
 
 @dataclass
 class GeneratorConfig:
     model: ModelConfig = field(default_factory=ModelConfig)   # the editor (pretrained / t2v_base / tiny)
-    num_inference_steps: int = 30
+    num_inference_steps: int = 30         # denoising steps of each synthesised clip
     guidance_scale: float = 5.0           # CFG against the negative prompt (1.0: none)
     fill: float = 0.5                     # grey that replaces the masked region in the condition video
     paste_back: bool = True               # outside the mask, the synthesised clip is the real one exactly
@@ -77,14 +77,14 @@ class ChatConfig:
     """An OpenAI-compatible chat endpoint; ``base_url: null`` -> the rule-based fallback."""
 
     base_url: Optional[str] = None        # e.g. http://127.0.0.1:8000/v1 (vLLM) or https://api.openai.com/v1
-    model: str = "gpt-4o-mini"
+    model: str = "gpt-4o-mini"            # the served model name
     api_key_env: Optional[str] = "OPENAI_API_KEY"   # the NAME of the environment variable holding the key
-    timeout: float = 60.0
-    max_retries: int = 3
-    concurrency: int = 4
-    max_tokens: int = 400
-    json_mode: bool = False
-    max_image_side: int = 512
+    timeout: float = 60.0                 # seconds per request
+    max_retries: int = 3                  # retries of a failed request (exponential backoff)
+    concurrency: int = 4                  # requests in flight
+    max_tokens: int = 400                 # answer length limit
+    json_mode: bool = False               # ask for response_format json_object (servers that support it)
+    max_image_side: int = 512             # frames sent are downscaled to this long side
     cache: bool = True                    # answers cached under output_dir/cache/<name>
 
 
@@ -96,17 +96,17 @@ class ReplaceConfig:
 @dataclass
 class AddRemoveConfig:
     mask: str = "random"                  # random (moving ellipse) | object (the replace stage's tracked mask)
-    min_area: float = 0.05
-    max_area: float = 0.25
+    min_area: float = 0.05                # the random mask covers at least this fraction of the frame ...
+    max_area: float = 0.25                # ... and at most this much
     max_shift: float = 0.2                # the random mask's centre moves up to this fraction of a side
 
 
 @dataclass
 class GlobalEditConfig:
-    edits: list[str] = field(default_factory=lambda: ["night", "sunset", "winter", "autumn", "rain", "fog"])
-    canny_sigma: float = 2.0
+    edits: list[str] = field(default_factory=lambda: ["night", "sunset", "winter", "autumn", "rain", "fog"])  # styles drawn
+    canny_sigma: float = 2.0              # Gaussian sigma of the Canny edges that keep the layout
     canny_low: Optional[float] = None     # skimage.feature.canny thresholds (None: its defaults)
-    canny_high: Optional[float] = None
+    canny_high: Optional[float] = None    # (upper threshold)
 
 
 @dataclass
@@ -118,11 +118,11 @@ class FilterConfig:
 
 @dataclass
 class BuildConfig:
-    output_dir: str = "outputs/data_build"
+    output_dir: str = "outputs/data_build"   # records, pairs.jsonl, failed.jsonl and the clips
     inputs: Optional[str] = None          # a folder of videos (+ <stem>.txt captions) or a JSONL manifest
     shard: Optional[str] = None           # "i/n": this machine's share (combined with accelerate's processes)
-    seed: int = 0
-    stages: list[str] = field(default_factory=lambda: ["replace", "add_remove", "global_edit"])
+    seed: int = 0                         # seeds every random choice (same seed and inputs, same pairs)
+    stages: list[str] = field(default_factory=lambda: ["replace", "add_remove", "global_edit"])  # generating stages run
     video_ext: str = ".mp4"               # clips; masks are lossless .mkv
     retry_failed: bool = False            # redo records that failed (e.g. after the VLM server is back)
     manifest_only: bool = False           # only rebuild pairs.jsonl / failed.jsonl from finished records
