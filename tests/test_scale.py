@@ -1,4 +1,5 @@
-"""Scale: the 13B recipe, the DeepSpeed configs (DeepSpeed's own config classes), the scaling plan's counting."""
+"""Scale: the 13B recipe, the DeepSpeed configs (DeepSpeed's own config classes), resuming under DeepSpeed, the
+scaling plan's counting."""
 from __future__ import annotations
 
 import json
@@ -38,13 +39,19 @@ def test_every_viva_recipe_value_names_its_source():
 
 
 # ---------------------------------------------------------------------------- DeepSpeed configs
+def _fake_accelerator(ds: dict | None, world: int = 2, stage: int | None = None):
+    """Just what viva_base.distributed reads of an accelerator: processes, the DeepSpeed config and stage (None: no
+    DeepSpeed)."""
+    plugin = None if ds is None else SimpleNamespace(deepspeed_config=ds, zero_stage=stage)
+    return SimpleNamespace(num_processes=world, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
 def _filled(stage_file: str, world: int, micro: int, accumulation: int, bf16: bool) -> dict:
     """A ds_*.json with its "auto" keys filled as the trainer (and accelerate, for bf16) fill them."""
-    from editgrpo.distributed import configure_deepspeed as _configure_deepspeed
+    from viva_base.distributed import configure_deepspeed as _configure_deepspeed
 
     ds = json.loads((ACC / f"ds_{stage_file}.json").read_text())
-    fake = SimpleNamespace(num_processes=world, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
-    _configure_deepspeed(fake, micro_batch=micro, accumulation=accumulation, clip=1.0)
+    _configure_deepspeed(_fake_accelerator(ds, world), micro_batch=micro, accumulation=accumulation, clip=1.0)
     assert ds["bf16"]["enabled"] == "auto"
     ds["bf16"]["enabled"] = bf16  # accelerate: from the recipe's train.mixed_precision
     return ds
@@ -73,13 +80,59 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(stage_file, stage, off
 
 
 def test_deepspeed_auto_keys_must_agree_with_the_recipe():
-    from editgrpo.distributed import configure_deepspeed as _configure_deepspeed
+    from viva_base.distributed import configure_deepspeed as _configure_deepspeed
     from viva_base.errors import UserError
 
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto"}
-    fake = SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=4 but this recipe needs 2"):
-        _configure_deepspeed(fake, micro_batch=2, accumulation=3, clip=1.0)
+        _configure_deepspeed(_fake_accelerator(ds), micro_batch=2, accumulation=3, clip=1.0)
+
+
+def test_deepspeed_precision_must_agree_with_the_recipe():
+    """accelerate fills bf16/fp16 "auto" from train.mixed_precision but lets a fixed value win silently."""
+    from viva_base.distributed import configure_deepspeed
+    from viva_base.errors import UserError
+
+    def fill(bf16, mixed_precision):
+        ds = {"bf16": {"enabled": bf16}}
+        configure_deepspeed(_fake_accelerator(ds), micro_batch=1, accumulation=2, clip=1.0,
+                            mixed_precision=mixed_precision)
+        return ds
+
+    assert fill("auto", "no")["train_batch_size"] == 4 and fill(True, "bf16")["gradient_clipping"] == 1.0
+    fill(False, "no")
+    with pytest.raises(UserError, match="sets bf16.enabled=true but the recipe has train.mixed_precision=no"):
+        fill(True, "no")
+    with pytest.raises(UserError, match="sets bf16.enabled=false but the recipe has train.mixed_precision=bf16"):
+        fill("false", "bf16")
+
+
+def _checkpoint(tmp_path: Path, name: str, deepspeed: dict | None) -> Path:
+    ckpt = tmp_path / name
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, **({"deepspeed": deepspeed} if deepspeed else {})}))
+    if deepspeed:
+        (ckpt / "deepspeed").mkdir()
+    return ckpt
+
+
+def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path):
+    """A checkpoint resumes only under the layout that wrote it: DeepSpeed or not, ZeRO stage, processes."""
+    from viva_base.distributed import check_resume
+    from viva_base.errors import UserError
+
+    ddp = _checkpoint(tmp_path, "ddp", None)
+    z3 = _checkpoint(tmp_path, "z3", {"stage": 3, "world": 2})
+    check_resume(ddp, _fake_accelerator(None))
+    check_resume(z3, _fake_accelerator({}, world=2, stage=3))
+    with pytest.raises(UserError, match="ddp has no deepspeed/ optimizer state"):
+        check_resume(ddp, _fake_accelerator({}, world=2, stage=3))
+    with pytest.raises(UserError, match="was written under DeepSpeed"):
+        check_resume(z3, _fake_accelerator(None))
+    with pytest.raises(UserError, match="written with ZeRO-3 on 2 processes; this run is ZeRO-2 on 2"):
+        check_resume(z3, _fake_accelerator({}, world=2, stage=2))
+    with pytest.raises(UserError, match="written with ZeRO-3 on 2 processes; this run is ZeRO-3 on 4"):
+        check_resume(z3, _fake_accelerator({}, world=4, stage=3))
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload", "multi_gpu"])
