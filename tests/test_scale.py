@@ -1,5 +1,5 @@
-"""Scale: the 13B recipe, the DeepSpeed configs (DeepSpeed's own config classes), resuming under DeepSpeed, the
-scaling plan's counting."""
+"""Scale: the 13B recipes, the DeepSpeed configs (DeepSpeed's own config classes) and what the recipes fill in,
+resuming under DeepSpeed, the scaling plan's counting."""
 from __future__ import annotations
 
 import json
@@ -105,6 +105,48 @@ def test_deepspeed_precision_must_agree_with_the_recipe():
         fill(True, "no")
     with pytest.raises(UserError, match="sets bf16.enabled=false but the recipe has train.mixed_precision=bf16"):
         fill("false", "bf16")
+
+
+def test_sft_viva_fills_the_zero3_config_that_deepspeed_accepts(monkeypatch):
+    """recipes/sft_viva.yaml on 8 GPUs: micro-batch 1 x 16 accumulation x 8 = the recipe's global batch 128, as
+    viva_base.sft fills ds_zero3.json; DeepSpeed's own config class accepts it (bf16, ZeRO-3, clipping 1.0)."""
+    import deepspeed.runtime.config as dsc
+
+    from viva_base.recipe import load_recipe
+    from viva_base.sft import SFTConfig, micro_batch_size
+
+    cfg = load_recipe(SFTConfig, [f"recipe={REPO / 'recipes' / 'sft_viva.yaml'}"])
+    tc = cfg.train
+    assert tc.trainable == "full" and cfg.model.gradient_checkpointing and tc.mixed_precision == "bf16"
+    micro = micro_batch_size(tc.batch_size, tc.gradient_accumulation_steps, 8)
+    assert micro == 1
+    ds = _filled("zero3", world=8, micro=micro, accumulation=tc.gradient_accumulation_steps, bf16=True)
+    monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    ds_cfg = dsc.DeepSpeedConfig(ds, mpu=SimpleNamespace(get_data_parallel_world_size=lambda: 8))
+    assert ds_cfg.train_batch_size == tc.batch_size == 128 and ds_cfg.gradient_accumulation_steps == 16
+    assert ds_cfg.zero_optimization_stage == 3 and ds_cfg.bfloat16_config.enabled
+
+
+def test_micro_batch_size_is_the_global_batch_split_exactly():
+    from viva_base.errors import UserError
+    from viva_base.sft import micro_batch_size
+
+    assert micro_batch_size(128, 16, 8) == 1 and micro_batch_size(8, 2, 2) == 2
+    for bad in ((128, 16, 16), (12, 2, 4)):  # 0.5 and 1.5 pairs per process and micro-batch
+        with pytest.raises(UserError, match="must be a multiple of gradient_accumulation_steps"):
+            micro_batch_size(*bad)
+
+
+def test_zero3_refuses_micro_batches_that_could_mix_reference_images():
+    from viva_base.errors import UserError
+    from viva_base.sft import check_zero3_forwards
+
+    mixed = [{"reference": "r.png"}, {"reference": None}, {}]
+    check_zero3_forwards(mixed, per_micro=1)  # one pair per process: one forward each
+    check_zero3_forwards([{"reference": "a.png"}, {"reference": "b.png"}], per_micro=4)
+    check_zero3_forwards([{}, {}], per_micro=4)
+    with pytest.raises(UserError, match="1 of the 3 pairs have a reference image"):
+        check_zero3_forwards(mixed, per_micro=2)
 
 
 def _checkpoint(tmp_path: Path, name: str, deepspeed: dict | None) -> Path:
