@@ -1,5 +1,5 @@
 """Scale: the 13B recipes, the DeepSpeed configs (DeepSpeed's own config classes) and what the recipes fill in,
-resuming under DeepSpeed, the scaling plan's counting."""
+resuming under DeepSpeed, the scaling plan's counting (Edit-GRPO and the SFT's full fine-tuning)."""
 from __future__ import annotations
 
 import json
@@ -237,6 +237,53 @@ def test_token_counts_and_time_formula():
     with pytest.raises(ValueError, match="4k\\+1"):
         latent_grid(32, 480, 848)
     assert seconds_at_mfu(8 * 0.4 * 989.4e12 * 10, 8) == pytest.approx(10.0)
+
+
+def test_sft_memory_per_layout():
+    """Full fine-tuning's training state: 16 B per parameter, partitioned by the ZeRO stage (hand arithmetic)."""
+    from benchmarks.scaling import ZERO3_LIVE_PARAMS, sft_memory
+
+    p, n, frozen, act = 8_000_000_000, 8, 1e9, 3e9
+    ddp = sft_memory(p, frozen, act, n, 0)  # fp32 weights, fp32 gradients, Adam's moments, all replicated
+    assert (ddp["weights"], ddp["grads"], ddp["master_and_adam"]) == (32e9, 32e9, 64e9)
+    assert ddp["total"] == 16 * p + frozen + act == 132e9 and not ddp["fits"]
+    z2 = sft_memory(p, frozen, act, n, 2)
+    assert (z2["weights"], z2["grads"], z2["master_and_adam"]) == (16e9, 2e9, 12e9) and z2["total"] == 34e9
+    z3 = sft_memory(p, frozen, act, n, 3)
+    assert z3["live_params"] == 2 * ZERO3_LIVE_PARAMS == 2e9
+    assert z3["total"] == 16 * p / n + 2e9 + frozen + act == 22e9 and z3["fits"]
+    off = sft_memory(p, frozen, act, n, 3, offload=True)
+    assert off["total"] == 2e9 + frozen + act
+    # fits: at most 90% of 80 GB = 72 GB, here 18 GB of state + activations
+    assert sft_memory(p, 0, 53e9, n, 3)["fits"] and not sft_memory(p, 0, 55e9, n, 3)["fits"]
+    with pytest.raises(ValueError, match="offload"):
+        sft_memory(p, frozen, act, n, 2, offload=True)
+
+
+def test_docs_sft_table_matches_independent_arithmetic(repo_root):
+    """docs/scaling.md's SFT cell for the recipe (480x848 x 33, ZeRO-3 + checkpointing, 8 GPUs) re-derived here:
+    16 B x DiT parameters / 8 + 2 GB gathered + bf16 frozen instructor, VAE, text encoder + the counted
+    checkpointed activations of one sample."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from benchmarks.scaling import (CLIP_L_TEXT_PARAMS, HUNYUAN_DIT_13B, HUNYUAN_VAE, TEXT_TOKENS, dit_pass,
+                                    latent_grid, meta_editor_dit, vlm_cost)
+
+    dit = meta_editor_dit(HUNYUAN_DIT_13B, lora_rank=None)
+    n_dit = sum(p.numel() for p in dit.parameters())
+    assert 12.5e9 < n_dit < 13.5e9
+    with torch.device("meta"):
+        n_vae = sum(p.numel() for p in AutoencoderKLHunyuanVideo(**HUNYUAN_VAE).parameters())
+    act = dit_pass(dit, HUNYUAN_DIT_13B, 1, latent_grid(33, 480, 848), TEXT_TOKENS, train=True)["activations"]
+    total = 16 * n_dit / 8 + 2 * 1e9 + 2 * (vlm_cost(1)["params"] + n_vae + CLIP_L_TEXT_PARAMS) + act["checkpointing"]
+    assert 40e9 < total < 0.9 * 80e9  # it fits, as the document says
+    text = (Path(repo_root) / "docs" / "scaling.md").read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 480x848 x 33 (recipe) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # columns: setting, then (no ckpt, ckpt) for DDP, ZeRO-2, ZeRO-3, ZeRO-3 + offload
+    assert cells[6] == f"{total / 1e9:.1f} GB fits", cells
+    assert cells[4].endswith("**no**") and cells[2].endswith("**no**")  # ZeRO-2 and DDP with checkpointing do not
+    assert "accelerate launch --config_file recipes/accelerate/zero3.yaml -m viva_base.sft" in text
 
 
 def test_adam_state_bytes_per_zero_stage():
