@@ -407,8 +407,7 @@ def sft_memory(trainable: int, frozen_bytes: float, activations: float, gpus: in
     state = {"weights": 0.0, "grads": 0.0, "optim": 0.0} if offload else training_state_bytes(trainable, gpus, zero)
     live = 2 * min(ZERO3_LIVE_PARAMS, trainable) if zero >= 3 else 0
     total = sum(state.values()) + live + frozen_bytes + activations
-    return {"weights": state["weights"], "grads": state["grads"], "master_and_adam": state["optim"], "live_params": live,
-            "frozen": frozen_bytes, "activations": activations, "total": total,
+    return {**state, "live_params": live, "frozen": frozen_bytes, "activations": activations, "total": total,
             "fits": total <= FIT * GPU["memory_gb"] * 1e9}
 
 
@@ -639,7 +638,7 @@ def render_sft(sp: dict) -> str:
            "|---|" + "---|" * len(SFT_LAYOUTS)]
     for label, key in (("DiT weights (DeepSpeed: bf16; DDP: fp32)", "weights"),
                        ("gradients (DeepSpeed: bf16; DDP: fp32)", "grads"),
-                       ("fp32 master weights + Adam moments (DDP: the moments)", "master_and_adam"),
+                       ("fp32 master weights + Adam moments (DDP: the moments)", "optim"),
                        ("ZeRO-3 parameters gathered in flight", "live_params"),
                        ("frozen instructor + VAE + text encoder (bf16)", "frozen"),
                        ("activations (micro-batch)", "activations")):

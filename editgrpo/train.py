@@ -27,6 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from viva_base.atomic import atomic_dir
+from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
+                                   gathered, load_engine_state, no_zero_init, save_state)
 from viva_base.errors import UserError
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
@@ -34,9 +36,6 @@ from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init
                                 log_videos, make_accelerator, step_generator)
 
 from .config import GRPOConfig, validate_config
-from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
-                                   gathered, load_engine_state, no_zero_init, save_state)
-
 from .distributed import backward_passes
 from .grpo import component_advantages, gather_for_advantages, group_advantages, policy_loss, step_kl
 from .prompts import PromptSource

@@ -245,10 +245,10 @@ def test_sft_memory_per_layout():
 
     p, n, frozen, act = 8_000_000_000, 8, 1e9, 3e9
     ddp = sft_memory(p, frozen, act, n, 0)  # fp32 weights, fp32 gradients, Adam's moments, all replicated
-    assert (ddp["weights"], ddp["grads"], ddp["master_and_adam"]) == (32e9, 32e9, 64e9)
+    assert (ddp["weights"], ddp["grads"], ddp["optim"]) == (32e9, 32e9, 64e9)
     assert ddp["total"] == 16 * p + frozen + act == 132e9 and not ddp["fits"]
     z2 = sft_memory(p, frozen, act, n, 2)
-    assert (z2["weights"], z2["grads"], z2["master_and_adam"]) == (16e9, 2e9, 12e9) and z2["total"] == 34e9
+    assert (z2["weights"], z2["grads"], z2["optim"]) == (16e9, 2e9, 12e9) and z2["total"] == 34e9
     z3 = sft_memory(p, frozen, act, n, 3)
     assert z3["live_params"] == 2 * ZERO3_LIVE_PARAMS == 2e9
     assert z3["total"] == 16 * p / n + 2e9 + frozen + act == 22e9 and z3["fits"]

@@ -98,24 +98,21 @@ def full_parameters(accelerator, module: torch.nn.Module, *, trainable_only: boo
     zero3 = deepspeed_stage(accelerator) == 3
     out = {} if accelerator.is_main_process else None
     for name, p in module.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-        elif trainable_only:
+        if trainable_only and not p.requires_grad:
             continue
-        else:
-            with gathered(accelerator, [p]) if zero3 else contextlib.nullcontext():
-                full = p.detach().clone()
-        if out is not None:
-            out[name] = full.detach().cpu().reshape(p.ds_shape if zero3 else p.shape).contiguous()
+        with contextlib.nullcontext() if p.requires_grad else gathered(accelerator, [p]):
+            full = safe_get_full_fp32_param(p) if p.requires_grad else p.detach()  # collectives
+            if out is not None:
+                out[name] = full.cpu().reshape(p.ds_shape if zero3 else p.shape).clone()
     return out
 
 
 def restore_parameters(module: torch.nn.Module, weights: dict) -> torch.nn.Module:
-    """Put whole ``weights`` (:func:`full_parameters`) back into ``module`` (in place, each in its own dtype: the
-    trainable ones float32, as outside DeepSpeed), so that it saves and merges like an ordinary module. Only for a
-    module whose training is over: under ZeRO-3 its parameters stop being partitions."""
+    """Put whole ``weights`` (:func:`full_parameters`: the trainable ones float32, as outside DeepSpeed) back into
+    ``module`` in place, so that it saves and merges like an ordinary module. Only for a module whose training is
+    over: under ZeRO-3 its parameters stop being partitions."""
     for name, p in module.named_parameters():
-        p.data = weights[name].to(torch.float32 if p.requires_grad else weights[name].dtype)
+        p.data = weights[name]
     return module
 
 

@@ -180,9 +180,9 @@ def check_zero3_forwards(records: list[dict], per_micro: int) -> None:
     with_ref = sum(bool(r.get("reference")) for r in records)
     if per_micro > 1 and 0 < with_ref < len(records):
         raise UserError(f"under ZeRO-3 every process must run the same DiT forwards, and {with_ref} of the "
-                        f"{len(records)} pairs have a reference image: set train.batch_size = gradient_accumulation_steps"
-                        f" x processes (one pair per process and micro-batch), give all or no pairs a reference, or "
-                        "use ZeRO-2")
+                        f"{len(records)} pairs have a reference image: set train.batch_size = "
+                        "gradient_accumulation_steps x processes (one pair per process and micro-batch), give all or "
+                        "no pairs a reference, or use ZeRO-2")
 
 
 def main(cfg: SFTConfig) -> Path:
