@@ -27,6 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from viva_base.atomic import atomic_dir
+from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
+                                   gathered, load_engine_state, no_zero_init, save_state)
 from viva_base.errors import UserError
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
@@ -34,8 +36,7 @@ from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init
                                 log_videos, make_accelerator, step_generator)
 
 from .config import GRPOConfig, validate_config
-from .distributed import (DeepSpeedOptimizerState, backward_passes, configure_deepspeed, deepspeed_stage, gathered,
-                          no_zero_init, save_state)
+from .distributed import backward_passes
 from .grpo import component_advantages, gather_for_advantages, group_advantages, policy_loss, step_kl
 from .prompts import PromptSource
 from .rollout import reference_mean, rollout, step_log_prob
@@ -137,12 +138,15 @@ def main(cfg: GRPOConfig) -> Path:
                             "gathers parameters from all processes: set eval.manifest=null, or use ZeRO-2")
         no_zero_init()
     if zero is not None:
-        configure_deepspeed(accelerator, micro_batch=train_bs, accumulation=n_back_ds, clip=tc.max_grad_norm)
+        configure_deepspeed(accelerator, micro_batch=train_bs, accumulation=n_back_ds, clip=tc.max_grad_norm,
+                            mixed_precision=tc.mixed_precision)
     if cfg.toy.enabled:  # the toy-world chain: data, reward model and SFT editor, each cached
         from .toy import prepare
 
         cfg = prepare(cfg, accelerator)
     ckpt = find_checkpoint(out, cfg.resume, cfg)  # before anything is written: a different recipe is refused
+    if ckpt is not None:
+        check_resume(ckpt, accelerator)  # DeepSpeed or not, ZeRO stage and processes as when it was written
     if accelerator.is_main_process:
         save_resolved(cfg, out)
 
@@ -167,17 +171,13 @@ def main(cfg: GRPOConfig) -> Path:
     reward_fn = CombinedReward.from_config(cfg.rewards)
     start = 0
     if ckpt is not None:
-        if zero is not None and not (ckpt / "deepspeed").is_dir():
-            raise UserError(f"{ckpt} has no deepspeed/ optimizer state (written by a non-DeepSpeed run, or cut short); "
-                            "resume it without DeepSpeed, or delete it to resume from the one before")
         start = load_checkpoint(ckpt, model=editor.transformer, lr_scheduler=lr_scheduler,
                                 optimizer=optimizer if zero is None else DeepSpeedOptimizerState())["step"]
         logger.info("resumed from %s at iteration %d", ckpt, start)
     dit_raw = editor.transformer
     dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
     if ckpt is not None and zero is not None:  # every rank's ZeRO partition of the optimizer state
-        dit.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_module_strict=False,
-                            load_lr_scheduler_states=False)
+        load_engine_state(dit, ckpt)
     editor.dit_forward = dit
     init_trackers(accelerator, "edit_grpo", cfg)
     metrics_file = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=accelerator.is_main_process)
@@ -308,7 +308,7 @@ def main(cfg: GRPOConfig) -> Path:
             # a few rollouts of this process's first group (the samples GRPO ranked), to the trackers
             log_videos(accelerator, {f"rollout/{k}": edited[k] for k in range(min(4, n_local))}, it + 1)
             save_state(accelerator, out, it + 1, engine=dit, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                  keep=tc.keep_checkpoints, params=params, config=cfg)
+                       keep=tc.keep_checkpoints, config=cfg)
         if evaluator is not None and ((cfg.eval.every and (it + 1) % cfg.eval.every == 0) or done):
             evaluator.run(editor, step=it + 1, accelerator=accelerator)
 

@@ -43,3 +43,15 @@ def test_data_build_makes_clips_at_the_size_the_viva_recipes_train_at(repo_root)
     assert list(build) == ClipConfig().size
     for name in ("sft_viva.yaml", "viva.yaml"):
         assert list(OmegaConf.load(f"{repo_root}/recipes/{name}").data.size) == list(build), name
+
+
+def test_the_13b_sft_is_launched_with_the_deepspeed_config_that_fits(repo_root):
+    """Every command that runs recipes/sft_viva.yaml (README, the recipe, docs) uses ZeRO-3: plain DDP full
+    fine-tuning of the 13B DiT needs ~231 GB per GPU and ZeRO-2 ~74 GB (docs/scaling.md, "SFT")."""
+    root = Path(repo_root)
+    files = [root / "README.md", ROOT / "sft_viva.yaml", *sorted((root / "docs").glob("*.md"))]
+    launches = [(f.name, ln) for f in files for ln in f.read_text().splitlines()
+                if "viva_base.sft" in ln and "sft_viva.yaml" in ln]
+    assert {"README.md", "sft_viva.yaml", "scaling.md"} <= {name for name, _ in launches}
+    bad = [(name, ln) for name, ln in launches if "--config_file recipes/accelerate/zero3.yaml" not in ln]
+    assert not bad, bad

@@ -1,4 +1,5 @@
-"""Scale: the 13B recipe, the DeepSpeed configs (DeepSpeed's own config classes), the scaling plan's counting."""
+"""Scale: the 13B recipes, the DeepSpeed configs (DeepSpeed's own config classes) and what the recipes fill in,
+resuming under DeepSpeed, the scaling plan's counting (Edit-GRPO and the SFT's full fine-tuning)."""
 from __future__ import annotations
 
 import json
@@ -38,13 +39,19 @@ def test_every_viva_recipe_value_names_its_source():
 
 
 # ---------------------------------------------------------------------------- DeepSpeed configs
+def _fake_accelerator(ds: dict | None, world: int = 2, stage: int | None = None):
+    """Just what viva_base.distributed reads of an accelerator: processes, the DeepSpeed config and stage (None: no
+    DeepSpeed)."""
+    plugin = None if ds is None else SimpleNamespace(deepspeed_config=ds, zero_stage=stage)
+    return SimpleNamespace(num_processes=world, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
 def _filled(stage_file: str, world: int, micro: int, accumulation: int, bf16: bool) -> dict:
     """A ds_*.json with its "auto" keys filled as the trainer (and accelerate, for bf16) fill them."""
-    from editgrpo.distributed import configure_deepspeed as _configure_deepspeed
+    from viva_base.distributed import configure_deepspeed as _configure_deepspeed
 
     ds = json.loads((ACC / f"ds_{stage_file}.json").read_text())
-    fake = SimpleNamespace(num_processes=world, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
-    _configure_deepspeed(fake, micro_batch=micro, accumulation=accumulation, clip=1.0)
+    _configure_deepspeed(_fake_accelerator(ds, world), micro_batch=micro, accumulation=accumulation, clip=1.0)
     assert ds["bf16"]["enabled"] == "auto"
     ds["bf16"]["enabled"] = bf16  # accelerate: from the recipe's train.mixed_precision
     return ds
@@ -73,13 +80,101 @@ def test_deepspeed_configs_pass_deepspeeds_own_validation(stage_file, stage, off
 
 
 def test_deepspeed_auto_keys_must_agree_with_the_recipe():
-    from editgrpo.distributed import configure_deepspeed as _configure_deepspeed
+    from viva_base.distributed import configure_deepspeed as _configure_deepspeed
     from viva_base.errors import UserError
 
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto"}
-    fake = SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=4 but this recipe needs 2"):
-        _configure_deepspeed(fake, micro_batch=2, accumulation=3, clip=1.0)
+        _configure_deepspeed(_fake_accelerator(ds), micro_batch=2, accumulation=3, clip=1.0)
+
+
+def test_deepspeed_precision_must_agree_with_the_recipe():
+    """accelerate fills bf16/fp16 "auto" from train.mixed_precision but lets a fixed value win silently."""
+    from viva_base.distributed import configure_deepspeed
+    from viva_base.errors import UserError
+
+    def fill(bf16, mixed_precision):
+        ds = {"bf16": {"enabled": bf16}}
+        configure_deepspeed(_fake_accelerator(ds), micro_batch=1, accumulation=2, clip=1.0,
+                            mixed_precision=mixed_precision)
+        return ds
+
+    assert fill("auto", "no")["train_batch_size"] == 4 and fill(True, "bf16")["gradient_clipping"] == 1.0
+    fill(False, "no")
+    with pytest.raises(UserError, match="sets bf16.enabled=true but the recipe has train.mixed_precision=no"):
+        fill(True, "no")
+    with pytest.raises(UserError, match="sets bf16.enabled=false but the recipe has train.mixed_precision=bf16"):
+        fill("false", "bf16")
+
+
+def test_sft_viva_fills_the_zero3_config_that_deepspeed_accepts(monkeypatch):
+    """recipes/sft_viva.yaml on 8 GPUs: micro-batch 1 x 16 accumulation x 8 = the recipe's global batch 128, as
+    viva_base.sft fills ds_zero3.json; DeepSpeed's own config class accepts it (bf16, ZeRO-3, clipping 1.0)."""
+    import deepspeed.runtime.config as dsc
+
+    from viva_base.recipe import load_recipe
+    from viva_base.sft import SFTConfig, micro_batch_size
+
+    cfg = load_recipe(SFTConfig, [f"recipe={REPO / 'recipes' / 'sft_viva.yaml'}"])
+    tc = cfg.train
+    assert tc.trainable == "full" and cfg.model.gradient_checkpointing and tc.mixed_precision == "bf16"
+    micro = micro_batch_size(tc.batch_size, tc.gradient_accumulation_steps, 8)
+    assert micro == 1
+    ds = _filled("zero3", world=8, micro=micro, accumulation=tc.gradient_accumulation_steps, bf16=True)
+    monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    ds_cfg = dsc.DeepSpeedConfig(ds, mpu=SimpleNamespace(get_data_parallel_world_size=lambda: 8))
+    assert ds_cfg.train_batch_size == tc.batch_size == 128 and ds_cfg.gradient_accumulation_steps == 16
+    assert ds_cfg.zero_optimization_stage == 3 and ds_cfg.bfloat16_config.enabled
+
+
+def test_micro_batch_size_is_the_global_batch_split_exactly():
+    from viva_base.errors import UserError
+    from viva_base.sft import micro_batch_size
+
+    assert micro_batch_size(128, 16, 8) == 1 and micro_batch_size(8, 2, 2) == 2
+    for bad in ((128, 16, 16), (12, 2, 4)):  # 0.5 and 1.5 pairs per process and micro-batch
+        with pytest.raises(UserError, match="must be a multiple of gradient_accumulation_steps"):
+            micro_batch_size(*bad)
+
+
+def test_zero3_refuses_micro_batches_that_could_mix_reference_images():
+    from viva_base.errors import UserError
+    from viva_base.sft import check_zero3_forwards
+
+    mixed = [{"reference": "r.png"}, {"reference": None}, {}]
+    check_zero3_forwards(mixed, per_micro=1)  # one pair per process: one forward each
+    check_zero3_forwards([{"reference": "a.png"}, {"reference": "b.png"}], per_micro=4)
+    check_zero3_forwards([{}, {}], per_micro=4)
+    with pytest.raises(UserError, match="1 of the 3 pairs have a reference image"):
+        check_zero3_forwards(mixed, per_micro=2)
+
+
+def _checkpoint(tmp_path: Path, name: str, deepspeed: dict | None) -> Path:
+    ckpt = tmp_path / name
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, **({"deepspeed": deepspeed} if deepspeed else {})}))
+    if deepspeed:
+        (ckpt / "deepspeed").mkdir()
+    return ckpt
+
+
+def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path):
+    """A checkpoint resumes only under the layout that wrote it: DeepSpeed or not, ZeRO stage, processes."""
+    from viva_base.distributed import check_resume
+    from viva_base.errors import UserError
+
+    ddp = _checkpoint(tmp_path, "ddp", None)
+    z3 = _checkpoint(tmp_path, "z3", {"stage": 3, "world": 2})
+    check_resume(ddp, _fake_accelerator(None))
+    check_resume(z3, _fake_accelerator({}, world=2, stage=3))
+    with pytest.raises(UserError, match="ddp has no deepspeed/ optimizer state"):
+        check_resume(ddp, _fake_accelerator({}, world=2, stage=3))
+    with pytest.raises(UserError, match="was written under DeepSpeed"):
+        check_resume(z3, _fake_accelerator(None))
+    with pytest.raises(UserError, match="written with ZeRO-3 on 2 processes; this run is ZeRO-2 on 2"):
+        check_resume(z3, _fake_accelerator({}, world=2, stage=2))
+    with pytest.raises(UserError, match="written with ZeRO-3 on 2 processes; this run is ZeRO-3 on 4"):
+        check_resume(z3, _fake_accelerator({}, world=4, stage=3))
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload", "multi_gpu"])
@@ -142,6 +237,53 @@ def test_token_counts_and_time_formula():
     with pytest.raises(ValueError, match="4k\\+1"):
         latent_grid(32, 480, 848)
     assert seconds_at_mfu(8 * 0.4 * 989.4e12 * 10, 8) == pytest.approx(10.0)
+
+
+def test_sft_memory_per_layout():
+    """Full fine-tuning's training state: 16 B per parameter, partitioned by the ZeRO stage (hand arithmetic)."""
+    from benchmarks.scaling import ZERO3_LIVE_PARAMS, sft_memory
+
+    p, n, frozen, act = 8_000_000_000, 8, 1e9, 3e9
+    ddp = sft_memory(p, frozen, act, n, 0)  # fp32 weights, fp32 gradients, Adam's moments, all replicated
+    assert (ddp["weights"], ddp["grads"], ddp["optim"]) == (32e9, 32e9, 64e9)
+    assert ddp["total"] == 16 * p + frozen + act == 132e9 and not ddp["fits"]
+    z2 = sft_memory(p, frozen, act, n, 2)
+    assert (z2["weights"], z2["grads"], z2["optim"]) == (16e9, 2e9, 12e9) and z2["total"] == 34e9
+    z3 = sft_memory(p, frozen, act, n, 3)
+    assert z3["live_params"] == 2 * ZERO3_LIVE_PARAMS == 2e9
+    assert z3["total"] == 16 * p / n + 2e9 + frozen + act == 22e9 and z3["fits"]
+    off = sft_memory(p, frozen, act, n, 3, offload=True)
+    assert off["total"] == 2e9 + frozen + act
+    # fits: at most 90% of 80 GB = 72 GB, here 18 GB of state + activations
+    assert sft_memory(p, 0, 53e9, n, 3)["fits"] and not sft_memory(p, 0, 55e9, n, 3)["fits"]
+    with pytest.raises(ValueError, match="offload"):
+        sft_memory(p, frozen, act, n, 2, offload=True)
+
+
+def test_docs_sft_table_matches_independent_arithmetic(repo_root):
+    """docs/scaling.md's SFT cell for the recipe (480x848 x 33, ZeRO-3 + checkpointing, 8 GPUs) re-derived here:
+    16 B x DiT parameters / 8 + 2 GB gathered + bf16 frozen instructor, VAE, text encoder + the counted
+    checkpointed activations of one sample."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from benchmarks.scaling import (CLIP_L_TEXT_PARAMS, HUNYUAN_DIT_13B, HUNYUAN_VAE, TEXT_TOKENS, dit_pass,
+                                    latent_grid, meta_editor_dit, vlm_cost)
+
+    dit = meta_editor_dit(HUNYUAN_DIT_13B, lora_rank=None)
+    n_dit = sum(p.numel() for p in dit.parameters())
+    assert 12.5e9 < n_dit < 13.5e9
+    with torch.device("meta"):
+        n_vae = sum(p.numel() for p in AutoencoderKLHunyuanVideo(**HUNYUAN_VAE).parameters())
+    act = dit_pass(dit, HUNYUAN_DIT_13B, 1, latent_grid(33, 480, 848), TEXT_TOKENS, train=True)["activations"]
+    total = 16 * n_dit / 8 + 2 * 1e9 + 2 * (vlm_cost(1)["params"] + n_vae + CLIP_L_TEXT_PARAMS) + act["checkpointing"]
+    assert 40e9 < total < 0.9 * 80e9  # it fits, as the document says
+    text = (Path(repo_root) / "docs" / "scaling.md").read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 480x848 x 33 (recipe) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # columns: setting, then (no ckpt, ckpt) for DDP, ZeRO-2, ZeRO-3, ZeRO-3 + offload
+    assert cells[6] == f"{total / 1e9:.1f} GB fits", cells
+    assert cells[4].endswith("**no**") and cells[2].endswith("**no**")  # ZeRO-2 and DDP with checkpointing do not
+    assert "accelerate launch --config_file recipes/accelerate/zero3.yaml -m viva_base.sft" in text
 
 
 def test_adam_state_bytes_per_zero_stage():

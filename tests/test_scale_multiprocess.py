@@ -1,4 +1,6 @@
-"""Multi-process Edit-GRPO for real (gloo on CPU): 2 processes reproduce 1 process, also under DeepSpeed ZeRO-2/3.
+"""Multi-process training for real (gloo on CPU): Edit-GRPO on 2 processes reproduces 1 process, also under
+DeepSpeed ZeRO-2/3; the SFT under ZeRO-3 reproduces DDP and resumes exactly, and under bf16 ZeRO-2 keeps
+float32 master weights (the last tests).
 
 Each run goes through the real trainer (``editgrpo.train.main``) with three observation hooks installed by
 :func:`run_and_dump` (no trainer code is re-implemented): the gathered rewards and advantages (what
@@ -263,23 +265,138 @@ def test_deepspeed_zero3_partitions_and_matches_one_process(one_process, tmp_pat
     assert len(ckpt) == len(lora) and all(v.numel() > 0 for v in ckpt.values())
 
 
+# ---------------------------------------------------------------------------- SFT: DDP, ZeRO-3, ZeRO-2
+# 4 steps of 2 micro-batches (global batch 4: one pair per process and micro-batch), a checkpoint every 2 steps;
+# the clipping norm 0.5 is below every step's gradient norm (0.9-1.2), so clipping changes every update.
+SFT_COMMON = ["recipe=recipes/sft_tiny.yaml", "report_to=none", "data.toy.n_video=4", "data.toy.n_image=4",
+              "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+              "train.gradient_accumulation_steps=2", "train.max_grad_norm=0.5"]
+SFT_TOL = 1e-6  # float32, one reduction order against another: ZeRO-3 and ZeRO-2 reproduce DDP to ~6e-8
+
+
+def _sft(launcher: list[str], args: list[str], *, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """``viva_base.sft`` with SFT_COMMON + ``args`` under ``launcher`` (torchrun or accelerate launch)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    proc = subprocess.run([*launcher, "-m", "viva_base.sft", *SFT_COMMON, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
+    return proc
+
+
+def _editor_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The DiT weights of an editor folder, loaded the normal way (viva_base.training.load_editor)."""
+    from viva_base.training import load_editor
+
+    return {k: v.detach().clone() for k, v in load_editor(folder).transformer.state_dict().items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _assert_same_sft_run(ref: Path, got: Path) -> None:
+    """The same loss, lr and gradient-norm trajectory (every step) and the same final editor, to SFT_TOL."""
+    for key in ("loss", "grad_norm"):
+        assert _metric(got, key) == pytest.approx(_metric(ref, key), rel=SFT_TOL, abs=0), key
+    assert _metric(got, "lr") == _metric(ref, "lr")
+    assert _max_diff(_editor_weights(got / "final"), _editor_weights(ref / "final")) <= SFT_TOL
+
+
+@pytest.fixture(scope="module")
+def sft_ddp(tmp_path_factory) -> Path:
+    """The reference: plain DDP on 2 CPU processes (torchrun, gloo)."""
+    out = tmp_path_factory.mktemp("sft_ddp")
+    proc = _sft(_torchrun(2, 29645), [f"output_dir={out}"], ACCELERATE_USE_CPU="1")
+    assert "on 2 process(es)" in proc.stderr
+    return out
+
+
 @pytest.mark.slow
-def test_sft_runs_on_two_processes(tmp_path, repo_root):
+def test_sft_runs_on_two_processes(sft_ddp):
     """viva_base.sft under torchrun on 2 CPU processes: each takes its half of every global batch (DDP); with
     gradient accumulation the lr schedule still advances once per optimizer step (as on 1 process)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run([*_torchrun(2, 29645), "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml",
-                           "report_to=none", "train.max_steps=2", "train.checkpoint_every=0", "data.toy.n_video=4",
-                           "train.gradient_accumulation_steps=2",
-                           "data.toy.n_image=4", f"output_dir={tmp_path}"], cwd=repo_root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "on 2 process(es)" in proc.stderr
-    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    rows = [json.loads(r) for r in (sft_ddp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in rows)
     # recipes/sft_tiny.yaml: lr 5e-4, constant_with_warmup over 5 steps
-    assert [r["lr"] for r in rows] == _single_process_lrs("constant_with_warmup", 5e-4, 5, 2, 2)
-    assert (tmp_path / "final" / "editor_config.json").exists()
+    assert [r["lr"] for r in rows] == _single_process_lrs("constant_with_warmup", 5e-4, 5, 4, 4)
+    assert all(r["grad_norm"] > 0.5 for r in rows)  # the clipping of SFT_COMMON changes every update
+    assert (sft_ddp / "final" / "editor_config.json").exists()
+
+
+@pytest.mark.slow
+def test_sft_zero3_matches_ddp_and_resumes_exactly(sft_ddp, tmp_path, repo_root):
+    """Full fine-tuning of the tiny DiT under ZeRO-3 (every parameter partitioned, gradient checkpointing on) with
+    the "auto" keys filled by the SFT recipe: the engine accumulates 2 micro-batches, clips and steps like DDP
+    (same losses, gradient norms, lr, final weights to 1e-6); final/ holds the whole weights and loads with
+    load_editor; a run resumed from checkpoint-2 (the engine's optimizer partitions) ends identical."""
+    from safetensors.torch import load_file
+
+    from viva_base.recipe import load_recipe
+    from viva_base.sft import SFTConfig
+    from viva_base.training import build_editor
+
+    config = _zero_config(tmp_path, repo_root, "zero3", stage3_param_persistence_threshold=0)
+    run = tmp_path / "run"
+    _sft(_deepspeed(config, 2, 29646), ["model.gradient_checkpointing=true", f"output_dir={run}"])
+    _assert_same_sft_run(sft_ddp, run)
+    final = _editor_weights(run / "final")
+    init = build_editor(load_recipe(SFTConfig, SFT_COMMON).model).transformer.state_dict()
+    assert _max_diff(final, init) > 100 * SFT_TOL  # it trained (4 Adam steps at lr <= 4e-4: 6e-4)
+    ckpt = run / "checkpoint-4"
+    assert {"latest", "state"} <= {p.name for p in (ckpt / "deepspeed").iterdir()}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["deepspeed"] == {"stage": 3, "world": 2}
+    # the checkpoint's weights are whole (gathered from the fp32 master weights), not this rank's partitions
+    assert _max_diff(load_file(str(ckpt / "trainable.safetensors")), final) == 0.0
+
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    shutil.rmtree(ckpt)
+    shutil.rmtree(run / "final")
+    proc = _sft(_deepspeed(config, 2, 29647), ["model.gradient_checkpointing=true", f"output_dir={run}",
+                                               "resume=latest"])
+    assert "resumed from" in proc.stderr and "checkpoint-2 at step 2" in proc.stderr
+    assert (run / "metrics.jsonl").read_text().splitlines()[:2] == rows[:2]
+    assert _metric(run, "loss") == pytest.approx([json.loads(r)["loss"] for r in rows], rel=1e-7, abs=0)
+    assert _max_diff(_editor_weights(run / "final"), final) <= 1e-7
+
+
+@pytest.mark.slow
+def test_sft_zero2_bf16_keeps_fp32_master_weights_and_refuses_a_ddp_checkpoint(sft_ddp, tmp_path, repo_root):
+    """ZeRO-2 with bf16 frozen weights and bf16 DeepSpeed (the recipe's precision): the engine computes with bf16
+    copies and keeps float32 master weights; the checkpoint holds those masters (float32, almost none of them
+    bf16-representable: the small updates were kept), final/ is exactly the masters rounded to the model dtype,
+    and the losses follow DDP's float32 run to bf16 precision. Resuming DDP's checkpoint under DeepSpeed is one
+    UserError line in each process, before the data or the editor are built."""
+    from safetensors.torch import load_file
+
+    config = _zero_config(tmp_path, repo_root, "zero2")
+    copy = tmp_path / "ddp"
+    shutil.copytree(sft_ddp, copy)
+    proc = _sft(_deepspeed(config, 2, 29648), [f"output_dir={copy}", "resume=latest"], check=False)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2, proc.stderr[-3000:]  # one line from each process
+    assert all("checkpoint-4 has no deepspeed/ optimizer state" in ln for ln in errors)
+    assert "SFT:" not in proc.stderr  # refused before the data and the editor
+
+    run = tmp_path / "run"
+    _sft(_deepspeed(config, 2, 29649), ["model.dtype=bf16", "train.mixed_precision=bf16", f"output_dir={run}"])
+    assert _metric(run, "loss") == pytest.approx(_metric(sft_ddp, "loss"), rel=1e-2)
+    assert _metric(run, "lr") == _metric(sft_ddp, "lr")
+    ckpt = run / "checkpoint-4"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["deepspeed"] == {"stage": 2, "world": 2}
+    master = load_file(str(ckpt / "trainable.safetensors"))
+    assert {v.dtype for v in master.values()} == {torch.float32}
+    n = sum(v.numel() for v in master.values())
+    assert sum(int((v != v.bfloat16().float()).sum()) for v in master.values()) > 0.99 * n
+    on_disk = {}
+    for f in (run / "final" / "transformer").glob("*.safetensors"):
+        on_disk.update(load_file(str(f)))
+    assert {v.dtype for v in on_disk.values()} == {torch.bfloat16}  # model.dtype
+    final = _editor_weights(run / "final")
+    assert final.keys() == master.keys()
+    assert all(torch.equal(final[k], master[k].bfloat16().to(final[k].dtype)) for k in master)
 
 
 if __name__ == "__main__":  # a rank of a multi-process run: python tests/test_scale_multiprocess.py DUMP_DIR key=value...

@@ -98,3 +98,18 @@ def test_sft_cli_runs_and_rejects_unknown_keys(tmp_path, repo_root):
     err = bad.stderr.strip().splitlines()
     assert err[-1].startswith("error: unknown recipe key 'train.learnig_rate'") and "train.learning_rate" in err[-1]
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad" / "final").exists()
+
+
+@pytest.mark.slow
+def test_max_grad_norm_zero_means_no_clipping(tmp_path, repo_root, monkeypatch):
+    """train.max_grad_norm=0 turns clipping off, as DeepSpeed reads gradient_clipping 0 (filled from it): the DDP
+    path once clipped to norm 0, i.e. zeroed every gradient, and AdamW then left the weights unchanged."""
+    monkeypatch.chdir(repo_root)
+    from viva_base.training import build_editor
+
+    cfg = _cfg(tmp_path, "train.max_steps=1", "train.warmup_steps=0", "train.max_grad_norm=0", "data.toy.n_video=2",
+               "data.toy.n_image=2")
+    final = VivaEditor.from_pretrained(main(cfg)).transformer.state_dict()
+    init = build_editor(cfg.model).transformer.state_dict()
+    assert max(float((final[k] - init[k]).abs().max()) for k in init) > 1e-4  # lr 5e-4: one Adam step moves
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["grad_norm"] > 0

@@ -1,13 +1,20 @@
 """Masked flow-matching SFT of the VIVA editor (paper section 3.2, eq. 3).
 
     python -m viva_base.sft recipe=recipes/sft_tiny.yaml [key=value ...]
-    accelerate launch --num_processes N -m viva_base.sft recipe=recipes/sft_viva.yaml
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m viva_base.sft recipe=recipes/sft_viva.yaml
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m viva_base.sft ...     # DDP on CPUs (gloo)
 
 Reads a pairs manifest (viva_base/data/manifest.py), mixes video and image pairs (``data.p_video``),
 drops the instruction with probability ``train.cfg_dropout`` (so CFG works at inference), and trains the
 projector, the token refiner and the DiT (``train.trainable``: full | lora | projector_refiner).
 Writes ``output_dir/checkpoint-<step>/``, ``metrics.jsonl``, ``config.yaml``, tensorboard logs, and the
 trained editor to ``output_dir/final/`` (a directory ``VivaEditor.from_pretrained`` loads).
+
+Under DeepSpeed (viva_base.distributed) the recipe fills the config's "auto" keys (micro-batch per GPU =
+``batch_size / (gradient_accumulation_steps x processes)``, accumulation = ``gradient_accumulation_steps``,
+clipping = ``max_grad_norm``); the engine accumulates, clips and steps at the last micro-batch of each step; ZeRO-3
+partitions only the DiT; ``final/`` is written from the whole fp32 master weights, gathered one parameter at a
+time. docs/scaling.md has the memory plan of the 13B full fine-tuning.
 """
 from __future__ import annotations
 
@@ -24,14 +31,15 @@ from tqdm.auto import tqdm
 
 from .data.manifest import read_manifest
 from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
+from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
+                          full_parameters, load_engine_state, no_zero_init, restore_parameters, save_state)
 from .errors import UserError
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
                      sigma_loss_weight)
 from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compute_autocast, find_checkpoint,
-                       init_trackers, load_checkpoint, make_accelerator, save_checkpoint, step_generator,
-                       upcast_trainable)
+                       init_trackers, load_checkpoint, make_accelerator, step_generator, upcast_trainable)
 
 logger = logging.getLogger("viva_base.sft")
 
@@ -157,6 +165,28 @@ def prepare_toy_manifest(cfg: SFTConfig) -> str:
     return str(paths["sft"])
 
 
+def micro_batch_size(batch_size: int, accumulation: int, processes: int) -> int:
+    """Pairs each process takes per forward (DeepSpeed's ``train_micro_batch_size_per_gpu``):
+    ``train.batch_size / (gradient_accumulation_steps x processes)``, a UserError unless a whole number >= 1."""
+    per_micro = batch_size // (accumulation * processes)
+    if per_micro * accumulation * processes != batch_size or per_micro == 0:
+        raise UserError(f"train.batch_size={batch_size} must be a multiple of gradient_accumulation_steps "
+                        f"({accumulation}) x processes ({processes})")
+    return per_micro
+
+
+def check_zero3_forwards(records: list[dict], per_micro: int) -> None:
+    """ZeRO-3 gathers the DiT's weights from every process at every forward, so all processes must run the same
+    number of forwards. A micro-batch mixing pairs with and without a reference image runs two (different token
+    counts, ``VivaEditor.velocity``): refuse a manifest that could mix them unless each process takes one pair."""
+    with_ref = sum(bool(r.get("reference")) for r in records)
+    if per_micro > 1 and 0 < with_ref < len(records):
+        raise UserError(f"under ZeRO-3 every process must run the same DiT forwards, and {with_ref} of the "
+                        f"{len(records)} pairs have a reference image: set train.batch_size = "
+                        "gradient_accumulation_steps x processes (one pair per process and micro-batch), give all or "
+                        "no pairs a reference, or use ZeRO-2")
+
+
 def main(cfg: SFTConfig) -> Path:
     t0 = time.time()
     validate_sft_config(cfg)  # before any data, editor or accelerator
@@ -169,11 +199,16 @@ def main(cfg: SFTConfig) -> Path:
     if world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate sees 1 (no GPU): on CPUs "
                         "run `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m viva_base.sft ...`")
-    per_micro = tc.batch_size // (tc.gradient_accumulation_steps * world)
-    if per_micro * tc.gradient_accumulation_steps * world != tc.batch_size or per_micro == 0:
-        raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of gradient_accumulation_steps "
-                        f"({tc.gradient_accumulation_steps}) x processes ({world})")
+    per_micro = micro_batch_size(tc.batch_size, tc.gradient_accumulation_steps, world)
+    zero = deepspeed_stage(accelerator)
+    if zero is not None:  # the engine accumulates and clips: it must agree with the recipe (else a UserError)
+        configure_deepspeed(accelerator, micro_batch=per_micro, accumulation=tc.gradient_accumulation_steps,
+                            clip=tc.max_grad_norm, mixed_precision=tc.mixed_precision)
+    if zero == 3:
+        no_zero_init()  # the frozen instructor and text encoder are built whole; prepare partitions the DiT
     ckpt = find_checkpoint(out, cfg.resume, cfg)  # before anything is written: a different recipe is refused
+    if ckpt is not None:
+        check_resume(ckpt, accelerator)  # DeepSpeed or not, ZeRO stage and processes as when it was written
     if accelerator.is_main_process:
         save_resolved(cfg, out)
     manifest = cfg.data.manifest
@@ -181,6 +216,8 @@ def main(cfg: SFTConfig) -> Path:
         with accelerator.main_process_first():
             manifest = prepare_toy_manifest(cfg)
     records = read_manifest(manifest, "pairs")
+    if zero == 3:
+        check_zero3_forwards(records, per_micro)
     dataset = PairDataset(records, frames=cfg.data.frames, size=cfg.data.size)
     sampler = MixedBatchSampler(dataset.is_image, tc.batch_size // tc.gradient_accumulation_steps,
                                 cfg.data.p_video, tc.seed)
@@ -188,6 +225,7 @@ def main(cfg: SFTConfig) -> Path:
     editor = build_editor(cfg.model, device=accelerator.device)
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc, cfg.lora)
+    n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
     model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
                                   weight_decay=tc.weight_decay)
@@ -197,18 +235,23 @@ def main(cfg: SFTConfig) -> Path:
                                  num_training_steps=tc.max_steps)
     start = 0
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model=editor.transformer, optimizer=optimizer, lr_scheduler=lr_scheduler)["step"]
+        start = load_checkpoint(ckpt, model=editor.transformer, lr_scheduler=lr_scheduler,
+                                optimizer=optimizer if zero is None else DeepSpeedOptimizerState())["step"]
         logger.info("resumed from %s at step %d", ckpt, start)
-    dit, optimizer, lr_scheduler = accelerator.prepare(editor.transformer, optimizer, lr_scheduler)
+    dit_raw = editor.transformer
+    dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
+    if ckpt is not None and zero is not None:  # every rank's ZeRO partition of the optimizer state
+        load_engine_state(dit, ckpt)
     editor.dit_forward = dit
     init_trackers(accelerator, "viva_sft", cfg)
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=start, enabled=accelerator.is_main_process)
     shift = tc.shift if tc.shift is not None else editor.config.shift
     logger.info("SFT: %d pairs (%d video, %d image), %d trainable parameters, steps %d -> %d on %d process(es)",
-                len(dataset), len(sampler.video_idx), len(sampler.image_idx), sum(p.numel() for p in params), start,
+                len(dataset), len(sampler.video_idx), len(sampler.image_idx), n_trainable, start,
                 tc.max_steps, world)
 
     dit.train()
+    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf  # 0: no clipping, as DeepSpeed reads it
     loss_mean = float("nan")
     bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="sft",
                disable=not accelerator.is_main_process)
@@ -222,8 +265,10 @@ def main(cfg: SFTConfig) -> Path:
                     loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
                                     cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift,
                                     loss_weighting=tc.loss_weighting, mask_normalization=tc.mask_normalization)
+                # DeepSpeed: backward runs the engine, which steps (clipping first) at the last micro-batch; then
+                # clip_grad_norm_ only returns the norm it clipped, and optimizer.step / zero_grad are no-ops
                 accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if accelerator.sync_gradients else None
+                grad_norm = accelerator.clip_grad_norm_(params, max_norm) if accelerator.sync_gradients else None
                 optimizer.step()
                 if accelerator.sync_gradients:  # once per optimizer step (make_accelerator)
                     lr_scheduler.step()
@@ -239,14 +284,15 @@ def main(cfg: SFTConfig) -> Path:
             metrics.write(row)
         bar.set_postfix(loss=f"{loss_mean:.4f}")
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.max_steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, model=accelerator.unwrap_model(dit), optimizer=optimizer, config=cfg,
-                                lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints)
+            save_state(accelerator, out, step + 1, engine=dit, model=dit_raw, optimizer=optimizer,
+                       lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints, config=cfg)
     accelerator.wait_for_everyone()
     final = out / "final"
+    whole = full_parameters(accelerator, dit_raw) if zero is not None else None  # collective: every rank
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(dit)
+        if whole is not None:  # the fp32 master weights (and frozen ones gathered), not ZeRO-3's partitions
+            restore_parameters(transformer, whole)
         if tc.trainable == "lora":
             from .peft_utils import merge_lora
 

@@ -310,15 +310,17 @@ def check_resume_config(ckpt: Path, cfg: Any) -> None:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, optimizer, lr_scheduler,
-                    state: dict | None = None, keep: int | None = None, config: Any = None) -> Path:
+                    state: dict | None = None, keep: int | None = None, config: Any = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically (see the module docstring); keep the newest ``keep``. ``config``: the
-    run's recipe, stored (less RESUME_FREE_KEYS) so that a resume with another recipe is refused."""
+    run's recipe, stored (less RESUME_FREE_KEYS) so that a resume with another recipe is refused. ``weights``: the
+    trainable parameters by name when ``model`` does not hold them whole (DeepSpeed); default: read from ``model``."""
     if config is not None:
         state = {**(state or {}), "config": resume_config(config)}
     out = Path(output_dir)
     final = out / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(model) if weights is None else weights, str(tmp / "trainable.safetensors"))
         if hasattr(model, "peft_config"):
             from .peft_utils import save_lora
 
