@@ -179,6 +179,16 @@ def test_documented_plugin_installs_and_is_used_by_a_recipe(tmp_path, monkeypatc
         assert reward.rewards["temporal_smoothness"].name == "temporal_smoothness"
         with pytest.raises(TypeError, match="brightness_target"):
             build_reward("brightness_target", bogus=1)
+        # the walkthrough's "Test it" snippet runs as written
+        doc = (Path(__file__).resolve().parents[1] / "docs" / "rewards.md").read_text()
+        snippet = re.search(r"```python\n(import torch\nfrom rewards import build_reward\n.*?)```", doc, flags=re.S)
+        assert snippet, "docs/rewards.md lost its plugin test snippet"
+        scope: dict = {}
+        exec(snippet.group(1), scope)
+        tests = [f for n, f in scope.items() if n.startswith("test_")]
+        assert tests
+        for t in tests:
+            t()
     finally:
         sys.modules.pop("editgrpo_reward_example", None)
 
