@@ -114,3 +114,25 @@ def test_area_normalization_makes_a_small_edit_count_as_much_as_a_large_one():
     assert per_sample("area") == pytest.approx([3.0, 3.0])
     with pytest.raises(ValueError):
         masked_flow_matching_loss(v, t, m, 2.0, normalization="pixels")
+
+
+def test_balanced_normalization_keeps_eq3_budget_and_shares_it_evenly():
+    """normalization="balanced": the batch's total edit and preservation weights are eq. 3's, but each sample's
+    edit gets the same share whatever its area (checked on the gradients, an independent route)."""
+    m = torch.zeros(2, 1, 1, 4, 4)
+    m[0, 0, 0, :3, :] = 1   # a "background" edit: 12 of 16 cells
+    m[1, 0, 0, 0, 0] = 1    # an object edit: 1 of 16
+    t = torch.zeros(2, 1, 1, 4, 4)
+    inside = m.bool()
+    for err_in, err_out in ((1.0, 0.0), (0.0, 1.0)):  # unit error only inside / only outside the edits
+        v = torch.where(inside, torch.tensor(err_in), torch.tensor(err_out))
+        eq3 = masked_flow_matching_loss(v, t, m, 2.0).item()
+        assert masked_flow_matching_loss(v, t, m, 2.0, normalization="balanced").item() == pytest.approx(eq3)
+    v = torch.full_like(t, 0.5).requires_grad_(True)
+    masked_flow_matching_loss(v, t, m, 2.0, normalization="balanced").backward()
+    edit_grad = [v.grad[i][inside[i]].sum().item() for i in range(2)]
+    assert edit_grad[0] == pytest.approx(edit_grad[1])           # the same share for a 12-cell and a 1-cell edit
+    v.grad = None
+    masked_flow_matching_loss(v, t, m, 2.0).backward()
+    eq3_grad = [v.grad[i][inside[i]].sum().item() for i in range(2)]
+    assert eq3_grad[0] == pytest.approx(12 * eq3_grad[1])          # eq. 3: proportional to the area

@@ -47,7 +47,7 @@ def mask_to_latent(mask: torch.Tensor, latent_shape: tuple[int, int, int], tempo
     return F.adaptive_max_pool3d(m, (f, lh, lw))
 
 
-MASK_NORMALIZATIONS = ("none", "area")  # masked_flow_matching_loss(normalization=...)
+MASK_NORMALIZATIONS = ("none", "area", "balanced")  # masked_flow_matching_loss(normalization=...)
 
 
 def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
@@ -64,18 +64,28 @@ def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: 
     covering 5% by ~14x). ``"area"``: per sample ``mean_{M=0} sq + (1 + w_m) mean_{M=1} sq`` (a sample without
     edited elements keeps only the first term), then the mean over samples: every sample's edit counts alike
     whatever its size, and the ratio of edit to preservation terms is ``1 + w_m`` for every sample.
+    ``"balanced"``: eq. 3's budget, shared out evenly. With ``a_i`` the edited fraction of sample ``i`` and
+    ``a = mean_i a_i`` over the batch, per sample ``(1 - a) mean_{M=0} sq + (1 + w_m) a mean_{M=1} sq``, then the
+    mean over samples: the batch's total edit and preservation weights are eq. 3's (``(1 + w_m) sum_i a_i`` and
+    ``sum_i (1 - a_i)`` elements' worth), but every sample's edit gets the same share, so a background change no
+    longer outweighs an object edit ~14x, and (unlike ``"area"``) small edits are not weighted far above the
+    preservation term.
     """
     if normalization not in MASK_NORMALIZATIONS:
         raise ValueError(f"unknown mask normalization {normalization!r} (use one of {', '.join(MASK_NORMALIZATIONS)})")
     sq = (v_pred.float() - target.float()) ** 2
-    if normalization == "area" and mask is not None:
+    if normalization in ("area", "balanced") and mask is not None:
         m = mask.float().expand_as(sq).reshape(sq.shape[0], -1)
         flat = sq.reshape(sq.shape[0], -1)
         n_in = m.sum(1)
         n_out = m.shape[1] - n_in
         out_term = ((1 - m) * flat).sum(1) / n_out.clamp(min=1)
         in_term = (m * flat).sum(1) / n_in.clamp(min=1)
-        per_sample = out_term + (1 + w_m) * in_term
+        if normalization == "area":
+            per_sample = out_term + (1 + w_m) * in_term
+        else:
+            a = (n_in / m.shape[1]).mean()
+            per_sample = (1 - a) * out_term + (1 + w_m) * a * in_term
         if sample_weight is not None:
             per_sample = per_sample * sample_weight.float()
         return per_sample.mean()

@@ -90,8 +90,7 @@ class TrainConfig:
     cfg_dropout: float = 0.1             # probability of an empty instruction
     timestep_sampling: str = "logit_normal"   # logit_normal | uniform
     loss_weighting: str = "none"         # none (eq. 3) | x0 (x sigma^2: the clean-latent error, every noise level alike)
-    mask_normalization: str = "none"     # none (eq. 3: a sample's edit term grows with its area) | area (every
-                                         # sample's edit region averaged alone: small edits count as much as large)
+    mask_normalization: str = "none"     # none (eq. 3: an edit's weight grows with its area) | balanced (eq. 3's budget, every edit the same share) | area (each edit averaged alone)
     shift: Optional[float] = None        # training sigma shift; None -> the editor's schedule shift
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast)
     checkpoint_every: int = 50           # steps between checkpoints (0: only the final editor)
