@@ -7,7 +7,10 @@ skips finished stages:
    prompts (no targets) and held-out eval prompts with their true targets and masks;
 2. the toy reward model (``output_dir/reward_model``): a small open_clip CLIP trained contrastively on
    toy frames and captions; every reward whose ``model`` is ``"toy"`` uses it;
-3. the SFT'd toy editor (``output_dir/sft/final``) through the SFT recipe (``toy.sft_recipe``).
+3. the toy instructor (``output_dir/instructor``): the tiny LLaVA and CLIP text encoder pretrained to read toy
+   instructions, then frozen (``editgrpo/toy_instructor.py``; ``toy.instructor_steps: 0`` keeps them random);
+4. the SFT'd toy editor (``output_dir/sft/final``) through the SFT recipe (``toy.sft_recipe``), started from the
+   editor of stage 3.
 
 It then points the GRPO recipe at them (``model.pretrained``, ``data.manifest``, ``eval.manifest``).
 """
@@ -42,9 +45,12 @@ def prepare(cfg, accelerator=None):
             if t.reward_degrade:
                 kw["degrade"] = t.reward_degrade
             reward_name = train_toy_clip(out / "reward_model", seed=t.seed, frames=t.frames, size=t.size, **kw)
+        base = None
+        if t.instructor_steps and main:
+            base = _instructor_stage(t, out / "instructor", paths)
         sft_final = out / "sft" / "final"
         if main:
-            fingerprint = _sft_stage(t, out / "sft", paths["sft"], cfg.report_to)
+            fingerprint = _sft_stage(t, out / "sft", paths["sft"], cfg.report_to, base=base)
         else:  # the main process built it (main_process_first)
             import json
 
@@ -100,7 +106,30 @@ def write_sft_diagnostics(cfg, paths: dict, dest: Path, *, n_pairs: int = 48, gr
 SFT_STAGE = "stage.json"
 
 
-def _sft_stage(t, sft_dir: Path, manifest, report_to: str) -> str:
+def _sft_recipe_args(t, sft_dir: Path, manifest, report_to: str, base=None) -> list[str]:
+    """The SFT stage's recipe arguments; with the pretrained toy instructor (``base``: an editor folder whose DiT is
+    the tiny random one) the SFT starts from that editor instead of a fresh tiny one."""
+    start = ["model.tiny=false", f"model.pretrained={base[0]}"] if base is not None else []
+    return [f"recipe={t.sft_recipe}", f"output_dir={sft_dir}", f"data.manifest={manifest}", f"report_to={report_to}",
+            "resume=latest", *start, *t.sft_overrides]
+
+
+def _instructor_stage(t, out: Path, paths: dict):
+    """The pretrained toy instructor (editgrpo/toy_instructor.py), for the SFT recipe's tiny editor; returns
+    ``(editor folder, fingerprint)``."""
+    from viva_base.recipe import load_recipe
+    from viva_base.sft import SFTConfig
+
+    from .toy_instructor import pretrain_toy_instructor
+
+    sft = load_recipe(SFTConfig, [f"recipe={t.sft_recipe}", *t.sft_overrides])
+    spec = OmegaConf.to_container(sft.model.tiny_spec) if OmegaConf.is_config(sft.model.tiny_spec) else \
+        dict(sft.model.tiny_spec)
+    return pretrain_toy_instructor(out, [paths["sft"], paths["grpo"]], spec, tiny_seed=sft.model.tiny_seed,
+                                   seed=t.seed, heldout=paths["eval"], steps=t.instructor_steps)
+
+
+def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None) -> str:
     """The SFT stage, cached by what produced it: ``sft_dir/stage.json`` holds the resolved SFT recipe (less
     output_dir, report_to and resume) of the editor in ``sft_dir/final``. The same recipe reuses it; another one
     resumes the SFT run from its last checkpoint, which continues it where only ``train.max_steps`` grew and is
@@ -112,14 +141,19 @@ def _sft_stage(t, sft_dir: Path, manifest, report_to: str) -> str:
     from viva_base.sft import main as sft_main
     from viva_base.training import resume_config
 
-    sft_cfg = load_recipe(SFTConfig, [f"recipe={t.sft_recipe}", f"output_dir={sft_dir}", f"data.manifest={manifest}",
-                                      f"report_to={report_to}", "resume=latest", *t.sft_overrides])
-    want = json.loads(json.dumps({**resume_config(sft_cfg), "train.max_steps": sft_cfg.train.max_steps}, default=str))
+    sft_cfg = load_recipe(SFTConfig, _sft_recipe_args(t, sft_dir, manifest, report_to, base))
+    want = json.loads(json.dumps({**resume_config(sft_cfg), "train.max_steps": sft_cfg.train.max_steps,
+                                  "instructor": base[1] if base is not None else None}, default=str))
     stage = sft_dir / SFT_STAGE
     if (sft_dir / "final" / "editor_config.json").exists() and stage.exists() and json.loads(stage.read_text()) == want:
         logger.info("toy chain: reusing the SFT editor in %s (same recipe)", sft_dir / "final")
         return stage_fingerprint(want)
-    if stage.exists():
+    if stage.exists() and json.loads(stage.read_text()).get("instructor") != want["instructor"]:
+        import shutil
+
+        logger.info("toy chain: the toy instructor changed since %s was built; training the SFT stage afresh", sft_dir)
+        shutil.rmtree(sft_dir)
+    elif stage.exists():
         logger.info("toy chain: the SFT recipe changed since %s was built; resuming it with the new one", sft_dir)
     for stale in (stage, sft_dir / DIAGNOSTICS):
         stale.unlink(missing_ok=True)

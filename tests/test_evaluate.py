@@ -62,7 +62,7 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     cfg = load_recipe(GRPOConfig, [
         "recipe=recipes/toy.yaml", f"output_dir={tmp_path}", "report_to=none",
         "toy.n_sft_video=8", "toy.n_sft_image=4", "toy.n_grpo=4", "toy.n_eval_compound=2", "toy.n_eval_simple=1",
-        "toy.reward_steps=10", "toy.sft_overrides=[train.max_steps=3,train.checkpoint_every=0]",
+        "toy.reward_steps=10", "toy.instructor_steps=5", "toy.sft_overrides=[train.max_steps=3,train.checkpoint_every=0]",
         "train.num_iterations=1", "train.prompts_per_iteration=2", "train.num_generations=2",
         "sampling.num_steps=4", "sampling.sde_window_size=2", "sampling.sde_window_range=[0,1]",
         "eval.num_steps=2", "eval.seeds=[1]", "eval.save_videos=2"])
@@ -78,6 +78,13 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
         assert report[stage]["reward/toy_oracle"] == pytest.approx(report[stage]["oracle"], abs=1e-6)
     assert (tmp_path / "sft" / "final" / "editor_config.json").exists()
     assert (tmp_path / "reward_model").is_dir() and (tmp_path / "lora").is_dir()
+    # the SFT editor starts from the pretrained toy instructor and keeps it frozen (as VIVA keeps its LLaVA)
+    from viva_base.training import load_editor
+
+    pre, sft = load_editor(tmp_path / "instructor" / "editor"), load_editor(tmp_path / "sft" / "final")
+    for a, b in ((pre.instructor, sft.instructor), (pre.text_encoder_2, sft.text_encoder_2)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp_path / "instructor" / "stage.json").read_text())["settings"]["steps"] == 5
     # the baselines and the diagnosis of the SFT editor are part of the report
     assert report["copy_source"]["sp_error"] == 0 and 0 < report["copy_source"]["oracle"] < 1
     assert set(report["if_progress"]) >= {"all", "simple", "compound"}

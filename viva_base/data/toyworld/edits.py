@@ -339,3 +339,57 @@ def new_keys(op: Op, before: Scene) -> set:
 __all__ = ["Add", "Remove", "Replace", "Recolour", "SetBackground", "Op", "EditError", "EDIT_TYPES", "PLACES",
            "MOTIONS", "op_type", "edit_type", "apply_op", "apply", "edit_mask", "mask_from_renders", "op_to_json",
            "op_from_json", "object_reference", "describe_op", "instruction", "sample_op", "new_keys"]
+
+
+# ------------------------------------------------------------------------------- the parse of an edit
+
+def parse_slots() -> list[tuple[str, tuple[str, ...]]]:
+    """The slots of :func:`edit_parse`, in order: ``(slot, values)``."""
+    return [("op", EDIT_TYPES), ("object_colour", tuple(OBJECT_COLOURS)), ("object_shape", SHAPES),
+            ("object_size", SIZES), ("new_colour", tuple(OBJECT_COLOURS)), ("new_shape", SHAPES),
+            ("place", tuple(PLACES)), ("motion", tuple(MOTIONS)), ("background_style", STYLES),
+            ("background_colour", tuple(BACKGROUND_COLOURS)), ("background_variant", VARIANTS)]
+
+
+def edit_parse(ops: Sequence[Op], scene: Scene) -> torch.Tensor:
+    """The meaning of an instruction as a multi-hot vector over :func:`parse_slots` (float32, one block per slot):
+    for each operation its type, the object it acts on (the added one, or the scene object it names, in the scene
+    left by the operations before it), the new colour / shape, the place and motion of an added object and the
+    background settings it sets; a compound instruction sets the union of its operations' values. It is what a
+    toy "VLM" is taught to read from an instruction (``editgrpo.toy_instructor``)."""
+    slots = parse_slots()
+    offset, start = 0, {}
+    for name, values in slots:
+        start[name] = (offset, values)
+        offset += len(values)
+    vec = torch.zeros(offset)
+
+    def put(slot: str, value) -> None:
+        if value is not None:
+            base, values = start[slot]
+            vec[base + values.index(value)] = 1.0
+
+    for op in ops:
+        put("op", op_type(op))
+        if isinstance(op, Add):
+            obj = op.obj
+            put("place", op.where)
+            put("motion", op.motion)
+        elif isinstance(op, SetBackground):
+            obj = None
+            put("background_style", op.style)
+            put("background_colour", op.colour)
+            put("background_variant", op.variant)
+        else:
+            obj = _target(scene, op.index, op)
+            if isinstance(op, Recolour):
+                put("new_colour", op.colour)
+            elif isinstance(op, Replace):
+                put("new_shape", op.shape)
+                put("new_colour", op.colour)
+        if obj is not None:
+            put("object_colour", obj.colour)
+            put("object_shape", obj.shape)
+            put("object_size", obj.size)
+        scene = apply_op(scene, op)
+    return vec
