@@ -56,6 +56,22 @@ def group_means(items: list[dict], keys: list[str]) -> dict:
     return out
 
 
+def showcase_indices(records: list[dict], n: int) -> list[int]:
+    """The ``n`` records whose clips an evaluation saves (the report's "Held-out edits"): taken in turn from each
+    group of (split, edit type), in manifest order, so simple and compound, seen and novel, every edit type are
+    all shown rather than the manifest's first ``n`` (which may all be compound)."""
+    groups: dict = {}
+    for i, r in enumerate(records):
+        key = (r.get("split"), bool(r.get("novel_combo")), r.get("edit_type"))
+        groups.setdefault(key, []).append(i)
+    queues, picked = list(groups.values()), []
+    while len(picked) < min(n, len(records)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return sorted(picked)
+
+
 class Evaluator:
     def __init__(self, cfg, reward_fn, out_dir: str | os.PathLike):
         self.cfg = cfg
@@ -63,6 +79,7 @@ class Evaluator:
         self.out = Path(out_dir)
         records = read_manifest(cfg.manifest, "eval")
         self.records = records[: cfg.max_items] if cfg.max_items else records
+        self.showcase = set(showcase_indices(self.records, cfg.save_videos))
         self.oracle = all(r.get("target") and r.get("mask") for r in self.records)
         self.seeds = list(cfg.seeds)
         self._videos = {}
@@ -123,7 +140,7 @@ class Evaluator:
                 for i, r in enumerate(recs):
                     for k, v in scores.items():
                         per_item[r["id"]][k].append(float(v[i]))
-                    if seed == self.seeds[0] and start + i < self.cfg.save_videos:
+                    if seed == self.seeds[0] and start + i in self.showcase:
                         clips[r["id"]] = edited[i]
                 bar.update(1)
         bar.close()

@@ -116,3 +116,17 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
         main(longer)
     assert json.loads((tmp_path / "sft" / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
     assert json.loads((tmp_path / "sft" / "stage.json").read_text())["train.max_steps"] == 4
+
+
+def test_saved_clips_cover_every_split_and_edit_type():
+    """The report's examples: with compound prompts first in the manifest, the first 12 would all be compound."""
+    from editgrpo.evaluate import showcase_indices
+
+    recs = ([{"split": "compound", "novel_combo": i % 2 == 0, "edit_type": "compound"} for i in range(64)]
+            + [{"split": "simple", "edit_type": t} for t in ("add", "remove", "recolour", "background", "replace") * 6])
+    picked = showcase_indices(recs, 12)
+    assert len(picked) == 12 == len(set(picked)) and picked == sorted(picked)
+    kinds = [(recs[i]["split"], recs[i].get("novel_combo"), recs[i]["edit_type"]) for i in picked]
+    assert {k[2] for k in kinds} == {"compound", "add", "remove", "recolour", "background", "replace"}
+    assert {k[1] for k in kinds if k[0] == "compound"} == {True, False}
+    assert showcase_indices(recs[:3], 12) == [0, 1, 2] and showcase_indices(recs, 0) == []
