@@ -65,7 +65,7 @@ def make_tiny_tokenizer(corpus: str = DEFAULT_CORPUS, vocab_size: int = 600, *, 
 
 @dataclass
 class TinySpec:
-    """Sizes of the tiny editor. Defaults match DESIGN.md's measured 'width 64' configuration."""
+    """Sizes of the tiny editor. Defaults: the measured 'width 64' configuration (docs/toy_world.md)."""
 
     latent_channels: int = 12        # pixel-unshuffle x2 of RGB (toy) / tiny Hunyuan VAE latent channels
     heads: int = 2
