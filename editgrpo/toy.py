@@ -8,7 +8,7 @@ skips finished stages:
 2. the toy reward model (``output_dir/reward_model``): a small open_clip CLIP trained contrastively on
    toy frames and captions; every reward whose ``model`` is ``"toy"`` uses it;
 3. the toy instructor (``output_dir/instructor``): the tiny LLaVA and CLIP text encoder pretrained to read toy
-   instructions, then frozen (``editgrpo/toy_instructor.py``; ``toy.instructor_steps: 0`` keeps them random);
+   instructions, then frozen (``viva_base/toy_instructor.py``; ``toy.instructor_steps: 0`` keeps them random);
 4. the SFT'd toy editor (``output_dir/sft/final``) through the SFT recipe (``toy.sft_recipe``), started from the
    editor of stage 3.
 
@@ -115,12 +115,12 @@ def _sft_recipe_args(t, sft_dir: Path, manifest, report_to: str, base=None) -> l
 
 
 def _instructor_stage(t, out: Path, paths: dict):
-    """The pretrained toy instructor (editgrpo/toy_instructor.py), for the SFT recipe's tiny editor; returns
+    """The pretrained toy instructor (viva_base/toy_instructor.py), for the SFT recipe's tiny editor; returns
     ``(editor folder, fingerprint)``."""
     from viva_base.recipe import load_recipe
     from viva_base.sft import SFTConfig
 
-    from .toy_instructor import pretrain_toy_instructor
+    from viva_base.toy_instructor import pretrain_toy_instructor
 
     sft = load_recipe(SFTConfig, [f"recipe={t.sft_recipe}", *t.sft_overrides])
     spec = OmegaConf.to_container(sft.model.tiny_spec) if OmegaConf.is_config(sft.model.tiny_spec) else \

@@ -1,4 +1,4 @@
-"""The toy chain's pretrained instructor (editgrpo/toy_instructor.py) and the parse it learns (edit_parse)."""
+"""The toy chain's pretrained instructor (viva_base/toy_instructor.py) and the parse it learns (edit_parse)."""
 import json
 
 import pytest
@@ -42,7 +42,7 @@ def toy_manifest(tmp_path_factory):
 def test_pretraining_teaches_the_parse_freezes_it_and_is_cached(toy_manifest, tmp_path):
     from omegaconf import OmegaConf
 
-    from editgrpo.toy_instructor import pretrain_toy_instructor
+    from viva_base.toy_instructor import pretrain_toy_instructor
     from viva_base.tiny import TinySpec, make_tiny_editor
     from viva_base.training import load_editor
 

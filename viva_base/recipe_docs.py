@@ -46,7 +46,7 @@ def render() -> str:
     for title, command, target, recipes in COMMANDS:
         module, name = target.split(":")
         schema = getattr(importlib.import_module(module), name)
-        parts.append(f"\n## {title}: `{command}`\n\nSchema `{target}`; shipped recipes: {recipes}.\n")
+        parts.append(f"\n## {title}: `{command}`\n\nSchema: `{target}`.\nShipped recipes: {recipes}.\n")
         aliases = recipe_aliases(schema)
         if aliases:
             parts.append("Old spellings still accepted (with a warning): "

@@ -356,7 +356,7 @@ def edit_parse(ops: Sequence[Op], scene: Scene) -> torch.Tensor:
     for each operation its type, the object it acts on (the added one, or the scene object it names, in the scene
     left by the operations before it), the new colour / shape, the place and motion of an added object and the
     background settings it sets; a compound instruction sets the union of its operations' values. It is what a
-    toy "VLM" is taught to read from an instruction (``editgrpo.toy_instructor``)."""
+    toy "VLM" is taught to read from an instruction (``viva_base.toy_instructor``)."""
     slots = parse_slots()
     offset, start = 0, {}
     for name, values in slots:
