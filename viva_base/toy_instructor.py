@@ -32,14 +32,11 @@ DEFAULTS = {"steps": 1500, "batch_size": 32, "lr": 1e-3}
 
 
 def _records(manifests) -> list[dict]:
-    out = []
-    for path in manifests:
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if r.get("ops") and r.get("scene") and r.get("instruction"):
-                    out.append(r)
-    return out
+    """The manifests' records that carry an instruction with its ``ops`` and source ``scene``."""
+    from viva_base.data.manifest import read_jsonl
+
+    return [r for path in manifests for _, r in read_jsonl(path)
+            if r.get("ops") and r.get("scene") and r.get("instruction")]
 
 
 def parse_targets(records: list[dict]) -> torch.Tensor:
