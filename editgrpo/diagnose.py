@@ -97,7 +97,11 @@ def group_spread(editor, records: list[dict], *, groups: int = 8, group_size: in
                  guidance_scale: float = 2.0, method: str = "flow_sde", eta: float = 0.7, sde_window=None,
                  reward_fn=None, seed: int = 0) -> dict:
     """Within-group standard deviation of the oracle score and of each reward over ``group_size`` SDE samples
-    of a prompt, averaged over ``groups`` prompts (the first ones of ``records``)."""
+    of a prompt, averaged over ``groups`` prompts (the first ones of ``records``); with targets, also each score's
+    within-group Spearman correlation with the oracle (``rank_vs_oracle``, averaged over the groups where both
+    spread more than 1e-6): how well a proxy orders a group as the truth does, which is all GRPO's advantages use."""
+    from viva_base.data.toyworld.oracle import spearman
+
     from editgrpo.rollout import rollout
     from editgrpo.sampling import sigma_schedule
 
@@ -105,6 +109,7 @@ def group_spread(editor, records: list[dict], *, groups: int = 8, group_size: in
     sigmas = sigma_schedule(num_steps, editor.config.shift)
     spreads: dict[str, list[float]] = {}
     means: dict[str, list[float]] = {}
+    ranks: dict[str, list[float]] = {}
     for gi, rec in enumerate(recs):
         item = _load(rec)
         src = item["source"][None].to(editor.device)
@@ -130,9 +135,34 @@ def group_spread(editor, records: list[dict], *, groups: int = 8, group_size: in
             v = v.float()
             spreads.setdefault(k, []).append(float(v.std(unbiased=False)))
             means.setdefault(k, []).append(float(v.mean()))
-    return {"groups": len(recs), "group_size": group_size,
-            "rows": [{"score": k, "mean": sum(means[k]) / len(means[k]), "within_group_std": sum(v) / len(v)}
-                     for k, v in spreads.items()]}
+            if "oracle" in scores and group_size > 1 and min(float(v.std()), float(scores["oracle"].std())) > 1e-6:
+                rho = spearman(v, scores["oracle"])  # (a spread of float rounding only is no ranking)
+                if not math.isnan(rho):
+                    ranks.setdefault(k, []).append(rho)
+    rows = []
+    for k, v in spreads.items():
+        row = {"score": k, "mean": sum(means[k]) / len(means[k]), "within_group_std": sum(v) / len(v)}
+        if ranks.get(k):
+            row["rank_vs_oracle"] = sum(ranks[k]) / len(ranks[k])
+        rows.append(row)
+    return {"groups": len(recs), "group_size": group_size, "rows": rows}
+
+
+def resolve_toy_rewards(rewards: dict, output_dir, recipe: str) -> dict:
+    """``model: toy`` (the toy chain's CLIP, as in ``recipes/toy.yaml``) -> the one the chain trained in the
+    recipe's ``output_dir/reward_model``; a clear error when the chain has not made it yet."""
+    from viva_base.errors import UserError
+
+    out = {}
+    for name, entry in rewards.items():
+        if isinstance(entry, dict) and entry.get("model") == "toy":
+            where = Path(output_dir or "outputs/toy") / "reward_model"
+            if not (where / "open_clip_config.json").exists():
+                raise UserError(f"--rewards {recipe}: rewards.{name}.model=toy is the toy chain's CLIP, not found in "
+                                f"{where}; run `python -m editgrpo.train recipe={recipe}` first")
+            entry = {**entry, "model": f"open_clip:local-dir:{where.absolute()}"}
+        out[name] = entry
+    return out
 
 
 def format_tables(result: dict) -> str:
@@ -146,8 +176,10 @@ def format_tables(result: dict) -> str:
     if "group_spread" in result:
         s = result["group_spread"]
         lines += ["", f"within-group spread of {s['group_size']} SDE samples, {s['groups']} prompts",
-                  "| score | mean | within-group std |", "|---|---|---|"]
-        lines += [f"| {r['score']} | {r['mean']:.4f} | {r['within_group_std']:.4f} |" for r in s["rows"]]
+                  "| score | mean | within-group std | Spearman with the oracle in a group |", "|---|---|---|---|"]
+        lines += [f"| {r['score']} | {r['mean']:.4f} | {r['within_group_std']:.4f} | "
+                  f"{r['rank_vs_oracle']:+.2f} |" if "rank_vs_oracle" in r else
+                  f"| {r['score']} | {r['mean']:.4f} | {r['within_group_std']:.4f} | - |" for r in s["rows"]]
     return "\n".join(lines)
 
 
@@ -190,7 +222,11 @@ def main(argv=None) -> int:
             if rcfg is None:
                 raise UserError(f"--rewards {args.rewards}: the recipe has no rewards block")
             rcfg = {k: v for k, v in OmegaConf.to_container(rcfg).items() if v.get("manifest") is None}
-            reward_fn = CombinedReward.from_config(rcfg)
+            rcfg = resolve_toy_rewards(rcfg, OmegaConf.load(args.rewards).get("output_dir"), args.rewards)
+            try:
+                reward_fn = CombinedReward.from_config(rcfg)
+            except OSError as exc:
+                raise UserError(f"--rewards {args.rewards}: {exc}") from None
         result = {"model": args.model, "manifest": args.manifest}
         have_targets = [r for r in records if r.get("target") and r.get("mask")]
         if have_targets:

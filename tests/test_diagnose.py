@@ -54,6 +54,12 @@ def test_group_spread_and_cli(toy, tmp_path, capsys):
     assert {"oracle", "if_error", "sp_error"} <= set(rows)
     # an exact copier is deterministic whatever the noise: nothing to rank within a group
     assert rows["oracle"]["within_group_std"] < 1e-5
+    assert all("rank_vs_oracle" not in r for r in rows.values())  # constant groups carry no ranking
+    # a random editor's samples differ: the oracle ranks itself perfectly, its error terms against it
+    noisy = {r["score"]: r for r in group_spread(make_tiny_editor(), recs, groups=2, group_size=4,
+                                                  num_steps=3)["rows"]}
+    assert noisy["oracle"]["rank_vs_oracle"] == pytest.approx(1.0)
+    assert -1.0 <= noisy["if_error"]["rank_vs_oracle"] <= 0.0 or -1.0 <= noisy["sp_error"]["rank_vs_oracle"] <= 0.0
     editor.save_pretrained(tmp_path / "ed")
     out = tmp_path / "diag.json"
     assert diagnose_main(["--model", str(tmp_path / "ed"), "--manifest", str(toy["eval"]), "--groups", "1",

@@ -113,3 +113,49 @@ def test_max_grad_norm_zero_means_no_clipping(tmp_path, repo_root, monkeypatch):
     init = build_editor(cfg.model).transformer.state_dict()
     assert max(float((final[k] - init[k]).abs().max()) for k in init) > 1e-4  # lr 5e-4: one Adam step moves
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["grad_norm"] > 0
+
+
+def test_ema_follows_the_documented_update():
+    """make_ema: w_ema <- d_k w_ema + (1 - d_k) w after optimizer step k, d_k = min(decay, (1 + k') / (10 + k'))
+    with k' = k - 1 (the first step copies the weights)."""
+    from viva_base.sft import make_ema
+
+    lin = torch.nn.Linear(1, 1, bias=False)
+    assert make_ema(lin, 0.0) is None
+    ema = make_ema(lin, 0.6)
+    values, expected, avg = [2.0, -1.0, 4.0, 0.5], [], None
+    for k, v in enumerate(values, start=1):
+        with torch.no_grad():
+            lin.weight.fill_(v)
+        ema.step(list(lin.parameters()))
+        kk = k - 1
+        d = 0.0 if kk <= 0 else min(0.6, (1 + kk) / (10 + kk))
+        avg = v if avg is None else d * avg + (1 - d) * v
+        expected.append(avg)
+        assert float(ema.shadow_params[0]) == pytest.approx(avg, abs=1e-6)
+    assert expected[-1] != values[-1]
+
+
+@pytest.mark.slow
+def test_sft_ema_final_holds_the_average_and_resumes_exactly(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    steps = ["train.max_steps=6", "train.checkpoint_every=3", "data.toy.n_video=4", "data.toy.n_image=4",
+             "train.ema_decay=0.8", "train.keep_checkpoints=3"]
+    final = main(_cfg(tmp_path / "a", *steps))
+    ckpt = tmp_path / "a" / "checkpoint-6"
+    ema, raw = load_file(str(ckpt / "ema.safetensors")), load_file(str(ckpt / "trainable.safetensors"))
+    saved = load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert ema.keys() == raw.keys()
+    assert all(torch.equal(saved[k], ema[k]) for k in ema)  # final/ is the EMA ...
+    assert max(float((ema[k] - raw[k]).abs().max()) for k in ema) > 1e-5  # ... not the last weights
+    # stop at step 3, resume to 6: the same EMA as the uninterrupted run
+    main(_cfg(tmp_path / "b", *steps, "train.max_steps=3"))
+    main(_cfg(tmp_path / "b", *steps, "resume=latest"))
+    b = load_file(str(tmp_path / "b" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(saved[k], b[k]) for k in saved)
+    # a checkpoint written without the EMA cannot continue one with it (one clear line)
+    from viva_base.errors import UserError
+
+    main(_cfg(tmp_path / "c", *steps[:-2], "train.max_steps=3"))
+    with pytest.raises(UserError, match="ema"):
+        main(_cfg(tmp_path / "c", *steps, "resume=latest"))

@@ -31,6 +31,7 @@ def test_shipped_recipes_pass(repo_root, monkeypatch, recipe):
     ("train.warmup_steps=-1", "train.warmup_steps"),
     ("train.cfg_dropout=1.5", "train.cfg_dropout"),
     ("train.adam_beta2=1.0", "train.adam_beta2"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
     ("train.gradient_accumulation_steps=3", "train.batch_size"),
     ("data.p_video=2", "data.p_video"),
     ("data.manifest=/no/such/pairs.jsonl", "data.manifest"),

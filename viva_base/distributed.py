@@ -148,7 +148,8 @@ def load_engine_state(engine, ckpt: Path) -> None:
                            load_lr_scheduler_states=False)
 
 
-def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, lr_scheduler, keep, config=None) -> None:
+def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, lr_scheduler, keep, config=None,
+               extra: dict | None = None) -> None:
     """Write ``checkpoint-<step>`` (viva_base.training.save_checkpoint, main process). Under DeepSpeed every rank
     first writes its optimizer partition with ``engine.save_checkpoint`` (moved into ``checkpoint-<step>/deepspeed``),
     the trainable weights are gathered from the fp32 master weights (:func:`full_parameters`), and a LoRA (small)
@@ -157,7 +158,7 @@ def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, l
     if deepspeed_stage(accelerator) is None:
         if accelerator.is_main_process:
             save_checkpoint(out, step, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, keep=keep,
-                            config=config)
+                            config=config, extra=extra)
         return
     staging = out / f".deepspeed-{step}"
     engine.save_checkpoint(str(staging), tag=ENGINE_TAG, exclude_frozen_parameters=True)
@@ -167,7 +168,7 @@ def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, l
     with gathered(accelerator, lora) if hasattr(model, "peft_config") else contextlib.nullcontext():
         if accelerator.is_main_process:
             path = save_checkpoint(out, step, model=model, optimizer=DeepSpeedOptimizerState(), weights=weights,
-                                   lr_scheduler=lr_scheduler, keep=keep, config=config,
+                                   lr_scheduler=lr_scheduler, keep=keep, config=config, extra=extra,
                                    state={"deepspeed": engine_state(accelerator)})
             os.replace(staging, path / DEEPSPEED_DIR)
     accelerator.wait_for_everyone()

@@ -33,7 +33,7 @@ from .data.manifest import read_manifest
 from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                           full_parameters, load_engine_state, no_zero_init, restore_parameters, save_state)
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
                      sigma_loss_weight)
 from .recipe import run_cli, save_resolved
@@ -86,6 +86,7 @@ class TrainConfig:
     lr_scheduler: str = "constant_with_warmup"  # a diffusers get_scheduler name (constant, cosine, linear, ...)
     warmup_steps: int = 0                # optimizer steps of linear warmup
     max_grad_norm: float = 1.0           # gradient clipping
+    ema_decay: float = 0.0               # EMA of the trained weights (diffusers EMAModel); final/ holds the EMA; 0: off
     w_m: float = 1.0                     # eq. 3 mask weight
     cfg_dropout: float = 0.1             # probability of an empty instruction
     timestep_sampling: str = "logit_normal"   # logit_normal | uniform
@@ -128,6 +129,43 @@ def set_trainable(editor, cfg: TrainConfig, lora: LoraConfig | None = None) -> l
     dit.x_embedder.requires_grad_(True)        # the projector (2C-channel patch embedding)
     dit.context_embedder.requires_grad_(True)  # the token refiner
     return upcast_trainable(dit)
+
+
+EMA_FILE = "ema"  # checkpoint-<step>/ema.safetensors: the EMA weights by parameter name
+
+
+def make_ema(dit, decay: float):
+    """An EMA of ``dit``'s trainable weights (diffusers ``EMAModel``: ``w_ema <- d w_ema + (1 - d) w`` after every
+    optimizer step, with ``d = min(decay, (1 + k) / (10 + k))`` at step k, so the first steps are not frozen in);
+    None when ``decay`` is 0."""
+    if not decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel([p for p in dit.parameters() if p.requires_grad], decay=decay, foreach=True)
+
+
+def ema_state(ema, dit) -> dict[str, torch.Tensor]:
+    """The EMA weights by the DiT's parameter names (what a checkpoint stores)."""
+    names = [n for n, p in dit.named_parameters() if p.requires_grad]
+    return {n: s.detach().cpu().contiguous() for n, s in zip(names, ema.shadow_params)}
+
+
+def load_ema(ema, dit, ckpt: Path, step: int) -> None:
+    """Restore :func:`ema_state` from ``ckpt``; the EMA's step count is the optimizer's."""
+    from safetensors.torch import load_file
+
+    path = ckpt / f"{EMA_FILE}.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{ckpt}: no {path.name} (written without train.ema_decay); resume=null starts fresh")
+    saved = load_file(str(path))
+    names = [n for n, p in dit.named_parameters() if p.requires_grad]
+    if sorted(saved) != sorted(names):
+        raise CheckpointError(f"{path}: EMA weights do not match the model's trainable parameters")
+    with torch.no_grad():
+        for n, s in zip(names, ema.shadow_params):
+            s.copy_(saved[n].to(s.device, s.dtype))
+    ema.optimization_step = step
 
 
 def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
@@ -203,6 +241,9 @@ def main(cfg: SFTConfig) -> Path:
     if zero is not None:  # the engine accumulates and clips: it must agree with the recipe (else a UserError)
         configure_deepspeed(accelerator, micro_batch=per_micro, accumulation=tc.gradient_accumulation_steps,
                             clip=tc.max_grad_norm, mixed_precision=tc.mixed_precision)
+    if zero == 3 and tc.ema_decay:
+        raise UserError("train.ema_decay does not work with DeepSpeed ZeRO-3 (its weights are partitioned); use "
+                        "ZeRO-2 or DDP, or train.ema_decay=0")
     if zero == 3:
         no_zero_init()  # the frozen instructor and text encoder are built whole; prepare partitions the DiT
     ckpt = find_checkpoint(out, cfg.resume, cfg)  # before anything is written: a different recipe is refused
@@ -232,10 +273,13 @@ def main(cfg: SFTConfig) -> Path:
 
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                  num_training_steps=tc.max_steps)
+    ema = make_ema(editor.transformer, tc.ema_decay)
     start = 0
     if ckpt is not None:
         start = load_checkpoint(ckpt, model=editor.transformer, lr_scheduler=lr_scheduler,
                                 optimizer=optimizer if zero is None else DeepSpeedOptimizerState())["step"]
+        if ema is not None:
+            load_ema(ema, editor.transformer, ckpt, start)
         logger.info("resumed from %s at step %d", ckpt, start)
     dit_raw = editor.transformer
     dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
@@ -271,6 +315,8 @@ def main(cfg: SFTConfig) -> Path:
                 optimizer.step()
                 if accelerator.sync_gradients:  # once per optimizer step (make_accelerator)
                     lr_scheduler.step()
+                    if ema is not None:
+                        ema.step(params)
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
         loss_mean = accelerator.reduce(torch.stack(losses).mean().to(accelerator.device), reduction="mean").item()
@@ -284,7 +330,8 @@ def main(cfg: SFTConfig) -> Path:
         bar.set_postfix(loss=f"{loss_mean:.4f}")
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.max_steps:
             save_state(accelerator, out, step + 1, engine=dit, model=dit_raw, optimizer=optimizer,
-                       lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints, config=cfg)
+                       lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints, config=cfg,
+                       extra={EMA_FILE: ema_state(ema, dit_raw)} if ema is not None else None)
     accelerator.wait_for_everyone()
     final = out / "final"
     whole = full_parameters(accelerator, dit_raw) if zero is not None else None  # collective: every rank
@@ -292,6 +339,8 @@ def main(cfg: SFTConfig) -> Path:
         transformer = accelerator.unwrap_model(dit)
         if whole is not None:  # the fp32 master weights (and frozen ones gathered), not ZeRO-3's partitions
             restore_parameters(transformer, whole)
+        if ema is not None:  # the editor is the average of the weights, as diffusers' training scripts save it
+            ema.copy_to(p for p in transformer.parameters() if p.requires_grad)
         if tc.trainable == "lora":
             from .peft_utils import merge_lora
 

@@ -63,7 +63,7 @@ def validate_sft_config(cfg) -> None:
         positive(f"train.{key}", getattr(tc, key))
     for key in ("weight_decay", "warmup_steps", "max_grad_norm", "w_m", "checkpoint_every", "keep_checkpoints"):
         positive(f"train.{key}", getattr(tc, key), strict=False)
-    for key in ("adam_beta1", "adam_beta2"):
+    for key in ("adam_beta1", "adam_beta2", "ema_decay"):
         if not 0 <= getattr(tc, key) < 1:
             raise UserError(f"train.{key}={getattr(tc, key)!r} must be in [0, 1)")
     probability("train.cfg_dropout", tc.cfg_dropout)

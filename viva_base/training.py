@@ -311,10 +311,13 @@ def check_resume_config(ckpt: Path, cfg: Any) -> None:
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module, optimizer, lr_scheduler,
                     state: dict | None = None, keep: int | None = None, config: Any = None,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    weights: dict[str, torch.Tensor] | None = None,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically (see the module docstring); keep the newest ``keep``. ``config``: the
     run's recipe, stored (less RESUME_FREE_KEYS) so that a resume with another recipe is refused. ``weights``: the
-    trainable parameters by name when ``model`` does not hold them whole (DeepSpeed); default: read from ``model``."""
+    trainable parameters by name when ``model`` does not hold them whole (DeepSpeed); default: read from ``model``.
+    ``extra``: more tensors by file stem (e.g. the SFT's EMA weights, ``ema.safetensors``), written in the same
+    atomic step."""
     if config is not None:
         state = {**(state or {}), "config": resume_config(config)}
     out = Path(output_dir)
@@ -325,6 +328,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
             from .peft_utils import save_lora
 
             save_lora(model, tmp / "lora")  # diffusers + peft formats
+        for stem, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / f"{stem}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "time": time.time(), **(state or {})}))
