@@ -123,3 +123,24 @@ def test_tiny_spec_init_prediction_and_instructor_scale():
         make_tiny_editor(TinySpec(init="xavier"))
     std = make_tiny_editor(TinySpec(instructor_init_std=0.1)).instructor.get_input_embeddings().weight.std()
     assert 0.09 < float(std) < 0.11
+
+
+def test_rewards_model_toy_is_the_chains_clip(toy, tmp_path, capsys):
+    """--rewards recipes/toy.yaml (model: toy) once looked 'toy' up on the hub and died with a traceback: it names
+    the chain's CLIP in the recipe's output_dir/reward_model, and its absence is one clear line."""
+    from editgrpo.diagnose import resolve_toy_rewards
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}/run\nrewards:\n  clip_if: {{weight: 1.0, model: toy}}\n")
+    editor = make_tiny_editor(TinySpec(init="adaln_zero", prediction="source_residual"))
+    editor.save_pretrained(tmp_path / "ed")
+    assert diagnose_main(["--model", str(tmp_path / "ed"), "--manifest", str(toy["eval"]), "--groups", "1",
+                          "--group-size", "2", "--num-steps", "1", "--rewards", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --rewards") and "reward_model" in err and "editgrpo.train" in err
+    (tmp_path / "run" / "reward_model").mkdir(parents=True)
+    (tmp_path / "run" / "reward_model" / "open_clip_config.json").write_text("{}")
+    got = resolve_toy_rewards({"clip_if": {"weight": 1.0, "model": "toy"}, "pixel_sp": {"weight": 1.0}},
+                              f"{tmp_path}/run", str(recipe))
+    assert got == {"clip_if": {"weight": 1.0, "model": f"open_clip:local-dir:{tmp_path}/run/reward_model"},
+                   "pixel_sp": {"weight": 1.0}}
