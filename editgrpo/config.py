@@ -98,6 +98,8 @@ class ToyChainConfig:
     size: int = 32                       # side of a toy frame in pixels (multiple of 16)
     n_sft_video: int = 2000              # video SFT pairs
     n_sft_image: int = 1000              # 1-frame image SFT pairs (replace is image-only)
+    n_sft_compound_video: int = 0        # compound video SFT pairs of the seen combos (held-out combos: never)
+    n_sft_compound_image: int = 0        # compound 1-frame SFT pairs of the seen combos
     n_grpo: int = 256                    # compound GRPO prompts (no targets)
     n_eval_compound: int = 64            # held-out compound eval prompts (half novel combinations)
     n_eval_simple: int = 64              # held-out single-edit eval prompts

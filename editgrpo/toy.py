@@ -35,6 +35,8 @@ def prepare(cfg, accelerator=None):
         from viva_base.data.toy import ensure_toy_dataset
 
         paths = ensure_toy_dataset(out / "data", seed=t.seed, n_sft_video=t.n_sft_video, n_sft_image=t.n_sft_image,
+                                   n_sft_compound_video=t.n_sft_compound_video,
+                                   n_sft_compound_image=t.n_sft_compound_image,
                                    n_grpo=t.n_grpo, n_eval_compound=t.n_eval_compound, n_eval_simple=t.n_eval_simple,
                                    frames=t.frames, size=t.size)
         reward_name = None

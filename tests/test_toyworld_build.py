@@ -194,3 +194,34 @@ def test_building_in_process_leaves_the_torch_thread_count_alone(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_compound_sft_pairs_are_seen_combos_with_exact_targets(tmp_path, toy):
+    """n_sft_compound_*: compound pairs of the seen combos only, exact targets, and the rest of the dataset is the
+    same as without them (their examples come from streams of their own)."""
+    from viva_base.data.toy import ensure_toy_dataset
+
+    out, paths = toy
+    counts = {**COUNTS, "n_sft_compound_video": 3, "n_sft_compound_image": 4}
+    got = build_toy_dataset(tmp_path / "c", seed=3, workers=1, **counts)
+    sft = _lines(got["sft"])
+    comp = [r for r in sft if r["id"].startswith(("sft-cv", "sft-ci"))]
+    assert len(comp) == 7 and all(r["edit_type"] == "compound" and len(r["ops"]) >= 2 for r in comp)
+    seen, held = split_combos(3, 0.3)
+    assert all(_combo(r) in set(seen) and _combo(r) not in set(held) for r in comp)
+    for r in comp:
+        src, n = scene_from_json(r["scene"]), read_video(tmp_path / "c" / r["source"]).num_frames
+        assert n == (1 if r["id"].startswith("sft-ci") else 9)
+        assert torch.equal(read_video(tmp_path / "c" / r["target"]).frames, render_tensor(apply(src, _ops(r))))
+    simple = [r for r in sft if r not in comp]
+    assert [r["instruction"] for r in simple] == [r["instruction"] for r in _lines(paths["sft"])]
+    assert [r["instruction"] for r in _lines(got["eval"])] == [r["instruction"] for r in _lines(paths["eval"])]
+    assert json.loads(got["world"].read_text())["counts"]["sft_compound_image"] == 4
+    # a world written before these counts existed holds none of them: reused, not rebuilt
+    world = json.loads(paths["world"].read_text())
+    for key in ("sft_compound_video", "sft_compound_image"):
+        world["counts"].pop(key, None)
+    paths["world"].write_text(json.dumps(world))
+    mtime = paths["sft"].stat().st_mtime_ns
+    ensure_toy_dataset(out, seed=3, n_sft_compound_video=0, n_sft_compound_image=0, **COUNTS)
+    assert paths["sft"].stat().st_mtime_ns == mtime

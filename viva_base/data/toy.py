@@ -7,7 +7,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_COUNT_KEYS = {"n_sft_video": "sft_video", "n_sft_image": "sft_image", "n_grpo": "grpo",
+_COUNT_KEYS = {"n_sft_video": "sft_video", "n_sft_image": "sft_image", "n_sft_compound_video": "sft_compound_video",
+               "n_sft_compound_image": "sft_compound_image", "n_grpo": "grpo",
                "n_eval_compound": "eval_compound", "n_eval_simple": "eval_simple"}
 
 
@@ -21,7 +22,8 @@ def ensure_toy_dataset(out_dir, **params) -> dict[str, Path]:
     if world_file.exists():
         world = json.loads(world_file.read_text())
         same = all(
-            (world.get("counts", {}).get(_COUNT_KEYS[k]) == v) if k in _COUNT_KEYS else
+            (world.get("counts", {}).get(_COUNT_KEYS[k], 0) == v) if k in _COUNT_KEYS else  # (worlds built
+            # before a count existed hold 0 of it)
             (k not in world or _plain(world[k]) == _plain(v))
             for k, v in params.items())
         if same:

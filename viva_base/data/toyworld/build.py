@@ -2,8 +2,10 @@
 
 The generalisation setting of the paper in miniature:
 
-* ``sft.jsonl``: simple, single-operation pairs only. Video pairs cover every edit type except
-  ``image_only_types`` (default: ``replace``), which appear only in the 1-frame image pairs.
+* ``sft.jsonl``: simple, single-operation pairs. Video pairs cover every edit type except
+  ``image_only_types`` (default: ``replace``), which appear only in the 1-frame image pairs. Optionally
+  (``n_sft_compound_video`` / ``n_sft_compound_image``, default 0) compound pairs of the *seen* combos too;
+  the held-out combos never appear in training.
 * ``grpo.jsonl``: compound instructions (2..``max_ops`` operations of distinct types), no targets. The
   combos of types are split (seeded) into *seen* ones, used here, and *held-out* ones.
 * ``eval.jsonl``: ``split: "compound"`` prompts, alternating held-out combos (``novel_combo: true``) and
@@ -127,6 +129,8 @@ def build_toy_dataset(
     seed: int = 0,
     n_sft_video: int = 2000,
     n_sft_image: int = 1000,
+    n_sft_compound_video: int = 0,
+    n_sft_compound_image: int = 0,
     n_grpo: int = 256,
     n_eval_compound: int = 64,
     n_eval_simple: int = 64,
@@ -155,7 +159,8 @@ def build_toy_dataset(
         raise UserError("image_only_types leaves no edit type for SFT video pairs; reserve fewer types")
     if not 2 <= max_ops <= 3:
         raise UserError(f"max_ops={max_ops}: compound edits here have 2 or 3 operations")
-    counts = {"n_sft_video": n_sft_video, "n_sft_image": n_sft_image, "n_grpo": n_grpo,
+    counts = {"n_sft_video": n_sft_video, "n_sft_image": n_sft_image, "n_sft_compound_video": n_sft_compound_video,
+              "n_sft_compound_image": n_sft_compound_image, "n_grpo": n_grpo,
               "n_eval_compound": n_eval_compound, "n_eval_simple": n_eval_simple}
     negative = [k for k, v in counts.items() if v < 0]
     if negative:
@@ -193,6 +198,10 @@ def build_toy_dataset(
                    for i in range(n_sft_video)]
     train_tasks += [_task("sft_image", i, f"sft-i{i:06d}", [EDIT_TYPES[i % len(EDIT_TYPES)]], 1)
                     for i in range(n_sft_image)]
+    train_tasks += [_task("sft_compound_video", i, f"sft-cv{i:06d}", seen[i % len(seen)], frames)
+                    for i in range(n_sft_compound_video)]
+    train_tasks += [_task("sft_compound_image", i, f"sft-ci{i:06d}", seen[i % len(seen)], 1)
+                    for i in range(n_sft_compound_image)]
     train_tasks += [_task("grpo", i, f"grpo-{i:06d}", seen[i % len(seen)], frames) for i in range(n_grpo)]
     train_recs = _run(train_tasks, workers, "toy train", exclude=exclude, **kwargs)
     elapsed = time.perf_counter() - t0
@@ -206,7 +215,8 @@ def build_toy_dataset(
     world = {
         "format_version": FORMAT_VERSION, "generator": "viva_base.data.toyworld",
         "seed": seed, "frames": frames, "size": size, "fps": fps,
-        "counts": {"sft_video": n_sft_video, "sft_image": n_sft_image, "grpo": n_grpo,
+        "counts": {"sft_video": n_sft_video, "sft_image": n_sft_image, "sft_compound_video": n_sft_compound_video,
+                   "sft_compound_image": n_sft_compound_image, "grpo": n_grpo,
                    "eval_compound": n_eval_compound, "eval_simple": n_eval_simple},
         "video_sft_types": video_types, "image_only_types": list(image_only_types), "max_ops": max_ops,
         "heldout_combo_fraction": heldout_combo_fraction,
@@ -242,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-sft-video", type=int, default=2000)
     p.add_argument("--n-sft-image", type=int, default=1000)
+    p.add_argument("--n-sft-compound-video", type=int, default=0, help="compound video pairs (seen combos)")
+    p.add_argument("--n-sft-compound-image", type=int, default=0, help="compound 1-frame pairs (seen combos)")
     p.add_argument("--n-grpo", type=int, default=256)
     p.add_argument("--n-eval-compound", type=int, default=64)
     p.add_argument("--n-eval-simple", type=int, default=64)
@@ -259,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = build_toy_dataset(
             args.out, seed=args.seed, n_sft_video=args.n_sft_video, n_sft_image=args.n_sft_image,
+            n_sft_compound_video=args.n_sft_compound_video, n_sft_compound_image=args.n_sft_compound_image,
             n_grpo=args.n_grpo, n_eval_compound=args.n_eval_compound, n_eval_simple=args.n_eval_simple,
             frames=args.frames, size=args.size, fps=args.fps, image_only_types=args.image_only_types,
             heldout_combo_fraction=args.heldout_combo_fraction, max_ops=args.max_ops, workers=args.workers,

@@ -21,7 +21,8 @@ from .edits import (EDIT_TYPES, Op, apply_op, edit_type, instruction, mask_from_
 from .render import changed_pixels, footprints, render, to_tensor, visible_footprints
 from .scene import Scene, caption, random_background, random_object, scene_to_json
 
-STREAMS = {"sft_video": 1, "sft_image": 2, "grpo": 3, "eval_compound": 4, "eval_simple": 5, "fresh": 6, "combos": 7}
+STREAMS = {"sft_video": 1, "sft_image": 2, "grpo": 3, "eval_compound": 4, "eval_simple": 5, "fresh": 6, "combos": 7,
+           "sft_compound_video": 8, "sft_compound_image": 9}
 OBJECT_OPS = ("remove", "replace", "recolour")
 
 
