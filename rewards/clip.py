@@ -96,6 +96,19 @@ def clip_sp_score(source_emb: torch.Tensor, edited_emb: torch.Tensor) -> torch.T
 # ------------------------------------------------------------------------------------------------
 # Naming and preprocessing
 # ------------------------------------------------------------------------------------------------
+def clip_direction_score(source_emb: torch.Tensor, edited_emb: torch.Tensor, src_text_emb: torch.Tensor,
+                         edit_text_emb: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Directional CLIP similarity (Gal et al. 2022, StyleGAN-NADA eq. 4; InstructPix2Pix's "CLIP direction"),
+    frame-averaged: ``1/F sum_f cos(E_I(v_edit,f) - E_I(v_src,f), E_T(t_edit) - E_T(t_src))``: does the video change
+    the way the caption changes? Embeddings ``(B, F, D)`` (images) and ``(B, D)`` (texts), L2-normalised; a frame
+    with no change scores 0 (its difference is below ``eps``)."""
+    d_img = edited_emb - source_emb
+    d_txt = edit_text_emb - src_text_emb
+    d_img = d_img / d_img.norm(dim=-1, keepdim=True).clamp_min(eps)
+    d_txt = d_txt / d_txt.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return (d_img * d_txt[:, None, :]).sum(-1).mean(1)
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """Which CLIP to load: ``backend`` is ``"hf"`` or ``"open_clip"``; ``name`` the hub id, folder or
@@ -554,6 +567,23 @@ class ClipSourcePreservation(ClipImageRewardBase):
         scorer = self.scorer(edited)
         edited_emb, source_emb = self.embed_frames(scorer, edited, source)
         return RewardOutput(clip_sp_score(source_emb, edited_emb))
+
+
+@register_reward("clip_dir")
+class ClipDirection(ClipImageRewardBase):
+    """Directional instruction following (:func:`clip_direction_score`): the change from source to edit, in CLIP
+    image space, against the change from source to target caption in text space. Unlike eq. 4 it compares
+    *changes*, so damage that moves the frames away from both captions (noise, blur) does not raise it."""
+
+    def score(self, edited, source, *, source_captions, target_captions, instructions, references):
+        if edited.shape[1] != source.shape[1]:
+            raise ValueError(f"clip_dir compares frame f of the source with frame f of the edit: frame counts "
+                             f"differ ({source.shape[1]} source, {edited.shape[1]} edited)")
+        scorer = self.scorer(edited)
+        edited_emb, source_emb = self.embed_frames(scorer, edited, source)
+        text = scorer.encode_texts(list(target_captions) + list(source_captions))
+        t_edit, t_src = text[: len(target_captions)], text[len(target_captions):]
+        return RewardOutput(clip_direction_score(source_emb, edited_emb, t_src, t_edit))
 
 
 class ClipTextRewardBase(ClipImageRewardBase):

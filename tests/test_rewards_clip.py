@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from rewards import build_reward, frame_indices, parse_frames
-from rewards.clip import clip_if_score, clip_sp_score, frame_text_similarity, load_clip
+from rewards.clip import clip_direction_score, clip_if_score, clip_sp_score, frame_text_similarity, load_clip
 from rewards.tiny import make_tiny_hf_clip, make_tiny_open_clip, tiny_open_clip_config
 
 SIZE = 32  # the tiny models' image size
@@ -85,6 +85,14 @@ def test_score_functions_on_known_vectors():
     assert clip_if_score(img, t_x, e[2][None]).item() == 0.5
     diag = torch.nn.functional.normalize(torch.tensor([1.0, 1.0, 0.0]), dim=0)
     assert clip_sp_score(img, torch.stack([diag, e[1]])[None]).item() == pytest.approx((2 ** -0.5 + 1) / 2)
+    # direction: frame 0 moves x -> diag (d = (-0.29, 0.71, 0)/|.|), frame 1 does not move (scores 0); the captions
+    # move x -> y (d = (-1, 1, 0)/sqrt 2): cos = (0.29 + 0.71) / (sqrt 2 |(-0.29, 0.71)|)
+    edited = torch.stack([diag, e[1]])[None]
+    d = diag - e[0]
+    expected = float((d * torch.tensor([-1.0, 1.0, 0.0])).sum() / (d.norm() * 2 ** 0.5)) / 2
+    assert clip_direction_score(img, edited, t_x, t_y).item() == pytest.approx(expected, abs=1e-6)
+    assert clip_direction_score(img, img, t_x, t_y).item() == 0.0
+    assert clip_direction_score(img, torch.stack([e[1], e[1]])[None], t_x, t_y).item() == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +238,26 @@ def test_open_clip_rewards_match_open_clip_forward(oc_model):
         assert clip_if[i].item() == pytest.approx((cos[:, 0].mean() - cos[:, 1].mean()).item(), abs=1e-5)
         _, img_src = open_clip_reference_cos(name, source[i], ["x"])
         assert sp[i].item() == pytest.approx((img * img_src).sum(-1).mean().item(), abs=1e-5)
+
+
+def test_clip_dir_matches_open_clip_forward(oc_model):
+    """clip_dir against open_clip's own transforms and features: cos(E(edit) - E(src), E(t_edit) - E(t_src))."""
+    b, f = 2, 3
+    name = oc_model[0]
+    edited, source = quantised_video(b, f, seed=5), quantised_video(b, f, seed=6)
+    kw = {k: v[:b] for k, v in CAPTIONS.items()}
+    got = build_reward("clip_dir", model="open_clip:" + name)(edited, source, **kw).scores
+    model = open_clip.create_model_and_transforms(name)[0].eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    for i in range(b):
+        _, img = open_clip_reference_cos(name, edited[i], ["x"])
+        _, img_src = open_clip_reference_cos(name, source[i], ["x"])
+        with torch.no_grad():
+            txt = torch.nn.functional.normalize(model.encode_text(tokenizer(
+                [kw["target_captions"][i], kw["source_captions"][i]])), dim=-1)
+        d_img = torch.nn.functional.normalize(img - img_src, dim=-1)
+        d_txt = torch.nn.functional.normalize(txt[0] - txt[1], dim=0)
+        assert got[i].item() == pytest.approx((d_img @ d_txt).mean().item(), abs=1e-5)
 
 
 def test_hps_loads_an_hps_style_checkpoint(tmp_path, oc_model):
