@@ -119,12 +119,15 @@ class GRPOConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # reward name -> {weight: w, ...kwargs} (rewards/registry.py; docs/rewards.md)
+    # reward name -> {weight: w, ...kwargs} (rewards/registry.py; docs/rewards.md). A recipe's rewards block is
+    # the whole set (it replaces this default, RECIPE_REPLACE); key=value overrides add to or change it
     rewards: Any = field(default_factory=lambda: {"clip_if": {"weight": 1.0}, "clip_sp": {"weight": 1.0}})  # name: {weight, kwargs}
     eval: EvalConfig = field(default_factory=EvalConfig)
     toy: ToyChainConfig = field(default_factory=ToyChainConfig)
     report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
     resume: Optional[str] = None         # latest | a checkpoint folder
+
+    RECIPE_REPLACE = ("rewards",)  # merged with the default, `rewards: {pickscore: ...}` once also trained on clip_if + clip_sp
 
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")

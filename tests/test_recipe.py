@@ -5,6 +5,8 @@ from typing import Optional
 
 import pytest
 
+from omegaconf import OmegaConf
+
 from viva_base.recipe import RecipeError, load_recipe, save_resolved
 
 
@@ -140,3 +142,18 @@ def test_recipe_key_reference_page_matches_the_schemas(repo_root, monkeypatch):
     for key, *_ in recipe_rows(SFTConfig):
         assert f"| `{key}` |" in page
     assert "`train.lora.*` -> `lora.*`" in page
+
+
+def test_a_recipes_rewards_block_replaces_the_default_set(tmp_path):
+    """OmegaConf merged a recipe's rewards with the schema's default (clip_if + clip_sp): a recipe naming only
+    pixel_sp silently trained on three rewards. The block is now the whole set; overrides still add to it."""
+    from editgrpo.config import GRPOConfig
+
+    p = tmp_path / "r.yaml"
+    p.write_text("rewards:\n  pixel_sp: {weight: 1.0}\n")
+    cfg = load_recipe(GRPOConfig, [f"recipe={p}", "rewards.clip_dir.weight=0.5"])
+    assert OmegaConf.to_container(cfg.rewards) == {"pixel_sp": {"weight": 1.0}, "clip_dir": {"weight": 0.5}}
+    assert set(load_recipe(GRPOConfig, []).rewards) == {"clip_if", "clip_sp"}  # no block: the default
+    q = tmp_path / "q.yaml"
+    q.write_text("train:\n  seed: 3\n")
+    assert set(load_recipe(GRPOConfig, [f"recipe={q}"]).rewards) == {"clip_if", "clip_sp"}

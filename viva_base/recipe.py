@@ -171,8 +171,17 @@ def recipe_aliases(schema: type) -> dict[str, str]:
     return dict(getattr(schema, "RECIPE_ALIASES", {}) or {})
 
 
+def recipe_replaced(schema) -> tuple[str, ...]:
+    """The schema's keys whose mapping in a recipe *replaces* the default (``RECIPE_REPLACE``): a recipe's
+    ``rewards:`` block is the whole set of rewards, not an addition to the default ones."""
+    return tuple(getattr(schema, "RECIPE_REPLACE", ()) or ())
+
+
 def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: str | None = None) -> T:
     """Build the typed config: schema defaults <- YAML recipe <- ``key=value`` overrides.
+
+    A mapping the schema lists in ``RECIPE_REPLACE`` (e.g. ``rewards``) replaces its default when the recipe
+    gives one (OmegaConf would merge the two); ``key=value`` overrides still merge into it.
 
     Deprecated key spellings (the schema's ``RECIPE_ALIASES``) are renamed with a warning, and a ``size`` may be
     written ``WxH`` as on the command lines (``data.size=848x480`` is ``[480, 848]``).
@@ -193,6 +202,10 @@ def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: s
             raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
         try:
             loaded = OmegaConf.create(_normalise_tree(OmegaConf.to_container(loaded), aliases, path))
+            for key in recipe_replaced(schema):
+                if OmegaConf.select(loaded, key) is not None:
+                    cfg = OmegaConf.structured(schema) if cfg is base else cfg
+                    OmegaConf.update(cfg, key, {}, merge=False)
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as exc:
             raise RecipeError(_describe(exc, base, path)) from None
