@@ -273,12 +273,14 @@ def build_app(served: dict[str, Served], cfg: ServeConfig):
         given = request.headers.get("authorization", "")
         return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())
 
+    described = {name: {"type": s.kind, "class": f"{type(s.reward).__module__}.{type(s.reward).__qualname__}",
+                        "version": _version(s.reward), "settings": s.settings,
+                        "group_wise": bool(getattr(s.reward, "group_wise", False))}
+                 for name, s in served.items()}  # once: looking up package versions takes a while
+
     def info() -> dict[str, Any]:
         return {
-            "rewards": {name: {"type": s.kind, "class": f"{type(s.reward).__module__}.{type(s.reward).__qualname__}",
-                               "version": _version(s.reward), "settings": s.settings,
-                               "group_wise": bool(getattr(s.reward, "group_wise", False))}
-                        for name, s in served.items()},
+            "rewards": described,
             "server": {"max_batch_size": cfg.max_batch_size, "max_wait_ms": cfg.max_wait_ms,
                        "max_samples_per_request": cfg.max_samples_per_request, "max_request_mb": cfg.max_request_mb,
                        "auth": bool(token), "torch": torch.__version__},
