@@ -96,6 +96,12 @@ def _version(obj: Any) -> str | None:
     return None
 
 
+def _frames_spec(reward: Reward) -> Any:
+    """The reward's frame sampling as JSON (clients send only those frames when that is exact: ``{"num": n}``)."""
+    frames = getattr(reward, "frames", "all")
+    return dict(frames) if isinstance(frames, dict) or hasattr(frames, "items") else frames
+
+
 def build_served(rewards_cfg: Any, only: list[str] | None = None) -> dict[str, Served]:
     """Build the rewards of a ``rewards:`` block (all, or the ``only`` ones) as the trainer would."""
     from .registry import _entries, build_reward
@@ -275,7 +281,8 @@ def build_app(served: dict[str, Served], cfg: ServeConfig):
 
     described = {name: {"type": s.kind, "class": f"{type(s.reward).__module__}.{type(s.reward).__qualname__}",
                         "version": _version(s.reward), "settings": s.settings,
-                        "group_wise": bool(getattr(s.reward, "group_wise", False))}
+                        "group_wise": bool(getattr(s.reward, "group_wise", False)),
+                        "frames": _frames_spec(s.reward)}
                  for name, s in served.items()}  # once: looking up package versions takes a while
 
     def info() -> dict[str, Any]:

@@ -347,3 +347,28 @@ def test_served_rewards_report_their_types():
     served = build_served({"judge_a": {"type": "test_sleepy", "seconds": 0.0}, "pixel_sp": 1.0}, only=["judge_a"])
     assert list(served) == ["judge_a"] and isinstance(served["judge_a"], Served)
     assert served["judge_a"].kind == "test_sleepy" and served["judge_a"].settings == {"seconds": 0.0}
+
+
+def test_only_the_frames_a_reward_samples_are_sent(serve):
+    """A reward with frames {num: 3} looks at 3 of 9 frames: the client sends those 3 (a third of the bytes) and the
+    score is the in-process one; with frames 'all' every frame goes."""
+    from rewards import build_reward
+
+    h = serve({"pixel_sp": {"frames": {"num": 3}}, "test_sleepy": {}})
+    e, s = videos(2, f=9, size=8, seed=5)
+    sent = []
+    real = RemoteReward._request
+
+    def spy(self, path, body=None):
+        if body is not None:
+            sent.append(decode_request(body).edited.shape[1])
+        return real(self, path, body)
+
+    RemoteReward._request = spy
+    try:
+        got = RemoteReward("pixel_sp", h.url, frames={"num": 3})(e, s, **texts(2)).scores
+        RemoteReward("test_sleepy", h.url)(e, s, **texts(2))
+    finally:
+        RemoteReward._request = real
+    assert sent == [3, 9]
+    assert torch.allclose(got, build_reward("pixel_sp", frames={"num": 3})(e, s, **texts(2)).scores, atol=1e-7, rtol=0)
