@@ -491,7 +491,7 @@ def format_overlap(r: dict) -> str:
         *[f"| {k} | {v['iteration_seconds']:.3f} | {v['sampling_seconds']:.3f} | {v['scoring_wait_seconds']:.3f} |"
           for k, v in runs.items()],
         f"reward time after sampling {r['reward_seconds']:.3f} s; overlapped, {r['exposed_seconds']:.3f} s stay exposed "
-        f"(the last chunk's call)"
+        f"(the last chunk's call) "
         f"= {100 * r['exposed_fraction_of_sampling']:.1f}% of the sampling time (target <= 10%); gain "
         f"{r['gain_seconds']:.3f} s per iteration"])
 

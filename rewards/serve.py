@@ -465,6 +465,7 @@ def cli(argv=None) -> int:
     if "-h" in argv or "--help" in argv:
         from viva_base.recipe import recipe_reference
 
+        print("usage: python -m rewards.serve recipe=PATH [host=127.0.0.1] [port=8100] [key=value ...]\n")
         print(__doc__.strip().split("\n\n")[0])
         print("\nArguments: recipe=PATH (its rewards: block), key=value for the keys below.\n")
         print(recipe_reference(ServeConfig))
