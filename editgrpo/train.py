@@ -191,7 +191,7 @@ def main(cfg: GRPOConfig) -> Path:
 
         evaluator = Evaluator(cfg.eval, reward_fn, out / "eval")
         if cfg.eval.at_start and start == 0:
-            evaluator.run(editor, step=0, accelerator=accelerator)
+            _evaluate(evaluator, editor, 0, accelerator)
     logger.info("Edit-GRPO: %d prompts, %d x %d samples per iteration on %d process(es), %d LoRA parameters",
                 len(prompts), P, G, world, sum(p.numel() for p in params))
 
@@ -321,7 +321,7 @@ def main(cfg: GRPOConfig) -> Path:
             save_state(accelerator, out, it + 1, engine=dit, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
                        keep=tc.keep_checkpoints, config=cfg)
         if evaluator is not None and ((cfg.eval.every and (it + 1) % cfg.eval.every == 0) or done):
-            evaluator.run(editor, step=it + 1, accelerator=accelerator)
+            _evaluate(evaluator, editor, it + 1, accelerator)
 
     final = out / "lora"
     with gathered(accelerator, params):  # ZeRO-3: the full LoRA on every rank for the save (collective)
@@ -358,6 +358,14 @@ def _stop_for_reward_server(error, it: int, accelerator, out: Path, **state) -> 
         where = f"the last checkpoint is {path} ({it} iterations done)"
     raise UserError(f"stopped in iteration {it + 1}: {error}. {where}; restart the reward server and run again "
                     f"with resume=latest") from None
+
+
+def _evaluate(evaluator, editor, step: int, accelerator) -> None:
+    """Held-out evaluation; a reward server that is down stops the run with one message (checkpoints are kept)."""
+    try:
+        evaluator.run(editor, step=step, accelerator=accelerator)
+    except RemoteRewardError as e:
+        raise UserError(f"evaluation at step {step} stopped: {e}; the checkpoints written so far are kept") from None
 
 
 def _save_lora_atomic(model, path: Path) -> None:
