@@ -163,7 +163,8 @@ def test_server_killed_mid_run_nan_samples_then_a_clear_stop_with_the_checkpoint
                                                                                    one_thread):
     """The CLI server is SIGKILLed after iteration 1: iteration 2's requests fail after their retries and all 4 samples
     are NaN (dropped, counted in metrics.jsonl); in iteration 3 the server counts as down (2 failed requests in a row):
-    the run writes checkpoint-2 and stops with one message that says what happened and how to resume."""
+    the run writes checkpoint-2 and stops with one message that says what happened and how to resume; resuming with
+    a server on another port finishes the run."""
     from viva_base.errors import UserError
     from viva_base.training import MetricsFile
 
@@ -198,3 +199,16 @@ def test_server_killed_mid_run_nan_samples_then_a_clear_stop_with_the_checkpoint
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["nan_rewards"] == 0 and rows[1]["nan_rewards"] == 4          # every sample of iteration 2 dropped
     assert (out / "checkpoint-2" / "trainer_state.json").exists() and not (out / "lora").exists()
+
+    # a new server on another port (its address is no part of the run's identity): resume=latest finishes the run
+    from rewards.serve import ServeConfig, build_served, start_server
+
+    monkeypatch.setattr(MetricsFile, "write", real_write)
+    h = start_server(build_served({"clip_if": {"model": "tiny:hf"}, "clip_sp": {"model": "tiny:hf"}}),
+                     ServeConfig(port=0, log_level="warning"))
+    try:
+        _train([f"output_dir={out}", "train.num_iterations=4", "resume=latest", *_remote(h.url, "clip_if", "clip_sp")])
+    finally:
+        h.stop()
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[2]["nan_rewards"] == 0 and (out / "lora").exists()
