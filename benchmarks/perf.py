@@ -3,6 +3,7 @@
     python -m benchmarks.perf --quick            # tiny and toy recipes, ~2 minutes on 2 CPU cores
     python -m benchmarks.perf                    # + how iteration time grows with frames, resolution, group size
     python -m benchmarks.perf --cases toy --iterations 6 --out outputs/perf
+    python -m benchmarks.perf --overlap --latency 0.5   # a slow remote reward: after sampling vs overlapped
 
 What is measured (all through the real trainer, ``editgrpo.train.main``, in this process):
 
@@ -20,6 +21,12 @@ What is measured (all through the real trainer, ``editgrpo.train.main``, in this
   the run, minus the size before it;
 * **scaling** (full run): iteration time over frames, frame size and group size, the fitted exponent
   ``t ~ x^k`` next to the exponent the FLOPs of the same passes predict (:mod:`benchmarks.scaling`).
+
+* **overlap** (``--overlap``): the tiny case with a remote reward of ``--latency`` seconds per server batch (a
+  reward server on this machine, rewards/serve.py, batches of one rollout chunk) scored after sampling
+  (``train.overlap_rewards=false``) and overlapped with it (``true``), next to the same run without that reward:
+  iteration times, the reward time left exposed, and the sampling time it should hide behind (target: exposed
+  reward time within 10% of the sampling time).
 
 Writes ``<out>/perf.json`` and prints a table. CPU timings on a shared machine vary by 10-20% between runs.
 """
@@ -262,6 +269,17 @@ class PeakMemory:
         return "cuda_max_allocated" if torch.cuda.is_available() else "cpu_peak_rss"
 
 
+def _timing(fn, add):
+    """``fn`` wrapped to pass the seconds of each call to ``add``."""
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            add(time.perf_counter() - t)
+    return wrapped
+
+
 # ---------------------------------------------------------------------------- one case
 def _toy_clip(cache: Path) -> str:
     """An untrained open_clip model with the toy reward model's architecture (editgrpo.toy_reward)."""
@@ -313,13 +331,9 @@ def run_case(name: str, overrides: list[str], *, iterations: int, reps: int, wor
     phases: list[dict[str, float]] = [{}]  # per iteration: wall seconds in the trainer's main phases
 
     def timed(name, fn):
-        def wrapped(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phases[-1][name] = phases[-1].get(name, 0.0) + time.perf_counter() - t
-        return wrapped
+        def add(seconds):
+            phases[-1][name] = phases[-1].get(name, 0.0) + seconds
+        return _timing(fn, add)
 
     real_phase = {n: getattr(T, n) for n in ("rollout", "step_log_prob", "reference_mean")}
     for n, fn in real_phase.items():
@@ -373,6 +387,113 @@ def run_case(name: str, overrides: list[str], *, iterations: int, reps: int, wor
         "calls_ok": calls["instructor"] == tc.prompts_per_iteration and calls["vae_encode"] == tc.prompts_per_iteration,
         "peak_memory_bytes": mem.peak - mem.start, "memory_kind": mem.kind, "total_seconds": time.perf_counter() - t0,
     }
+
+
+# ---------------------------------------------------------------------------- overlap with a slow remote reward
+# 6 rollout chunks (one group of 2 each) of 20 steps. What overlap cannot hide is the last chunk's reward call, so
+# the exposed fraction is about latency / sampling time: it meets 10% when sampling takes 10x the latency or more.
+OVERLAP_CASE = ["recipe=recipes/tiny.yaml", *_NO_OUTPUTS, "data.toy_prompts=6", "train.prompts_per_iteration=6",
+                "train.num_generations=2", "sampling.rollout_batch_size=2", "sampling.num_steps=20",
+                "sampling.sde_window_size=1", "train.beta=0"]
+
+
+def exposed_fraction(with_overlap: float, without_reward: float, sampling: float) -> float:
+    """The reward time left exposed by overlapping (the trainer's wait after sampling with the overlapped reward
+    minus its wait without that reward), as a fraction of the sampling time it should hide behind (target: 0.1)."""
+    return max(0.0, with_overlap - without_reward) / sampling
+
+
+def _timed_run(overrides: list[str], *, iterations: int, out: Path) -> dict:
+    """Run the trainer; the steady iteration wall time (minimum over iterations 2..), that iteration's time in
+    ``rollout`` (sampling; with overlap it runs beside the decoding and scoring thread), and the least time the
+    trainer waited after sampling for decoding and scoring (``ChunkScorer.finish``) over iterations 2.."""
+    from editgrpo import train as T
+    from editgrpo.config import GRPOConfig
+    from viva_base.recipe import load_recipe
+    from viva_base.training import MetricsFile
+
+    from editgrpo.scoring import ChunkScorer
+
+    cfg = load_recipe(GRPOConfig, [*overrides, f"output_dir={out}", f"train.num_iterations={iterations}"])
+    stamps, sampling, waits = [], [0.0], [0.0]
+    real_write, real_rollout, real_finish = MetricsFile.write, T.rollout, ChunkScorer.finish
+
+    def write(self, row):
+        stamps.append(time.perf_counter())
+        sampling.append(0.0)
+        waits.append(0.0)
+        return real_write(self, row)
+
+    def timed(fn, bucket):
+        def add(seconds):
+            bucket[-1] += seconds
+        return _timing(fn, add)
+
+    MetricsFile.write, T.rollout, ChunkScorer.finish = write, timed(real_rollout, sampling), timed(real_finish, waits)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        T.main(cfg)
+    finally:
+        os.chdir(cwd)
+        MetricsFile.write, T.rollout, ChunkScorer.finish = real_write, real_rollout, real_finish
+    walls = [b - a for a, b in zip(stamps, stamps[1:])]
+    best = min(range(len(walls)), key=walls.__getitem__)
+    # the wait after sampling for decoding and scoring (all of it without overlap; what is left of it with)
+    return {"iteration_seconds": walls[best], "sampling_seconds": sampling[best + 1],
+            "scoring_wait_seconds": min(waits[1:len(stamps)]), "iteration_seconds_all": walls}
+
+
+def run_overlap(latency: float, *, iterations: int, workdir: Path, overrides: list[str] | None = None) -> dict:
+    """Iteration time of the overlap case (:data:`OVERLAP_CASE` + ``overrides``) without the slow reward, with it
+    scored after sampling, and with it overlapped; the slow reward is served by a reward server on a thread of
+    this process (``latency`` seconds per server batch of one rollout chunk; weight 0, so training is unchanged)."""
+    from rewards.base import Reward
+    from rewards.serve import ServeConfig, Served, start_server
+    from viva_base.recipe import load_recipe
+    from editgrpo.config import GRPOConfig
+
+    base = [*OVERLAP_CASE, *(overrides or [])]
+    cfg = load_recipe(GRPOConfig, base)
+    chunk = cfg.sampling.rollout_batch_size or cfg.train.num_generations
+
+    class Latency(Reward):
+        def score(self, edited, source, **_):
+            time.sleep(latency)
+            return (edited.mean(dim=(1, 2, 3, 4)) - source.mean(dim=(1, 2, 3, 4))).abs()
+
+    server = start_server({"slow": Served(Latency(), "latency", {})},
+                          ServeConfig(port=0, log_level="warning", max_batch_size=chunk, max_samples_per_request=chunk,
+                                      max_wait_ms=0))
+    try:
+        slow = [f"rewards.slow={{weight: 0.0, server: '{server.url}'}}"]
+        runs = {"no_slow_reward": base, "after_sampling": [*base, *slow],
+                "overlapped": [*base, *slow, "train.overlap_rewards=true"]}
+        result = {name: _timed_run(args, iterations=iterations, out=workdir / f"overlap-{name}")
+                  for name, args in runs.items()}
+    finally:
+        server.stop()
+    # measured on the wait after sampling (whole iterations on a shared CPU vary by more than the reward time)
+    plain, after, over = (result[k]["scoring_wait_seconds"] for k in ("no_slow_reward", "after_sampling", "overlapped"))
+    sampling = result["overlapped"]["sampling_seconds"]
+    n_local = cfg.train.prompts_per_iteration * cfg.train.num_generations
+    return {"latency": latency, "chunks": math.ceil(n_local / chunk), "runs": result, "sampling_seconds": sampling,
+            "reward_seconds": after - plain, "exposed_seconds": max(0.0, over - plain),
+            "exposed_fraction_of_sampling": exposed_fraction(over, plain, sampling),
+            "gain_seconds": after - over, "server_stats": server.stats}
+
+
+def format_overlap(r: dict) -> str:
+    runs = r["runs"]
+    return "\n".join([
+        f"overlap: a remote reward of {r['latency']:g} s per rollout chunk ({r['chunks']} chunks per iteration)",
+        "| run | iteration (s) | sampling (s) | wait for decode + rewards after sampling (s) |", "|---|---|---|---|",
+        *[f"| {k} | {v['iteration_seconds']:.3f} | {v['sampling_seconds']:.3f} | {v['scoring_wait_seconds']:.3f} |"
+          for k, v in runs.items()],
+        f"reward time after sampling {r['reward_seconds']:.3f} s; overlapped, {r['exposed_seconds']:.3f} s stay exposed "
+        f"(the last chunk's call) "
+        f"= {100 * r['exposed_fraction_of_sampling']:.1f}% of the sampling time (target <= 10%); gain "
+        f"{r['gain_seconds']:.3f} s per iteration"])
 
 
 # ---------------------------------------------------------------------------- scaling sweeps
@@ -469,6 +590,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timed replays of each pass (default 5, quick 3)")
     p.add_argument("--no-sweeps", action="store_true", help="skip the frames / size / group-size sweeps")
     p.add_argument("--out", default="outputs/perf", help="folder for perf.json (and the runs' scratch outputs)")
+    p.add_argument("--overlap", action="store_true", help="only the overlap measurement: a slow remote reward "
+                   "scored after sampling vs overlapped with it")
+    p.add_argument("--latency", type=float, default=0.5, help="seconds per server batch of the slow remote reward")
     p.add_argument("--_case", help=argparse.SUPPRESS)        # internal: run one case in this process
     p.add_argument("--_overrides", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)
@@ -481,6 +605,13 @@ def main(argv=None) -> int:
     if a._case:
         r = run_case(a._case, json.loads(a._overrides), iterations=iterations, reps=reps, workdir=out)
         Path(a._result).write_text(json.dumps(r))
+        return 0
+    if a.overlap:
+        with tempfile.TemporaryDirectory(prefix="perf-", dir=out) as tmp:
+            r = run_overlap(a.latency, iterations=iterations, workdir=Path(tmp))
+        (out / "perf_overlap.json").write_text(json.dumps(r, indent=2))
+        print(format_overlap(r))
+        print(f"written {out / 'perf_overlap.json'}")
         return 0
     with tempfile.TemporaryDirectory(prefix="perf-", dir=out) as tmp:
         iters = {"toy": 2} if a.quick else {}  # quick: the toy case's first iteration warms up, the second is timed

@@ -70,6 +70,7 @@ class TrainConfig:
     minibatches_per_iteration: int = 1   # optimizer steps per inner epoch (1: fully on-policy)
     train_batch_size: Optional[int] = None   # samples per training forward; None -> rollout_batch_size
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast; trained weights stay float32)
+    overlap_rewards: bool = False        # decode + score each rollout chunk on a thread while the next samples (same numbers)
     checkpoint_every: int = 10           # iterations between checkpoints (resume: latest continues from the last)
     keep_checkpoints: int = 3            # older checkpoints are deleted
     log_every: int = 1                   # iterations between logged metric rows

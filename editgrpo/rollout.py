@@ -49,9 +49,12 @@ class Rollouts:
 def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: list[int], seeds: list[int],
             sigmas: torch.Tensor, *, mode: str = "sde", method: str = "flow_sde", eta: float = 0.7,
             sde_window: tuple[int, int] | None = None, train_steps=None, guidance_scale: float = 2.0,
-            batch_size: int | None = None, progress: bool = False, log_prob: str = "exact") -> Rollouts:
+            batch_size: int | None = None, progress: bool = False, log_prob: str = "exact",
+            on_chunk=None) -> Rollouts:
     """Sample ``len(seeds)`` edits; sample ``i`` is conditioned on prompt ``prompt_index[i]`` (rows of
-    ``cond``/``uncond``), in forwards of ``batch_size`` samples (cond and uncond in one forward)."""
+    ``cond``/``uncond``), in forwards of ``batch_size`` samples (cond and uncond in one forward).
+    ``on_chunk(indices, latents)``, if given, receives each finished chunk's final latents as soon as it is
+    sampled (the trainer decodes and scores it meanwhile: editgrpo/scoring.py)."""
     n = len(seeds)
     batch_size = batch_size or n
     device = policy.device
@@ -69,6 +72,8 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
                                  generator=gens, progress=progress, log_prob=log_prob)
         finals.append(traj.latents)
         chunks.append(traj.steps)
+        if on_chunk is not None:
+            on_chunk(idx, traj.latents)
     steps = []
     for j in range(len(chunks[0])):
         parts = [ch[j] for ch in chunks]

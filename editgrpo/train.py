@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rewards.remote import RemoteRewardError
 from viva_base.atomic import atomic_dir
 from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                                    gathered, load_engine_state, no_zero_init, save_state)
@@ -40,6 +41,7 @@ from .distributed import backward_passes
 from .grpo import component_advantages, gather_for_advantages, group_advantages, policy_loss, step_kl
 from .prompts import PromptSource
 from .rollout import reference_mean, rollout, step_log_prob
+from .scoring import ChunkScorer
 from .sampling import sde_step_indices, sde_window_at, sigma_schedule
 
 logger = logging.getLogger("editgrpo.train")
@@ -189,7 +191,7 @@ def main(cfg: GRPOConfig) -> Path:
 
         evaluator = Evaluator(cfg.eval, reward_fn, out / "eval")
         if cfg.eval.at_start and start == 0:
-            evaluator.run(editor, step=0, accelerator=accelerator)
+            _evaluate(evaluator, editor, 0, accelerator)
     logger.info("Edit-GRPO: %d prompts, %d x %d samples per iteration on %d process(es), %d LoRA parameters",
                 len(prompts), P, G, world, sum(p.numel() for p in params))
 
@@ -208,19 +210,28 @@ def main(cfg: GRPOConfig) -> Path:
         prompt_index = [local_prompts.index(g // G) for g in mine]
         window, train_steps = choose_steps(cfg, sigmas, it)
 
-        # 2. rollouts (no grad), recording the trained steps
-        dit.eval()
-        ro = rollout(editor, cond, uncond, prompt_index, [sample_seed(tc.seed, it, g) for g in mine], sigmas,
-                     mode="sde", method=sc.method, eta=sc.eta, sde_window=window, train_steps=train_steps,
-                     guidance_scale=sc.guidance_scale, batch_size=rollout_bs, log_prob=sc.log_prob)
-
-        # 3. decode and score
+        # 2. rollouts (no grad), recording the trained steps; 3. decode and score (with train.overlap_rewards each
+        # finished chunk on a background thread while the next one samples: editgrpo/scoring.py)
         rows = torch.tensor(prompt_index)
-        edited = torch.cat([editor.decode(ro.latents[i:i + rollout_bs]) for i in range(0, n_local, rollout_bs)])
         pick = lambda key: [batch[key][i] for i in prompt_index]  # noqa: E731
-        scored = reward_fn(edited, batch["source"][rows], source_captions=pick("source_caption"),
-                           target_captions=pick("target_caption"), instructions=pick("instruction"),
-                           references=pick("reference"))
+        scorer = ChunkScorer(editor.decode, reward_fn, source=batch["source"][rows], references=pick("reference"),
+                             texts={"source_captions": pick("source_caption"), "target_captions": pick("target_caption"),
+                                    "instructions": pick("instruction")},
+                             groups=[g // G for g in mine], overlap=tc.overlap_rewards)
+        dit.eval()
+        try:
+            ro = rollout(editor, cond, uncond, prompt_index, [sample_seed(tc.seed, it, g) for g in mine], sigmas,
+                         mode="sde", method=sc.method, eta=sc.eta, sde_window=window, train_steps=train_steps,
+                         guidance_scale=sc.guidance_scale, batch_size=rollout_bs, log_prob=sc.log_prob,
+                         on_chunk=scorer.add if tc.overlap_rewards else None)
+            edited, scored = scorer.finish(ro.latents, rollout_bs)
+        except RemoteRewardError as e:
+            scorer.close()
+            _stop_for_reward_server(e, it, accelerator, out, engine=dit, model=dit_raw, optimizer=optimizer,
+                                    lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints, config=cfg)
+        except BaseException:
+            scorer.close()
+            raise
         rewards = scored.total.float().cpu()
 
         # 4. advantages over whole groups (gathered across processes)
@@ -310,7 +321,7 @@ def main(cfg: GRPOConfig) -> Path:
             save_state(accelerator, out, it + 1, engine=dit, model=dit_raw, optimizer=optimizer, lr_scheduler=lr_scheduler,
                        keep=tc.keep_checkpoints, config=cfg)
         if evaluator is not None and ((cfg.eval.every and (it + 1) % cfg.eval.every == 0) or done):
-            evaluator.run(editor, step=it + 1, accelerator=accelerator)
+            _evaluate(evaluator, editor, it + 1, accelerator)
 
     final = out / "lora"
     with gathered(accelerator, params):  # ZeRO-3: the full LoRA on every rank for the save (collective)
@@ -333,6 +344,28 @@ def main(cfg: GRPOConfig) -> Path:
         print(f"Edit-GRPO finished: {tc.num_iterations} iterations, LoRA in {final}, metrics in {out / 'metrics.jsonl'}")
     accelerator.end_training()
     return out
+
+
+def _stop_for_reward_server(error, it: int, accelerator, out: Path, **state) -> None:
+    """A reward server stayed down (rewards/remote.py): write the checkpoint of the iterations done so far (unless it
+    exists), then stop with one clear message (UserError). ``state``: save_state's keyword arguments."""
+    if it == 0:
+        where = "nothing was trained yet, so no checkpoint was written"
+    else:
+        path = out / f"checkpoint-{it}"
+        if not (path / "trainer_state.json").exists():
+            save_state(accelerator, out, it, **state)
+        where = f"the last checkpoint is {path} ({it} iterations done)"
+    raise UserError(f"stopped in iteration {it + 1}: {error}. {where}; restart the reward server and run again "
+                    f"with resume=latest") from None
+
+
+def _evaluate(evaluator, editor, step: int, accelerator) -> None:
+    """Held-out evaluation; a reward server that is down stops the run with one message (checkpoints are kept)."""
+    try:
+        evaluator.run(editor, step=step, accelerator=accelerator)
+    except RemoteRewardError as e:
+        raise UserError(f"evaluation at step {step} stopped: {e}; the checkpoints written so far are kept") from None
 
 
 def _save_lora_atomic(model, path: Path) -> None:

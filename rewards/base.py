@@ -21,6 +21,11 @@ Frame sampling is a shared constructor option, ``frames``:
 
 Devices: a reward runs its model on its ``device`` option, or, when that is ``None``, on the
 device of the ``edited`` tensor; scores always come back as float32 on the CPU.
+
+Group-wise rewards (``group_wise = True``) score the samples of one group (the G rollouts of one
+prompt) together, e.g. by pairwise preference inside the group: they implement :meth:`Reward.score_group`,
+and ``__call__`` takes ``groups`` (one group id per sample) and calls it once per group. Without
+``groups`` every sample is a group of its own.
 """
 from __future__ import annotations
 
@@ -129,6 +134,17 @@ def _check_references(references: Any, batch: int) -> list[torch.Tensor | None] 
     return out
 
 
+def _check_groups(groups: Any, batch: int) -> list[int] | None:
+    if groups is None:
+        return None
+    if isinstance(groups, torch.Tensor):
+        groups = groups.tolist()
+    groups = list(groups)
+    if len(groups) != batch or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+        raise ValueError(f"groups must be None or {batch} integers (one group id per sample), got {groups!r}")
+    return groups
+
+
 class Reward:
     """Base class of all rewards. Subclasses implement :meth:`score`; ``__call__`` validates the batch,
     calls it and normalises the result to a float32 CPU ``[B]`` tensor.
@@ -140,6 +156,8 @@ class Reward:
 
     #: registry name; set by :func:`rewards.registry.register_reward` and by the registry for plugins
     name: str = "reward"
+    #: True: the reward scores a whole group at once (:meth:`score_group`), not each sample on its own
+    group_wise: bool = False
 
     def __init__(self, *, frames: FrameSpec = "all", device: str | torch.device | None = None):
         parse_frames(frames)  # fail at construction, not at the first batch
@@ -176,6 +194,40 @@ class Reward:
         """Score a validated batch; return a :class:`RewardOutput` or a ``[B]`` tensor."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")
 
+    def score_group(self, edited: torch.Tensor, source: torch.Tensor, *, source_captions: list[str],
+                    target_captions: list[str], instructions: list[str],
+                    references: list[torch.Tensor | None] | None) -> RewardOutput | torch.Tensor:
+        """Group-wise rewards: score the samples of ONE group (same arguments as :meth:`score`, the group's
+        samples only, in batch order); return a :class:`RewardOutput` or a tensor with one score per sample."""
+        raise NotImplementedError(f"{type(self).__name__} sets group_wise = True and must implement score_group()")
+
+    def score_batch(self, edited: torch.Tensor, source: torch.Tensor, *, groups: list[int] | None,
+                    **texts: Any) -> RewardOutput | torch.Tensor:
+        """A validated batch: :meth:`score`, or for a group-wise reward :meth:`score_group` on each group
+        (``groups``: one id per sample; ``None``: each sample alone). Overridden by the remote reward."""
+        if not self.group_wise:
+            return self.score(edited, source, **texts)
+        batch = edited.shape[0]
+        ids = list(range(batch)) if groups is None else groups
+        scores = torch.full((batch,), float("nan"), dtype=torch.float32)
+        details: list[dict] | None = [{} for _ in range(batch)]
+        refs = texts["references"]
+        for g in dict.fromkeys(ids):  # groups in order of first appearance
+            idx = [i for i in range(batch) if ids[i] == g]
+            sel = torch.tensor(idx)
+            out = self.score_group(edited[sel], source[sel], **{k: [v[i] for i in idx] for k, v in texts.items()
+                                                               if k != "references"},
+                                   references=[refs[i] for i in idx] if refs is not None else None)
+            if isinstance(out, torch.Tensor):
+                out = RewardOutput(out)
+            got = out.scores.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+            if got.shape[0] != len(idx):
+                raise RuntimeError(f"reward {self.name!r} returned {got.shape[0]} scores for a group of {len(idx)}")
+            scores[sel] = got
+            for j, i in enumerate(idx):
+                details[i] = out.details[j] if out.details is not None else {}
+        return RewardOutput(scores, details)
+
     def __call__(
         self,
         edited: torch.Tensor,
@@ -185,19 +237,23 @@ class Reward:
         target_captions: Sequence[str],
         instructions: Sequence[str],
         references: Sequence[torch.Tensor | None] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> RewardOutput:
+        """Validate the batch, score it (see :meth:`score_batch`), return float32 CPU scores ``[B]``.
+        ``groups`` (one int per sample) matters to group-wise rewards only."""
         edited = _check_video("edited", edited)
         source = _check_video("source", source)
         batch = edited.shape[0]
         if source.shape[0] != batch:
             raise ValueError(f"edited and source must have the same batch size, got {batch} and {source.shape[0]}")
-        out = self.score(
+        out = self.score_batch(
             edited,
             source,
             source_captions=_check_texts("source_captions", source_captions, batch),
             target_captions=_check_texts("target_captions", target_captions, batch),
             instructions=_check_texts("instructions", instructions, batch),
             references=_check_references(references, batch),
+            groups=_check_groups(groups, batch),
         )
         if isinstance(out, torch.Tensor):
             out = RewardOutput(out)

@@ -6,6 +6,8 @@
 * The recipe's ``rewards:`` section, ``{name: {weight: w, ...kwargs}}``, becomes a
   :class:`CombinedReward` that returns the weighted total (paper eq. 7:
   ``R = w_IF R_IF + w_SP R_SP + w_PS R_PS``) and every component.
+* An entry with ``server: http://host:port`` is computed by a reward server (``python -m rewards.serve``,
+  :class:`rewards.remote.RemoteReward`); local and remote components mix freely.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class UnknownRewardError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 # Modules of the ``rewards`` package that define no reward (imported anyway by what needs them).
-_NOT_REWARD_MODULES = {"registry", "base", "tiny"}
+_NOT_REWARD_MODULES = {"registry", "base", "tiny", "transport", "remote", "serve"}
 
 
 def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
@@ -171,6 +173,14 @@ def check_rewards_config(cfg: Mapping[str, Any]) -> None:
 
     entries = _entries(cfg)
     for name, kind, _, kwargs in entries:
+        if "server" in kwargs:  # computed by a reward server: the client's options are checked when built
+            from .remote import RemoteReward
+
+            try:
+                RemoteReward(name, **kwargs)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"rewards.{name}: {e}") from None
+            continue
         factory = _resolve(kind)
         try:
             sig = inspect.signature(factory)
@@ -252,6 +262,12 @@ class CombinedReward:
         weights: dict[str, float] = {}
         for name, kind, weight, kwargs in _entries(cfg):
             try:
+                if "server" in kwargs:
+                    from .remote import RemoteReward
+
+                    rewards[name] = RemoteReward(name, **kwargs)
+                    weights[name] = weight
+                    continue
                 rewards[name] = build_reward(kind, **kwargs)
             except (TypeError, ValueError, OSError) as e:
                 raise type(e)(f"rewards.{name}: {e}") from e
@@ -267,13 +283,17 @@ class CombinedReward:
         target_captions: Sequence[str],
         instructions: Sequence[str],
         references: Sequence[torch.Tensor | None] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> CombinedOutput:
+        """Score every component; ``groups`` (one id per sample: the prompt's group) is passed to every reward
+        (group-wise rewards score each group together; the others ignore it)."""
         components: dict[str, torch.Tensor] = {}
         details: dict[str, list[dict] | None] = {}
+        extra = {"groups": groups} if groups is not None else {}
         for name, reward in self.rewards.items():
             out: RewardOutput = reward(edited, source, source_captions=source_captions,
                                        target_captions=target_captions, instructions=instructions,
-                                       references=references)
+                                       references=references, **extra)
             components[name] = out.scores
             details[name] = out.details
             failed = int(torch.isnan(out.scores).sum())
@@ -281,6 +301,21 @@ class CombinedReward:
                 logger.warning("reward %s: %d of %d samples could not be scored (NaN)", name, failed,
                                out.scores.numel())
         return CombinedOutput(weighted_total(components, self.weights), components, details, dict(self.weights))
+
+    @staticmethod
+    def concat(parts: Sequence[CombinedOutput]) -> CombinedOutput:
+        """The outputs of consecutive slices of a batch as one output (components, totals and details in order)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        names = list(parts[0].components)
+        details: dict[str, list[dict] | None] = {}
+        for k in names:
+            got = [p.details.get(k) for p in parts]
+            details[k] = None if all(d is None for d in got) else [
+                x for p, d in zip(parts, got) for x in (d if d is not None else [{}] * p.total.shape[0])]
+        return CombinedOutput(torch.cat([p.total for p in parts]),
+                              {k: torch.cat([p.components[k] for p in parts]) for k in names}, details,
+                              dict(parts[0].weights))
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}: {self.weights[k]:g} x {v!r}" for k, v in self.rewards.items())

@@ -19,6 +19,14 @@ malformed answers, timeouts, connection errors, 429 and 5xx are retried with exp
 disk under the SHA-256 of the request body, so a repeat costs no request. A sample that still fails
 is NaN and counted in :attr:`JudgeClient.failures`, never a made-up score.
 
+Log-prob scores (``logprobs=True``): the request asks for the tokens' log-probabilities (``logprobs``,
+``top_logprobs``; OpenAI and vLLM return them). Each criterion's score is then the expected value
+``sum_v p(v) v / sum_v p(v)`` over the alternatives ``v`` in 0-10 that the server lists at the token of
+that score (a continuous reward that separates an "8 at 90%" from an "8 at 51%"); a criterion whose
+token the server did not describe (no ``logprobs`` in the answer, a multi-digit score split over two
+tokens) keeps the parsed integer (:func:`logprob_scores`). ``scale="yes_no"`` asks one yes/no question
+instead; its reward is ``P(yes) / (P(yes) + P(no))``, or 1 / 0 from the parsed word.
+
 The API key is read from the environment variable named by ``api_key_env`` at request time; it
 is never stored on the client, logged, cached or returned (error bodies are scrubbed of it).
 """
@@ -54,6 +62,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CRITERIA",
+    "YES_NO_PROMPT",
+    "expected_value",
+    "logprob_scores",
+    "parse_yes_no",
+    "token_probabilities",
+    "yes_no_probability",
     "JUDGE_PROMPT",
     "JUDGE_PROMPT_VERSION",
     "JudgeClient",
@@ -176,6 +190,111 @@ def parse_judge_answer(text: str, required: Sequence[str] = BASE_CRITERIA) -> di
     raise JudgeParseError(f"no JSON object with {', '.join(required)} in 0-10 in the answer: {snippet!r}")
 
 
+#: The yes/no question of ``scale="yes_no"`` (``{instruction}`` filled in).
+YES_NO_PROMPT = """You are an impartial expert judge of instruction-based video editing.
+You are shown frames of a SOURCE video and the frames at the same time steps of an EDITED video that an \
+editing model produced from it by following an editing INSTRUCTION.
+Does the EDITED video carry out the instruction completely, while keeping everything the instruction does not \
+ask to change as in the SOURCE, without artifacts?
+INSTRUCTION: "{instruction}"
+
+Answer with one word: yes or no."""
+
+
+def parse_yes_no(text: str) -> float:
+    """1.0 for an answer whose first word is "yes", 0.0 for "no" (case, quotes and punctuation ignored);
+    raises :class:`JudgeParseError` otherwise."""
+    words = re.findall(r"[A-Za-z]+", text or "")
+    if words and words[0].lower() in ("yes", "no"):
+        return 1.0 if words[0].lower() == "yes" else 0.0
+    raise JudgeParseError(f"not a yes/no answer: {(text or '').strip()[:80]!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-prob scores
+# ------------------------------------------------------------------------------------------------
+def _norm_token(token: Any) -> str:
+    return str(token).strip().strip('"\'').strip().lower()
+
+
+def token_probabilities(entry: Mapping[str, Any]) -> dict[str, float]:
+    """``{normalised token: probability}`` of one token position of an OpenAI ``logprobs.content`` entry: its
+    ``top_logprobs`` and the sampled token itself (tokens that normalise alike, e.g. ``"8"`` and ``" 8"``, add up)."""
+    probs: dict[str, float] = {}
+    seen = set()
+    alternatives = list(entry.get("top_logprobs") or [])
+    if not any(a.get("token") == entry.get("token") for a in alternatives if isinstance(a, Mapping)):
+        alternatives.append({"token": entry.get("token"), "logprob": entry.get("logprob")})
+    for alt in alternatives:
+        if not isinstance(alt, Mapping) or alt.get("token") in seen:
+            continue
+        seen.add(alt.get("token"))
+        try:
+            p = math.exp(float(alt["logprob"]))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            continue
+        key = _norm_token(alt["token"])
+        probs[key] = probs.get(key, 0.0) + p
+    return probs
+
+
+def expected_value(probs: Mapping[str, float], values: Mapping[str, float]) -> float | None:
+    """``sum_v p(v) values[v] / sum_v p(v)`` over the tokens of ``probs`` that ``values`` names; None if none does."""
+    mass = sum(p for t, p in probs.items() if t in values)
+    if mass <= 0:
+        return None
+    return sum(p * values[t] for t, p in probs.items() if t in values) / mass
+
+
+_SCORE_VALUES = {str(v): float(v) for v in range(11)}
+
+
+def _token_spans(content: Sequence[Mapping[str, Any]]) -> list[tuple[int, int, Mapping[str, Any]]]:
+    spans, pos = [], 0
+    for entry in content:
+        token = str(entry.get("token", ""))
+        spans.append((pos, pos + len(token), entry))
+        pos += len(token)
+    return spans
+
+
+def logprob_scores(text: str, content: Any, required: Sequence[str]) -> dict[str, float]:
+    """Expected 0-10 scores from an answer's token log-probs (OpenAI ``choices[0].logprobs.content``).
+
+    For each criterion the value after its key in ``text`` (``"instruction_following": 8``) is located; when one
+    token holds exactly that number, the score is :func:`expected_value` over the 0-10 alternatives listed at that
+    token. Criteria that cannot be read that way are left out (the caller keeps the parsed integer); so is every
+    criterion when the tokens do not spell ``text``."""
+    if not isinstance(content, list) or not content or "".join(str(e.get("token", "")) for e in content
+                                                                if isinstance(e, Mapping)) != text:
+        return {}
+    spans = _token_spans([e for e in content if isinstance(e, Mapping)])
+    out = {}
+    for key in required:
+        pattern = r"[\s_\-]*".join(map(re.escape, key.split("_")))
+        m = re.search(r'"?' + pattern + r'"?\s*:\s*"?(\d+)', text, flags=re.IGNORECASE)
+        if not m:
+            continue
+        start, number = m.start(1), m.group(1)
+        entry = next((e for a, b, e in spans if a <= start < b), None)
+        if entry is None or _norm_token(entry.get("token")) != number:
+            continue  # the number shares its token with other text, or is split over tokens ("1" "0")
+        value = expected_value(token_probabilities(entry), _SCORE_VALUES)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def yes_no_probability(content: Any) -> float | None:
+    """``P(yes) / (P(yes) + P(no))`` at the first token that reads yes or no; None without log-probs there."""
+    if not isinstance(content, list):
+        return None
+    for entry in content:
+        if isinstance(entry, Mapping) and _norm_token(entry.get("token")) in ("yes", "no"):
+            return expected_value(token_probabilities(entry), {"yes": 1.0, "no": 0.0})
+    return None
+
+
 def aggregate_judge_scores(scores: Mapping[str, float], with_reference: bool, aggregate: str = "mean") -> float:
     """The reward from one judgement: the mean of the criteria that apply (three, four with a
     reference), or one named criterion. NaN if any needed score is NaN."""
@@ -227,6 +346,12 @@ class JudgeResult:
         return self.error is None
 
 
+class _Answer(str):
+    """The answer text, with the server's token log-probs (``choices[0].logprobs.content``) when it sent them."""
+
+    logprobs: Any = None
+
+
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
@@ -258,6 +383,8 @@ class JudgeClient:
         json_mode: send ``response_format={"type": "json_object"}``.
         max_image_side: downscale images whose long side is larger (``None``: send as they are).
         extra_body: more fields merged into the request body (e.g. ``{"max_completion_tokens": 300}``).
+        logprobs, top_logprobs: ask for the answer's token log-probs (``top_logprobs`` alternatives per token) and
+            turn each score into its expected value (:func:`logprob_scores`); answers without them keep the integers.
     """
 
     def __init__(
@@ -277,6 +404,8 @@ class JudgeClient:
         json_mode: bool = False,
         max_image_side: int | None = 512,
         extra_body: Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 20,
     ):
         if not base_url or not isinstance(base_url, str):
             raise ValueError("JudgeClient needs base_url, e.g. 'https://api.openai.com/v1' or 'http://127.0.0.1:8000/v1'")
@@ -299,6 +428,8 @@ class JudgeClient:
         self.json_mode = bool(json_mode)
         self.max_image_side = max_image_side
         self.extra_body = dict(extra_body or {})
+        self.logprobs = bool(logprobs)
+        self.top_logprobs = int(top_logprobs)
         self._slots = threading.BoundedSemaphore(self.concurrency)
         self._lock = threading.Lock()
         self._stats = {"requests": 0, "retries": 0, "cache_hits": 0, "failures": 0, "successes": 0}
@@ -323,23 +454,26 @@ class JudgeClient:
 
     # -- request building --------------------------------------------------------------------------
     def build_request(self, source_frames: torch.Tensor, edited_frames: torch.Tensor, instruction: str,
-                      reference: torch.Tensor | None = None) -> dict[str, Any]:
-        """The JSON body of the chat request for one judgement (no secrets in it)."""
+                      reference: torch.Tensor | None = None, prompt: str | None = None) -> dict[str, Any]:
+        """The JSON body of the chat request for one judgement (no secrets in it); ``prompt`` replaces the
+        0-10 rating prompt (e.g. :data:`YES_NO_PROMPT` filled in)."""
         source_frames = _as_frames(source_frames, "source_frames")
         edited_frames = _as_frames(edited_frames, "edited_frames")
-        content: list[dict[str, Any]] = [{"type": "text", "text": build_judge_prompt(instruction, reference is not None)}]
+        text = prompt if prompt is not None else build_judge_prompt(instruction, reference is not None)
+        videos = [(f"SOURCE video, {source_frames.shape[0]} frame(s) in temporal order:", source_frames),
+                  (f"EDITED video, {edited_frames.shape[0]} frame(s) at the same time steps:", edited_frames)]
+        if reference is not None:
+            videos.append(("REFERENCE image:", _as_frames(reference, "reference")))
+        return self.request_body(self.image_content(text, videos))
 
-        def images(label: str, frames: torch.Tensor) -> None:
+    def image_content(self, text: str, videos: Sequence[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+        """Message content: ``text``, then for each ``(label, frames)`` the label and the frames as PNG data URLs."""
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        for label, frames in videos:
             content.append({"type": "text", "text": label})
             for frame in frames:
-                content.append({"type": "image_url",
-                                "image_url": {"url": _png_data_url(frame, self.max_image_side)}})
-
-        images(f"SOURCE video, {source_frames.shape[0]} frame(s) in temporal order:", source_frames)
-        images(f"EDITED video, {edited_frames.shape[0]} frame(s) at the same time steps:", edited_frames)
-        if reference is not None:
-            images("REFERENCE image:", _as_frames(reference, "reference"))
-        return self.request_body(content)
+                content.append({"type": "image_url", "image_url": {"url": _png_data_url(frame, self.max_image_side)}})
+        return content
 
     def request_body(self, content: list[dict[str, Any]]) -> dict[str, Any]:
         """An OpenAI-compatible chat request with one user message holding ``content`` (text and image parts)."""
@@ -350,6 +484,9 @@ class JudgeClient:
             body["max_tokens"] = self.max_tokens
         if self.json_mode:
             body["response_format"] = {"type": "json_object"}
+        if self.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs
         body.update(self.extra_body)
         return body
 
@@ -443,7 +580,10 @@ class JudgeClient:
             content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
         if not isinstance(content, str):
             raise _Retryable(f"response from {self.url} has no text content")
-        return content
+        answer = _Answer(content)
+        logprobs = data["choices"][0].get("logprobs")
+        answer.logprobs = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+        return answer
 
     def _sleep_before_retry(self, attempt: int, retry_after: float | None) -> None:
         wait = min(self.max_backoff, self.backoff * (2 ** attempt)) * random.uniform(0.5, 1.5)
@@ -494,6 +634,8 @@ class JudgeClient:
             return JudgeResult({**nan_scores, **cached}, cached=True)
         scores, raw, attempts, error = self.post_with_retries(body, lambda r: parse_judge_answer(r, required), "judge")
         if error is None:
+            if self.logprobs:  # expected scores where the server described the score tokens
+                scores = {**scores, **logprob_scores(str(raw), getattr(raw, "logprobs", None), required)}
             self._cache_put(key, scores, raw)
             self._count("successes")
             return JudgeResult({**nan_scores, **scores}, attempts=attempts, raw=raw)
@@ -517,6 +659,30 @@ class JudgeClient:
                                    it.get("reference")) for it in items]
             return [f.result() for f in futures]
 
+    def ask(self, body: Mapping[str, Any], parse, soft=None, what: str = "judge") -> tuple[float, str | None]:
+        """One question whose answer is a number: ``parse(text)`` (raises ``ValueError`` on a bad answer), replaced
+        by ``soft(token log-probs)`` when this client asks for log-probs and ``soft`` returns a number. Returns
+        ``(value, None)``, or ``(NaN, error)`` after the retries (counted in :attr:`failures`)."""
+        value, raw, attempts, error = self.post_with_retries(body, parse, what)
+        if error is not None:
+            self._count("failures")
+            logger.warning("%s: giving up after %d attempt(s): %s", what, attempts, error)
+            return float("nan"), error
+        self._count("successes")
+        if self.logprobs and soft is not None:
+            better = soft(getattr(raw, "logprobs", None))
+            if better is not None:
+                value = better
+        return float(value), None
+
+    def ask_many(self, bodies: Sequence[Mapping[str, Any]], parse, soft=None,
+                 what: str = "judge") -> list[tuple[float, str | None]]:
+        """:meth:`ask` over ``bodies``, ``concurrency`` at a time, in order."""
+        if not bodies:
+            return []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.concurrency, len(bodies))) as pool:
+            return list(pool.map(lambda b: self.ask(b, parse, soft, what), bodies))
+
     def judge_batch(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
         """:meth:`judge` over items (see :meth:`judge_batch_results`)."""
         return [r.scores for r in self.judge_batch_results(items)]
@@ -538,19 +704,36 @@ class VlmJudge(Reward):
     ``max_retries``, ``concurrency``, ``cache_dir``, ``backoff``, ...), ``aggregate``, and
     ``frames`` (default ``{"num": 4}``: 4 evenly spaced frames of each video are sent).
     Details per sample: the four scores, and ``judge_error`` when it failed.
+    ``logprobs=True``: expected scores from the token log-probs (continuous; module doc). ``scale="yes_no"``:
+    one yes/no question (:data:`YES_NO_PROMPT`), reward ``P(yes)`` in [0, 1] (or 1 / 0 without log-probs).
     """
 
     def __init__(self, *, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
-                 aggregate: str = "mean", frames: FrameSpec = None, device: str | None = None, **client_kwargs: Any):
+                 aggregate: str = "mean", scale: str = "0-10", frames: FrameSpec = None, device: str | None = None,
+                 **client_kwargs: Any):
         if "api_key" in client_kwargs:
             raise ValueError("vlm_judge takes api_key_env=<name of an environment variable>, never the key itself")
         if aggregate != "mean" and aggregate not in CRITERIA:
             raise ValueError(f"aggregate must be 'mean' or one of {', '.join(CRITERIA)}, got {aggregate!r}")
+        if scale not in ("0-10", "yes_no"):
+            raise ValueError(f"scale must be '0-10' (rate each criterion) or 'yes_no' (one question), got {scale!r}")
         super().__init__(frames=frames if frames is not None else {"num": 4}, device=device)
-        self.aggregate = aggregate
+        self.aggregate, self.scale = aggregate, scale
         self.client = JudgeClient(base_url, model, api_key_env=api_key_env, **client_kwargs)
 
+    def _yes_no(self, edited, source, instructions) -> RewardOutput:
+        """``scale="yes_no"``: P(yes) from the log-probs, else 1 / 0 from the answer; NaN when the judge failed."""
+        bodies = [self.client.build_request(source[i, frame_indices(source.shape[1], self.frames)],
+                                            edited[i, frame_indices(edited.shape[1], self.frames)], instructions[i],
+                                            prompt=YES_NO_PROMPT.format(instruction=instructions[i].replace('"', "'")))
+                  for i in range(edited.shape[0])]
+        results = self.client.ask_many(bodies, parse_yes_no, yes_no_probability, "vlm_judge yes/no")
+        details = [{"p_yes": v} if e is None else {"p_yes": v, "judge_error": e} for v, e in results]
+        return RewardOutput(torch.tensor([v for v, _ in results], dtype=torch.float32), details)
+
     def score(self, edited, source, *, source_captions, target_captions, instructions, references):
+        if self.scale == "yes_no":
+            return self._yes_no(edited, source, instructions)
         items = []
         for i in range(edited.shape[0]):
             reference = references[i] if references is not None else None

@@ -40,6 +40,7 @@ ENTRY_POINTS = {
     "benchmarks.perf": ("benchmarks.perf", "main", None),
     "benchmarks.scaling": ("benchmarks.scaling", "main", None),
     "benchmarks.gpu_check": ("benchmarks.gpu_check", "main", None),
+    "rewards.serve": ("rewards.serve", "cli", "rewards.serve:ServeConfig"),
 }
 EXTERNAL_MODULES = {"pytest"}  # `python -m pytest ...`: not ours
 
@@ -160,6 +161,11 @@ def test_documented_command_parses(where, module, args, monkeypatch):
             from viva_base.data.build.cli import normalize_argv
 
             args = normalize_argv(args)
+        if module == "rewards.serve":  # reads only the recipe's rewards: block
+            from rewards.serve import load_config
+
+            load_config(args)
+            return
         load_recipe(getattr(importlib.import_module(smod), cls), args)  # unknown key / bad type / missing recipe
         return
     func = getattr(importlib.import_module(mod_name), entry)
@@ -183,7 +189,7 @@ def test_documented_command_help(module, capsys):
         code = exc.code
     assert code in (0, None)
     assert "usage" in capsys.readouterr().out.lower() or module in ("viva_base.sft", "editgrpo.train",
-                                                                      "viva_base.data.build")
+                                                                      "viva_base.data.build", "rewards.serve")
 
 
 def test_other_documented_tools_exist():

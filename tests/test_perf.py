@@ -70,3 +70,21 @@ def test_the_toy_case_runs_with_its_toy_oracle_reward(tmp_path):
 
     rows = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(0 <= row["reward/toy_oracle"] <= 1 for row in rows)  # the oracle scored every iteration
+
+
+def test_overlap_measurement_hides_a_slow_remote_reward(tmp_path):
+    """benchmarks.perf --overlap, small: 3 rollout chunks, a remote reward of 0.4 s per chunk. Scored after sampling
+    it adds ~3 x 0.4 s to an iteration; overlapped, the calls of chunks 1-2 run while later chunks sample. Loose
+    margins: the differences asserted are sleeps of 0.4 s, not compute."""
+    from benchmarks.perf import exposed_fraction, run_overlap
+
+    assert exposed_fraction(10.5, 10.0, 5.0) == 0.1 and exposed_fraction(9.0, 10.0, 5.0) == 0.0
+    r = run_overlap(0.4, iterations=2, workdir=tmp_path, overrides=[
+        "data.toy_prompts=3", "train.prompts_per_iteration=3", "sampling.num_steps=6"])
+    assert r["chunks"] == 3 and set(r["runs"]) == {"no_slow_reward", "after_sampling", "overlapped"}
+    assert r["server_stats"]["batch_sizes"] == {"2": r["server_stats"]["batches"]}   # one chunk per server batch
+    # the wait after the last sampling forward (robust to a busy machine, unlike whole-iteration differences):
+    # all 3 sleeps without overlap, about the last one with it
+    wait = {k: v["scoring_wait_seconds"] for k, v in r["runs"].items()}
+    assert wait["after_sampling"] > 3 * 0.4 and wait["overlapped"] < wait["after_sampling"] - 0.4, wait
+    assert r["sampling_seconds"] > 0

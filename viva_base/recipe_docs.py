@@ -23,6 +23,8 @@ COMMANDS = (
      "recipes/viva.yaml, lucy_grpo.yaml (GPUs), toy.yaml (the toy chain), tiny.yaml, lucy_tiny.yaml (smoke)"),
     ("Paired-data pipeline", "python -m viva_base.data.build", "viva_base.data.build.cli:BuildConfig",
      "recipes/data_build.yaml"),
+    ("Reward server", "python -m rewards.serve", "rewards.serve:ServeConfig",
+     "any recipe with a rewards: block (only that block is read), e.g. recipes/tiny.yaml"),
 )
 
 HEADER = """# Recipe keys

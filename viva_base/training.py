@@ -274,6 +274,10 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # Recipe keys a resumed run may change without becoming a different run (where and how long, logging, evaluation).
 RESUME_FREE_KEYS = ("resume", "output_dir", "report_to", "train.num_iterations", "train.max_steps",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.")
+# where a reward is computed and how its client connects (rewards/remote.py): a run may resume with the reward
+# server restarted elsewhere, or the reward back in the process (the same numbers)
+RESUME_FREE_PATTERN = re.compile(r"rewards\.[^.]+\.(server|timeout|max_retries|backoff|max_backoff|give_up_after|"
+                                 r"token_env|max_samples_per_request)")
 
 
 def resume_config(cfg: Any) -> dict:
@@ -291,8 +295,8 @@ def resume_config(cfg: Any) -> dict:
             flat[prefix[:-1]] = node
 
     walk("", OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg))
-    return {k: v for k, v in flat.items() if not any(k == f or (f.endswith(".") and k.startswith(f))
-                                                     for f in RESUME_FREE_KEYS)}
+    return {k: v for k, v in flat.items() if not RESUME_FREE_PATTERN.fullmatch(k)
+            and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE_KEYS)}
 
 
 def check_resume_config(ckpt: Path, cfg: Any) -> None:
