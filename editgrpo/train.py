@@ -171,6 +171,7 @@ def main(cfg: GRPOConfig) -> Path:
     from rewards.registry import CombinedReward
 
     reward_fn = CombinedReward.from_config(cfg.rewards)
+    reward_fn.load(accelerator.device)  # a missing reward model stops here, not after the first rollouts
     start = 0
     if ckpt is not None:
         start = load_checkpoint(ckpt, model=editor.transformer, lr_scheduler=lr_scheduler,

@@ -180,6 +180,10 @@ class Reward:
         """The configured device, else the device of ``video``."""
         return self.device if self.device is not None else video.device
 
+    def load(self, device: torch.device | str = "cpu") -> None:
+        """Load the reward's model(s) now (on its configured device, else ``device``), so that a missing or broken
+        model shows before any rollout instead of at the first score. Default: nothing to load."""
+
     # -- the interface ---------------------------------------------------------------------------
     def score(
         self,

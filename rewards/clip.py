@@ -520,6 +520,9 @@ class ClipImageRewardBase(Reward):
         """The (process-wide cached) CLIP on this reward's device."""
         return load_clip(self.spec, device=self.resolve_device(video), dtype=self.dtype)
 
+    def load(self, device: torch.device | str = "cpu") -> None:
+        load_clip(self.spec, device=self.device if self.device is not None else torch.device(device), dtype=self.dtype)
+
     def embed_frames(self, scorer: ClipScorer, *videos: torch.Tensor) -> list[torch.Tensor]:
         """Sample frames of each ``(B, F, 3, H, W)`` video and embed ALL of them in one forward;
         returns one ``(B, F', D)`` tensor per video."""

@@ -317,6 +317,17 @@ class CombinedReward:
                               {k: torch.cat([p.components[k] for p in parts]) for k in names}, details,
                               dict(parts[0].weights))
 
+    def load(self, device="cpu") -> None:
+        """Load every component's model now (:meth:`Reward.load`); a model that cannot be loaded (not downloaded,
+        offline, a wrong path) is one :class:`~viva_base.errors.UserError` naming the component."""
+        from viva_base.errors import UserError
+
+        for name, reward in self.rewards.items():
+            try:
+                reward.load(device)
+            except OSError as exc:
+                raise UserError(f"rewards.{name}: {str(exc).splitlines()[0]}") from None
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}: {self.weights[k]:g} x {v!r}" for k, v in self.rewards.items())
         return f"CombinedReward({parts})"

@@ -223,3 +223,18 @@ def test_component_reward_normalization_drives_the_update(tmp_path, repo_root, m
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert "reward/pixel_sp" in row and math.isfinite(row["loss"])
 
+
+
+def test_a_reward_model_that_cannot_load_stops_before_any_rollout(tmp_path, repo_root):
+    """A CLIP that is not downloaded (offline) once surfaced as a traceback at the first evaluation, after the
+    editor and the setup: CombinedReward.load() now loads every model up front and names the component."""
+    run = subprocess.run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/tiny.yaml",
+                          f"output_dir={tmp_path}/run", "report_to=none",
+                          "rewards.clip_sp.model=hf:nobody/no-such-clip-anywhere"],
+                         cwd=repo_root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rewards.clip_sp:") and "no-such-clip-anywhere" in last
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
