@@ -68,6 +68,8 @@ class ServeConfig:
     max_samples_per_request: int = 64    # larger requests get 413
     max_request_mb: float = 512.0        # larger bodies get 413
     token_env: str = DEFAULT_TOKEN_ENV   # env var of the bearer token; unset or empty: no token needed
+    device: Optional[str] = None         # where models load and frames are scored (None: cuda if available, else cpu;
+                                         # a reward's own device setting wins)
     log_level: str = "info"              # uvicorn and server log level
 
 
@@ -102,8 +104,14 @@ def _frames_spec(reward: Reward) -> Any:
     return dict(frames) if isinstance(frames, dict) or hasattr(frames, "items") else frames
 
 
-def build_served(rewards_cfg: Any, only: list[str] | None = None) -> dict[str, Served]:
-    """Build the rewards of a ``rewards:`` block (all, or the ``only`` ones) as the trainer would."""
+def serve_device(device: str | None) -> torch.device:
+    """The server's device: ``device``, else cuda when available, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def build_served(rewards_cfg: Any, only: list[str] | None = None, device: str | None = None) -> dict[str, Served]:
+    """Build the rewards of a ``rewards:`` block (all, or the ``only`` ones) as the trainer would, and load their
+    models on ``device`` (:meth:`Reward.load`), so that a missing model stops the server at start."""
     from .registry import _entries, build_reward
 
     entries = _entries(rewards_cfg)
@@ -119,6 +127,7 @@ def build_served(rewards_cfg: Any, only: list[str] | None = None) -> dict[str, S
             raise ValueError(f"rewards.{name} names a server itself; a reward server computes its rewards locally")
         try:
             served[name] = Served(build_reward(kind, **kwargs), kind, kwargs)
+            served[name].reward.load(serve_device(device))
         except (TypeError, ValueError, OSError) as e:
             raise type(e)(f"rewards.{name}: {e}") from e
     return served
@@ -156,8 +165,9 @@ class Batcher:
     """Collects scoring requests and runs them in batches (up to ``max_batch_size`` samples, waiting at most
     ``max_wait`` seconds for more) on one worker thread; counts batches and their sizes."""
 
-    def __init__(self, served: dict[str, Served], max_batch_size: int, max_wait: float):
+    def __init__(self, served: dict[str, Served], max_batch_size: int, max_wait: float, device: str | None = "cpu"):
         self.served = served
+        self.device = serve_device(device)
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_wait)
         self.queue: asyncio.Queue | None = None
@@ -183,8 +193,9 @@ class Batcher:
     def _score(self, requests: list[ScoreRequest]) -> list[RewardOutput]:
         merged, sizes = merge_requests(requests)
         t = time.perf_counter()
-        with torch.no_grad():
-            out = self.served[merged.reward].reward(merged.edited, merged.source, **merged.kwargs())
+        with torch.no_grad():  # frames on the server's device (a reward with its own device setting moves them)
+            out = self.served[merged.reward].reward(merged.edited.to(self.device), merged.source.to(self.device),
+                                                    **merged.kwargs())
         self.stats["score_seconds"] += time.perf_counter() - t
         results, start = [], 0
         for n in sizes:
@@ -256,7 +267,7 @@ def build_app(served: dict[str, Served], cfg: ServeConfig):
         raise ImportError("the reward server needs fastapi and uvicorn: pip install 'edit-grpo[serve]'")
     token = os.environ.get(cfg.token_env) if cfg.token_env else None
     max_bytes = int(cfg.max_request_mb * 2**20)
-    batcher = Batcher(served, cfg.max_batch_size, cfg.max_wait_ms / 1000.0)
+    batcher = Batcher(served, cfg.max_batch_size, cfg.max_wait_ms / 1000.0, getattr(cfg, "device", None))
     rejected: Counter = Counter()
 
     @asynccontextmanager
@@ -412,7 +423,7 @@ def main(cfg) -> None:
         raise UserError("the reward server needs fastapi and uvicorn: pip install 'edit-grpo[serve]'")
     plain = ServeConfig(**{k: _to_plain(getattr(cfg, k)) for k in ServeConfig.__dataclass_fields__})
     try:
-        served = build_served(plain.rewards, plain.only)
+        served = build_served(plain.rewards, plain.only, plain.device)
     except UnknownRewardError as e:
         raise UserError(str(e)) from None
     except (TypeError, ValueError, OSError) as e:

@@ -341,6 +341,11 @@ def test_recipe_checks_and_cli_errors(capsys, monkeypatch, repo_root):
     assert "did you mean 'port'" in capsys.readouterr().err
     assert cli(["recipe=recipes/tiny.yaml", "only=[clip_xx]"]) == 2
     assert "only=['clip_xx'] names no reward of the recipe" in capsys.readouterr().err
+    # a model that cannot load stops the server before it listens (models load at start, on the server's device)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli(["recipe=recipes/tiny.yaml", "rewards.clip_sp.model=hf:nobody/no-such-clip", "port=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: rewards.clip_sp:") and "no-such-clip" in err
 
 
 def test_served_rewards_report_their_types():
