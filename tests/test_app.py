@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from viva_base.app import BASE_LABEL, EditDemo, main, toy_examples
+from viva_base.app import BASE_LABEL, EditDemo, lora_labels, main, toy_examples
 from viva_base.errors import UserError
 from viva_base.pipeline import EditPipeline
 from viva_base.video import probe_video, read_video, write_video
@@ -108,6 +108,11 @@ def test_bad_page_inputs_raise_the_edit_commands_messages(demo, kwargs, message)
         demo.edit(**args)
 
 
+def test_lora_labels_are_readable_and_unique(tmp_path):
+    assert list(lora_labels(["outputs/toy/lora", "outputs/other/lora", "outputs/toy/lora"])) == [
+        "SFT + LoRA toy/lora", "SFT + LoRA other/lora", "SFT + LoRA toy/lora (2)"]
+
+
 def test_bad_uploads_and_limits(demo, tmp_path):
     (tmp_path / "corrupt.mp4").write_bytes(os.urandom(3000))
     (tmp_path / "notes.txt").write_text("hi")
@@ -193,7 +198,7 @@ def server(saved, tmp_path_factory):
 RESULTS = "#result-0 video, #result-1 video"
 
 
-def test_the_page_in_headless_chromium(server, tmp_path):
+def test_the_page_in_headless_chromium(server, saved, tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
@@ -219,7 +224,7 @@ def test_the_page_in_headless_chromium(server, tmp_path):
             page.wait_for_function(f"[...document.querySelectorAll('{RESULTS}')].every(v => v.currentTime > 0)",
                                    timeout=15000)
             status = page.inner_text("#status")
-            assert "SFT editor" in status and "SFT + lora" in status and "oracle" in status, status
+            assert "SFT editor" in status and f"SFT + LoRA {saved.name}/lora" in status and "oracle" in status, status
             assert page.locator("#downloads a").count() >= 2
             # the screenshot shows two result panes side by side, each a rendered video
             shot = tmp_path / "page.png"

@@ -113,16 +113,13 @@ def _slug(text: str) -> str:
 
 
 def lora_labels(paths) -> dict[str, str]:
-    """A readable, unique label per LoRA folder ("SFT + lora", ...) -> the folder."""
+    """A readable, unique label per LoRA folder -> the folder: ``SFT + LoRA toy/lora`` for ``outputs/toy/lora``
+    (the folder and its parent: Edit-GRPO names every adapter folder ``lora``)."""
     labels: dict[str, str] = {}
     for p in paths:
-        p = Path(p)
-        name = p.name or str(p)
-        label = f"SFT + {name}"
-        if label in labels and p.parent.name:
-            label = f"SFT + {p.parent.name}/{name}"
-        k = 2
-        base = label
+        path = Path(p).resolve()
+        base = f"SFT + LoRA {path.parent.name}/{path.name}" if path.parent.name else f"SFT + LoRA {path.name}"
+        label, k = base, 2
         while label in labels:
             label, k = f"{base} ({k})", k + 1
         labels[label] = str(p)
@@ -377,11 +374,12 @@ def build_page(demo: EditDemo, *, num_steps: int = 50, guidance_scale: float = 2
                 example = gr.Radio(list(demo.examples), label="Bundled toy example (true target known)",
                                    elem_id="example")
                 upload = gr.File(label=f"... or upload a video or image (up to {demo.max_upload_mb:g} MB)",
-                                 file_types=upload_types, elem_id="upload", height=110)
+                                 file_types=upload_types, elem_id="upload",
+                                 height=150)
                 instruction = gr.Textbox(label="Instruction", placeholder="make the red square blue",
                                          elem_id="instruction")
                 reference = gr.File(label="Reference image (optional)", file_types=sorted(IMAGE_EXTENSIONS),
-                                    elem_id="reference", height=90)
+                                    elem_id="reference", height=140)
                 with gr.Row():
                     steps = gr.Number(num_steps, label="Steps", precision=0, minimum=1, elem_id="steps",
                                       min_width=80)
