@@ -143,6 +143,23 @@ def test_bad_model_or_lora_is_one_line_and_exit_2(saved, capsys, extra, message)
     assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, err
 
 
+def test_the_page_runs_one_edit_at_a_time_and_serves_localhost_by_default(demo):
+    from viva_base.app import build_page, build_parser
+
+    args = build_parser().parse_args(["--model", "m"])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    page = build_page(demo)
+    edit = [fn for fn in page.fns.values() if fn.name == "run_edit"]
+    assert len(edit) == 1 and edit[0].queue and edit[0].concurrency_limit == 1
+
+
+def test_without_gradio_the_command_says_how_to_install_it(saved, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
+    assert main(["--model", str(saved / "editor")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'edit-grpo[app]'" in err and "Traceback" not in err
+
+
 def test_bad_lora_in_a_real_process(saved):
     r = subprocess.run([sys.executable, "-m", "viva_base.app", "--model", str(saved / "editor"), "--lora",
                         str(saved / "missing")], capture_output=True, text=True, timeout=120, cwd=REPO,

@@ -147,7 +147,7 @@ class EditDemo:
     ``variants`` maps a label to an adapter name (``None``: the editor without adapters)."""
 
     def __init__(self, editor, variants: dict[str, str | None], workdir: str | os.PathLike, *,
-                 max_upload_mb: float = 100.0, max_input_frames: int = 300, max_input_side: int = 1920,
+                 max_upload_mb: float = 100.0, max_input_frames: int = 257, max_input_side: int = 1280,
                  examples: list[ToyDemoExample] | None = None):
         self.editor = editor
         self.pipe = EditPipeline(editor)
@@ -457,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=2.0, help="the page's default guidance (default 2.0)")
     p.add_argument("--seed", type=int, default=0, help="the page's default seed (default 0)")
     p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest upload accepted (default 100 MB)")
-    p.add_argument("--max-input-frames", type=int, default=300, help="longest clip accepted (default 300 frames)")
-    p.add_argument("--max-input-side", type=int, default=1920, help="largest side accepted (default 1920 pixels)")
+    # the edit comes back at the input's frame count and size, in memory (float32): 257 x 1280 x 720 x 3 is 2.8 GB
+    p.add_argument("--max-input-frames", type=int, default=257, help="longest clip accepted (default 257 frames)")
+    p.add_argument("--max-input-side", type=int, default=1280, help="largest side accepted (default 1280 pixels)")
     p.add_argument("--queue-size", type=int, default=16, help="edits waiting at most (one runs at a time; default 16)")
     add_runtime_arguments(p)
     return p
@@ -504,9 +505,8 @@ def serve(args) -> None:
         page.queue(default_concurrency_limit=1, max_size=args.queue_size)
         print(f"serving the demo on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         try:
-            page.launch(server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb:g}mb",
-                        allowed_paths=[str(workdir)], show_error=False, quiet=True, ssr_mode=False, css=CSS,
-                        footer_links=[])
+            page.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(workdir)], show_error=False, quiet=True, ssr_mode=False, css=CSS,
+                        footer_links=[], max_file_size=int(args.max_upload_mb * 2**20))
         except OSError as exc:
             raise UserError(f"cannot serve on {args.host}:{args.port} ({str(exc).splitlines()[0][:160]})") from None
     finally:
