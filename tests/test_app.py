@@ -160,6 +160,15 @@ def test_without_gradio_the_command_says_how_to_install_it(saved, capsys, monkey
     assert "pip install 'edit-grpo[app]'" in err and "Traceback" not in err
 
 
+def test_a_busy_port_is_one_line_and_exit_2(saved, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["--model", str(saved / "editor"), "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot serve on 127.0.0.1:" in err and "Traceback" not in err
+
+
 def test_bad_lora_in_a_real_process(saved):
     r = subprocess.run([sys.executable, "-m", "viva_base.app", "--model", str(saved / "editor"), "--lora",
                         str(saved / "missing")], capture_output=True, text=True, timeout=120, cwd=REPO,
@@ -205,11 +214,12 @@ def server(saved, tmp_path_factory):
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
+        proc.terminate()  # closes the server and removes its files, as Ctrl-C does
         try:
-            proc.wait(20)
+            assert proc.wait(20) == 0, log.read_text()[-3000:]
         except subprocess.TimeoutExpired:
             proc.kill()
+            raise
 
 
 RESULTS = "#result-0 video, #result-1 video"
@@ -250,8 +260,8 @@ def test_the_page_in_headless_chromium(server, saved, tmp_path):
             assert abs(boxes[0]["y"] - boxes[1]["y"]) < 2 and boxes[1]["x"] > boxes[0]["x"] + boxes[0]["width"] - 1
             with Image.open(shot) as img:
                 for box in boxes:
-                    pane = img.convert("L").crop((box["x"], box["y"], box["x"] + box["width"], box["y"] + box["height"]))
-                    lo, hi = pane.getextrema()
+                    x, y, w, h = (box[k] for k in ("x", "y", "width", "height"))
+                    lo, hi = img.convert("L").crop((x, y, x + w, y + h)).getextrema()
                     assert box["width"] > 100 and hi - lo > 50, (box, lo, hi)
             # a bad upload: the edit command's message, in the page
             bad = tmp_path / "broken.mp4"

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -503,14 +504,21 @@ def serve(args) -> None:
         page = build_page(demo, num_steps=args.num_steps, guidance_scale=args.guidance_scale, seed=args.seed,
                           model_name=str(args.model))
         page.queue(default_concurrency_limit=1, max_size=args.queue_size)
-        print(f"serving the demo on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         try:
-            page.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(workdir)], show_error=False, quiet=True, ssr_mode=False, css=CSS,
-                        footer_links=[], max_file_size=int(args.max_upload_mb * 2**20))
+            page.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(workdir)], show_error=False,
+                        quiet=True, ssr_mode=False, css=CSS, footer_links=[], prevent_thread_lock=True,
+                        max_file_size=int(args.max_upload_mb * 2**20))
         except OSError as exc:
             raise UserError(f"cannot serve on {args.host}:{args.port} ({str(exc).splitlines()[0][:160]})") from None
+        print(f"serving the demo on {page.local_url} (Ctrl-C stops it)", flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: the server closes, files go
+        page.block_thread()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
