@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .edit import add_runtime_arguments, check_request, explain, guarded, load_model, resolve_device
 from .errors import UserError
-from .pipeline import EditPipeline, map_back, parse_size, resize_frames
+from .pipeline import ClipInfo, EditPipeline, map_back, parse_size, probe_clip, resize_frames
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video, write_video
 
 logger = logging.getLogger("viva_base.app")
@@ -173,8 +173,8 @@ class EditDemo:
         src, tgt = self._example_views[label]
         return src, tgt, self.examples[label].instruction
 
-    def check_upload(self, path: str | os.PathLike, instruction: str = "-", reference=None):
-        """The edit command's checks (:func:`viva_base.edit.check_request`) and the demo's limits."""
+    def check_upload(self, path: str | os.PathLike) -> ClipInfo:
+        """The demo's limits on an upload (type, size, length, side), probing it as the edit command does."""
         path = Path(path)
         ext = path.suffix.lower()
         if ext not in VIDEO_EXTENSIONS and ext not in IMAGE_EXTENSIONS:
@@ -183,7 +183,7 @@ class EditDemo:
         if path.is_file() and path.stat().st_size > self.max_upload_mb * 2**20:
             raise UserError(f"{path.name}: {path.stat().st_size / 2**20:.1f} MB is over this demo's upload limit "
                             f"of {self.max_upload_mb:g} MB")
-        info = check_request(path, instruction, reference)
+        info = probe_clip(path)
         if info.num_frames > self.max_input_frames:
             raise UserError(f"{path.name}: {info.num_frames} frames; this demo edits clips of at most "
                             f"{self.max_input_frames} frames (trim it, or use python -m viva_base.edit)")
@@ -221,16 +221,15 @@ class EditDemo:
             raise UserError("no variant chosen; tick the SFT editor and/or a LoRA")
         ex = None
         if upload:
-            info = self.check_upload(upload, instruction, reference)
-            video, fps = str(upload), info.fps
+            video, fps = str(upload), self.check_upload(upload).fps
         elif example:
             if example not in self.examples:
                 raise UserError(f"unknown example {example!r}")
             ex = self.examples[example]
-            check_request(ex.source, instruction, reference)
             video, fps = ex.source, ex.fps
         else:
             raise UserError("no source video: upload one, or pick a bundled example")
+        check_request(video, instruction, reference)  # the edit command's checks
 
         job = self._job_dir()
         ref = self.pipe.load_reference(reference)
@@ -238,24 +237,26 @@ class EditDemo:
         total = num_steps * len(chosen)
         edits, views, downloads, seconds, scores = {}, {}, [], {}, {}
         start = time.perf_counter()
-        for k, label in enumerate(chosen):
-            self._activate(self.variants[label])
-            t0 = time.perf_counter()
+        try:
+            for k, label in enumerate(chosen):
+                self._activate(self.variants[label])
+                t0 = time.perf_counter()
 
-            def on_step(i, steps, k=k, label=label):
-                if progress is not None:
-                    progress(k * steps + i, total, f"{label}: step {i}/{steps}")
+                def on_step(i, steps, k=k, label=label):
+                    if progress is not None:
+                        progress(k * steps + i, total, f"{label}: step {i}/{steps}")
 
-            edited = self.pipe.sample(clip, instruction.strip(), ref, num_inference_steps=num_steps,
-                                      guidance_scale=guidance_scale, seed=seed, progress=False, on_step=on_step)
-            full = edits[label] = map_back(edited, n, hw)
-            seconds[label] = time.perf_counter() - t0
-            slug = _slug(label)
-            downloads.append(str(write_video(job / f"{slug}.mp4", full, fps=fps)))
-            views[label] = str(write_display(job / f"{slug}_view.mp4", full, fps))
-            if ex is not None:
-                scores[label] = _oracle(full, ex)
-        self._activate(None)
+                edited = self.pipe.sample(clip, instruction.strip(), ref, num_inference_steps=num_steps,
+                                          guidance_scale=guidance_scale, seed=seed, progress=False, on_step=on_step)
+                full = edits[label] = map_back(edited, n, hw)
+                seconds[label] = time.perf_counter() - t0
+                slug = _slug(label)
+                downloads.append(str(write_video(job / f"{slug}.mp4", full, fps=fps)))
+                views[label] = str(write_display(job / f"{slug}_view.mp4", full, fps))
+                if ex is not None:
+                    scores[label] = _oracle(full, ex)
+        finally:
+            self._activate(None)
         if ex is not None:
             scores["source unchanged"] = _oracle(ex.source, ex)
             source_view, target_view = self._example_views[ex.label]
@@ -279,31 +280,31 @@ class EditDemo:
             dit.set_adapters([adapter])
 
     def _job_dir(self) -> Path:
+        """A new folder for one edit's (or preview's) files; all but the newest ``KEEP_JOBS`` go once they are
+        10 minutes old (the page has its own copies by then: gradio caches what it serves)."""
         jobs = self.workdir / "jobs"
         jobs.mkdir(parents=True, exist_ok=True)
         old = sorted(jobs.iterdir(), key=lambda p: p.stat().st_mtime)
         for p in old[:max(0, len(old) - KEEP_JOBS + 1)]:
-            shutil.rmtree(p, ignore_errors=True)
+            if time.time() - p.stat().st_mtime > 600:
+                shutil.rmtree(p, ignore_errors=True)
         job = jobs / uuid.uuid4().hex[:12]
         job.mkdir()
         return job
 
 
 def _whole(value, name: str, *, minimum: int) -> int | None:
-    """A whole number from a page field (which may hold a float or nothing); a UserError otherwise."""
-    if value is None or value == "":
-        return None if minimum == 0 else _whole_error(value, name, minimum)
+    """A whole number ``>= minimum`` from a page field (which may hold a float); an empty field is ``None``
+    where 0 is allowed (0 and empty: "the default"); anything else is a UserError."""
+    if value in (None, "") and minimum == 0:
+        return None
     try:
         number = float(value)
     except (TypeError, ValueError):
-        return _whole_error(value, name, minimum)
-    if not number.is_integer() or number < minimum:
-        return _whole_error(value, name, minimum)
+        number = math.nan
+    if not (number.is_integer() and number >= minimum):
+        raise UserError(f"{name} {value!r}: use a whole number >= {minimum}")
     return int(number)
-
-
-def _whole_error(value, name: str, minimum: int):
-    raise UserError(f"{name} {value!r}: use a whole number >= {minimum}")
 
 
 def _oracle(edited: torch.Tensor, ex: ToyDemoExample) -> dict[str, float]:
