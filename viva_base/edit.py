@@ -15,7 +15,8 @@ and side) is described in :mod:`viva_base.pipeline`.
 A problem with the input (missing, empty, corrupt or zero-frame video; unreadable reference; empty
 instruction; missing output folder or unsupported extension; unknown model directory or hub id while
 offline; a LoRA that does not match the model) prints one line ``error: ...`` and exits with status 2,
-leaving no output file. Cheap checks run before the (slow) model load.
+leaving no output file. Cheap checks run before the (slow) model load. The web demo (:mod:`viva_base.app`)
+runs the same checks (:func:`check_request`) and shows the same messages (:func:`explain`) in its page.
 """
 from __future__ import annotations
 
