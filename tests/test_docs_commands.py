@@ -30,6 +30,7 @@ ENTRY_POINTS = {
     "editgrpo.train": ("editgrpo.train", "cli", "editgrpo.config:GRPOConfig"),
     "viva_base.data.build": ("viva_base.data.build.cli", "cli", "viva_base.data.build.cli:BuildConfig"),
     "viva_base.edit": ("viva_base.edit", "main", None),
+    "viva_base.app": ("viva_base.app", "main", None),
     "viva_base.data.toyworld.build": ("viva_base.data.toyworld.build", "main", None),
     "viva_base.recipe_docs": ("viva_base.recipe_docs", "main", None),
     "editgrpo.diagnose": ("editgrpo.diagnose", "main", None),

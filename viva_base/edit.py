@@ -15,7 +15,8 @@ and side) is described in :mod:`viva_base.pipeline`.
 A problem with the input (missing, empty, corrupt or zero-frame video; unreadable reference; empty
 instruction; missing output folder or unsupported extension; unknown model directory or hub id while
 offline; a LoRA that does not match the model) prints one line ``error: ...`` and exits with status 2,
-leaving no output file. Cheap checks run before the (slow) model load.
+leaving no output file. Cheap checks run before the (slow) model load. The web demo (:mod:`viva_base.app`)
+runs the same checks (:func:`check_request`) and shows the same messages (:func:`explain`) in its page.
 """
 from __future__ import annotations
 
@@ -66,57 +67,134 @@ def build_parser() -> argparse.ArgumentParser:
                    "capped by the model config")
     p.add_argument("--size", type=_size, help="WxH the model edits at (snapped to multiples of 16); default: the "
                    "input's, capped by the model config")
+    add_runtime_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --log-level: shared by the edit command and the web demo (viva_base.app)."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bf16", "bfloat16", "fp16", "float16"],
                    help="model weights dtype (default: bf16 on GPU, float32 on CPU)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return p
+
+
+def check_request(video, instruction: str, reference=None):
+    """The cheap checks of one edit, before any model work (the edit command and the web demo run the same
+    ones): the instruction, the input clip (a path: probed, not decoded; an in-memory clip: nothing to probe)
+    and the reference image. Each raises a UserError naming the problem; returns the clip's
+    :class:`~viva_base.pipeline.ClipInfo` (``None`` for an in-memory clip)."""
+    import os
+
+    from .pipeline import check_instruction, probe_clip
+    from .video import read_image
+
+    check_instruction(instruction)
+    info = probe_clip(video) if isinstance(video, (str, os.PathLike)) else None
+    if reference is not None:
+        read_image(reference)
+    return info
+
+
+def check_lora_dirs(loras) -> None:
+    from .errors import CheckpointError
+
+    for lora in loras:
+        if not Path(lora).is_dir():
+            raise CheckpointError(f"{lora}: LoRA folder not found")
 
 
 def check_inputs(args) -> None:
     """The cheap checks, before the model loads: each raises a UserError naming the problem."""
-    from .errors import CheckpointError
-    from .pipeline import check_instruction, check_output_path, probe_clip
-    from .video import read_image
+    from .pipeline import check_output_path
 
-    check_instruction(args.instruction)
-    info = probe_clip(args.video)
+    info = check_request(args.video, args.instruction, args.reference)
     check_output_path(args.out, info.num_frames)
-    if args.reference is not None:
-        read_image(args.reference)
-    if args.lora is not None and not Path(args.lora).is_dir():
-        raise CheckpointError(f"{args.lora}: LoRA folder not found")
+    check_lora_dirs([args.lora] if args.lora is not None else [])
 
 
-def run(args) -> Path:
+def resolve_device(device: str | None, dtype: str = "auto"):
+    """``--device`` / ``--dtype`` -> ``(torch.device, torch.dtype)``: cuda when available, bf16 on GPU and
+    float32 on CPU for ``auto``; a UserError for a device that is not one or not here."""
     import torch
 
     from .errors import UserError
+    from .training import DTYPES
+
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:0, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else DTYPES[dtype]
+    return dev, dt
+
+
+def load_model(model: str, loras: dict | None = None, *, device, dtype):
+    """Load the editor ``model`` on ``device`` in ``dtype`` and each LoRA of ``loras`` (adapter name -> folder)
+    into its DiT. With several, the last one loaded is active; choose with ``transformer.set_adapters``."""
     from .peft_utils import load_lora
+    from .training import load_editor
+
+    loras = loras or {}
+    check_lora_dirs(loras.values())
+    logger.info("loading %s (%s, %s)", model, device, str(dtype).removeprefix("torch."))
+    editor = load_editor(model, torch_dtype=dtype)
+    editor.to(device=device, dtype=dtype)
+    for name, path in loras.items():
+        load_lora(editor.transformer, path, adapter_name=name)
+        logger.info("loaded LoRA %s", path)
+    return editor
+
+
+def run(args) -> Path:
+    from .peft_utils import ADAPTER
     from .pipeline import EditPipeline
-    from .training import DTYPES, load_editor
 
     check_inputs(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
-
-    logger.info("loading %s (%s, %s)", args.model, device, str(dtype).removeprefix("torch."))
-    editor = load_editor(args.model, torch_dtype=dtype)
-    editor.to(device=device, dtype=dtype)
-    if args.lora:
-        load_lora(editor.transformer, args.lora)
-        logger.info("loaded LoRA %s", args.lora)
+    device, dtype = resolve_device(args.device, args.dtype)
+    editor = load_model(args.model, {ADAPTER: args.lora} if args.lora else None, device=device, dtype=dtype)
     return EditPipeline(editor).edit_file(
         args.video, args.instruction, args.out, args.reference, num_inference_steps=args.num_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_frames=args.frames, size=args.size,
         progress=not args.no_progress)
+
+
+def explain(exc: BaseException, smaller: str = "--size and/or --frames") -> str | None:
+    """The one-line message for an error the user can act on (a UserError, running out of memory), or
+    None for a bug. ``smaller`` names the knobs that shrink the clip where the message is shown."""
+    from .errors import UserError
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"out of memory; edit a smaller clip with {smaller}"
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"out of GPU memory; edit a smaller clip with {smaller}, or use --dtype bf16"
+    return None
+
+
+def guarded(fn, *args, interrupted: str | None = "interrupted; no output written"):
+    """``fn(*args)`` for a command's ``main``: ``(0, its result)``, or, after one line ``error: ...`` on stderr,
+    ``(2, None)`` for an error the user can act on (:func:`explain`) and ``(130, None)`` for Ctrl-C (the line
+    is ``interrupted``; ``None``: no line). A bug propagates with its traceback."""
+    try:
+        return 0, fn(*args)
+    except KeyboardInterrupt:
+        if interrupted:
+            print(f"error: {interrupted}", file=sys.stderr)
+        return 130, None
+    except Exception as exc:
+        message = explain(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,30 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(levelname)s: %(message)s")
-    from .errors import UserError
     from .recipe import warn_deprecated_flags
 
     warn_deprecated_flags(sys.argv[1:] if argv is None else argv, ("--steps", "--guidance"))
 
-    try:
-        out = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("error: out of memory; edit a smaller clip with --size and/or --frames", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except Exception as exc:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            print("error: out of GPU memory; edit a smaller clip with --size and/or --frames, or use --dtype bf16",
-                  file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
+    code, out = guarded(run, args)
+    if code:
+        return code
     from .video import probe_video
 
     n, h, w, fps = probe_video(out)

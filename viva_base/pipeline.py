@@ -53,7 +53,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -281,7 +281,9 @@ class EditPipeline:
         clip = resize_frames(decoded.index_select(0, idx), (h, w))
         return clip, ClipInfo(n, info.height, info.width, info.fps)
 
-    def _reference(self, reference) -> torch.Tensor | None:
+    def load_reference(self, reference) -> torch.Tensor | None:
+        """The reference image as ``(3, H, W)`` in [0, 1] (``None`` stays ``None``): a path (read, at most the
+        model's max side) or a tensor; a UserError names what is wrong with it."""
         if reference is None:
             return None
         if isinstance(reference, (str, os.PathLike)):
@@ -302,8 +304,11 @@ class EditPipeline:
     @torch.no_grad()
     def sample(self, clip: torch.Tensor, instruction: str, reference: torch.Tensor | None = None, *,
                num_inference_steps: int = 50, guidance_scale: float = 2.0, seed: int = 0,
-               generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
-        """Edit a model-sized clip ``(f, 3, h, w)`` -> ``(f, 3, h, w)`` in [0, 1] (no adapting)."""
+               generator: torch.Generator | None = None, progress: bool = True,
+               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Edit a model-sized clip ``(f, 3, h, w)`` -> ``(f, 3, h, w)`` in [0, 1] (no adapting).
+        ``on_step(done, total)``, when given, is called after each of the ``total`` denoising steps (a progress
+        bar of a caller's own, e.g. the web demo's)."""
         instruction = check_instruction(instruction)
         if int(num_inference_steps) < 1:
             raise UserError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
@@ -326,6 +331,8 @@ class EditPipeline:
             else:
                 v = policy.velocity(latents, sigma.expand(1), both).float()
             latents = sched.step(v, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, len(sched.timesteps))
         out = policy.decode(latents)[0].float().cpu()
         if out.shape[0] != clip.shape[0]:
             raise RuntimeError(f"the policy decoded {out.shape[0]} frames for a {clip.shape[0]}-frame clip")
@@ -334,28 +341,35 @@ class EditPipeline:
     # -- entry points --------------------------------------------------------------------------------
     def __call__(self, video, instruction: str, reference=None, *, num_inference_steps: int = 50,
                  guidance_scale: float = 2.0, seed: int = 0, num_frames: int | None = None, size=None,
-                 progress: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+                 progress: bool = True, generator: torch.Generator | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Edit ``video`` (a ``(F, 3, H, W)`` tensor in [0, 1], uint8 allowed, or a path) with ``instruction``
         and an optional reference image (``(3, H, W)`` tensor or path).
 
         Returns the edited frames ``(F, 3, H, W)`` float32 in [0, 1] on the CPU, at the input's frame count
-        and size. ``num_frames`` / ``size`` ("WxH" or (width, height)) set the model clip explicitly.
+        and size. ``num_frames`` / ``size`` ("WxH" or (width, height)) set the model clip explicitly;
+        ``on_step(done, total)`` is called after each denoising step (see :meth:`sample`).
         """
         instruction = check_instruction(instruction)
-        ref = self._reference(reference)
+        ref = self.load_reference(reference)
+        clip, n, hw = self.prepare(video, num_frames=num_frames, size=size)
+        edited = self.sample(clip, instruction, ref, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, seed=seed, generator=generator, progress=progress,
+                             on_step=on_step)
+        return map_back(edited, n, hw)
+
+    def prepare(self, video, *, num_frames: int | None = None, size=None) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """``video`` (a path, or a ``(F, 3, H, W)`` tensor in [0, 1], uint8 allowed) -> ``(clip, F, (H, W))``: the
+        model clip to :meth:`sample` and what :func:`map_back` restores. Editing one clip several ways (other
+        seeds, adapters) prepares it once."""
         if isinstance(video, (str, os.PathLike)):
             clip, info = self.load_clip(video, num_frames=num_frames, size=size)
-            n, hw = info.num_frames, (info.height, info.width)
-        else:
-            if not torch.is_tensor(video) or video.ndim != 4 or video.shape[1] != 3 or video.shape[0] < 1:
-                raise UserError("the video must be a path or a (F, 3, H, W) tensor, got "
-                                + (str(tuple(video.shape)) if torch.is_tensor(video) else type(video).__name__))
-            video = _as_unit_float(video)
-            n, hw = video.shape[0], tuple(video.shape[-2:])
-            clip = self.adapt(video, num_frames=num_frames, size=size)
-        edited = self.sample(clip, instruction, ref, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, seed=seed, generator=generator, progress=progress)
-        return map_back(edited, n, hw)
+            return clip, info.num_frames, (info.height, info.width)
+        if not torch.is_tensor(video) or video.ndim != 4 or video.shape[1] != 3 or video.shape[0] < 1:
+            raise UserError("the video must be a path or a (F, 3, H, W) tensor, got "
+                            + (str(tuple(video.shape)) if torch.is_tensor(video) else type(video).__name__))
+        video = _as_unit_float(video)
+        return self.adapt(video, num_frames=num_frames, size=size), video.shape[0], tuple(video.shape[-2:])
 
     def edit_file(self, video: str | os.PathLike, instruction: str, out: str | os.PathLike, reference=None,
                   **kwargs) -> Path:
@@ -365,7 +379,7 @@ class EditPipeline:
         info = probe_clip(video)
         out = check_output_path(out, info.num_frames)
         instruction = check_instruction(instruction)
-        ref = self._reference(reference)
+        ref = self.load_reference(reference)
         keys = {"num_frames", "size"}
         clip, info = self.load_clip(video, info=info, **{k: v for k, v in kwargs.items() if k in keys})
         edited = self.sample(clip, instruction, ref, **{k: v for k, v in kwargs.items() if k not in keys})
