@@ -114,7 +114,7 @@ def test_lora_labels_are_readable_and_unique(tmp_path):
 
 
 def test_bad_uploads_and_limits(demo, tmp_path):
-    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(3000))
+    (tmp_path / "corrupt.mp4").write_bytes(b"this is not a video\n" * 150)  # (random bytes may parse as audio)
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(UserError, match="corrupt.mp4: not a readable video"):
         demo.preview_upload(tmp_path / "corrupt.mp4")
@@ -265,7 +265,7 @@ def test_the_page_in_headless_chromium(server, saved, tmp_path):
                     assert box["width"] > 100 and hi - lo > 50, (box, lo, hi)
             # a bad upload: the edit command's message, in the page
             bad = tmp_path / "broken.mp4"
-            bad.write_bytes(os.urandom(3000))
+            bad.write_bytes(b"this is not a video\n" * 150)  # random bytes sometimes parse as an audio file
             page.set_input_files("#upload input[type=file]", str(bad))
             page.wait_for_selector("#status .viva-error", timeout=15000)
             text = page.inner_text("#status")
