@@ -536,6 +536,22 @@ class ClipImageRewardBase(Reward):
             start += n
         return out
 
+    def embed_frame_pairs(self, scorer: ClipScorer, edited: torch.Tensor, source: torch.Tensor,
+                          name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed edited and source frames in one forward, for rewards that compare frame f with frame f (same frame
+        count required; ``name`` is the reward's, for the message)."""
+        if edited.shape[1] != source.shape[1]:
+            raise ValueError(f"{name} compares frame f of the source with frame f of the edit: frame counts "
+                             f"differ ({source.shape[1]} source, {edited.shape[1]} edited)")
+        edited_emb, source_emb = self.embed_frames(scorer, edited, source)
+        return edited_emb, source_emb
+
+    @staticmethod
+    def encode_caption_pairs(scorer: ClipScorer, target_captions, source_captions) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t_edit, t_src)`` embeddings, both caption lists in one text forward."""
+        text = scorer.encode_texts(list(target_captions) + list(source_captions))
+        return text[: len(target_captions)], text[len(target_captions):]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.spec}, frames={self.frames!r})"
 
@@ -547,8 +563,7 @@ class ClipInstructionFollowing(ClipImageRewardBase):
     def score(self, edited, source, *, source_captions, target_captions, instructions, references):
         scorer = self.scorer(edited)
         (img,) = self.embed_frames(scorer, edited)
-        text = scorer.encode_texts(list(target_captions) + list(source_captions))
-        t_edit, t_src = text[: len(target_captions)], text[len(target_captions):]
+        t_edit, t_src = self.encode_caption_pairs(scorer, target_captions, source_captions)
         c_edit = frame_text_similarity(img, t_edit)
         c_src = frame_text_similarity(img, t_src)
         scores = clip_if_score(img, t_edit, t_src)
@@ -564,11 +579,7 @@ class ClipSourcePreservation(ClipImageRewardBase):
     """
 
     def score(self, edited, source, *, source_captions, target_captions, instructions, references):
-        if edited.shape[1] != source.shape[1]:
-            raise ValueError(f"clip_sp compares frame f of the source with frame f of the edit: frame counts "
-                             f"differ ({source.shape[1]} source, {edited.shape[1]} edited)")
-        scorer = self.scorer(edited)
-        edited_emb, source_emb = self.embed_frames(scorer, edited, source)
+        edited_emb, source_emb = self.embed_frame_pairs(self.scorer(edited), edited, source, "clip_sp")
         return RewardOutput(clip_sp_score(source_emb, edited_emb))
 
 
@@ -579,13 +590,9 @@ class ClipDirection(ClipImageRewardBase):
     *changes*, so damage that moves the frames away from both captions (noise, blur) does not raise it."""
 
     def score(self, edited, source, *, source_captions, target_captions, instructions, references):
-        if edited.shape[1] != source.shape[1]:
-            raise ValueError(f"clip_dir compares frame f of the source with frame f of the edit: frame counts "
-                             f"differ ({source.shape[1]} source, {edited.shape[1]} edited)")
         scorer = self.scorer(edited)
-        edited_emb, source_emb = self.embed_frames(scorer, edited, source)
-        text = scorer.encode_texts(list(target_captions) + list(source_captions))
-        t_edit, t_src = text[: len(target_captions)], text[len(target_captions):]
+        edited_emb, source_emb = self.embed_frame_pairs(scorer, edited, source, "clip_dir")
+        t_edit, t_src = self.encode_caption_pairs(scorer, target_captions, source_captions)
         return RewardOutput(clip_direction_score(source_emb, edited_emb, t_src, t_edit))
 
 
