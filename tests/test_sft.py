@@ -159,3 +159,80 @@ def test_sft_ema_final_holds_the_average_and_resumes_exactly(tmp_path, repo_root
     main(_cfg(tmp_path / "c", *steps[:-2], "train.max_steps=3"))
     with pytest.raises(UserError, match="ema"):
         main(_cfg(tmp_path / "c", *steps, "resume=latest"))
+
+
+class _Pairs:
+    """An in-memory PairDataset stand-in: videos and 1-frame images, some with a reference image."""
+
+    def __init__(self, n_video=5, n_image=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n_video + n_image):
+            f = 5 if i < n_video else 1
+            self.items.append({
+                "id": str(i), "source": torch.rand(f, 3, 16, 16, generator=g),
+                "target": torch.rand(f, 3, 16, 16, generator=g),
+                "mask": (torch.rand(f, 1, 16, 16, generator=g) > 0.6).float(),
+                "instruction": ["remove the red square", "make the background a night sky with stars",
+                                "recolour it blue"][i % 3],
+                "reference": torch.rand(3, 16, 16, generator=g) if i % 4 == 1 else None, "is_image": f == 1})
+        self.is_image = [it["is_image"] for it in self.items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_precomputed_pairs_give_the_on_the_fly_loss():
+    """data.precompute: the same conditions, latents and masks as encoding each batch, so the same loss (up to
+    float rounding of a different batch composition), with CFG dropout and mixed reference images."""
+    from viva_base.data.pairs import collate_pairs
+    from viva_base.precompute import PrecomputedPairs
+    from viva_base.sft import encode_pairs
+
+    editor = make_tiny_editor(seed=1)
+    data = _Pairs()
+    features = PrecomputedPairs(editor, data, chunk_size=3, progress=False)
+    for idx, drop in [([0, 3, 1, 4], [False, True, False, False]), ([2, 1], [True, True]), ([5, 8, 6], [False] * 3)]:
+        drop = torch.tensor(drop)
+        want = encode_pairs(editor, collate_pairs([data[i] for i in idx]), drop)
+        got = features.batch(idx, drop)
+        assert set(got[0].keys()) == set(want[0].keys())
+        valid = want[0]["prompt_mask"][..., None].bool()  # padding is zeros here, the VLM's pad states there
+        assert torch.equal(got[0]["prompt_mask"], want[0]["prompt_mask"])
+        for k in want[0]:
+            assert got[0][k].shape == want[0][k].shape, k
+            g, w = got[0][k].float(), want[0][k].float()
+            if k == "prompt_embeds":
+                g, w = g * valid, w * valid
+            if k == "ref_latents":  # read only where has_ref (a batch without references holds zeros)
+                g, w = g[want[0]["has_ref"]], w[want[0]["has_ref"]]
+            assert torch.allclose(g, w, atol=1e-5), k
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        kw = dict(w_m=2.0, cfg_dropout=0.5, timestep_sampling="uniform", shift=1.0, mask_normalization="balanced")
+        a = sft_loss(editor, collate_pairs([data[i] for i in idx]), torch.Generator().manual_seed(3), **kw)
+        b = sft_loss(editor, {"index": idx}, torch.Generator().manual_seed(3), features=features, **kw)
+        assert torch.allclose(a, b, rtol=1e-5), (a, b)
+    # the empty-instruction twin differs from the instruction's, the images and latents are shared
+    c0, c1 = features.batch([0], torch.tensor([False])), features.batch([0], torch.tensor([True]))
+    assert not torch.equal(c0[0]["prompt_embeds"][:, :1], c1[0]["prompt_embeds"][:, :1]) or \
+        c0[0]["prompt_embeds"].shape != c1[0]["prompt_embeds"].shape
+    assert torch.equal(c0[0]["source_latents"], c1[0]["source_latents"])
+
+
+@pytest.mark.slow
+def test_sft_with_precomputed_features_matches_and_resumes_exactly(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    steps = ["train.max_steps=6", "train.checkpoint_every=3", "data.toy.n_video=6", "data.toy.n_image=4"]
+    main(_cfg(tmp_path / "plain", *steps))
+    main(_cfg(tmp_path / "a", *steps, "data.precompute=true"))
+    rows = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert rows("a") == pytest.approx(rows("plain"), rel=1e-4)
+    main(_cfg(tmp_path / "b", *steps[:1], "train.max_steps=3", *steps[1:], "data.precompute=true"))
+    main(_cfg(tmp_path / "b", *steps, "data.precompute=true", "resume=latest"))
+    a = load_file(str(tmp_path / "a" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows("b") == rows("a")

@@ -36,6 +36,7 @@ from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deeps
 from .errors import CheckpointError, UserError
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
                      sigma_loss_weight)
+from .precompute import PrecomputedPairs
 from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compute_autocast, find_checkpoint,
@@ -61,6 +62,8 @@ class DataConfig:
     frames: Optional[int] = None         # cut every clip to this many frames (4k+1 for the Hunyuan VAE)
     size: Optional[list[int]] = None     # resize every frame to [H, W]
     p_video: float = 0.4                 # probability that a batch is a video batch (paper: 0.4)
+    precompute: bool = False             # encode every pair's frozen inputs (instructor, VAE) once before training
+                                         # and keep them in host memory (viva_base/precompute.py): per step only the DiT runs
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
 
 
@@ -168,17 +171,33 @@ def load_ema(ema, dit, ckpt: Path, step: int) -> None:
     ema.optimization_step = step
 
 
-def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
-             timestep_sampling: str, shift: float, loss_weighting: str = "none", mask_normalization: str = "none",
-             noise: torch.Tensor | None = None,
-             sigma: torch.Tensor | None = None) -> torch.Tensor:
-    """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller."""
-    b = len(batch["instruction"])
-    drop = torch.rand(b, generator=generator) < cfg_dropout
+def encode_pairs(editor, batch: dict, drop: torch.Tensor) -> tuple:
+    """The frozen half of an SFT step: ``(cond, z_target, latent_mask)`` of a collated batch, the instruction
+    of the samples in ``drop`` emptied (CFG dropout). ``viva_base.precompute`` gives the same from memory."""
     instructions = ["" if d else t for d, t in zip(drop.tolist(), batch["instruction"])]
     device = editor.device
     cond, _ = editor.encode_condition(batch["source"].to(device), instructions, batch["reference"], with_uncond=False)
     z_tgt = editor.encode_video(batch["target"].to(device)).float()
+    mask = mask_to_latent(batch["mask"].to(device), tuple(z_tgt.shape[2:]), editor.temporal_ratio)
+    return cond, z_tgt, mask
+
+
+def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
+             timestep_sampling: str, shift: float, loss_weighting: str = "none", mask_normalization: str = "none",
+             noise: torch.Tensor | None = None,
+             sigma: torch.Tensor | None = None, features: PrecomputedPairs | None = None) -> torch.Tensor:
+    """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller.
+
+    With ``features`` (``data.precompute``) ``batch`` is ``{"index": [pair indices]}`` and the frozen encodings
+    come from memory; the random draws (dropout, noise, sigma) are the same either way.
+    """
+    b = len(batch["index"]) if features is not None else len(batch["instruction"])
+    drop = torch.rand(b, generator=generator) < cfg_dropout
+    if features is not None:
+        cond, z_tgt, mask = features.batch(batch["index"], drop)
+    else:
+        cond, z_tgt, mask = encode_pairs(editor, batch, drop)
+    device = editor.device
     if noise is None:
         noise = torch.randn(z_tgt.shape, generator=generator)
     if sigma is None:
@@ -186,7 +205,6 @@ def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg
     noise, sigma = noise.to(device), sigma.to(device)
     z_t = add_noise(z_tgt, noise, sigma)
     v = editor.velocity(z_t, sigma, cond)
-    mask = mask_to_latent(batch["mask"].to(device), tuple(z_tgt.shape[2:]), editor.temporal_ratio)
     return masked_flow_matching_loss(v, flow_matching_target(noise, z_tgt), mask, w_m,
                                      sample_weight=sigma_loss_weight(sigma, loss_weighting),
                                      normalization=mask_normalization)
@@ -281,6 +299,10 @@ def main(cfg: SFTConfig) -> Path:
         if ema is not None:
             load_ema(ema, editor.transformer, ckpt, start)
         logger.info("resumed from %s at step %d", ckpt, start)
+    features = None
+    if cfg.data.precompute:  # the frozen encoders' outputs, once per pair, under the step's autocast
+        with accelerator.autocast(), compute_autocast(accelerator.device, model_dtype):
+            features = PrecomputedPairs(editor, dataset, progress=accelerator.is_main_process)
     dit_raw = editor.transformer
     dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
     if ckpt is not None and zero is not None:  # every rank's ZeRO partition of the optimizer state
@@ -302,12 +324,13 @@ def main(cfg: SFTConfig) -> Path:
         t_step, losses = time.time(), []
         for micro in range(tc.gradient_accumulation_steps):
             idx = sampler.indices(step, micro)[rank * per_micro:(rank + 1) * per_micro]
-            batch = collate_pairs([dataset[i] for i in idx])
+            batch = {"index": idx} if features is not None else collate_pairs([dataset[i] for i in idx])
             with accelerator.accumulate(dit), accelerator.autocast():
                 with compute_autocast(accelerator.device, model_dtype):  # bf16 frozen x fp32 trained weights
                     loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
                                     cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift,
-                                    loss_weighting=tc.loss_weighting, mask_normalization=tc.mask_normalization)
+                                    loss_weighting=tc.loss_weighting, mask_normalization=tc.mask_normalization,
+                                    features=features)
                 # DeepSpeed: backward runs the engine, which steps (clipping first) at the last micro-batch; then
                 # clip_grad_norm_ only returns the norm it clipped, and optimizer.step / zero_grad are no-ops
                 accelerator.backward(loss)
