@@ -54,7 +54,7 @@ logger = logging.getLogger("benchmarks.ablation")
 
 # 4 SFT rows (3 of video pairs only) + 1 Edit-GRPO + 5 evaluations in <= 90 min on 2 cores: docs/toy_world.md,
 # "The ablation (paper Table 2 in miniature)", has the arithmetic.
-DEFAULT_SFT_STEPS = 4000
+DEFAULT_SFT_STEPS = 3500
 QUICK_SFT_STEPS = 3
 QUICK = ["toy.n_sft_video=8", "toy.n_sft_image=8", "toy.n_grpo=4", "toy.n_eval_compound=4", "toy.n_eval_simple=5",
          "toy.reward_steps=10", "toy.instructor_steps=5", "train.num_iterations=1", "train.prompts_per_iteration=2",
