@@ -166,7 +166,9 @@ class Ablation:
         t0 = time.time()
         self.root.mkdir(parents=True, exist_ok=True)
         self.paths, self.reward_name, self.base = shared_stages(self.cfg, self.root)
-        self.seconds["shared stages (data, toy CLIP, toy instructor)"] = {"total": time.time() - t0}
+        if time.time() - t0 > 5 or not (self.root / "timing.json").exists():  # else cached: keep the first run's
+            _time_file(self.root, "shared_s", time.time() - t0)
+        self.seconds["shared stages (data, toy CLIP, toy instructor)"] = json.loads((self.root / "timing.json").read_text())
         logger.info("ablation: shared stages ready in %.0f s", time.time() - t0)
         pointed = point_at(self.cfg, self.paths, self.reward_name, self.root, "")
         reward_fn = CombinedReward.from_config(pointed.rewards)
@@ -236,6 +238,7 @@ class Ablation:
                            {"sft": sft_fingerprint, "grpo": want})
 
     def _evaluate(self, row: Row, folder: Path, editor_dir: Path, lora: Path | None, step: int, key: dict) -> None:
+        import torch
         from omegaconf import OmegaConf
 
         from editgrpo.evaluate import Evaluator
@@ -251,7 +254,7 @@ class Ablation:
             return
         start = time.time()
         editor = load_model(str(editor_dir), {ADAPTER: str(lora)} if lora else None, device="cpu",
-                            dtype=__import__("torch").float32)
+                            dtype=torch.float32)
         eval_cfg = OmegaConf.merge(self.cfg.eval, {"manifest": str(self.paths["eval"])})
         if out.exists():
             shutil.rmtree(out)
@@ -269,7 +272,7 @@ class Ablation:
                     times[k] = times.get(k, 0.0) + v
             self.seconds[row.name] = times
         result = ablation_table([r.name for r in self.rows], {r: self.evals[r] for r in self.evals})
-        result.update(sft_steps=self.sft_steps, seeds=self.seeds, quick=self.quick, seconds=seconds,
+        result.update(output_dir=str(self.root), sft_steps=self.sft_steps, seeds=self.seeds, quick=self.quick, seconds=seconds,
                       compute=self.seconds, eval_manifest=str(self.paths["eval"]),
                       rows_spec={r.name: {"sft_overrides": _overrides(r.sft), "edit_grpo": r.grpo,
                                           "ablates": list(r.ablates), "folder": str(self.run_dir(r, (self.seeds or [None])[0]))}
@@ -420,46 +423,38 @@ def write_outputs(out: Path, result: dict) -> None:
 
 
 # ---------------------------------------------------------------------- command line
-def parse(argv: list[str]) -> dict:
-    """``recipe=``/``key=value`` (the GRPO recipe), ``rows=``, ``--quick``, ``--seeds S ...``, ``--sft-steps N``."""
-    args = {"rows": None, "quick": False, "seeds": None, "sft_steps": None, "recipe_args": []}
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--quick":
-            args["quick"] = True
-        elif a in ("--seeds", "--sft-steps"):
-            vals = []
-            while i + 1 < len(argv) and argv[i + 1].lstrip("-").isdigit():
-                vals.append(int(argv[i + 1]))
-                i += 1
-            if not vals or (a == "--sft-steps" and (len(vals) != 1 or vals[0] < 1)):
-                raise UserError(f"{a} needs {'one positive integer' if a == '--sft-steps' else 'integer seeds'}")
-            args["seeds" if a == "--seeds" else "sft_steps"] = vals if a == "--seeds" else vals[0]
-        elif a.startswith("rows="):
-            args["rows"] = a.split("=", 1)[1]
-        elif a.startswith("-") and not a.startswith("--recipe") and not a.startswith("--config"):
-            raise UserError(f"unknown option {a}; use --quick, --seeds S ..., --sft-steps N, rows=..., recipe=PATH "
-                            "and key=value overrides")
-        else:
-            args["recipe_args"].append(a)
-        i += 1
+def parse(argv: list[str]):
+    """``recipe=PATH`` / ``rows=...`` / ``key=value`` (the GRPO recipe's overrides), ``--quick``, ``--seeds S ...``,
+    ``--sft-steps N``, in any order."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0],
+                                epilog="Arguments key=value: recipe=PATH (a toy recipe, recipes/toy.yaml), "
+                                       "rows=Vanilla,+V,+V+M,+V+M+I,+V+M+I+E (default: all), and any recipe key.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a few SFT steps, a few prompts): a smoke run")
+    p.add_argument("--seeds", type=int, nargs="+", help="repeat every row over these training seeds")
+    p.add_argument("--sft-steps", type=int, help=f"SFT steps per row (default {DEFAULT_SFT_STEPS}; "
+                                                 f"--quick: {QUICK_SFT_STEPS})")
+    p.add_argument("--recipe", help="the recipe (same as recipe=PATH)")
+    pairs = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = p.parse_args([a for a in argv if a not in pairs])
+    if args.sft_steps is not None and args.sft_steps < 1:
+        p.error("--sft-steps must be >= 1")
+    args.rows = next((a.split("=", 1)[1] for a in reversed(pairs) if a.startswith("rows=")), None)
+    args.recipe_args = [*([f"recipe={args.recipe}"] if args.recipe else []), *(a for a in pairs if not a.startswith("rows="))]
     return args
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        return 0
+    args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from editgrpo.config import GRPOConfig
         from viva_base.recipe import load_recipe
 
-        args = parse(argv)
-        rows = find_rows(args["rows"])
-        recipe_args = [*(QUICK if args["quick"] else []), *args["recipe_args"]]
+        rows = find_rows(args.rows)
+        recipe_args = [*(QUICK if args.quick else []), *args.recipe_args]
         cfg = load_recipe(GRPOConfig, recipe_args)
         if not cfg.toy.enabled:
             raise UserError("the ablation runs on the toy world: give a recipe with toy.enabled: true, such as "
@@ -467,12 +462,12 @@ def main(argv=None) -> int:
         if not cfg.toy.sft_recipe or not Path(cfg.toy.sft_recipe).is_file():
             raise UserError(f"toy.sft_recipe={cfg.toy.sft_recipe!r}: no such recipe file (the ablation needs a toy "
                             "recipe such as recipes/toy.yaml)")
-        steps = args["sft_steps"] or (QUICK_SFT_STEPS if args["quick"] else DEFAULT_SFT_STEPS)
-        result = Ablation(cfg, rows, seeds=args["seeds"], sft_steps=steps, quick=args["quick"]).run()
+        steps = args.sft_steps or (QUICK_SFT_STEPS if args.quick else DEFAULT_SFT_STEPS)
+        result = Ablation(cfg, rows, seeds=args.seeds, sft_steps=steps, quick=args.quick).run()
     except (RecipeError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(result["eval_manifest"]).parents[1]
+    out = Path(result["output_dir"])
     print("compute (rows x time, seconds):")
     for name, times in result["compute"].items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
