@@ -35,17 +35,25 @@ def eval_seed(seed: int, item: int) -> int:
     return (seed * 1_000_003 + item) % (2 ** 63 - 1)
 
 
+def item_groups(it: dict) -> list[str]:
+    """The groups an evaluation item counts in: ``all``, ``split/<split>`` (compound ones also in
+    ``split/compound-novel`` or ``-seen``) and ``type/<edit_type>``."""
+    names = ["all"]
+    if it.get("split"):
+        names.append(f"split/{it['split']}")
+        if it.get("novel_combo") is not None and it["split"] == "compound":
+            names.append("split/compound-" + ("novel" if it["novel_combo"] else "seen"))
+    if it.get("edit_type"):
+        names.append(f"type/{it['edit_type']}")
+    return names
+
+
 def group_means(items: list[dict], keys: list[str]) -> dict:
     """Means of ``keys`` over all items, per ``split`` and per ``edit_type`` (NaNs skipped)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for it in items:
-        groups["all"].append(it)
-        if it.get("split"):
-            groups[f"split/{it['split']}"].append(it)
-            if it.get("novel_combo") is not None and it["split"] == "compound":
-                groups["split/compound-" + ("novel" if it["novel_combo"] else "seen")].append(it)
-        if it.get("edit_type"):
-            groups[f"type/{it['edit_type']}"].append(it)
+        for name in item_groups(it):
+            groups[name].append(it)
     out = {}
     for name, rows in groups.items():
         stats = {"n": len(rows)}

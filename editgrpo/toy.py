@@ -32,24 +32,7 @@ def prepare(cfg, accelerator=None):
     main = accelerator is None or accelerator.is_main_process
     ctx = accelerator.main_process_first() if accelerator is not None else nullcontext()
     with ctx:
-        from viva_base.data.toy import ensure_toy_dataset
-
-        paths = ensure_toy_dataset(out / "data", seed=t.seed, n_sft_video=t.n_sft_video, n_sft_image=t.n_sft_image,
-                                   n_sft_compound_video=t.n_sft_compound_video,
-                                   n_sft_compound_image=t.n_sft_compound_image,
-                                   n_grpo=t.n_grpo, n_eval_compound=t.n_eval_compound, n_eval_simple=t.n_eval_simple,
-                                   frames=t.frames, size=t.size)
-        reward_name = None
-        if _uses_toy_reward(cfg.rewards):
-            from .toy_reward import train_toy_clip
-
-            kw = {"steps": t.reward_steps} if t.reward_steps else {}
-            if t.reward_degrade:
-                kw["degrade"] = t.reward_degrade
-            reward_name = train_toy_clip(out / "reward_model", seed=t.seed, frames=t.frames, size=t.size, **kw)
-        base = None
-        if t.instructor_steps and main:
-            base = _instructor_stage(t, out / "instructor", paths)
+        paths, reward_name, base = shared_stages(cfg, out, main=main)
         sft_final = out / "sft" / "final"
         if main:
             fingerprint = _sft_stage(t, out / "sft", paths["sft"], cfg.report_to, base=base)
@@ -57,6 +40,45 @@ def prepare(cfg, accelerator=None):
             import json
 
             fingerprint = stage_fingerprint(json.loads((out / "sft" / SFT_STAGE).read_text()))
+    cfg = point_at(cfg, paths, reward_name, sft_final, fingerprint)
+    if main and not (out / "sft" / DIAGNOSTICS).exists():
+        write_sft_diagnostics(cfg, paths, out / "sft" / DIAGNOSTICS)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return cfg
+
+
+def shared_stages(cfg, out: Path, *, main: bool = True):
+    """Stages 1-3 (data, toy reward model, toy instructor) in ``out``, each cached; what every SFT stage built on them
+    shares. Returns ``(paths, reward_name, base)``: the manifests, the toy CLIP's name for the rewards (None when no
+    reward uses it), and the pretrained toy instructor's ``(editor folder, fingerprint)`` (None when
+    ``toy.instructor_steps`` is 0 or on a process other than the main one)."""
+    t = cfg.toy
+    from viva_base.data.toy import ensure_toy_dataset
+
+    paths = ensure_toy_dataset(out / "data", seed=t.seed, n_sft_video=t.n_sft_video, n_sft_image=t.n_sft_image,
+                               n_sft_compound_video=t.n_sft_compound_video,
+                               n_sft_compound_image=t.n_sft_compound_image,
+                               n_grpo=t.n_grpo, n_eval_compound=t.n_eval_compound, n_eval_simple=t.n_eval_simple,
+                               frames=t.frames, size=t.size)
+    reward_name = None
+    if _uses_toy_reward(cfg.rewards):
+        from .toy_reward import train_toy_clip
+
+        kw = {"steps": t.reward_steps} if t.reward_steps else {}
+        if t.reward_degrade:
+            kw["degrade"] = t.reward_degrade
+        reward_name = train_toy_clip(out / "reward_model", seed=t.seed, frames=t.frames, size=t.size, **kw)
+    base = None
+    if t.instructor_steps and main:
+        base = _instructor_stage(t, out / "instructor", paths)
+    return paths, reward_name, base
+
+
+def point_at(cfg, paths: dict, reward_name, sft_final: Path, fingerprint: str):
+    """A copy of the GRPO config pointed at the chain's stages: the SFT editor ``sft_final`` (``model.pretrained``),
+    the GRPO and eval manifests, the toy CLIP for every reward whose ``model`` is ``"toy"`` and the chain's prompts
+    for ``toy_oracle``."""
     cfg = OmegaConf.merge(cfg, {})  # a copy
     cfg.model.pretrained, cfg.model.tiny = str(sft_final), False
     cfg.toy.sft_fingerprint = fingerprint  # part of the recipe a GRPO checkpoint records: a new SFT editor is a new run
@@ -68,10 +90,6 @@ def prepare(cfg, accelerator=None):
                 entry["model"] = reward_name
             if entry.get("manifest") == "toy":  # toy_oracle (the diagnostic upper bound) on the chain's prompts
                 entry["manifest"] = [str(paths["grpo"]), str(paths["eval"])]
-    if main and not (out / "sft" / DIAGNOSTICS).exists():
-        write_sft_diagnostics(cfg, paths, out / "sft" / DIAGNOSTICS)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
     return cfg
 
 

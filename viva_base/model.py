@@ -59,6 +59,10 @@ class EditorConfig:
     # v = (z_t - x0) / sigma: copying the source is the zero output, exactly, at every noise level (for DiTs
     # trained from scratch, like the toy editor; docs/toy_world.md measures why).
     prediction: str = "velocity"
+    # Whether the VLM instructor sees images (paper eq. 1: the source's first frame and the reference). False: it
+    # reads the instruction only (the text-only "Vanilla" row of the paper's ablation, benchmarks/ablation.py); the
+    # source video still enters the DiT as the source latent and the reference as its extra latent frame.
+    instructor_images: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "EditorConfig":
@@ -204,6 +208,8 @@ class VivaEditor:
         references = list(references) if references is not None else [None] * b
         first = [videos[i, 0] for i in range(b)]
         images = [[first[i]] + ([references[i]] if references[i] is not None else []) for i in range(b)]
+        if not self.config.instructor_images:  # text only (EditorConfig.instructor_images)
+            images = [[] for _ in range(b)]
         texts = list(instructions) + ([""] * b if with_uncond else [])
         self.calls["instructor"] += b  # prompts encoded (cond and uncond of a prompt: one batched pass)
         hidden, mask = encode_instructions(self.instructor, self.processor, texts,

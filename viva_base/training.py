@@ -51,6 +51,7 @@ class ModelConfig:
     dtype: str = "float32"               # weights of the frozen parts: float32 | bf16 | fp16 (trained ones are float32)
     gradient_checkpointing: bool = False  # recompute each DiT block in backward (less memory, ~1/3 more time)
     shift: Optional[float] = None        # override the sampling schedule's shift
+    instructor_images: Optional[bool] = None  # false: the VLM instructor reads the instruction only, no first frame or reference (saved with the editor); None: the editor's own setting
 
 
 def check_model_config(cfg: ModelConfig, key: str = "model") -> None:
@@ -95,6 +96,11 @@ def build_editor(cfg: ModelConfig, device: torch.device | str | None = None, *, 
     editor.to(device=device, dtype=dtype)
     if cfg.shift is not None:
         editor.config.shift = float(cfg.shift)
+    if cfg.instructor_images is not None:
+        if not hasattr(editor.config, "instructor_images"):
+            raise UserError(f"{key}.instructor_images: the {type(editor).__name__} has no VLM instructor that reads "
+                            "images; leave it unset")
+        editor.config.instructor_images = bool(cfg.instructor_images)
     if cfg.gradient_checkpointing:
         editor.transformer.enable_gradient_checkpointing()
     return editor
