@@ -27,7 +27,7 @@ class DataConfig:
 class SamplingConfig:
     num_steps: int = 16                  # denoising steps of a rollout
     guidance_scale: float = 2.0          # CFG on the instruction only (paper: 2.0)
-    method: str = "flow_sde"             # flow_sde | cps
+    method: str = "flow_sde"             # flow_sde | cps | ode (deterministic rollouts: train.algorithm nft / awm only)
     eta: float = 0.7                     # SDE noise level
     log_prob: str = "exact"              # exact: Gaussian log-density | unscaled: -(x - mean)^2 (Flow-GRPO's CPS)
     shift: Optional[float] = None        # schedule shift; None -> the editor's
@@ -48,6 +48,10 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0                        # seeds noise, prompt order and LoRA init (same seed, same run)
+    algorithm: str = "grpo"              # grpo: SDE log-prob ratios (eq. 13) | nft: DiffusionNFT | awm: advantage-weighted matching (docs/algorithms.md)
+    forward_timesteps: int = 2           # nft / awm: noise levels each rollout's x0 is re-noised at per iteration (a forward + backward each)
+    nft_beta: float = 1.0                # nft: step of the implicit policies v+- = v_old +- b (v - v_old)
+    cfg_free: bool = False               # nft / awm: train the conditional velocity only (no CFG in the training forwards)
     num_iterations: int = 100            # rollout + update rounds
     prompts_per_iteration: int = 2       # global, over all processes
     num_generations: int = 4             # G, samples per prompt
@@ -59,7 +63,7 @@ class TrainConfig:
     warmup_steps: int = 0                # optimizer steps of linear warmup
     max_grad_norm: float = 1.0           # gradient clipping
     epsilon: float = 1e-4                # clip range of the ratio (Flow-GRPO: 1e-4)
-    beta: float = 0.004                  # KL weight to the reference policy (adapter disabled), on kl_type's scale
+    beta: float = 0.004                  # KL weight to the reference policy (adapter disabled): grpo on kl_type's scale; nft / awm mean (v - v_ref)^2
     kl_type: str = "exact"               # exact: true step-Gaussian KL | flow_grpo: Flow-GRPO's (= exact x |dt|, Flow-SDE)
     cfg_grad: str = "full"               # full: grad through both CFG branches | cond_only: uncond detached (Flow-GRPO)
     scale_rewards: str = "group"         # group | global | none (eq. 11's std)
@@ -143,8 +147,8 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.recipe import check_positive as positive
     from viva_base.training import DTYPES
 
-    from .grpo import ADVANTAGE_SCALES, KL_TYPES
-    from .sampling import CFG_GRADS, LOG_PROB_KINDS, SDE_METHODS
+    from .grpo import ADVANTAGE_SCALES, ALGORITHMS, FORWARD_ALGORITHMS, KL_TYPES
+    from .sampling import CFG_GRADS, LOG_PROB_KINDS, ROLLOUT_METHODS
 
     tc, sc = cfg.train, cfg.sampling
 
@@ -153,12 +157,20 @@ def validate_config(cfg: GRPOConfig) -> None:
     one_of("train.kl_type", tc.kl_type, KL_TYPES)
     one_of("train.lr_scheduler", tc.lr_scheduler, LR_SCHEDULERS)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
-    one_of("sampling.method", sc.method, SDE_METHODS)
+    one_of("train.algorithm", tc.algorithm, ALGORITHMS)
+    one_of("sampling.method", sc.method, ROLLOUT_METHODS)
+    if sc.method == "ode" and tc.algorithm not in FORWARD_ALGORITHMS:
+        raise UserError(f"sampling.method=ode with train.algorithm={tc.algorithm}: GRPO trains SDE log-probs; use "
+                        f"flow_sde or cps, or train.algorithm=nft / awm (no log-probs)")
+    if tc.algorithm == "nft" and tc.advantage_clip is None:
+        raise UserError("train.algorithm=nft needs train.advantage_clip (its optimality probability is "
+                        "A / (2 advantage_clip) + 1/2)")
     one_of("sampling.log_prob", sc.log_prob, LOG_PROB_KINDS)
     one_of("train.cfg_grad", tc.cfg_grad, CFG_GRADS)
     one_of("model.dtype", cfg.model.dtype, sorted(DTYPES))
     for key in ("num_iterations", "prompts_per_iteration", "num_generations", "learning_rate", "num_inner_epochs",
-                "minibatches_per_iteration", "train_batch_size", "advantage_clip", "log_every"):
+                "minibatches_per_iteration", "train_batch_size", "advantage_clip", "log_every", "forward_timesteps",
+                "nft_beta"):
         positive(f"train.{key}", getattr(tc, key))
     for key in ("beta", "warmup_steps", "max_grad_norm", "advantage_eps", "weight_decay", "checkpoint_every"):
         positive(f"train.{key}", getattr(tc, key), strict=False)

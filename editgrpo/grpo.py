@@ -1,7 +1,10 @@
-"""GRPO math for Edit-GRPO: group advantages, clipped surrogate, KL to the reference policy.
+"""RL math for Edit-GRPO: group advantages, clipped surrogate, KL to the reference policy, and the losses of the
+forward-process algorithms (``train.algorithm``: ``grpo`` | ``nft`` | ``awm``).
 
 Pure tensor functions; nothing here knows the model or the sampler. Equations follow VIVA (eq. 11: group
-advantage, eq. 13: clipped surrogate) and Flow-GRPO (the KL between the Gaussian step policies).
+advantage, eq. 13: clipped surrogate) and Flow-GRPO (the KL between the Gaussian step policies); :func:`nft_loss`
+follows DiffusionNFT (Zheng et al., arXiv 2509.16117) and :func:`awm_loss` Advantage Weighted Matching (Xue et
+al., arXiv 2509.25050). docs/algorithms.md puts the three objectives side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ AdvantageScale = Literal["group", "global", "none"]
 ADVANTAGE_SCALES: tuple[str, ...] = ("group", "global", "none")
 KLType = Literal["exact", "flow_grpo"]
 KL_TYPES: tuple[str, ...] = ("exact", "flow_grpo")
+ALGORITHMS: tuple[str, ...] = ("grpo", "nft", "awm")   # train.algorithm
+FORWARD_ALGORITHMS: tuple[str, ...] = ("nft", "awm")    # trained on the forward process (no log-probs)
 
 
 @dataclass
@@ -340,6 +345,18 @@ def step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor | floa
     raise ValueError(f"step_kl: unknown kl_type {kl_type!r}; use one of {KL_TYPES}")
 
 
+def _with_kl(loss: torch.Tensor, metrics: dict, kl: torch.Tensor | None, beta: float,
+             valid: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``loss + beta * mean_valid(kl)`` (``kl`` logged when given) and the ``loss`` metric."""
+    if kl is not None:
+        kl_mean = _masked_mean(kl.float(), valid)
+        metrics["kl"] = kl_mean.detach()
+        if beta > 0:
+            loss = loss + beta * kl_mean
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
 def policy_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -362,10 +379,153 @@ def policy_loss(
     surrogate, metrics = clipped_surrogate_loss(log_prob, old_log_prob, advantages, clip_range, valid=valid)
     loss = surrogate
     metrics["policy_loss"] = surrogate.detach()
-    if kl is not None:
-        kl_mean = _masked_mean(kl.float(), valid)
-        metrics["kl"] = kl_mean.detach()
-        if beta > 0:
-            loss = loss + beta * kl_mean
-    metrics["loss"] = loss.detach()
-    return loss, metrics
+    return _with_kl(loss, metrics, kl, beta, valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward-process algorithms: trained on the rollouts' clean samples x0, re-noised (docs/algorithms.md)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _per_elem_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
+    """``[B]`` velocity-space KL surrogate to the reference policy, averaged over non-batch elements::
+
+        kl_i = mean_elements( (v_theta - v_ref)^2 )
+
+    For two flow policies sharing the forward process this is (up to the time weighting) the KL of their
+    path measures (DiffusionNFT's and AWM's regulariser; Flow-Factory's ``v-based`` KL). ``v_ref`` is the
+    adapter-disabled DiT's velocity, computed under ``torch.no_grad()``.
+    """
+    return _per_elem_mean((v.float() - v_ref.detach().float()) ** 2)
+
+
+def nft_optimality(advantages: torch.Tensor, adv_max: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability ``r in [0, 1]`` of each sample from its (clipped) advantage::
+
+        r = clamp( A / (2 A_max) + 1/2, 0, 1 )
+
+    ``A_max`` is the advantage clip (``train.advantage_clip``): ``A = 0`` gives ``r = 1/2`` (neither positive nor
+    negative), ``A = +A_max`` a pure positive sample, ``A = -A_max`` a pure negative one.
+    """
+    if not adv_max > 0:
+        raise ValueError(f"nft_optimality: adv_max must be > 0, got {adv_max}")
+    return torch.clamp(advantages.detach().float() / (2.0 * adv_max) + 0.5, 0.0, 1.0)
+
+
+def nft_loss(
+    v: torch.Tensor,
+    v_old: torch.Tensor,
+    v_target: torch.Tensor,
+    sigma: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    nft_beta: float,
+    adv_max: float,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+    valid: torch.Tensor | None = None,
+    weight_floor: float = 1e-5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DiffusionNFT's negative-aware flow-matching objective (Zheng et al., arXiv 2509.16117, Sec. 3: the implicit
+    positive and negative policies; Sec. 4: optimality probability and adaptive loss weighting), to minimise.
+
+    On a rollout's clean sample ``x0`` re-noised at ``sigma`` (``z = (1 - sigma) x0 + sigma eps``, target velocity
+    ``v* = eps - x0``), with the behaviour (rollout) policy's velocity ``v_old`` (no grad) and the trained one
+    ``v = v_theta``::
+
+        v+ = (1 - b) v_old + b v             implicit positive policy   (b = nft_beta)
+        v- = (1 + b) v_old - b v             implicit negative policy   (the reflection of v+ about v_old)
+        e+- = x0_hat(v+-) - x0 = sigma (v* - v+-)        (x0_hat(u) = z - sigma u: the clean-sample regression)
+        w+- = sg( mean|e+-| ) clamped to >= weight_floor (adaptive weighting: each term self-normalised)
+        L_i = (A_max / b) * [ r_i mean(e+^2) / w+ + (1 - r_i) mean(e-^2) / w- ]
+        loss = mean_valid(L_i) + beta * mean_valid(kl_i)
+
+    with ``r_i`` from :func:`nft_optimality`. High-reward samples (``r > 1/2``) pull ``v+`` towards them,
+    low-reward ones push ``v-`` towards them, i.e. ``v`` away. The ``A_max / b`` factor (as the public code) makes
+    the gradient at ``v = v_old`` equal ``A_i`` times the (self-normalised) flow-matching gradient: with
+    ``w+ = w- = w`` there, ``dL_i/dv = 2 A_i sigma^2 (v_old - v*) / w`` (per element, before the mean), for any ``b``.
+
+    Args:
+        v: ``[B, ...]`` the trained policy's velocity (with grad).
+        v_old: ``[B, ...]`` the behaviour policy's velocity on the same input (treated as a constant).
+        v_target: ``[B, ...]`` ``eps - x0``.
+        sigma: ``[B]`` noise levels of the re-noised inputs.
+        advantages: ``[B]`` advantages (constants), clipped to ``[-A_max, A_max]`` by :func:`nft_optimality`.
+        nft_beta: ``b > 0``, the step size of the implicit policies (``train.nft_beta``).
+        adv_max: ``A_max > 0`` (``train.advantage_clip``).
+        kl: optional ``[B]`` from :func:`velocity_kl` (required when ``beta > 0``).
+        valid: optional ``[B]`` bool; means over valid samples only (as :func:`clipped_surrogate_loss`).
+
+    Returns ``(loss, metrics)``: ``policy_loss`` (the NFT term), ``kl`` (when given), ``loss``, ``r_mean``, and
+    ``old_deviate`` = ``mean((v - v_old)^2)`` (how far the trained policy has left the behaviour one).
+    """
+    if not nft_beta > 0:
+        raise ValueError(f"nft_loss: nft_beta must be > 0, got {nft_beta}")
+    if beta < 0 or (beta > 0 and kl is None):
+        raise ValueError(f"nft_loss: beta must be >= 0 and beta > 0 needs kl, got beta={beta}")
+    if not v.shape == v_old.shape == v_target.shape:
+        raise ValueError(f"nft_loss: v {list(v.shape)}, v_old {list(v_old.shape)} and v_target "
+                         f"{list(v_target.shape)} must have the same shape")
+    v, v_old, v_target = v.float(), v_old.detach().float(), v_target.detach().float()
+    s = sigma.detach().float().reshape(-1, *([1] * (v.ndim - 1)))
+    r = nft_optimality(advantages, adv_max)
+    v_pos = (1.0 - nft_beta) * v_old + nft_beta * v
+    v_neg = (1.0 + nft_beta) * v_old - nft_beta * v
+    terms = []
+    for u in (v_pos, v_neg):
+        err = s * (v_target - u)
+        with torch.no_grad():
+            w = _per_elem_mean(err.abs()).clamp_min(weight_floor)
+        terms.append(_per_elem_mean(err ** 2) / w)
+    per_sample = (adv_max / nft_beta) * (r * terms[0] + (1.0 - r) * terms[1])
+    if valid is not None:
+        per_sample = torch.where(valid, per_sample, torch.zeros((), device=per_sample.device))
+    nft = _masked_mean(per_sample, valid)
+    loss = nft
+    with torch.no_grad():
+        metrics = {"policy_loss": nft.detach(), "r_mean": _masked_mean(r, valid),
+                   "old_deviate": _masked_mean(_per_elem_mean((v - v_old) ** 2), valid)}
+    return _with_kl(loss, metrics, kl, beta, valid)
+
+
+def awm_loss(
+    v: torch.Tensor,
+    v_target: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Advantage Weighted Matching (Xue et al., arXiv 2509.25050): the pretraining flow-matching loss on the
+    rollouts' re-noised clean samples, weighted per sample by its advantage, to minimise::
+
+        l_i  = mean_elements( (v_theta(z_i, sigma_i) - (eps_i - x0_i))^2 )      (the flow-matching / DSM loss)
+        loss = mean_valid( A_i l_i ) + beta * mean_valid( kl_i )
+
+    A positive advantage lowers the sample's matching error (raises its likelihood under the flow, whose ELBO
+    is the time-weighted matching loss), a negative one raises it: the policy gradient with the score-matching
+    loss in place of the log-likelihood, i.e. the same objective as pretraining with the data replaced by
+    advantage-weighted rollouts. ``kl`` is :func:`velocity_kl` to the reference (adapter-disabled) DiT; AWM
+    needs it (or few steps per rollout) against collapse, since ``-A l`` is unbounded below for ``A < 0``.
+    Uniform time weighting (Flow-Factory's ``Uniform``).
+
+    Returns ``(loss, metrics)``: ``policy_loss`` (the weighted term), ``fm_loss`` (the unweighted mean of ``l``),
+    ``kl`` (when given) and ``loss``.
+    """
+    if beta < 0 or (beta > 0 and kl is None):
+        raise ValueError(f"awm_loss: beta must be >= 0 and beta > 0 needs kl, got beta={beta}")
+    if v.shape != v_target.shape:
+        raise ValueError(f"awm_loss: v {list(v.shape)} and v_target {list(v_target.shape)} differ")
+    fm = _per_elem_mean((v.float() - v_target.detach().float()) ** 2)
+    per_sample = advantages.detach().float() * fm
+    if valid is not None:
+        per_sample = torch.where(valid, per_sample, torch.zeros((), device=per_sample.device))
+    weighted = _masked_mean(per_sample, valid)
+    loss = weighted
+    metrics = {"policy_loss": weighted.detach(), "fm_loss": _masked_mean(fm.detach(), valid)}
+    return _with_kl(loss, metrics, kl, beta, valid)

@@ -112,3 +112,74 @@ def reference_mean(policy, dit, record: StepRecord, rows, cond, uncond, *, guida
         dit.enable_adapters()
     mean, _ = sde_mean_std(v, z, record.sigma[sample_index], record.sigma_next[sample_index], method=method, eta=eta)
     return mean
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward-process training inputs (train.algorithm nft / awm): the rollouts' clean samples, re-noised
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardRecord:
+    """One re-noising ``k`` of every local sample's final latent ``x0`` (all ``[N, ...]``, float32, detached).
+
+    Attributes:
+        index: ``k`` (0 .. ``train.forward_timesteps`` - 1).
+        sigma: ``[N]`` noise levels.
+        latents: ``[N, ...]`` ``z = (1 - sigma) x0 + sigma eps``, the velocity's input.
+        target: ``[N, ...]`` the flow-matching target ``eps - x0``.
+        old_velocity: ``[N, ...]`` the behaviour policy's velocity on ``latents`` (set by the trainer for NFT when
+            the policy changes within an iteration; None: the trained velocity, detached, is the old one).
+    """
+
+    index: int
+    sigma: torch.Tensor
+    latents: torch.Tensor
+    target: torch.Tensor
+    old_velocity: torch.Tensor | None = None
+
+
+def forward_records(x0: torch.Tensor, generators: list[torch.Generator], num_timesteps: int,
+                    shift: float = 1.0) -> list[ForwardRecord]:
+    """Re-noise each sample's clean latent ``x0[i]`` at ``num_timesteps`` noise levels (the flow-matching forward
+    process, ``z = (1 - sigma) x0 + sigma eps``, ``v* = eps - x0``).
+
+    Sample ``i`` draws from its own ``generators[i]`` (seeded per global sample: the same numbers whatever the
+    process layout or batch, and after a resume), for each ``k`` in order: ``u ~ U(0, 1)``, then ``eps``. The
+    noise level is ``sigma = shift u / (1 + (shift - 1) u)``, the sampler's schedule shift applied to a uniform
+    time, so training covers the noise levels the sampler visits whatever its step count.
+    """
+    from viva_base.losses import add_noise
+
+    x0 = x0.detach().float()
+    sig = torch.empty(num_timesteps, len(generators))
+    eps = torch.empty(num_timesteps, *x0.shape)
+    for i, g in enumerate(generators):
+        for k in range(num_timesteps):
+            sig[k, i] = torch.rand((), generator=g)
+            eps[k, i] = torch.randn(x0.shape[1:], generator=g, dtype=torch.float32)
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    out = []
+    for k in range(num_timesteps):
+        s, e = sig[k].to(x0.device), eps[k].to(x0.device)
+        out.append(ForwardRecord(index=k, sigma=s, latents=add_noise(x0, e, s), target=e - x0))
+    return out
+
+
+def forward_velocity(policy, record: ForwardRecord, rows: torch.Tensor, cond: Condition, uncond: Condition | None, *,
+                     guidance_scale: float, sample_index: torch.Tensor, cfg_grad: str = "full",
+                     dit=None) -> torch.Tensor:
+    """The policy's (CFG) velocity on re-noised samples ``sample_index`` (prompts ``rows``) of ``record``; with
+    ``dit`` given, the reference policy's: the same DiT with its LoRA adapter disabled, no grad (no model copy).
+    ``guidance_scale = 1`` is the conditional velocity alone (``train.cfg_free``: one forward, no uncond)."""
+    c = cond.select(rows)
+    u = uncond.select(rows) if uncond is not None else None
+    z, sigma = record.latents[sample_index], record.sigma[sample_index]
+    if dit is None:
+        return guided_velocity(policy, z, sigma, c, u, guidance_scale, cfg_grad)
+    with torch.no_grad():
+        dit.disable_adapters()
+        try:
+            return guided_velocity(policy, z, sigma, c, u, guidance_scale)
+        finally:
+            dit.enable_adapters()

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 SDEMethod = Literal["flow_sde", "cps"]
 SDE_METHODS: tuple[str, ...] = ("flow_sde", "cps")
+ROLLOUT_METHODS: tuple[str, ...] = (*SDE_METHODS, "ode")  # sampling.method; ode: deterministic, no log-probs
 LogProbKind = Literal["exact", "unscaled"]
 LOG_PROB_KINDS: tuple[str, ...] = ("exact", "unscaled")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)

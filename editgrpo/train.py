@@ -11,6 +11,9 @@ Per iteration (docs/architecture.md):
   4. group-relative advantages over the whole group, gathered across processes (eq. 11);
   5. update the LoRA: recompute each trained step's log-prob with grad, clipped-ratio surrogate
      (eq. 13) + beta * KL to the reference policy (the same DiT with the adapter disabled).
+With ``train.algorithm: nft | awm`` (forward-process RL, docs/algorithms.md) steps 1-4 are the same (rollouts
+may be ODE: ``sampling.method: ode``) and step 5 trains on each rollout's final latent re-noised at
+``train.forward_timesteps`` noise levels: DiffusionNFT's or AWM's loss (editgrpo/grpo.py) + beta * velocity KL.
 Outputs: ``output_dir/checkpoint-<it>/`` (LoRA in diffusers + peft formats, optimizer, scheduler, state),
 ``metrics.jsonl`` (one object per iteration), ``config.yaml``, tensorboard logs, ``lora/`` (final adapter).
 """
@@ -38,9 +41,10 @@ from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init
 
 from .config import GRPOConfig, validate_config
 from .distributed import backward_passes
-from .grpo import component_advantages, gather_for_advantages, group_advantages, policy_loss, step_kl
+from .grpo import (FORWARD_ALGORITHMS, awm_loss, component_advantages, gather_for_advantages, group_advantages,
+                   nft_loss, policy_loss, step_kl, velocity_kl)
 from .prompts import PromptSource
-from .rollout import reference_mean, rollout, step_log_prob
+from .rollout import forward_records, forward_velocity, reference_mean, rollout, step_log_prob
 from .scoring import ChunkScorer
 from .sampling import sde_step_indices, sde_window_at, sigma_schedule
 
@@ -55,6 +59,8 @@ def sample_seed(seed: int, iteration: int, sample: int) -> int:
 def choose_steps(cfg, sigmas: torch.Tensor, iteration: int) -> tuple[tuple[int, int] | None, list[int]]:
     """The SDE window of this iteration (same on every process) and the steps to train."""
     sc = cfg.sampling
+    if sc.method == "ode":  # deterministic rollouts (nft / awm): no SDE step, nothing recorded
+        return None, []
     window = None
     if sc.sde_window_size:
         rng = tuple(sc.sde_window_range) if sc.sde_window_range else None
@@ -115,6 +121,57 @@ def trained_microbatches(micro: list[list[int]], adv: torch.Tensor, valid: torch
     return [ids for ids, n in zip(micro, needed.tolist()) if n > 0]
 
 
+def grpo_loss(cfg, editor, dit_raw, rec, rows: torch.Tensor, sel: torch.Tensor, cond, uncond, adv: torch.Tensor,
+              valid: torch.Tensor):
+    """The Edit-GRPO loss on the recorded SDE step ``rec`` (a :class:`~editgrpo.sampling.StepRecord`) of samples
+    ``sel`` (prompts ``rows``): the step's log-prob recomputed with grad, the clipped surrogate (eq. 13) and, when
+    ``beta > 0``, the KL to the reference step (adapter disabled, no grad)."""
+    tc, sc = cfg.train, cfg.sampling
+    step = step_log_prob(editor, rec, rows, cond, uncond, guidance_scale=sc.guidance_scale, method=sc.method,
+                         eta=sc.eta, sample_index=sel, log_prob=sc.log_prob, cfg_grad=tc.cfg_grad)
+    kl = None
+    if tc.beta > 0:
+        ref = reference_mean(editor, dit_raw, rec, rows, cond, uncond, guidance_scale=sc.guidance_scale,
+                             method=sc.method, eta=sc.eta, sample_index=sel)
+        kl = step_kl(step.mean, ref, step.std, sigma=rec.sigma[sel], sigma_next=rec.sigma_next[sel], method=sc.method,
+                     kl_type=tc.kl_type)
+    dev = step.log_prob.device
+    return policy_loss(step.log_prob, rec.log_prob[sel].to(dev), adv.to(dev), tc.epsilon, kl=kl, beta=tc.beta,
+                       valid=valid.to(dev))
+
+
+def _old_velocities(cfg, editor, records, rows: torch.Tensor, cond, uncond, n_local: int, train_bs: int) -> None:
+    """NFT: set each record's ``old_velocity``, the current (rollout) policy's velocity on all local re-noised
+    samples, in micro-batches of ``train_bs``, no grad: one forward per sample and record, before any update."""
+    gs = 1.0 if cfg.train.cfg_free else cfg.sampling.guidance_scale
+    with torch.no_grad():
+        for rec in records:
+            parts = [forward_velocity(editor, rec, rows[sel], cond, uncond, guidance_scale=gs, sample_index=sel)
+                     for sel in (torch.arange(i, min(n_local, i + train_bs)) for i in range(0, n_local, train_bs))]
+            rec.old_velocity = torch.cat(parts)
+
+
+def forward_loss(cfg, editor, dit_raw, rec, rows: torch.Tensor, sel: torch.Tensor, cond, uncond, adv: torch.Tensor,
+                 valid: torch.Tensor):
+    """The loss of ``train.algorithm`` nft / awm on the re-noised samples ``sel`` (prompts ``rows``) of ``rec``
+    (a :class:`~editgrpo.rollout.ForwardRecord`): one policy forward with grad, one reference forward (adapter
+    disabled, no grad) when ``beta > 0``. ``adv`` and ``valid`` are the samples' ``[B]`` advantages and flags."""
+    tc = cfg.train
+    gs = 1.0 if tc.cfg_free else cfg.sampling.guidance_scale
+    v = forward_velocity(editor, rec, rows, cond, uncond, guidance_scale=gs, sample_index=sel, cfg_grad=tc.cfg_grad)
+    dev = v.device
+    kl = None
+    if tc.beta > 0:
+        kl = velocity_kl(v, forward_velocity(editor, rec, rows, cond, uncond, guidance_scale=gs, sample_index=sel,
+                                             dit=dit_raw))
+    target, adv, valid = rec.target[sel].to(dev), adv.to(dev), valid.to(dev)
+    if tc.algorithm == "awm":
+        return awm_loss(v, target, adv, kl=kl, beta=tc.beta, valid=valid)
+    v_old = v.detach() if rec.old_velocity is None else rec.old_velocity[sel].to(dev)
+    return nft_loss(v, v_old, target, rec.sigma[sel].to(dev), adv, nft_beta=tc.nft_beta, adv_max=tc.advantage_clip,
+                    kl=kl, beta=tc.beta, valid=valid)
+
+
 def main(cfg: GRPOConfig) -> Path:
     t_start = time.time()
     validate_config(cfg)  # before any expensive work: data, editor, reward models
@@ -131,9 +188,11 @@ def main(cfg: GRPOConfig) -> Path:
     rollout_bs = sc.rollout_batch_size or min(G, n_local)
     train_bs = tc.train_batch_size or rollout_bs
     zero = deepspeed_stage(accelerator)
+    forward = tc.algorithm in FORWARD_ALGORITHMS
     n_back_ds = 1
     if zero is not None:  # the trained-step count does not depend on the iteration or the shift
-        n_back_ds = backward_passes(cfg, n_local, train_bs, len(choose_steps(cfg, sigma_schedule(sc.num_steps), 0)[1]))
+        n_steps = tc.forward_timesteps if forward else len(choose_steps(cfg, sigma_schedule(sc.num_steps), 0)[1])
+        n_back_ds = backward_passes(cfg, n_local, train_bs, n_steps)
     if zero == 3:
         if cfg.eval.manifest:
             raise UserError("held-out evaluation runs on the main process only, and under ZeRO-3 every forward "
@@ -222,7 +281,8 @@ def main(cfg: GRPOConfig) -> Path:
         dit.eval()
         try:
             ro = rollout(editor, cond, uncond, prompt_index, [sample_seed(tc.seed, it, g) for g in mine], sigmas,
-                         mode="sde", method=sc.method, eta=sc.eta, sde_window=window, train_steps=train_steps,
+                         mode="ode" if sc.method == "ode" else "sde", method="flow_sde" if sc.method == "ode" else sc.method,
+                         eta=sc.eta, sde_window=window, train_steps=[] if forward else train_steps,
                          guidance_scale=sc.guidance_scale, batch_size=rollout_bs, log_prob=sc.log_prob,
                          on_chunk=scorer.add if tc.overlap_rewards else None)
             edited, scored = scorer.finish(ro.latents, rollout_bs)
@@ -248,8 +308,18 @@ def main(cfg: GRPOConfig) -> Path:
                                        clip=tc.advantage_clip)
         adv, valid = adv_out.advantages[local].float(), adv_out.valid[local]
 
-        # 5. policy update on the recorded steps
+        # 5. policy update on the recorded steps (grpo), or on the rollouts' final latents re-noised (nft / awm;
+        # per global sample generators: the same noise whatever the process layout, and after a resume)
+        records = ro.steps
+        if forward:
+            records = forward_records(ro.latents, [step_generator(tc.seed, it, stream=4, rank=g) for g in mine],
+                                      tc.forward_timesteps, shift)
         dit.train()
+        # NFT's v_old is the rollout policy's velocity: when the policy moves within the iteration (several optimizer
+        # steps) it is computed up front, no grad; with one step it is the trained velocity itself, detached
+        old_pass = tc.algorithm == "nft" and tc.num_inner_epochs * steps_per_epoch > 1
+        if old_pass:
+            _old_velocities(cfg, editor, records, rows, cond, uncond, n_local, train_bs)
         sums = defaultdict(float)
         n_terms = 0
         skipped = 0
@@ -260,10 +330,11 @@ def main(cfg: GRPOConfig) -> Path:
                 n_valid_global = accelerator.reduce(n_valid.to(accelerator.device), "sum").item() if world > 1 else n_valid.item()
                 all_micro = [mb[i:i + train_bs] for i in range(0, len(mb), train_bs)]
                 # micro-batches that add exactly zero to the gradient are skipped (the same ones on every process)
-                micro = trained_microbatches(all_micro, adv, valid, tc.beta, accelerator=accelerator if world > 1 else None,
-                                             deepspeed=zero is not None)
-                skipped += (len(all_micro) - len(micro)) * len(ro.steps)
-                n_back = len(micro) * len(ro.steps)
+                # (NFT with a precomputed v_old: a zero-advantage sample still pulls v towards v_old, as beta > 0 does)
+                micro = trained_microbatches(all_micro, adv, valid, 1.0 if old_pass else tc.beta,
+                                             accelerator=accelerator if world > 1 else None, deepspeed=zero is not None)
+                skipped += (len(all_micro) - len(micro)) * len(records)
+                n_back = len(micro) * len(records)
                 assert zero is None or n_back == n_back_ds, (n_back, n_back_ds)
                 if n_back == 0:  # nothing to train in this minibatch: the zero gradient it would have had
                     for p in params:
@@ -271,27 +342,16 @@ def main(cfg: GRPOConfig) -> Path:
                 k = 0
                 for ids in micro:
                     sel = torch.tensor(ids)
-                    for rec in ro.steps:
+                    for rec in records:
                         k += 1
                         if zero is not None:  # DeepSpeed accumulates, and steps at the last backward pass
                             accelerator.sync_gradients = k == n_back
                         ctx = accelerator.no_sync(dit) if (world > 1 and k < n_back and zero is None) else nullcontext()
                         with ctx, accelerator.autocast():
-                            step = step_log_prob(editor, rec, rows[sel], cond, uncond, guidance_scale=sc.guidance_scale,
-                                                 method=sc.method, eta=sc.eta, sample_index=sel, log_prob=sc.log_prob,
-                                                 cfg_grad=tc.cfg_grad)
-                            kl = None
-                            if tc.beta > 0:
-                                ref = reference_mean(editor, dit_raw, rec, rows[sel], cond, uncond,
-                                                     guidance_scale=sc.guidance_scale, method=sc.method, eta=sc.eta,
-                                                     sample_index=sel)
-                                kl = step_kl(step.mean, ref, step.std, sigma=rec.sigma[sel],
-                                             sigma_next=rec.sigma_next[sel], method=sc.method, kl_type=tc.kl_type)
-                            loss, m = policy_loss(step.log_prob, rec.log_prob[sel].to(step.log_prob.device),
-                                                  adv[sel].to(step.log_prob.device), tc.epsilon, kl=kl, beta=tc.beta,
-                                                  valid=valid[sel].to(step.log_prob.device))
+                            loss_fn = forward_loss if forward else grpo_loss
+                            loss, m = loss_fn(cfg, editor, dit_raw, rec, rows[sel], sel, cond, uncond, adv[sel], valid[sel])
                             # mean over the minibatch's valid samples of all processes, and over the trained steps
-                            weight = valid[sel].sum().item() / max(n_valid_global, 1.0) / len(ro.steps) * world
+                            weight = valid[sel].sum().item() / max(n_valid_global, 1.0) / len(records) * world
                             weight *= n_back_ds  # DeepSpeed divides by its gradient_accumulation_steps
                             accelerator.backward(loss * weight)
                         for name, value in m.items():

@@ -39,6 +39,7 @@ ENTRY_POINTS = {
     "benchmarks.report": ("benchmarks.report", "main", None),
     "benchmarks.toybench": ("benchmarks.toybench", "main", None),
     "benchmarks.ablation": ("benchmarks.ablation", "main", None),
+    "benchmarks.algorithms": ("benchmarks.algorithms", "main", None),
     "benchmarks.perf": ("benchmarks.perf", "main", None),
     "benchmarks.scaling": ("benchmarks.scaling", "main", None),
     "benchmarks.gpu_check": ("benchmarks.gpu_check", "main", None),
