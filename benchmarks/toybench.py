@@ -23,7 +23,7 @@ from viva_base.data.toyworld.oracle import (average_ranks, bootstrap_ci, masked_
                                             oracle_scores, spearman)
 from viva_base.recipe import atomic_write_text
 
-SHARED = ("data", "sft", "reward_model")
+SHARED = ("data", "reward_model", "instructor", "sft")  # every stage before Edit-GRPO
 
 
 def pooled_delta(run_dirs: list[Path], *, n_boot: int = 2000) -> dict:

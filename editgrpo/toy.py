@@ -129,8 +129,10 @@ SFT_STAGE = "stage.json"
 def _sft_recipe_args(t, sft_dir: Path, manifest, report_to: str, base=None) -> list[str]:
     """The SFT stage's recipe arguments; with the pretrained toy instructor (``base``: an editor folder whose DiT is
     the tiny random one) the SFT starts from that editor instead of a fresh tiny one."""
-    start = ["model.tiny=false", f"model.pretrained={base[0]}"] if base is not None else []
-    return [f"recipe={t.sft_recipe}", f"output_dir={sft_dir}", f"data.manifest={manifest}", f"report_to={report_to}",
+    # real paths: runs whose stages are links to one shared chain (benchmarks.toybench) record the same recipe
+    start = ["model.tiny=false", f"model.pretrained={Path(base[0]).resolve()}"] if base is not None else []
+    return [f"recipe={t.sft_recipe}", f"output_dir={sft_dir}", f"data.manifest={Path(manifest).resolve()}",
+            f"report_to={report_to}",
             "resume=latest", *start, *t.sft_overrides]
 
 
