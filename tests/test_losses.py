@@ -73,6 +73,14 @@ def test_x0_loss_weighting_is_the_clean_latent_error():
     assert sigma_loss_weight(sigma, "none") is None
     with pytest.raises(ValueError):
         sigma_loss_weight(sigma, "snr")
+    # capped: the clean-latent weight 1/sigma^2 of the velocity loss, capped at 25 (sigma < 0.2): velocity weights
+    # 1, 1, 25 * 0.05^2 = 0.0625, i.e. the x0 errors weigh 1/0.81, 1/0.16 and 25
+    assert torch.allclose(sigma_loss_weight(sigma, "capped", 25.0), torch.tensor([1.0, 1.0, 0.0625]))
+    got_c = masked_flow_matching_loss(v_pred, noise - x0, None, 0.0, sample_weight=sigma_loss_weight(sigma, "capped"))
+    x0_w = torch.tensor([1 / 0.81, 1 / 0.16, 25.0]).view(-1, 1, 1, 1, 1)
+    assert torch.allclose(got_c, (x0_w * (x0_pred - x0) ** 2).mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        sigma_loss_weight(sigma, "capped", 0.0)
 
 
 def test_area_normalized_masked_loss_matches_a_per_sample_loop():

@@ -96,16 +96,24 @@ def masked_flow_matching_loss(v_pred: torch.Tensor, target: torch.Tensor, mask: 
     return sq.mean()
 
 
-def sigma_loss_weight(sigma: torch.Tensor, scheme: str) -> torch.Tensor | None:
+def sigma_loss_weight(sigma: torch.Tensor, scheme: str, cap: float = 25.0) -> torch.Tensor | None:
     """Per-sample weight of the velocity loss at noise level ``sigma`` (B,).
 
     ``"none"``: 1 (eq. 3 as written). ``"x0"``: ``sigma^2``. Since ``x0 = z_sigma - sigma v``, the velocity error
     times ``sigma`` is the clean-latent error, so ``sigma^2 ||v - v*||^2 = ||x0_pred - x0||^2``: every noise level
     counts alike, instead of the low-noise levels (where ``z_sigma`` already shows the answer) dominating by
-    ``1 / sigma^2``. Returns None for ``"none"``.
+    ``1 / sigma^2``. ``"capped"``: ``min(1, cap sigma^2)``, i.e. the velocity loss's clean-latent weight
+    ``1 / sigma^2`` capped at ``cap`` (the truncation of Min-SNR weighting, Hang et al. 2023, eq. 6, applied to
+    the flow-matching loss): unchanged above ``sigma = cap^-1/2``, no longer unbounded below it (a uniform sigma
+    draw makes ``E[1 / sigma^2]`` infinite: single samples near 0 then set the batch's gradient). Returns None
+    for ``"none"``.
     """
     if scheme == "none":
         return None
     if scheme == "x0":
         return sigma.float() ** 2
-    raise ValueError(f"unknown loss weighting {scheme!r} (use 'none' or 'x0')")
+    if scheme == "capped":
+        if not cap > 0:
+            raise ValueError(f"the loss weight cap must be > 0, got {cap}")
+        return (cap * sigma.float() ** 2).clamp(max=1.0)
+    raise ValueError(f"unknown loss weighting {scheme!r} (use 'none', 'x0' or 'capped')")

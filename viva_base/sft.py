@@ -93,7 +93,8 @@ class TrainConfig:
     w_m: float = 1.0                     # eq. 3 mask weight
     cfg_dropout: float = 0.1             # probability of an empty instruction
     timestep_sampling: str = "logit_normal"   # logit_normal | uniform
-    loss_weighting: str = "none"         # none (eq. 3) | x0 (x sigma^2: the clean-latent error, every noise level alike)
+    loss_weighting: str = "none"         # none (eq. 3) | x0 (x sigma^2: the clean-latent error, every noise level alike) | capped (x min(1, cap sigma^2))
+    loss_weight_cap: float = 25.0        # capped: the largest clean-latent weight 1/sigma^2 (sigma < cap^-1/2 are capped)
     mask_normalization: str = "none"     # none (eq. 3: an edit's weight grows with its area) | balanced (eq. 3's budget, every edit the same share) | area (each edit averaged alone)
     shift: Optional[float] = None        # training sigma shift; None -> the editor's schedule shift
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast)
@@ -184,6 +185,7 @@ def encode_pairs(editor, batch: dict, drop: torch.Tensor) -> tuple:
 
 def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
              timestep_sampling: str, shift: float, loss_weighting: str = "none", mask_normalization: str = "none",
+             loss_weight_cap: float = 25.0,
              noise: torch.Tensor | None = None,
              sigma: torch.Tensor | None = None, features: PrecomputedPairs | None = None) -> torch.Tensor:
     """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller.
@@ -206,7 +208,7 @@ def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg
     z_t = add_noise(z_tgt, noise, sigma)
     v = editor.velocity(z_t, sigma, cond)
     return masked_flow_matching_loss(v, flow_matching_target(noise, z_tgt), mask, w_m,
-                                     sample_weight=sigma_loss_weight(sigma, loss_weighting),
+                                     sample_weight=sigma_loss_weight(sigma, loss_weighting, loss_weight_cap),
                                      normalization=mask_normalization)
 
 
@@ -329,7 +331,8 @@ def main(cfg: SFTConfig) -> Path:
                 with compute_autocast(accelerator.device, model_dtype):  # bf16 frozen x fp32 trained weights
                     loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
                                     cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift,
-                                    loss_weighting=tc.loss_weighting, mask_normalization=tc.mask_normalization,
+                                    loss_weighting=tc.loss_weighting, loss_weight_cap=tc.loss_weight_cap,
+                                    mask_normalization=tc.mask_normalization,
                                     features=features)
                 # DeepSpeed: backward runs the engine, which steps (clipping first) at the last micro-batch; then
                 # clip_grad_norm_ only returns the norm it clipped, and optimizer.step / zero_grad are no-ops

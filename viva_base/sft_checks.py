@@ -53,7 +53,7 @@ def validate_sft_config(cfg) -> None:
         from . import losses
 
         try:
-            losses.sigma_loss_weight(torch.ones(1), weighting)
+            losses.sigma_loss_weight(torch.ones(1), weighting, getattr(tc, "loss_weight_cap", 25.0))
         except ValueError as e:
             raise UserError(f"train.loss_weighting={weighting!r}: {e}") from None
     from .losses import MASK_NORMALIZATIONS
