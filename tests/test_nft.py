@@ -3,10 +3,8 @@ the re-noising of the rollouts, the config checks, a tiny-recipe run of each, ex
 processes reproducing 1 (the same checks Edit-GRPO has in test_train.py and test_scale_multiprocess.py)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -185,18 +183,14 @@ def _run_train(args, cwd):
 def test_forward_algorithms_resume_bit_identically_after_sigkill(algorithm, extra, tmp_path, repo_root):
     """As Edit-GRPO's test: SIGKILL after checkpoint-2, resume=latest; checkpoint-4, the final LoRA and the metrics
     equal an uninterrupted run's (the re-noising draws from per-sample generators of (seed, iteration, sample))."""
+    from test_train import kill_after_first_checkpoint
+
     common = [*TINY, f"train.algorithm={algorithm}", "train.num_iterations=4", *extra]
     full = _run_train([*common, f"output_dir={tmp_path}/full"], repo_root)
     _, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]
     run = tmp_path / "killed"
-    proc = _run_train([*common, f"output_dir={run}"], repo_root)
-    deadline = time.time() + 240
-    while not (run / "checkpoint-2" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_after_first_checkpoint(common, run, repo_root)
     resumed = _run_train([*common, f"output_dir={run}", "resume=latest"], repo_root)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]

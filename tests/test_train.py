@@ -122,6 +122,17 @@ def _run_train(args, cwd, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+def kill_after_first_checkpoint(args, run, cwd) -> None:
+    """Start ``editgrpo.train args output_dir=run`` and SIGKILL it as soon as ``checkpoint-2`` is complete."""
+    proc = _run_train([*args, f"output_dir={run}"], cwd)
+    deadline = time.time() + 240
+    while not (run / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_tiny_recipe_runs_and_resumes_bit_identically_after_sigkill(tmp_path, repo_root):
     """recipes/tiny.yaml exactly as shipped (8 prompts, 6 iterations, tensorboard): SIGKILL after checkpoint-2,
@@ -144,13 +155,7 @@ def test_tiny_recipe_runs_and_resumes_bit_identically_after_sigkill(tmp_path, re
 
     # kill a second run with SIGKILL right after its first checkpoint, then resume it
     run = tmp_path / "killed"
-    proc = _run_train([*common, f"output_dir={run}"], repo_root)
-    deadline = time.time() + 240
-    while not (run / "checkpoint-2" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_after_first_checkpoint(common, run, repo_root)
     assert not (run / "lora").exists()
     resumed = _run_train([*common, f"output_dir={run}", "resume=latest"], repo_root)
     _, err = resumed.communicate(timeout=300)
