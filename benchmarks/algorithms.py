@@ -1,6 +1,6 @@
 """Time to TRUE quality: Edit-GRPO, Flow-GRPO's defaults, DiffusionNFT and AWM on the shared toy chain.
 
-    python -m benchmarks.algorithms --out outputs/toy --seeds 0 1 2 [--configs grpo flow_grpo nft awm] [key=value ...]
+    python -m benchmarks.algorithms --out outputs/toy --seeds 0 1 2 [--configs grpo flow_grpo grpo_prefix nft awm] [key=value ...]
     python -m benchmarks.algorithms --quick --out /tmp/algos     # the whole pipeline at tiny sizes (minutes)
 
 The toy chain (data, toy CLIP reward model, SFT editor) runs once and is shared, cached in ``--out`` (as
@@ -35,6 +35,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "flow_grpo": ("Flow-GRPO defaults: SDE on every step, no window, G 24, clip 1e-4, beta 0.04 (flow_grpo KL)",
                   ["sampling.sde_window_size=null", "sampling.sde_window_range=null", "train.num_generations=24",
                    "train.epsilon=1.0e-4", "train.beta=0.04", "train.kl_type=flow_grpo", "train.num_iterations=8"]),
+    "grpo_prefix": ("Edit-GRPO recipe with prefix sharing: a group shares its noise and the ODE steps before the "
+                    "SDE window, computed once per prompt", ["sampling.share_prefix=true"]),
     "nft": ("DiffusionNFT: ODE rollouts, 2 re-noised timesteps per rollout, b = 1",
             ["train.algorithm=nft", "sampling.method=ode"]),
     "awm": ("Advantage-weighted matching: ODE rollouts, 2 re-noised timesteps per rollout",
@@ -42,7 +44,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "nft_5step": ("DiffusionNFT with 5-step ODE rollouts (half the sampling cost)",
                   ["train.algorithm=nft", "sampling.method=ode", "sampling.num_steps=5"]),
 }
-DEFAULT_CONFIGS = ["grpo", "flow_grpo", "nft", "awm"]
+DEFAULT_CONFIGS = ["grpo", "flow_grpo", "grpo_prefix", "nft", "awm"]
 REFERENCE = "grpo"  # the targets: its final oracle gain and its wall-clock
 # tiny sizes for --quick: the toy chain shrunk as tests/test_evaluate.py's smoke run, 2 iterations of each config
 QUICK = ["toy.n_sft_video=8", "toy.n_sft_image=4", "toy.n_grpo=4", "toy.n_eval_compound=2", "toy.n_eval_simple=1",

@@ -35,6 +35,7 @@ class SamplingConfig:
     sde_window_range: Optional[list[int]] = None  # [lo, hi] of the window start; None -> any valid start
     train_steps: Optional[int] = None    # train this many of the SDE steps (random subset); None -> all of them
     rollout_batch_size: Optional[int] = None  # samples per sampling forward; None -> num_generations
+    share_prefix: bool = False           # a group's samples share their initial noise and the ODE steps before the SDE window, computed once per prompt
 
 
 @dataclass
@@ -180,6 +181,9 @@ def validate_config(cfg: GRPOConfig) -> None:
         positive(f"sampling.{key}", getattr(sc, key))
     if sc.method == "cps" and sc.eta > 1:
         raise UserError(f"sampling.eta={sc.eta!r}: CPS needs 0 < eta <= 1 (std = sigma_next sin(eta pi / 2))")
+    if sc.share_prefix and sc.method == "ode":
+        raise UserError("sampling.share_prefix=true with sampling.method=ode: an ODE rollout is one deterministic "
+                        "prefix, so every sample of a group would be the same; use flow_sde or cps, or share_prefix=false")
     if sc.sde_window_size and sc.sde_window_size > sc.num_steps - 1:
         raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")

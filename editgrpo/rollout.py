@@ -7,13 +7,14 @@ global index)``, so a sample is the same whatever process or batch it lands in (
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from viva_base.policy import Condition
 
-from .sampling import StepRecord, cfg_velocity, sample_trajectory, sde_mean_std, sde_step
+from .sampling import StepRecord, cfg_velocity, sample_trajectory, sde_mean_std, sde_step, sde_step_indices
 
 
 def guided_velocity(policy, latents: torch.Tensor, sigma: torch.Tensor, cond: Condition, uncond: Condition | None,
@@ -37,6 +38,35 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> 
     return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
 
 
+def shared_prefix(policy, cond: Condition, uncond: Condition | None, prompt_index: list[int], prefix_seeds: list[int],
+                  sigmas: torch.Tensor, *, mode: str, sde_window, guidance_scale: float, batch_size: int,
+                  shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
+    """The deterministic prefix of a rollout, once per distinct ``(prompt, prefix seed)``: each distinct pair draws
+    its initial noise from ``prefix_seeds`` and runs the ODE steps before the first SDE step ``k``
+    (:func:`sde_step_indices`; ``k = 0``: only the noise is shared). Returns ``(k, latents [N, ...])``, every
+    sample's latent at ``sigmas[k]``. Forwards saved: ``k`` steps for all but one sample of each group."""
+    sde_steps = sde_step_indices(torch.as_tensor(sigmas, dtype=torch.float32), mode, sde_window)
+    if not sde_steps:
+        raise ValueError("rollout: prefix_seeds need SDE steps (with an ODE rollout every sample of a group would be "
+                         "the same)")
+    first = min(sde_steps)
+    keys = list(dict.fromkeys(zip(prompt_index, prefix_seeds)))
+    latents = []
+    for start in range(0, len(keys), batch_size):
+        part = keys[start:start + batch_size]
+        rows = torch.tensor([p for p, _ in part])
+        c = cond.select(rows)
+        u = uncond.select(rows) if uncond is not None else None
+        z = initial_noise(shape, sample_generators([s for _, s in part])).to(policy.device)
+        if first > 0:
+            z = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, c, u, guidance_scale), z,
+                                  sigmas[:first + 1], mode="ode").latents
+        latents.append(z)
+    latents = torch.cat(latents)
+    where = {k: i for i, k in enumerate(keys)}
+    return first, latents[torch.tensor([where[k] for k in zip(prompt_index, prefix_seeds)])]
+
+
 @dataclass
 class Rollouts:
     """N samples: final latents, the recorded steps (tensors [N, ...]) and each sample's prompt index."""
@@ -50,15 +80,29 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
             sigmas: torch.Tensor, *, mode: str = "sde", method: str = "flow_sde", eta: float = 0.7,
             sde_window: tuple[int, int] | None = None, train_steps=None, guidance_scale: float = 2.0,
             batch_size: int | None = None, progress: bool = False, log_prob: str = "exact",
-            on_chunk=None) -> Rollouts:
+            on_chunk=None, prefix_seeds: list[int] | None = None) -> Rollouts:
     """Sample ``len(seeds)`` edits; sample ``i`` is conditioned on prompt ``prompt_index[i]`` (rows of
     ``cond``/``uncond``), in forwards of ``batch_size`` samples (cond and uncond in one forward).
     ``on_chunk(indices, latents)``, if given, receives each finished chunk's final latents as soon as it is
-    sampled (the trainer decodes and scores it meanwhile: editgrpo/scoring.py)."""
+    sampled (the trainer decodes and scores it meanwhile: editgrpo/scoring.py).
+
+    ``prefix_seeds`` (one per sample; ``sampling.share_prefix``): samples with the same prompt and prefix seed
+    start from ONE initial noise (drawn from the prefix seed) and share the deterministic ODE steps before the
+    first SDE step, computed once for them (:func:`shared_prefix`); each sample's own generator (``seeds``) then
+    draws only its SDE noise. The samples of a group differ only by what the SDE window does."""
     n = len(seeds)
     batch_size = batch_size or n
     device = policy.device
     shape = policy.latent_shape(cond)
+    first = 0
+    if prefix_seeds is not None:
+        if len(prefix_seeds) != n:
+            raise ValueError(f"rollout: {len(prefix_seeds)} prefix_seeds for {n} samples")
+        first, start_latents = shared_prefix(policy, cond, uncond, prompt_index, prefix_seeds, sigmas, mode=mode,
+                                             sde_window=sde_window, guidance_scale=guidance_scale,
+                                             batch_size=batch_size, shape=shape)
+        window = None if sde_window is None else (sde_window[0] - first, sde_window[1] - first)
+        steps_to_train = None if train_steps is None else [int(i) - first for i in train_steps]
     finals, chunks = [], []
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
@@ -66,10 +110,16 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
         c = cond.select(rows)
         u = uncond.select(rows) if uncond is not None else None
         gens = sample_generators([seeds[i] for i in idx])
-        z0 = initial_noise(shape, gens).to(device)
-        traj = sample_trajectory(lambda z, s: guided_velocity(policy, z, s, c, u, guidance_scale), z0, sigmas,
-                                 mode=mode, method=method, eta=eta, sde_window=sde_window, train_steps=train_steps,
-                                 generator=gens, progress=progress, log_prob=log_prob)
+        velocity = lambda z, s: guided_velocity(policy, z, s, c, u, guidance_scale)  # noqa: E731
+        if prefix_seeds is None:
+            z0 = initial_noise(shape, gens).to(device)
+            traj = sample_trajectory(velocity, z0, sigmas, mode=mode, method=method, eta=eta, sde_window=sde_window,
+                                     train_steps=train_steps, generator=gens, progress=progress, log_prob=log_prob)
+        else:  # continue from the shared prefix at step `first`; record the steps under their full-schedule index
+            traj = sample_trajectory(velocity, start_latents[idx], sigmas[first:], mode=mode, method=method, eta=eta,
+                                     sde_window=window, train_steps=steps_to_train, generator=gens,
+                                     progress=progress, log_prob=log_prob)
+            traj.steps = [dataclasses.replace(r, index=r.index + first) for r in traj.steps]
         finals.append(traj.latents)
         chunks.append(traj.steps)
         if on_chunk is not None:

@@ -56,6 +56,11 @@ def sample_seed(seed: int, iteration: int, sample: int) -> int:
     return ((seed * 1_000_003 + iteration) * 65_537 + sample) % (2 ** 63 - 1)
 
 
+def group_seed(seed: int, iteration: int, group: int) -> int:
+    """The seed of group ``group``'s shared initial noise (``sampling.share_prefix``); never a sample's seed."""
+    return sample_seed(seed, iteration, 2 ** 40 + group)
+
+
 def choose_steps(cfg, sigmas: torch.Tensor, iteration: int) -> tuple[tuple[int, int] | None, list[int]]:
     """The SDE window of this iteration (same on every process) and the steps to train."""
     sc = cfg.sampling
@@ -284,7 +289,8 @@ def main(cfg: GRPOConfig) -> Path:
                          mode="ode" if sc.method == "ode" else "sde", method="flow_sde" if sc.method == "ode" else sc.method,
                          eta=sc.eta, sde_window=window, train_steps=[] if forward else train_steps,
                          guidance_scale=sc.guidance_scale, batch_size=rollout_bs, log_prob=sc.log_prob,
-                         on_chunk=scorer.add if tc.overlap_rewards else None)
+                         on_chunk=scorer.add if tc.overlap_rewards else None,
+                         prefix_seeds=[group_seed(tc.seed, it, g // G) for g in mine] if sc.share_prefix else None)
             edited, scored = scorer.finish(ro.latents, rollout_bs)
         except RemoteRewardError as e:
             scorer.close()

@@ -56,7 +56,7 @@ def test_arguments():
     args = A.parse_args(["--seeds", "0", "1", "--configs", "nft", "awm", "train.beta=0"])
     assert args.seeds == [0, 1] and args.configs == ["grpo", "nft", "awm"] and args.overrides == ["train.beta=0"]
     assert A.parse_args(["--quick"]).configs == list(A.CONFIGS)
-    assert set(A.DEFAULT_CONFIGS) == {"grpo", "flow_grpo", "nft", "awm"}
+    assert set(A.DEFAULT_CONFIGS) == {"grpo", "flow_grpo", "grpo_prefix", "nft", "awm"}
     with pytest.raises(SystemExit):
         A.parse_args(["--configs", "ppo"])
 

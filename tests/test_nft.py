@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -213,20 +212,4 @@ def test_forward_algorithms_on_two_processes_reproduce_one_process(algorithm, tm
     import test_scale_multiprocess as mp
 
     args = [*mp.COMMON, f"train.algorithm={algorithm}", "sampling.method=ode", "train.beta=0.01"]
-    cwd, threads = os.getcwd(), torch.get_num_threads()
-    os.chdir(repo_root)
-    torch.set_num_threads(1)
-    try:
-        mp.run_and_dump([*args, f"output_dir={tmp_path}/one"], tmp_path / "one")
-    finally:
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
-    ref = mp._load(tmp_path / "one", 0)
-    assert ref["group_ids"].tolist() == [0, 0, 1, 1, 2, 2] and ref["world"] == 1
-    mp._launch(mp._torchrun(2, 29651 if algorithm == "nft" else 29652),
-               [str(tmp_path / "two"), *args, *mp.WARMUP, f"output_dir={tmp_path}/two/run"], repo_root,
-               script=str(Path(mp.__file__)))
-    for rank in (0, 1):
-        got = mp._load(tmp_path / "two", rank)
-        assert got["world"] == 2 and "MULTI_CPU" in got["distributed_type"]
-        mp._assert_same_update(ref, got)
+    mp.assert_two_processes_reproduce(args, tmp_path, repo_root, 29651 if algorithm == "nft" else 29652)

@@ -157,22 +157,41 @@ def _assert_same_update(ref: dict, got: dict, adv_tol: float = TOL, grad_tol: fl
         assert err <= grad_tol * scale, (k, err, scale)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The 1-process reference run (in this process), with one torch thread like the launched processes
-    (OMP_NUM_THREADS=1): float sums, and so the tiny rewards' last digits, depend on the thread count."""
-    out = tmp_path_factory.mktemp("one")
+def one_process_reference(args: list[str], out: Path) -> dict:
+    """Run ``args`` in this process, with one torch thread like the launched processes (OMP_NUM_THREADS=1: float
+    sums, and so the tiny rewards' last digits, depend on the thread count), and load its dump."""
     cwd, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(REPO)
     torch.set_num_threads(1)
     try:
-        run_and_dump([*COMMON, f"output_dir={out}"], out)
+        run_and_dump([*args, f"output_dir={out}"], out)
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
     ref = _load(out, 0)
     assert ref["world"] == 1
     return ref
+
+
+def assert_two_processes_reproduce(args: list[str], tmp_path: Path, repo_root, port: int) -> dict:
+    """``args`` (over :data:`COMMON`'s layout: 3 prompts x 2 samples, prompt 1's group split over the ranks) run in
+    one process and under torchrun --nproc_per_node 2 (gloo, CPU): the same gathered rewards, advantages and first
+    update's LoRA gradients on both ranks. Returns the 1-process reference."""
+    ref = one_process_reference(args, tmp_path / "one")
+    assert ref["group_ids"].tolist() == [0, 0, 1, 1, 2, 2]
+    _launch(_torchrun(2, port), [str(tmp_path / "two"), *args, *WARMUP, f"output_dir={tmp_path}/two/run"], repo_root)
+    for rank in (0, 1):
+        got = _load(tmp_path / "two", rank)
+        assert got["world"] == 2 and "MULTI_CPU" in got["distributed_type"]
+        _assert_same_update(ref, got)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process reference run (in this process), with one torch thread like the launched processes
+    (OMP_NUM_THREADS=1): float sums, and so the tiny rewards' last digits, depend on the thread count."""
+    return one_process_reference(COMMON, tmp_path_factory.mktemp("one"))
 
 
 @pytest.mark.slow
