@@ -16,6 +16,8 @@ curve). Written to ``--out/algorithms/``:
   recipe's final oracle gain, and the oracle gain at a fixed budget (the GRPO recipe's wall-clock).
 
 Seconds are the trainer's per-iteration ``seconds`` (rollouts + scoring + update; evaluation excluded), summed.
+Several processes may share one ``--out`` (e.g. one per core, each given other ``--configs``): a run is trained
+under a lock, so a process that reaches a run another one is training waits for it and then reuses it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.toybench import SHARED, bootstrap_ci, pooled_delta
+from benchmarks.toybench import bootstrap_ci, pooled_delta, train_linked_run
 from viva_base.recipe import atomic_write_text
 
 # name -> (what it is, overrides of the recipe). Equal rollouts consumed: recipes/toy.yaml does 24 x 4 x 8 = 768.
@@ -58,23 +60,15 @@ def run_config(out: Path, name: str, seeds: list[int], overrides: list[str], rec
     """Train configuration ``name`` once per seed (skipping finished runs; an interrupted one resumes), each run
     linked to the shared chain in ``out``. Returns the run directories."""
     from editgrpo.config import GRPOConfig
-    from editgrpo.train import main as train_main
     from viva_base.recipe import load_recipe
 
     runs = []
     for seed in seeds:
         run_dir = out / "algorithms" / name / f"seed-{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for shared in SHARED:  # the shared, cached stages of the chain
-            (out / shared).mkdir(exist_ok=True)
-            link = run_dir / shared
-            if not link.exists():
-                link.symlink_to((out / shared).resolve(), target_is_directory=True)
         args = [f"recipe={recipe}", *CONFIGS[name][1], *overrides, f"output_dir={run_dir}", f"train.seed={seed}",
                 "resume=latest"]
         every = max(1, load_recipe(GRPOConfig, args).train.num_iterations // 6)
-        if not (run_dir / "report.json").exists():
-            train_main(load_recipe(GRPOConfig, [*args, f"eval.every={every}", "eval.at_start=true"]))
+        train_linked_run(out, run_dir, [*args, f"eval.every={every}", "eval.at_start=true"])
         runs.append(run_dir)
     return runs
 

@@ -17,6 +17,7 @@ import json
 import logging
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from viva_base.data.toyworld.oracle import (average_ranks, bootstrap_ci, masked_mean_abs,  # noqa: F401
@@ -58,25 +59,51 @@ def pooled_delta(run_dirs: list[Path], *, n_boot: int = 2000) -> dict:
     return out
 
 
-def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir`` (``flock`` on ``run_dir/.benchmark.lock``) while training it, so two
+    benchmark processes sharing an ``--out`` (``toybench``, ``algorithms``: each trains the reference runs) never
+    train the same run at once: the second waits, then finds the run finished and reuses it."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".benchmark.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).info("%s is being trained by another process: waiting for it", run_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def train_linked_run(out: Path, run_dir: Path, args: list[str]) -> None:
+    """Train the Edit-GRPO run ``run_dir`` (recipe ``args``, which set its ``output_dir``) unless it has finished
+    (``report.json``), its chain stages (:data:`SHARED`) linked to the shared, cached ones in ``out``."""
     from editgrpo.config import GRPOConfig
     from editgrpo.train import main as train_main
     from viva_base.recipe import load_recipe
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        link = run_dir / name
+        if not link.exists():
+            link.symlink_to((out / name).resolve(), target_is_directory=True)
+    with run_lock(run_dir):
+        if not (run_dir / "report.json").exists():
+            train_main(load_recipe(GRPOConfig, args))
+
+
+def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in seeds:
         run_dir = out / f"seed-{seed}"
-        run_dir.mkdir(exist_ok=True)
-        for name in SHARED:  # the shared, cached stages of the chain
-            (out / name).mkdir(exist_ok=True)
-            link = run_dir / name
-            if not link.exists():
-                link.symlink_to((out / name).resolve(), target_is_directory=True)
-        if not (run_dir / "report.json").exists():
-            cfg = load_recipe(GRPOConfig, [f"recipe={recipe}", f"output_dir={run_dir}", f"train.seed={seed}",
-                                           "resume=latest", *overrides])
-            train_main(cfg)
+        train_linked_run(out, run_dir, [f"recipe={recipe}", f"output_dir={run_dir}", f"train.seed={seed}",
+                                        "resume=latest", *overrides])
         rep = json.loads((run_dir / "report.json").read_text())
         rows.append({"seed": seed, "sft": rep["sft"]["oracle"], "grpo": rep["grpo"]["oracle"],
                      "delta": rep["delta_oracle"]["mean"], "ci95": rep["delta_oracle"]["ci95"],

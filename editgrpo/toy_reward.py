@@ -283,7 +283,7 @@ def train_toy_clip(
     parameters and thread count). If ``out_dir`` holds a model trained with the same parameters it is
     returned at once; one trained with other parameters is replaced; any other non-empty folder is an error.
     """
-    out = Path(out_dir).absolute()
+    out = Path(out_dir).resolve()  # a linked folder (a benchmark run sharing the chain's) is filled, not replaced
     if batch_size < 2 or batch_size % 2:
         raise ValueError(f"batch_size must be an even number >= 2 (source + target of each pair), got {batch_size}")
     if steps < 1:

@@ -76,3 +76,27 @@ def test_quick_mode_runs_every_configuration(tmp_path, repo_root, monkeypatch):
     assert all(f"| {name} |" in md for name in A.CONFIGS)
     assert (out / "algorithms" / "curves.png").exists()
     assert len(list((out / "algorithms").glob("*/seed-*/sft"))) == 2 * len(A.CONFIGS)
+
+
+def test_two_benchmark_processes_never_train_the_same_run_at_once(tmp_path):
+    """Two benchmark processes on one --out (each trains the reference grpo runs) once trained grpo/seed-1 at the
+    same time, in the same folder. Now the second waits on the run's lock, then finds it finished and reuses it."""
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.toybench import SHARED, run_lock, train_linked_run
+
+    run = tmp_path / "algorithms" / "grpo" / "seed-1"
+    marker = tmp_path / "second-got-the-lock"
+    code = ("import sys; from pathlib import Path; from benchmarks.toybench import run_lock\n"
+            "with run_lock(Path(sys.argv[1])): Path(sys.argv[2]).write_text('x')\n")
+    with run_lock(run):
+        second = subprocess.Popen([sys.executable, "-c", code, str(run), str(marker)])
+        time.sleep(3.0)
+        assert not marker.exists() and second.poll() is None  # waiting for the first
+    assert second.wait(timeout=60) == 0 and marker.exists()
+    # a finished run (report.json) is reused: nothing is loaded or trained, the chain stages are linked
+    (run / "report.json").write_text("{}")
+    train_linked_run(tmp_path, run, ["recipe=/no/such/recipe.yaml"])
+    assert all((run / name).is_symlink() and (tmp_path / name).is_dir() for name in SHARED)

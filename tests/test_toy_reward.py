@@ -102,11 +102,34 @@ def test_context_length_never_truncates_captions():
 
 
 # ------------------------------------------------------------------------------- caching, determinism
+def test_a_linked_folder_is_filled_not_replaced(tmp_path, monkeypatch, one_thread):
+    """Benchmark runs link their ``reward_model`` to the chain's shared folder. The atomic move used to replace the
+    link with the run's own model (moving the link aside as ``.reward_model.old-<pid>``), so the shared folder
+    stayed empty and every run retrained the toy CLIP; now the model lands in the shared folder, once."""
+    kw = dict(steps=2, batch_size=8, seed=5, progress=False)
+    shared = tmp_path / "chain" / "reward_model"
+    shared.mkdir(parents=True)
+    runs = [tmp_path / f"run{i}" for i in range(2)]
+    for run in runs:
+        run.mkdir()
+        (run / "reward_model").symlink_to(shared, target_is_directory=True)
+    name = tr.train_toy_clip(runs[0] / "reward_model", **kw)
+    assert name == f"open_clip:local-dir:{shared.resolve()}"
+    assert (runs[0] / "reward_model").is_symlink() and (shared / "open_clip_model.safetensors").is_file()
+    assert not [p for d in (runs[0], shared.parent) for p in d.iterdir() if p.name.startswith(".")]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained the shared model")
+
+    monkeypatch.setattr(tr, "_train", no_training)
+    assert tr.train_toy_clip(runs[1] / "reward_model", **kw) == name
+
+
 def test_deterministic_cached_and_atomic(tmp_path, monkeypatch, one_thread):
     kw = dict(steps=2, batch_size=8, seed=5, progress=False)
     a = tr.train_toy_clip(tmp_path / "a", **kw)
     b = tr.train_toy_clip(tmp_path / "b", **kw)
-    assert a == f"open_clip:local-dir:{(tmp_path / 'a').absolute()}" and b.endswith("/b")
+    assert a == f"open_clip:local-dir:{(tmp_path / 'a').resolve()}" and b.endswith("/b")
     wa, wb = (load_file(str(tmp_path / d / "open_clip_model.safetensors")) for d in "ab")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
