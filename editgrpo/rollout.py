@@ -94,15 +94,15 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
     batch_size = batch_size or n
     device = policy.device
     shape = policy.latent_shape(cond)
-    first = 0
-    if prefix_seeds is not None:
+    first, start_latents = 0, None
+    if prefix_seeds is not None:  # continue from the shared prefix at step `first`, indices shifted by `first`
         if len(prefix_seeds) != n:
             raise ValueError(f"rollout: {len(prefix_seeds)} prefix_seeds for {n} samples")
         first, start_latents = shared_prefix(policy, cond, uncond, prompt_index, prefix_seeds, sigmas, mode=mode,
                                              sde_window=sde_window, guidance_scale=guidance_scale,
                                              batch_size=batch_size, shape=shape)
-        window = None if sde_window is None else (sde_window[0] - first, sde_window[1] - first)
-        steps_to_train = None if train_steps is None else [int(i) - first for i in train_steps]
+    window = None if sde_window is None else (sde_window[0] - first, sde_window[1] - first)
+    steps_to_train = None if train_steps is None else [int(i) - first for i in train_steps]
     finals, chunks = [], []
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
@@ -110,15 +110,11 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
         c = cond.select(rows)
         u = uncond.select(rows) if uncond is not None else None
         gens = sample_generators([seeds[i] for i in idx])
-        velocity = lambda z, s: guided_velocity(policy, z, s, c, u, guidance_scale)  # noqa: E731
-        if prefix_seeds is None:
-            z0 = initial_noise(shape, gens).to(device)
-            traj = sample_trajectory(velocity, z0, sigmas, mode=mode, method=method, eta=eta, sde_window=sde_window,
-                                     train_steps=train_steps, generator=gens, progress=progress, log_prob=log_prob)
-        else:  # continue from the shared prefix at step `first`; record the steps under their full-schedule index
-            traj = sample_trajectory(velocity, start_latents[idx], sigmas[first:], mode=mode, method=method, eta=eta,
-                                     sde_window=window, train_steps=steps_to_train, generator=gens,
-                                     progress=progress, log_prob=log_prob)
+        z0 = initial_noise(shape, gens).to(device) if start_latents is None else start_latents[idx]
+        traj = sample_trajectory(lambda z, s: guided_velocity(policy, z, s, c, u, guidance_scale), z0, sigmas[first:],
+                                 mode=mode, method=method, eta=eta, sde_window=window, train_steps=steps_to_train,
+                                 generator=gens, progress=progress, log_prob=log_prob)
+        if first:  # recorded under their full-schedule index
             traj.steps = [dataclasses.replace(r, index=r.index + first) for r in traj.steps]
         finals.append(traj.latents)
         chunks.append(traj.steps)
