@@ -31,8 +31,10 @@ def pooled_delta(run_dirs: list[Path], *, n_boot: int = 2000) -> dict:
     """Per held-out prompt, the mean over runs of ``oracle(GRPO) - oracle(SFT)`` (each run's first and last
     evaluation, ``eval/step-<k>/items.jsonl``), and its bootstrap mean and 95% interval over prompts (the
     prompts are the random unit; the runs differ only in their training seed). Also per split
-    (``compound`` / ``simple``) and the number of prompts whose pooled delta is positive."""
-    from editgrpo.evaluate import load_eval
+    (``compound`` / ``simple``) and the number of prompts whose pooled delta is positive; and ``by_group``: for every
+    evaluation group (:func:`editgrpo.evaluate.item_groups`: splits, edit types, open instructions) the pooled
+    oracle and ``if_error`` deltas with their intervals."""
+    from editgrpo.evaluate import item_groups, load_eval
 
     per_run = []
     for run in run_dirs:
@@ -42,12 +44,15 @@ def pooled_delta(run_dirs: list[Path], *, n_boot: int = 2000) -> dict:
         first, _ = load_eval(steps[0][1])
         last, _ = load_eval(steps[-1][1])
         before = {r["id"]: r for r in first}
-        per_run.append({r["id"]: (r["mean"]["oracle"] - before[r["id"]]["mean"]["oracle"], before[r["id"]]["split"])
+        per_run.append({r["id"]: (r["mean"]["oracle"] - before[r["id"]]["mean"]["oracle"], before[r["id"]]["split"],
+                                  r["mean"].get("if_error", float("nan")) - before[r["id"]]["mean"].get("if_error", float("nan")),
+                                  item_groups(before[r["id"]]))
                         for r in last})
     ids = sorted(per_run[0])
     if any(sorted(p) != ids for p in per_run):
         raise ValueError("the runs were evaluated on different prompts; pool runs of one chain only")
     deltas = {i: sum(p[i][0] for p in per_run) / len(per_run) for i in ids}
+    if_deltas = {i: sum(p[i][2] for p in per_run) / len(per_run) for i in ids}
     out = {"n_runs": len(per_run), "n_prompts": len(ids), "improved": sum(d > 0 for d in deltas.values())}
     mean, lo, hi = bootstrap_ci(list(deltas.values()), n=n_boot)
     out["all"] = {"mean": mean, "ci95": [lo, hi]}
@@ -56,6 +61,19 @@ def pooled_delta(run_dirs: list[Path], *, n_boot: int = 2000) -> dict:
         if sel:
             mean, lo, hi = bootstrap_ci(sel, n=n_boot)
             out[split] = {"n": len(sel), "mean": mean, "ci95": [lo, hi]}
+    groups: dict[str, list] = {}
+    for i in ids:
+        for g in per_run[0][i][3]:
+            groups.setdefault(g, []).append(i)
+    out["by_group"] = {}
+    for g, members in sorted(groups.items()):
+        entry = {"n": len(members)}
+        for key, values in (("oracle", deltas), ("if_error", if_deltas)):
+            sel = [values[i] for i in members if values[i] == values[i]]
+            if sel:
+                mean, lo, hi = bootstrap_ci(sel, n=n_boot)
+                entry[key] = {"mean": mean, "ci95": [lo, hi]}
+        out["by_group"][g] = entry
     return out
 
 
@@ -126,6 +144,11 @@ def run(out: Path, seeds: list[int], overrides: list[str], recipe: str) -> dict:
     lines.append(f"pooled over seeds, per prompt: {pooled['all']['mean']:+.4f} "
                  f"[{pooled['all']['ci95'][0]:+.4f}, {pooled['all']['ci95'][1]:+.4f}] (95% CI over "
                  f"{pooled['n_prompts']} prompts; {pooled['improved']} improved)")
+    lines += ["", "| group | prompts | oracle delta [95% CI] | if_error delta [95% CI] |", "|---|---|---|---|"]
+    for g, e in pooled["by_group"].items():
+        cells = [f"{e[k]['mean']:+.4f} [{e[k]['ci95'][0]:+.4f}, {e[k]['ci95'][1]:+.4f}]" if k in e else "-"
+                 for k in ("oracle", "if_error")]
+        lines.append(f"| {g} | {e['n']} | {cells[0]} | {cells[1]} |")
     atomic_write_text(out / "toybench.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "toybench.json", json.dumps(result, indent=2))
     print("\n".join(lines))

@@ -109,6 +109,9 @@ class ToyChainConfig:
     n_grpo: int = 256                    # compound GRPO prompts (no targets)
     n_eval_compound: int = 64            # held-out compound eval prompts (half novel combinations)
     n_eval_simple: int = 64              # held-out single-edit eval prompts
+    open_place: float = 0.0              # probability an add leaves its place open: several correct edits (docs/toy_world.md)
+    grpo_types: Optional[list[str]] = None         # GRPO prompts: simple ones of these edit types; None -> compound combos
+    eval_simple_types: Optional[list[str]] = None  # edit types of the simple eval prompts; None -> all five
     reward_steps: Optional[int] = None   # toy CLIP training steps; None -> its default
     reward_degrade: float = 0.0          # toy CLIP: probability of a damaged-copy quality negative per pair
     instructor_steps: int = 1500         # pretrain the tiny instructor to read instructions (viva_base/toy_instructor.py); 0: random
@@ -188,6 +191,15 @@ def validate_config(cfg: GRPOConfig) -> None:
         raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")
     positive("lora.rank", cfg.lora.rank)
+    if cfg.toy.enabled:
+        from viva_base.data.toyworld.edits import EDIT_TYPES
+
+        if not 0 <= cfg.toy.open_place <= 1:
+            raise UserError(f"toy.open_place={cfg.toy.open_place!r}: a probability in [0, 1] (0: every add names its place)")
+        for key in ("grpo_types", "eval_simple_types"):
+            types = cfg.toy[key]
+            if types is not None and (len(types) == 0 or any(t not in EDIT_TYPES for t in types)):
+                raise UserError(f"toy.{key}={list(types)}: give one or more of {', '.join(EDIT_TYPES)}, or null")
     from rewards.registry import UnknownRewardError, check_rewards_config
 
     try:

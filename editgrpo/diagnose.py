@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from viva_base.data.manifest import read_manifest
-from viva_base.data.toyworld.oracle import oracle_scores, read_mask
+from viva_base.data.toyworld.oracle import best_oracle_scores, read_mask, record_truths
 from viva_base.losses import add_noise, mask_to_latent
 from viva_base.video import read_video
 
@@ -119,9 +119,9 @@ def group_spread(editor, records: list[dict], *, groups: int = 8, group_size: in
                      guidance_scale=guidance_scale, batch_size=group_size)
         edited = editor.decode(ro.latents).cpu()
         scores: dict[str, torch.Tensor] = {}
-        if "target" in item and "mask" in item:
-            o = oracle_scores(edited, item["source"].expand_as(edited), item["target"].expand_as(edited),
-                              item["mask"].expand(edited.shape[0], *item["mask"].shape))
+        if "target" in item and "mask" in item:  # against the best correct edit (several for an open instruction)
+            truths = record_truths(rec, item["target"], item["mask"])
+            o = best_oracle_scores(edited, item["source"].expand_as(edited), [truths] * edited.shape[0])
             scores.update({k: o[k] for k in ("oracle", "if_error", "sp_error")})
         if reward_fn is not None:
             n = edited.shape[0]

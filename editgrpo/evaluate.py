@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from viva_base.atomic import atomic_dir
 from viva_base.data.manifest import read_manifest
-from viva_base.data.toyworld.oracle import oracle_scores, read_mask
+from viva_base.data.toyworld.oracle import best_oracle_scores, read_mask, record_truths
 from viva_base.video import read_image, read_video, write_video
 
 from .rollout import guided_velocity, initial_noise, sample_generators
@@ -37,7 +37,8 @@ def eval_seed(seed: int, item: int) -> int:
 
 def item_groups(it: dict) -> list[str]:
     """The groups an evaluation item counts in: ``all``, ``split/<split>`` (compound ones also in
-    ``split/compound-novel`` or ``-seen``) and ``type/<edit_type>``."""
+    ``split/compound-novel`` or ``-seen``), ``type/<edit_type>`` and, for an open instruction (several correct
+    edits, ``open: true``), ``open/<split>``."""
     names = ["all"]
     if it.get("split"):
         names.append(f"split/{it['split']}")
@@ -45,6 +46,8 @@ def item_groups(it: dict) -> list[str]:
             names.append("split/compound-" + ("novel" if it["novel_combo"] else "seen"))
     if it.get("edit_type"):
         names.append(f"type/{it['edit_type']}")
+    if it.get("open"):
+        names.append(f"open/{it.get('split') or 'all'}")
     return names
 
 
@@ -66,11 +69,12 @@ def group_means(items: list[dict], keys: list[str]) -> dict:
 
 def showcase_indices(records: list[dict], n: int) -> list[int]:
     """The ``n`` records whose clips an evaluation saves (the report's "Held-out edits"): taken in turn from each
-    group of (split, edit type), in manifest order, so simple and compound, seen and novel, every edit type are
-    all shown rather than the manifest's first ``n`` (which may all be compound)."""
+    group of (split, edit type, open or not), in manifest order, so simple and compound, seen and novel, every edit
+    type, open and named instructions are all shown rather than the manifest's first ``n`` (which may all be
+    compound)."""
     groups: dict = {}
     for i, r in enumerate(records):
-        key = (r.get("split"), bool(r.get("novel_combo")), r.get("edit_type"))
+        key = (r.get("split"), bool(r.get("novel_combo")), r.get("edit_type"), bool(r.get("open")))
         groups.setdefault(key, []).append(i)
     queues, picked = list(groups.values()), []
     while len(picked) < min(n, len(records)):
@@ -95,9 +99,8 @@ class Evaluator:
     def _load(self, rec: dict) -> dict:
         if rec["id"] not in self._videos:
             item = {"source": read_video(rec["source"]).frames}
-            if self.oracle:
-                item["target"] = read_video(rec["target"]).frames
-                item["mask"] = read_mask(rec["mask"])
+            if self.oracle:  # every correct edit (several for an open instruction; toyworld.oracle.record_truths)
+                item["truths"] = record_truths(rec, read_video(rec["target"]).frames, read_mask(rec["mask"]))
             item["reference"] = read_image(rec["reference"]) if rec.get("reference") else None
             self._videos[rec["id"]] = item
         return self._videos[rec["id"]]
@@ -142,8 +145,7 @@ class Evaluator:
                                         references=[it["reference"] for it in items])
                 scores = {"reward": scored.total, **{f"reward/{k}": v for k, v in scored.components.items()}}
                 if self.oracle:
-                    o = oracle_scores(edited, source, torch.stack([it["target"] for it in items]),
-                                      torch.stack([it["mask"] for it in items]))
+                    o = best_oracle_scores(edited, source, [it["truths"] for it in items])
                     scores.update({k: o[k] for k in ORACLE_KEYS})
                 for i, r in enumerate(recs):
                     for k, v in scores.items():
@@ -157,7 +159,7 @@ class Evaluator:
             scores = per_item[r["id"]]
             mean = {k: (sum(v) / len(v) if all(x == x for x in v) else float("nan")) for k, v in scores.items()}
             rows.append({"id": r["id"], "edit_type": r.get("edit_type"), "split": r.get("split"),
-                         "novel_combo": r.get("novel_combo"), "instruction": r["instruction"],
+                         "novel_combo": r.get("novel_combo"), "open": r.get("open"), "instruction": r["instruction"],
                          "seeds": self.seeds, "scores": dict(scores), "mean": mean})
         keys = sorted({k for row in rows for k in row["mean"]})
         summary = {"step": step, "n_prompts": len(rows), "seeds": self.seeds, "oracle_available": self.oracle,

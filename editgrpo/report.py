@@ -50,7 +50,7 @@ def copy_source_groups(manifest: str | os.PathLike) -> dict | None:
     :func:`editgrpo.evaluate.group_means`), for an eval manifest with true targets; None without them."""
 
     from viva_base.data.manifest import read_manifest
-    from viva_base.data.toyworld.oracle import oracle_scores, read_mask
+    from viva_base.data.toyworld.oracle import best_oracle_scores, record_truths
 
     from .evaluate import group_means
 
@@ -60,10 +60,9 @@ def copy_source_groups(manifest: str | os.PathLike) -> dict | None:
     rows = []
     for r in records:
         src = read_video(r["source"]).frames[None]
-        tgt = read_video(r["target"]).frames[None]
-        mask = read_mask(r["mask"])[None]
-        o = oracle_scores(src, src, tgt, mask)
+        o = best_oracle_scores(src, src, [record_truths(r)])
         rows.append({"edit_type": r.get("edit_type"), "split": r.get("split"), "novel_combo": r.get("novel_combo"),
+                     "open": r.get("open"),
                      "mean": {k: float(o[k][0]) for k in ORACLE_COLUMNS}})
     return group_means(rows, list(ORACLE_COLUMNS))
 

@@ -59,34 +59,34 @@ class ToyOracleReward(Reward):
                 if "scene" not in rec or "ops" not in rec:
                     raise ValueError(f"toy_oracle: {path}:{n} has no `scene`/`ops`: not a toy-world manifest")
                 self.records[(rec["instruction"], rec["source_caption"])] = rec
-        self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def truth(self, instruction: str, source_caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(target (F, 3, H, W) in [0, 1], mask (F, 1, H, W))`` of one prompt, rendered from its scene graph."""
+    def truth(self, instruction: str, source_caption: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(target (F, 3, H, W) in [0, 1], mask (F, 1, H, W)), ...]`` of one prompt, rendered from its scene
+        graph: one pair, or one per correct edit of an open instruction (``toyworld.edits.admissible_truths``)."""
         key = (instruction, source_caption)
         if key not in self._cache:
-            from viva_base.data.toyworld import apply, edit_mask, op_from_json, render_tensor, scene_from_json
+            from viva_base.data.toyworld import op_from_json, scene_from_json
+            from viva_base.data.toyworld.edits import admissible_truths
 
             rec = self.records.get(key)
             if rec is None:
                 raise KeyError(f"toy_oracle: the prompt {instruction!r} (source {source_caption!r}) is not in the "
                                f"manifest; give the manifest the prompts come from")
-            src = scene_from_json(rec["scene"])
-            tgt = apply(src, [op_from_json(o) for o in rec["ops"]])
-            self._cache[key] = (render_tensor(tgt), edit_mask(src, tgt))
+            self._cache[key] = admissible_truths(scene_from_json(rec["scene"]), [op_from_json(o) for o in rec["ops"]])
         return self._cache[key]
 
     def score(self, edited, source, *, source_captions, target_captions, instructions, references):
-        from viva_base.data.toyworld.oracle import oracle_scores
+        from viva_base.data.toyworld.oracle import best_oracle_scores
 
         truths = [self.truth(i, s) for i, s in zip(instructions, source_captions)]
-        target = torch.stack([t for t, _ in truths]).to(edited)
-        mask = torch.stack([m for _, m in truths]).to(edited)
-        if target.shape != edited.shape:
+        shape = tuple(truths[0][0][0].shape) if truths else ()
+        if shape != tuple(edited.shape[1:]):
             raise ValueError(f"toy_oracle: edited videos {tuple(edited.shape)} do not match the rendered targets "
-                             f"{tuple(target.shape)}; do not resize or cut toy clips")
+                             f"{shape}; do not resize or cut toy clips")
         idx = self.frame_indices(edited.shape[1])
-        s = oracle_scores(edited[:, idx], source[:, idx], target[:, idx], mask[:, idx])
+        s = best_oracle_scores(edited[:, idx], source[:, idx], [[(t[idx], m[idx]) for t, m in options]
+                                                                for options in truths])
         value = {"oracle": s["oracle"], "if": -s["if_error"], "sp": -s["sp_error"]}[self.component]
         details = [{"if_error": float(a), "sp_error": float(b)} for a, b in zip(s["if_error"], s["sp_error"])]
         return RewardOutput(scores=value.float().cpu(), details=details)

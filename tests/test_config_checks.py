@@ -50,3 +50,15 @@ def test_cheap_checks_name_the_key(override, key):
 @pytest.mark.parametrize("recipe", ["tiny", "toy", "viva", "lucy_grpo", "lucy_tiny"])
 def test_shipped_recipes_pass_the_checks(recipe):
     validate_config(load_recipe(GRPOConfig, [f"recipe=recipes/{recipe}.yaml"]))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("toy.open_place=1.5", "toy.open_place"),
+    ("toy.grpo_types=[paint]", "toy.grpo_types"),
+    ("toy.eval_simple_types=[]", "toy.eval_simple_types"),
+])
+def test_toy_chain_open_edit_checks_name_the_key(override, key):
+    cfg = load_recipe(GRPOConfig, ["recipe=recipes/toy.yaml", override])
+    with pytest.raises(UserError, match=key):
+        validate_config(cfg)
+    validate_config(load_recipe(GRPOConfig, ["recipe=recipes/toy.yaml", "toy.open_place=0.5", "toy.grpo_types=[add]"]))

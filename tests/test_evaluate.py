@@ -130,3 +130,41 @@ def test_saved_clips_cover_every_split_and_edit_type():
     assert {k[2] for k in kinds} == {"compound", "add", "remove", "recolour", "background", "replace"}
     assert {k[1] for k in kinds if k[0] == "compound"} == {True, False}
     assert showcase_indices(recs[:3], 12) == [0, 1, 2] and showcase_indices(recs, 0) == []
+
+
+def test_evaluator_scores_open_instructions_against_their_nearest_correct_edit(tmp_path):
+    """An edit that puts the object at another place than the example's target is exact for an open instruction
+    ("add a red square", no place); before open edits the evaluator compared it with the one target file."""
+    from editgrpo.report import copy_source_groups
+    from viva_base.data.toyworld.edits import admissible_truths, op_from_json
+    from viva_base.data.toyworld.scene import scene_from_json
+    from viva_base.video import read_video
+
+    paths = ensure_toy_dataset(tmp_path / "w", seed=4, n_sft_video=0, n_sft_image=0, n_grpo=0, n_eval_compound=0,
+                               n_eval_simple=6, open_place=1.0, eval_simple_types=["add"])
+    cfg = OmegaConf.structured(EvalConfig)
+    cfg.manifest, cfg.seeds, cfg.batch_size, cfg.save_videos = str(paths["eval"]), [1], 4, 0
+    ev = Evaluator(cfg, CombinedReward.from_config({"pixel_sp": {"weight": 1.0}}), tmp_path / "eval")
+    assert all(r["open"] for r in ev.records)
+
+    def other_place(policy, recs, seed, first_index):  # a perfect editor that never picks the example's place
+        return torch.stack([admissible_truths(scene_from_json(r["scene"]), [op_from_json(o) for o in r["ops"]])[-1][0]
+                            for r in recs])
+
+    ev.edit = other_place
+    from types import SimpleNamespace
+
+    s = ev.run(SimpleNamespace(transformer=torch.nn.Linear(1, 1)), step=0)
+    assert s["groups"]["all"]["oracle"] == pytest.approx(1.0) and s["groups"]["open/simple"]["n"] == 6
+    assert s["groups"]["all"]["if_progress"] == pytest.approx(1.0)
+    # the same videos against the example's target file alone fall short (what the evaluator computed before)
+    from viva_base.data.toyworld.oracle import oracle_scores, read_mask
+
+    rec = ev.records[0]
+    edited = other_place(None, [rec], 1, 0)
+    plain = oracle_scores(edited, read_video(rec["source"]).frames[None], read_video(rec["target"]).frames[None],
+                          read_mask(rec["mask"])[None])
+    assert float(plain["oracle"][0]) < 0.99
+    # the report's "source (no edit)" row: the source scored against its nearest correct edit
+    copy = copy_source_groups(paths["eval"])
+    assert copy["open/simple"]["n"] == 6 and 0 < copy["all"]["oracle"] < 1 and copy["all"]["sp_error"] == 0

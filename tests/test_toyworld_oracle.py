@@ -126,8 +126,8 @@ def test_toybench_pools_paired_deltas_over_runs(tmp_path):
     def write(run, step, oracles):
         d = tmp_path / run / "eval" / f"step-{step}"
         d.mkdir(parents=True)
-        rows = [{"id": f"p{i}", "split": "compound" if i < 3 else "simple", "mean": {"oracle": o}}
-                for i, o in enumerate(oracles)]
+        rows = [{"id": f"p{i}", "split": "compound" if i < 3 else "simple", "open": i in (1, 2),
+                 "mean": {"oracle": o, "if_error": 1 - o}} for i, o in enumerate(oracles)]
         (d / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (d / "summary.json").write_text("{}")
 
@@ -140,6 +140,11 @@ def test_toybench_pools_paired_deltas_over_runs(tmp_path):
     assert out["all"]["ci95"][0] <= out["all"]["mean"] <= out["all"]["ci95"][1]
     assert out["compound"]["n"] == 3 and out["compound"]["mean"] == pytest.approx(sum(want[:3]) / 3)
     assert out["simple"]["mean"] == pytest.approx(0.1)
+    # per evaluation group, with the if_error delta beside (here if_error = 1 - oracle: exactly its negative)
+    groups = out["by_group"]
+    assert groups["open/compound"]["n"] == 2 and groups["open/compound"]["oracle"]["mean"] == pytest.approx(-0.075)
+    assert groups["open/compound"]["if_error"]["mean"] == pytest.approx(0.075)
+    assert groups["split/simple"]["oracle"]["mean"] == pytest.approx(0.1) and groups["all"]["n"] == 4
     write("c", 0, [0.5, 0.5, 0.5]); write("c", 24, [0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="different prompts"):
         pooled_delta([tmp_path / "a", tmp_path / "c"])

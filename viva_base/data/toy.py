@@ -12,6 +12,10 @@ _COUNT_KEYS = {"n_sft_video": "sft_video", "n_sft_image": "sft_image", "n_sft_co
                "n_eval_compound": "eval_compound", "n_eval_simple": "eval_simple"}
 
 
+# parameters added after worlds were first cached: a world without the key was built with this value
+_ADDED_LATER = {"open_place": 0.0, "grpo_types": None, "eval_simple_types": None}
+
+
 def ensure_toy_dataset(out_dir, **params) -> dict[str, Path]:
     """``build_toy_dataset(out_dir, **params)`` unless ``out_dir/world.json`` says it was built with the
     same parameters (a finished build writes world.json last, so a killed build is rebuilt)."""
@@ -24,6 +28,7 @@ def ensure_toy_dataset(out_dir, **params) -> dict[str, Path]:
         same = all(
             (world.get("counts", {}).get(_COUNT_KEYS[k], 0) == v) if k in _COUNT_KEYS else  # (worlds built
             # before a count existed hold 0 of it)
+            (_plain(world.get(k, _ADDED_LATER[k])) == _plain(v)) if k in _ADDED_LATER else
             (k not in world or _plain(world[k]) == _plain(v))
             for k, v in params.items())
         if same:
@@ -34,4 +39,4 @@ def ensure_toy_dataset(out_dir, **params) -> dict[str, Path]:
 
 
 def _plain(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
+    return list(v) if v is not None and not isinstance(v, (str, int, float, dict)) else v  # lists, tuples, ListConfig

@@ -14,6 +14,13 @@ The generalisation setting of the paper in miniature:
   no evaluation scene appears in training.
 * ``world.json``: every parameter, the vocabulary and the combo split.
 
+Open edits (``open_place`` > 0, default 0): each ``add`` of every stream leaves its place open with that probability
+(:mod:`.edits`, "Open edits"); the record's ``ops`` carry ``"free": ["where"]`` and ``open: true``, its ``target`` is
+one correct edit among several and the oracle scores against the best of them. ``grpo_types`` (default: the compound
+combos) makes the GRPO prompts simple ones of those types, and ``eval_simple_types`` (default: every type) picks the
+types of the simple eval prompts: with ``open_place`` they give an RL setting whose samples can differ in what they
+edit (docs/toy_world.md, "Open edits").
+
 Everything is a pure function of the seed and the parameters (examples come from
 :func:`.pairs.example_rng`), whatever the number of worker processes. Videos are lossless FFV1 ``.mkv``
 (masks as grey videos), images ``.png``; manifest paths are relative to the manifest's folder.
@@ -43,7 +50,7 @@ from tqdm import tqdm
 from ...errors import UserError
 from ...video import write_video
 from ..manifest import write_manifest
-from .edits import EDIT_TYPES, MOTIONS, PLACES, mask_from_renders
+from .edits import EDIT_TYPES, MOTIONS, PLACES, is_open, mask_from_renders
 from .pairs import example_rng, ordered_types, sample_example, scene_fingerprint, split_combos
 from .render import render, to_tensor
 from .scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZE_PX_AT_32, STYLES, VARIANTS, scene_from_json
@@ -65,10 +72,12 @@ def _task(stream: str, index: int, ident: str, types: Sequence[str], frames: int
             "extra": extra or {}}
 
 
-def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, exclude: frozenset) -> dict:
+def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, exclude: frozenset,
+               open_place: float = 0.0) -> dict:
     rng = example_rng(seed, task["stream"], task["index"])
     types = ordered_types(rng, task["types"]) if len(task["types"]) > 1 else task["types"]
-    ex = sample_example(rng, types, num_frames=task["frames"], height=size, width=size, exclude_scenes=exclude)
+    ex = sample_example(rng, types, num_frames=task["frames"], height=size, width=size, exclude_scenes=exclude,
+                        open_place=open_place)
     a = render(ex.source)
     ext = ".png" if task["frames"] == 1 else ".mkv"
     stem = Path(out_dir) / "videos" / task["id"]
@@ -80,6 +89,8 @@ def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, ex
         rec["mask"] = str(write_video(f"{stem}_mask{ext}", mask.expand(-1, 3, -1, -1), fps))
     rec["reference"] = None
     rec.update(ex.to_json())
+    if open_place > 0:
+        rec["open"] = is_open(ex.ops)
     rec.update(task["extra"])
     return rec
 
@@ -140,6 +151,9 @@ def build_toy_dataset(
     image_only_types: Sequence[str] = ("replace",),
     heldout_combo_fraction: float = 0.3,
     max_ops: int = 3,
+    open_place: float = 0.0,
+    grpo_types: Sequence[str] | None = None,
+    eval_simple_types: Sequence[str] | None = None,
     workers: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Path]:
@@ -169,6 +183,11 @@ def build_toy_dataset(
         raise UserError(f"heldout_combo_fraction={heldout_combo_fraction}: use a value in [0, 1)")
     if workers < 1:
         raise UserError(f"workers={workers}: use 1 or more processes")
+    if not 0 <= open_place <= 1:
+        raise UserError(f"open_place={open_place}: the probability that an add leaves its place open is in [0, 1]")
+    for name, types in (("grpo_types", grpo_types), ("eval_simple_types", eval_simple_types)):
+        if types is not None and (not types or any(t not in EDIT_TYPES for t in types)):
+            raise UserError(f"{name}={list(types)}: give one or more of {', '.join(EDIT_TYPES)} (or leave it unset)")
     out = Path(out_dir)
     videos = out / "videos"
     if videos.exists():
@@ -178,7 +197,8 @@ def build_toy_dataset(
     videos.mkdir(parents=True)
     seen, held = split_combos(seed, heldout_combo_fraction, max_ops)
     total = sum(counts.values())
-    kwargs = {"seed": seed, "size": size, "fps": fps, "out_dir": str(out)}
+    kwargs = {"seed": seed, "size": size, "fps": fps, "out_dir": str(out), "open_place": open_place}
+    simple_eval_types = list(eval_simple_types or EDIT_TYPES)
     t0 = time.perf_counter()
 
     eval_tasks = []
@@ -189,7 +209,7 @@ def build_toy_dataset(
         eval_tasks.append(_task("eval_compound", i, f"eval-c{i:05d}", combo, frames,
                                 {"split": "compound", "novel_combo": novel}))
     for i in range(n_eval_simple):
-        eval_tasks.append(_task("eval_simple", i, f"eval-s{i:05d}", [EDIT_TYPES[i % len(EDIT_TYPES)]], frames,
+        eval_tasks.append(_task("eval_simple", i, f"eval-s{i:05d}", [simple_eval_types[i % len(simple_eval_types)]], frames,
                                 {"split": "simple"}))
     eval_recs = _run(eval_tasks, workers, "toy eval", exclude=frozenset(), **kwargs)
     exclude = frozenset(scene_fingerprint(scene_from_json(r["scene"])) for r in eval_recs)
@@ -202,7 +222,8 @@ def build_toy_dataset(
                     for i in range(n_sft_compound_video)]
     train_tasks += [_task("sft_compound_image", i, f"sft-ci{i:06d}", seen[i % len(seen)], 1)
                     for i in range(n_sft_compound_image)]
-    train_tasks += [_task("grpo", i, f"grpo-{i:06d}", seen[i % len(seen)], frames) for i in range(n_grpo)]
+    grpo_pool = [[t] for t in grpo_types] if grpo_types else seen
+    train_tasks += [_task("grpo", i, f"grpo-{i:06d}", grpo_pool[i % len(grpo_pool)], frames) for i in range(n_grpo)]
     train_recs = _run(train_tasks, workers, "toy train", exclude=exclude, **kwargs)
     elapsed = time.perf_counter() - t0
 
@@ -219,7 +240,9 @@ def build_toy_dataset(
                    "sft_compound_image": n_sft_compound_image, "grpo": n_grpo,
                    "eval_compound": n_eval_compound, "eval_simple": n_eval_simple},
         "video_sft_types": video_types, "image_only_types": list(image_only_types), "max_ops": max_ops,
-        "heldout_combo_fraction": heldout_combo_fraction,
+        "heldout_combo_fraction": heldout_combo_fraction, "open_place": open_place,
+        "grpo_types": list(grpo_types) if grpo_types else None,
+        "eval_simple_types": list(eval_simple_types) if eval_simple_types else None,
         "grpo_combos": [list(c) for c in seen], "heldout_combos": [list(c) for c in held],
         "vocabulary": {"shapes": list(SHAPES), "object_colours": list(OBJECT_COLOURS),
                        "sizes_px_at_32": SIZE_PX_AT_32, "background_styles": list(STYLES),
@@ -264,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"edit types only image pairs carry in SFT (of {', '.join(EDIT_TYPES)}); none: pass no value")
     p.add_argument("--heldout-combo-fraction", type=float, default=0.3)
     p.add_argument("--max-ops", type=int, default=3)
+    p.add_argument("--open-place", type=float, default=0.0,
+                   help="probability that an add leaves its place open (several correct edits); default 0")
+    p.add_argument("--grpo-types", nargs="+", default=None,
+                   help="make the GRPO prompts simple ones of these edit types (default: compound combos)")
+    p.add_argument("--eval-simple-types", nargs="+", default=None,
+                   help="edit types of the simple eval prompts (default: all)")
     p.add_argument("--workers", type=int, default=1, help="writer processes (output is the same for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     args = p.parse_args(argv)
@@ -274,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_sft_compound_video=args.n_sft_compound_video, n_sft_compound_image=args.n_sft_compound_image,
             n_grpo=args.n_grpo, n_eval_compound=args.n_eval_compound, n_eval_simple=args.n_eval_simple,
             frames=args.frames, size=args.size, fps=args.fps, image_only_types=args.image_only_types,
-            heldout_combo_fraction=args.heldout_combo_fraction, max_ops=args.max_ops, workers=args.workers,
+            heldout_combo_fraction=args.heldout_combo_fraction, max_ops=args.max_ops, open_place=args.open_place,
+            grpo_types=args.grpo_types, eval_simple_types=args.eval_simple_types, workers=args.workers,
             overwrite=args.overwrite)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,13 @@ operation is applied, so a compound edit is a sequence of simple ones):
 * :class:`SetBackground` ``(style, colour, variant)``: fields left ``None`` are kept (a global change;
   objects are untouched).
 
+**Open edits.** An :class:`Add` with ``free=("where",)`` is an instruction that leaves the place open ("add a small
+red square moving right"): the example's target puts the object at one of the nine places, but every place is a
+correct edit. :func:`admissible_ops` enumerates the correct edits of such an instruction and the oracle scores an
+edited video against the best of them (:func:`viva_base.data.toyworld.oracle.best_oracle_scores`). A toy
+instruction otherwise fixes its target exactly, so a flow model trained on it learns a point mass and the samples
+of a prompt differ only in pixel noise; an open instruction has several correct answers, as real instructions do.
+
 The edit mask is the set of pixels whose rendered colour changes: ``M[f, 0, i, j] = 1`` iff
 ``render(src)[f, i, j] != render(tgt)[f, i, j]`` in any channel.
 """
@@ -50,14 +57,26 @@ MOTION_PHRASES = {
 EDIT_TYPES = ("add", "remove", "replace", "recolour", "background")
 
 
+FREE_FIELDS = ("where",)  # what an instruction may leave open (module docstring, "Open edits")
+
+
 @dataclass(frozen=True)
 class Add:
     obj: Obj
     where: str | None = None  # a PLACES name, used by the instruction
     motion: str | None = None  # a MOTIONS name
+    free: tuple[str, ...] = ()  # fields of FREE_FIELDS the instruction leaves open (any value is a correct edit)
+
+    def __post_init__(self):
+        bad = [f for f in self.free if f not in FREE_FIELDS]
+        if bad:
+            raise ValueError(f"Add.free {bad}: an instruction can leave open only {list(FREE_FIELDS)}")
+        if "where" in self.free and self.where is None:
+            raise ValueError("Add.free has 'where' but no place: an open place still needs the example's place")
 
     @staticmethod
-    def place(shape: str, colour: str, size: str, where: str, motion: str, height: int, width: int) -> "Add":
+    def place(shape: str, colour: str, size: str, where: str, motion: str, height: int, width: int,
+              free: tuple[str, ...] = ()) -> "Add":
         """The Add whose object sits at the named place and moves in the named direction."""
         if where not in PLACES:
             raise ValueError(f"unknown place {where!r}; choose one of {', '.join(PLACES)}")
@@ -69,7 +88,12 @@ class Add:
         y = min(max(math.floor(fy * height * 4) / 4, y_lo), y_hi)
         u = speed_unit(height, width)
         mx, my = MOTIONS[motion]
-        return Add(Obj(shape, colour, size, x, y, mx * u, my * u), where, motion)
+        return Add(Obj(shape, colour, size, x, y, mx * u, my * u), where, motion, tuple(free))
+
+    def moved_to(self, where: str, height: int, width: int) -> "Add":
+        """The same Add (object, motion, ``free``) at another named place."""
+        o = self.obj
+        return Add.place(o.shape, o.colour, o.size, where, self.motion or "still", height, width, self.free)
 
 
 @dataclass(frozen=True)
@@ -173,7 +197,8 @@ def mask_from_renders(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
 
 def op_to_json(op: Op) -> dict:
     if isinstance(op, Add):
-        d = {"op": "add", "object": obj_to_json(op.obj), "where": op.where, "motion": op.motion}
+        d = {"op": "add", "object": obj_to_json(op.obj), "where": op.where, "motion": op.motion,
+             "free": list(op.free) or None}
     else:
         d = {"op": op_type(op), **dataclasses.asdict(op)}
     return {k: v for k, v in d.items() if v is not None}
@@ -183,7 +208,7 @@ def op_from_json(d: dict) -> Op:
     d = dict(d)
     kind = d.pop("op", None)
     if kind == "add":
-        return Add(obj_from_json(d["object"]), d.get("where"), d.get("motion"))
+        return Add(obj_from_json(d["object"]), d.get("where"), d.get("motion"), tuple(d.get("free") or ()))
     cls = {"remove": Remove, "replace": Replace, "recolour": Recolour, "background": SetBackground}.get(kind)
     if cls is None:
         raise ValueError(f"unknown op {kind!r}; choose one of {', '.join(EDIT_TYPES)}")
@@ -232,7 +257,7 @@ def describe_op(op: Op, scene: Scene, rng: np.random.Generator) -> str:
         return _pick(rng, REMOVE_TEMPLATES).format(ref=object_reference(_target(scene, op.index, op), rng))
     if isinstance(op, Add):
         o = op.obj
-        where = " " + PLACE_PHRASES[op.where] if op.where else ""
+        where = " " + PLACE_PHRASES[op.where] if op.where and "where" not in op.free else ""
         motion = _pick(rng, MOTION_PHRASES[op.motion]) if op.motion else ""
         return _pick(rng, ADD_TEMPLATES).format(new=o.phrase(), where=where, motion=motion)
     if isinstance(op, Replace):
@@ -280,11 +305,13 @@ def instruction(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> st
 # --------------------------------------------------------------------------------- sampling
 
 def sample_op(rng: np.random.Generator, scene: Scene, kind: str, *, protected: set = frozenset(),
-              forbidden_keys: set = frozenset(), max_objects: int = 4) -> Op | None:
+              forbidden_keys: set = frozenset(), max_objects: int = 4, open_place: float = 0.0) -> Op | None:
     """A random operation of type ``kind`` valid on ``scene``, or None when none is possible.
 
     Objects whose key is in ``protected`` are not targeted; new (colour, shape) keys avoid
-    ``forbidden_keys`` and the scene's own keys."""
+    ``forbidden_keys`` and the scene's own keys. An ``add`` leaves its place open (``free=("where",)``, module
+    docstring) with probability ``open_place``; at 0 no extra random number is drawn, so datasets built before
+    open edits existed are unchanged."""
     h, w = scene.height, scene.width
     taken = {o.key for o in scene.objects} | set(forbidden_keys)
     targets = [i for i, o in enumerate(scene.objects) if o.key not in protected]
@@ -295,7 +322,8 @@ def sample_op(rng: np.random.Generator, scene: Scene, kind: str, *, protected: s
         colour, shape = free[int(rng.integers(len(free)))]
         size, where = _pick(rng, SIZES), _pick(rng, list(PLACES))
         motion = _pick(rng, list(MOTIONS)) if scene.num_frames > 1 else "still"  # images: no motion words
-        return Add.place(shape, colour, size, where, motion, h, w)
+        left_open = ("where",) if open_place > 0 and rng.random() < open_place else ()
+        return Add.place(shape, colour, size, where, motion, h, w, left_open)
     if kind == "background":
         bg = scene.background
         if rng.random() < 0.5:
@@ -325,6 +353,50 @@ def sample_op(rng: np.random.Generator, scene: Scene, kind: str, *, protected: s
     raise ValueError(f"unknown edit type {kind!r}; choose one of {', '.join(EDIT_TYPES)}")
 
 
+def admissible_ops(scene: Scene, ops: Sequence[Op]) -> list[tuple[Op, ...]]:
+    """Every correct edit of the instruction behind ``ops`` on ``scene``: ``[tuple(ops)]`` when no operation leaves
+    anything open, else each combination of the open fields' values (an open place: the nine :data:`PLACES`)
+    under which every operation still applies and changes the scene. ``ops`` itself (the example's target) is
+    always among them; the order is deterministic."""
+    import itertools
+
+    choices = []
+    for op in ops:
+        if isinstance(op, Add) and "where" in op.free:
+            choices.append([op.moved_to(p, scene.height, scene.width) for p in PLACES])
+        else:
+            choices.append([op])
+    out = []
+    for combo in itertools.product(*choices):
+        if list(combo) != list(ops):
+            try:
+                apply(scene, combo)
+            except EditError:
+                continue
+        out.append(tuple(combo))
+    return out
+
+
+def admissible_truths(scene: Scene, ops: Sequence[Op]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(target (F, 3, H, W) in [0, 1], mask (F, 1, H, W))`` of every correct edit (:func:`admissible_ops`), rendered;
+    the first is the one of ``ops`` itself."""
+    from .render import to_tensor
+
+    a = render(scene)
+    alts = admissible_ops(scene, ops)
+    alts.sort(key=lambda combo: list(combo) != list(ops))  # ops itself first, the rest in their order
+    out = []
+    for combo in alts:
+        b = render(apply(scene, combo))
+        out.append((to_tensor(b), mask_from_renders(a, b)))
+    return out
+
+
+def is_open(ops: Sequence[Op]) -> bool:
+    """Whether the instruction behind ``ops`` leaves a field open (several correct edits)."""
+    return any(getattr(op, "free", ()) for op in ops)
+
+
 def new_keys(op: Op, before: Scene) -> set:
     """(colour, shape) keys an operation brings into the scene."""
     if isinstance(op, Add):
@@ -338,7 +410,8 @@ def new_keys(op: Op, before: Scene) -> set:
 
 __all__ = ["Add", "Remove", "Replace", "Recolour", "SetBackground", "Op", "EditError", "EDIT_TYPES", "PLACES",
            "MOTIONS", "op_type", "edit_type", "apply_op", "apply", "edit_mask", "mask_from_renders", "op_to_json",
-           "op_from_json", "object_reference", "describe_op", "instruction", "sample_op", "new_keys"]
+           "op_from_json", "object_reference", "describe_op", "instruction", "sample_op", "new_keys", "admissible_ops",
+           "admissible_truths", "is_open", "FREE_FIELDS"]
 
 
 # ------------------------------------------------------------------------------- the parse of an edit
@@ -373,7 +446,7 @@ def edit_parse(ops: Sequence[Op], scene: Scene) -> torch.Tensor:
         put("op", op_type(op))
         if isinstance(op, Add):
             obj = op.obj
-            put("place", op.where)
+            put("place", None if "where" in op.free else op.where)
             put("motion", op.motion)
         elif isinstance(op, SetBackground):
             obj = None

@@ -83,6 +83,32 @@ def oracle_scores(edited: torch.Tensor, source: torch.Tensor, target: torch.Tens
     }
 
 
+def best_oracle_scores(edited: torch.Tensor, source: torch.Tensor,
+                       truths: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Oracle metrics against the best of several correct edits: an open instruction ("add a red square", no place
+    given; :mod:`.edits`, "Open edits") has one ``(target, mask)`` per correct edit, and an edit is as good as its
+    nearest correct one::
+
+        k*_b = argmax_k oracle(E_b; S_b, T_bk, M_bk),   metrics_b = metrics(E_b; S_b, T_bk*, M_bk*)
+
+    ``truths[b]`` lists sample ``b``'s ``(target (F, 3, H, W), mask (F, 1, H, W))`` pairs (one pair: the plain
+    :func:`oracle_scores`). Returns the keys of :func:`oracle_scores` plus ``alternative``, the chosen index ``k*``
+    (ties: the lowest)."""
+    if len(truths) != edited.shape[0]:
+        raise ValueError(f"best_oracle_scores: {len(truths)} truth lists for {edited.shape[0]} edited videos")
+    keys = ("if_error", "sp_error", "oracle", "if_identity", "if_progress", "full_error")
+    rows = []
+    for b, options in enumerate(truths):
+        if not options:
+            raise ValueError(f"best_oracle_scores: sample {b} has no correct edit")
+        k = len(options)
+        s = oracle_scores(edited[b:b + 1].expand(k, *edited.shape[1:]), source[b:b + 1].expand(k, *source.shape[1:]),
+                          torch.stack([t for t, _ in options]).to(edited), torch.stack([m for _, m in options]).to(edited))
+        best = int(torch.argmax(s["oracle"]))  # first maximum
+        rows.append({**{key: s[key][best] for key in keys}, "alternative": torch.tensor(best, dtype=torch.float64)})
+    return {key: torch.stack([r[key] for r in rows]) for key in (*keys, "alternative")}
+
+
 def bootstrap_ci(deltas: torch.Tensor | list[float], n: int = 2000, seed: int = 0,
                  alpha: float = 0.05) -> tuple[float, float, float]:
     """Percentile bootstrap of the mean of paired differences ``deltas`` (e.g. oracle after GRPO minus
@@ -124,7 +150,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / den if den > 0 else math.nan
 
 
-__all__ = ["oracle_scores", "masked_mean_abs", "bootstrap_ci", "average_ranks", "spearman"]
+__all__ = ["oracle_scores", "best_oracle_scores", "record_truths", "masked_mean_abs", "bootstrap_ci", "average_ranks", "spearman"]
 
 
 def read_mask(path) -> torch.Tensor:
@@ -132,3 +158,22 @@ def read_mask(path) -> torch.Tensor:
     from viva_base.video import read_video
 
     return (read_video(path).frames.amax(dim=1, keepdim=True) > 0.5).float()
+
+
+def record_truths(rec: dict, target: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The correct edits ``[(target (F, 3, H, W), mask (F, 1, H, W)), ...]`` of a toy manifest record, for
+    :func:`best_oracle_scores`: for an open instruction (its ``ops`` leave a field ``free``) every correct edit,
+    rendered from its ``scene``; otherwise the record's own target and mask (``target``/``mask`` when given, else
+    read from its files)."""
+    ops = rec.get("ops") or []
+    if rec.get("scene") and any(o.get("free") for o in ops):
+        from .edits import admissible_truths, op_from_json
+        from .scene import scene_from_json
+
+        return admissible_truths(scene_from_json(rec["scene"]), [op_from_json(o) for o in ops])
+    if target is None:
+        from viva_base.video import read_video
+
+        target = read_video(rec["target"]).frames
+    return [(target, read_mask(rec["mask"]) if mask is None else mask)]

@@ -86,13 +86,14 @@ def random_scene(rng: np.random.Generator, *, num_frames: int = 9, height: int =
 
 def sample_example(rng: np.random.Generator, op_types: Sequence[str], *, num_frames: int = 9, height: int = 32,
                    width: int = 32, max_objects: int = 3, exclude_scenes: frozenset | set = frozenset(),
-                   max_tries: int = 100) -> ToyExample:
+                   max_tries: int = 100, open_place: float = 0.0) -> ToyExample:
     """A random example with one operation per entry of ``op_types``, in that order.
 
     Guarantees: each operation changes at least one pixel of the scene it applies to; operations touch
     distinct objects (none edits an object another one added or changed, so every reference names an
     object of the source); new (colour, shape) keys are new to the source; the source scene's
-    fingerprint is not in ``exclude_scenes`` (used to keep training and evaluation scenes disjoint)."""
+    fingerprint is not in ``exclude_scenes`` (used to keep training and evaluation scenes disjoint). An ``add``
+    leaves its place open with probability ``open_place`` (:func:`.edits.sample_op`)."""
     for kind in op_types:
         if kind not in EDIT_TYPES:
             raise ValueError(f"unknown edit type {kind!r}; choose from {', '.join(EDIT_TYPES)}")
@@ -104,7 +105,7 @@ def sample_example(rng: np.random.Generator, op_types: Sequence[str], *, num_fra
                            min_objects=max(1, n_targets), max_objects=max_objects)
         if exclude_scenes and scene_fingerprint(src) in exclude_scenes:
             continue
-        ops = _sample_ops(rng, src, op_types, max_objects + 1)
+        ops = _sample_ops(rng, src, op_types, max_objects + 1, open_place)
         if ops is None:
             continue
         tgt = src
@@ -114,12 +115,14 @@ def sample_example(rng: np.random.Generator, op_types: Sequence[str], *, num_fra
     raise RuntimeError(f"could not sample a valid {list(op_types)} edit in {max_tries} tries")
 
 
-def _sample_ops(rng: np.random.Generator, src: Scene, op_types: Sequence[str], max_objects: int) -> list | None:
+def _sample_ops(rng: np.random.Generator, src: Scene, op_types: Sequence[str], max_objects: int,
+                open_place: float = 0.0) -> list | None:
     protected: set = set()
     forbidden = {o.key for o in src.objects}
     scene, before, ops = src, render(src), []
     for kind in op_types:
-        op = sample_op(rng, scene, kind, protected=protected, forbidden_keys=forbidden, max_objects=max_objects)
+        op = sample_op(rng, scene, kind, protected=protected, forbidden_keys=forbidden, max_objects=max_objects,
+                       open_place=open_place)
         if op is None:
             return None
         keys = new_keys(op, scene)
