@@ -224,7 +224,9 @@ def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lin
         g = by_id.get(r["id"], {}).get("mean", {})
         score = (f"oracle {_fmt(r['mean'].get('oracle'))} → {_fmt(g.get('oracle'))}<br>"
                  f"reward {_fmt(r['mean'].get('reward'))} → {_fmt(g.get('reward'))}")
-        body.append(f"<tr><td>{html.escape(r['id'])}<br><small>{html.escape(str(r.get('edit_type')))}</small></td>"
+        kind = html.escape(str(r.get("edit_type"))) + ("<br>open: the target shown is one of several correct edits"
+                                                      if rec.get("open") else "")
+        body.append(f"<tr><td>{html.escape(r['id'])}<br><small>{kind}</small></td>"
                     f"<td>{html.escape(r['instruction'])}</td>{''.join(cells)}<td>{score}</td></tr>")
     summary = "".join(f"<p>{html.escape(line)}</p>" for line in md_lines if line.startswith("- "))
     table = _md_tables_html(table_md)

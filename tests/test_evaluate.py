@@ -143,7 +143,7 @@ def test_evaluator_scores_open_instructions_against_their_nearest_correct_edit(t
     paths = ensure_toy_dataset(tmp_path / "w", seed=4, n_sft_video=0, n_sft_image=0, n_grpo=0, n_eval_compound=0,
                                n_eval_simple=6, open_place=1.0, eval_simple_types=["add"])
     cfg = OmegaConf.structured(EvalConfig)
-    cfg.manifest, cfg.seeds, cfg.batch_size, cfg.save_videos = str(paths["eval"]), [1], 4, 0
+    cfg.manifest, cfg.seeds, cfg.batch_size, cfg.save_videos = str(paths["eval"]), [1], 4, 2
     ev = Evaluator(cfg, CombinedReward.from_config({"pixel_sp": {"weight": 1.0}}), tmp_path / "eval")
     assert all(r["open"] for r in ev.records)
 
@@ -168,3 +168,8 @@ def test_evaluator_scores_open_instructions_against_their_nearest_correct_edit(t
     # the report's "source (no edit)" row: the source scored against its nearest correct edit
     copy = copy_source_groups(paths["eval"])
     assert copy["open/simple"]["n"] == 6 and 0 < copy["all"]["oracle"] < 1 and copy["all"]["sp_error"] == 0
+    # the report says that the target it shows is one correct edit among several
+    ev.run(SimpleNamespace(transformer=torch.nn.Linear(1, 1)), step=1)
+    write_report(tmp_path, eval_dir=tmp_path / "eval", start_step=0, final_step=1, seconds=1.0,
+                 eval_manifest=str(paths["eval"]))
+    assert (tmp_path / "report.html").read_text().count("open: the target shown is one of several correct edits") == 2
