@@ -5,7 +5,8 @@
 Runs the toy chain once (data, reward model and SFT editor are shared and cached in ``--out``), then the
 Edit-GRPO stage once per training seed in ``--out/seed-<s>`` (each with its own held-out evaluation and
 report), and writes ``--out/toybench.json`` / ``toybench.md``: per seed the SFT and GRPO oracle and the
-paired delta with its bootstrap interval over prompts, and the mean delta over seeds with its spread.
+paired delta with its bootstrap interval over prompts, the mean delta over seeds with its spread, and per evaluation
+group (splits, edit types, open instructions) the pooled oracle and ``if_error`` deltas with their intervals.
 
 The oracle metric functions live in :mod:`viva_base.data.toyworld.oracle` (the trainer's evaluation
 computes them too) and are re-exported here.
