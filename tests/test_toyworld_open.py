@@ -167,3 +167,15 @@ def test_bad_open_edit_parameters_are_user_errors(tmp_path):
         build_toy_dataset(tmp_path / "a", open_place=1.5)
     with pytest.raises(UserError, match="grpo_types"):
         build_toy_dataset(tmp_path / "b", grpo_types=["paint"])
+
+
+def test_an_open_add_off_the_named_grid_is_still_among_its_correct_edits():
+    import dataclasses
+
+    ex = _open_add_example()
+    op = ex.ops[0]
+    off = dataclasses.replace(op, obj=dataclasses.replace(op.obj, x=op.obj.x + 1.0))  # a hand-made position
+    alts = admissible_ops(ex.source, [off])
+    assert alts[0] == (off,) and len(alts) == len(PLACES) + 1
+    truths = admissible_truths(ex.source, [off])
+    assert torch.equal(truths[0][0], render_tensor(apply(ex.source, [off])))

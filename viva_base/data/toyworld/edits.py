@@ -356,7 +356,7 @@ def sample_op(rng: np.random.Generator, scene: Scene, kind: str, *, protected: s
 def admissible_ops(scene: Scene, ops: Sequence[Op]) -> list[tuple[Op, ...]]:
     """Every correct edit of the instruction behind ``ops`` on ``scene``: ``[tuple(ops)]`` when no operation leaves
     anything open, else each combination of the open fields' values (an open place: the nine :data:`PLACES`)
-    under which every operation still applies and changes the scene. ``ops`` itself (the example's target) is
+    under which every operation still applies (no :class:`EditError`). ``ops`` itself (the example's target) is
     always among them; the order is deterministic."""
     import itertools
 
@@ -374,6 +374,8 @@ def admissible_ops(scene: Scene, ops: Sequence[Op]) -> list[tuple[Op, ...]]:
             except EditError:
                 continue
         out.append(tuple(combo))
+    if tuple(ops) not in out:  # an open Add placed off the named grid (hand-made): still a correct edit
+        out.insert(0, tuple(ops))
     return out
 
 
