@@ -192,14 +192,9 @@ def validate_config(cfg: GRPOConfig) -> None:
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")
     positive("lora.rank", cfg.lora.rank)
     if cfg.toy.enabled:
-        from viva_base.data.toyworld.edits import EDIT_TYPES
+        from viva_base.data.toyworld.build import check_open_edit_params
 
-        if not 0 <= cfg.toy.open_place <= 1:
-            raise UserError(f"toy.open_place={cfg.toy.open_place!r}: a probability in [0, 1] (0: every add names its place)")
-        for key in ("grpo_types", "eval_simple_types"):
-            types = cfg.toy[key]
-            if types is not None and (len(types) == 0 or any(t not in EDIT_TYPES for t in types)):
-                raise UserError(f"toy.{key}={list(types)}: give one or more of {', '.join(EDIT_TYPES)}, or null")
+        check_open_edit_params(cfg.toy.open_place, cfg.toy.grpo_types, cfg.toy.eval_simple_types, prefix="toy.")
     from rewards.registry import UnknownRewardError, check_rewards_config
 
     try:

@@ -60,7 +60,9 @@ def shared_stages(cfg, out: Path, *, main: bool = True):
                                n_sft_compound_video=t.n_sft_compound_video,
                                n_sft_compound_image=t.n_sft_compound_image,
                                n_grpo=t.n_grpo, n_eval_compound=t.n_eval_compound, n_eval_simple=t.n_eval_simple,
-                               frames=t.frames, size=t.size, **open_edit_params(t))
+                               frames=t.frames, size=t.size, open_place=float(t.open_place),
+                               grpo_types=list(t.grpo_types) if t.grpo_types else None,
+                               eval_simple_types=list(t.eval_simple_types) if t.eval_simple_types else None)
     reward_name = None
     if _uses_toy_reward(cfg.rewards):
         from .toy_reward import train_toy_clip
@@ -73,18 +75,6 @@ def shared_stages(cfg, out: Path, *, main: bool = True):
     if t.instructor_steps and main:
         base = _instructor_stage(t, out / "instructor", paths)
     return paths, reward_name, base
-
-
-def open_edit_params(t) -> dict:
-    """The open-edit parameters of the toy data (``toy.open_place``, ``toy.grpo_types``, ``toy.eval_simple_types``),
-    passed only when set, so worlds cached before they existed keep their fingerprint."""
-    out = {}
-    if t.open_place:
-        out["open_place"] = float(t.open_place)
-    for key in ("grpo_types", "eval_simple_types"):
-        if t[key]:
-            out[key] = [str(v) for v in t[key]]
-    return out
 
 
 def point_at(cfg, paths: dict, reward_name, sft_final: Path, fingerprint: str):

@@ -67,6 +67,17 @@ def check_geometry(frames: int, size: int) -> None:
         raise UserError(f"toy world size={size}: use a side that is a multiple of 16 (32, 48, 64)")
 
 
+def check_open_edit_params(open_place: float, grpo_types, eval_simple_types, prefix: str = "") -> None:
+    """A UserError naming ``prefix + key`` unless ``open_place`` is a probability and each type list is None or one
+    or more edit types."""
+    if not 0 <= open_place <= 1:
+        raise UserError(f"{prefix}open_place={open_place!r}: the probability that an add leaves its place open is "
+                        f"in [0, 1] (0: every add names its place)")
+    for name, types in (("grpo_types", grpo_types), ("eval_simple_types", eval_simple_types)):
+        if types is not None and (len(types) == 0 or any(t not in EDIT_TYPES for t in types)):
+            raise UserError(f"{prefix}{name}={list(types)}: give one or more of {', '.join(EDIT_TYPES)} (or leave it unset)")
+
+
 def _task(stream: str, index: int, ident: str, types: Sequence[str], frames: int, extra: dict | None = None) -> dict:
     return {"stream": stream, "index": index, "id": ident, "types": list(types), "frames": frames,
             "extra": extra or {}}
@@ -183,11 +194,7 @@ def build_toy_dataset(
         raise UserError(f"heldout_combo_fraction={heldout_combo_fraction}: use a value in [0, 1)")
     if workers < 1:
         raise UserError(f"workers={workers}: use 1 or more processes")
-    if not 0 <= open_place <= 1:
-        raise UserError(f"open_place={open_place}: the probability that an add leaves its place open is in [0, 1]")
-    for name, types in (("grpo_types", grpo_types), ("eval_simple_types", eval_simple_types)):
-        if types is not None and (not types or any(t not in EDIT_TYPES for t in types)):
-            raise UserError(f"{name}={list(types)}: give one or more of {', '.join(EDIT_TYPES)} (or leave it unset)")
+    check_open_edit_params(open_place, grpo_types, eval_simple_types)
     out = Path(out_dir)
     videos = out / "videos"
     if videos.exists():

@@ -356,8 +356,8 @@ def sample_op(rng: np.random.Generator, scene: Scene, kind: str, *, protected: s
 def admissible_ops(scene: Scene, ops: Sequence[Op]) -> list[tuple[Op, ...]]:
     """Every correct edit of the instruction behind ``ops`` on ``scene``: ``[tuple(ops)]`` when no operation leaves
     anything open, else each combination of the open fields' values (an open place: the nine :data:`PLACES`)
-    under which every operation still applies (no :class:`EditError`). ``ops`` itself (the example's target) is
-    always among them; the order is deterministic."""
+    under which every operation still applies (no :class:`EditError`). The first is ``ops`` itself (the example's
+    target), the others follow in :data:`PLACES` order."""
     import itertools
 
     choices = []
@@ -366,16 +366,14 @@ def admissible_ops(scene: Scene, ops: Sequence[Op]) -> list[tuple[Op, ...]]:
             choices.append([op.moved_to(p, scene.height, scene.width) for p in PLACES])
         else:
             choices.append([op])
-    out = []
+    out = [tuple(ops)]
     for combo in itertools.product(*choices):
-        if list(combo) != list(ops):
+        if combo != out[0]:
             try:
                 apply(scene, combo)
             except EditError:
                 continue
-        out.append(tuple(combo))
-    if tuple(ops) not in out:  # an open Add placed off the named grid (hand-made): still a correct edit
-        out.insert(0, tuple(ops))
+            out.append(combo)
     return out
 
 
@@ -385,10 +383,8 @@ def admissible_truths(scene: Scene, ops: Sequence[Op]) -> list[tuple[torch.Tenso
     from .render import to_tensor
 
     a = render(scene)
-    alts = admissible_ops(scene, ops)
-    alts.sort(key=lambda combo: list(combo) != list(ops))  # ops itself first, the rest in their order
     out = []
-    for combo in alts:
+    for combo in admissible_ops(scene, ops):
         b = render(apply(scene, combo))
         out.append((to_tensor(b), mask_from_renders(a, b)))
     return out

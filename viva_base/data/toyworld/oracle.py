@@ -96,17 +96,16 @@ def best_oracle_scores(edited: torch.Tensor, source: torch.Tensor,
     (ties: the lowest)."""
     if len(truths) != edited.shape[0]:
         raise ValueError(f"best_oracle_scores: {len(truths)} truth lists for {edited.shape[0]} edited videos")
-    keys = ("if_error", "sp_error", "oracle", "if_identity", "if_progress", "full_error")
-    rows = []
     for b, options in enumerate(truths):
         if not options:
             raise ValueError(f"best_oracle_scores: sample {b} has no correct edit")
-        k = len(options)
-        s = oracle_scores(edited[b:b + 1].expand(k, *edited.shape[1:]), source[b:b + 1].expand(k, *source.shape[1:]),
-                          torch.stack([t for t, _ in options]).to(edited), torch.stack([m for _, m in options]).to(edited))
-        best = int(torch.argmax(s["oracle"]))  # first maximum
-        rows.append({**{key: s[key][best] for key in keys}, "alternative": torch.tensor(best, dtype=torch.float64)})
-    return {key: torch.stack([r[key] for r in rows]) for key in (*keys, "alternative")}
+    owner = torch.tensor([b for b, options in enumerate(truths) for _ in options])  # one row per (sample, option)
+    s = oracle_scores(edited[owner], source[owner], torch.stack([t for o in truths for t, _ in o]).to(edited),
+                      torch.stack([m for o in truths for _, m in o]).to(edited))
+    starts = torch.tensor([0] + [len(o) for o in truths[:-1]]).cumsum(0)
+    best = torch.stack([starts[b] + torch.argmax(s["oracle"][starts[b]:starts[b] + len(o)])  # first maximum
+                        for b, o in enumerate(truths)])
+    return {**{k: v[best] for k, v in s.items()}, "alternative": (best - starts).double()}
 
 
 def bootstrap_ci(deltas: torch.Tensor | list[float], n: int = 2000, seed: int = 0,
