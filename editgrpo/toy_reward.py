@@ -344,6 +344,23 @@ def _fused_if_available() -> dict:
     return {"fused": True} if "fused" in inspect.signature(torch.optim.AdamW).parameters else {}
 
 
+def clip_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """open_clip's AdamW for a CLIP: weight decay on the >= 2-D weights except embeddings, betas (0.9, 0.98)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-6, **_fused_if_available())
+
+
+def clip_step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``, then the logit scale clamped to ``<= 100`` as CLIP does."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+
+
 def _train(folder: Path, model_cfg: dict, params: dict, *, progress: bool) -> dict:
     import open_clip
     from open_clip.model import CLIP
@@ -367,11 +384,7 @@ def _train(folder: Path, model_cfg: dict, params: dict, *, progress: bool) -> di
             torch.manual_seed(params["seed"])
             model = CLIP(**model_cfg)
         model.train()
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": params["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=params["lr"], betas=(0.9, 0.98),
-                                eps=1e-6, **_fused_if_available())
+        opt = clip_optimizer(model, params["lr"], params["weight_decay"])
         bar = tqdm(range(steps), desc="toy CLIP", disable=not progress)
         for step in bar:
             rng = np.random.default_rng(np.random.SeedSequence([params["seed"], TRAIN_STREAM, step]))
@@ -383,11 +396,7 @@ def _train(folder: Path, model_cfg: dict, params: dict, *, progress: bool) -> di
             img = model.encode_image((pixels - mean) / std, normalize=True)
             txt = model.encode_text(tokenizer(captions), normalize=True)
             loss = clip_contrastive_loss(img, txt, model.logit_scale.exp(), torch.from_numpy(caption_ids.ravel()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            clip_step(opt, model, loss)
             losses.append(float(loss.detach()))
             if step % 20 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")

@@ -598,7 +598,21 @@ class ClipDirection(ClipImageRewardBase):
 
 class ClipTextRewardBase(ClipImageRewardBase):
     """A frame-averaged image-text score of the edited video against ``t_edit``; subclasses define
-    :meth:`combine` (default: ``C(V_edit, t_edit)``)."""
+    :meth:`combine` (default: ``C(V_edit, t_edit)``).
+
+    ``text``: what the frames are scored against, ``"target_caption"`` (``t_edit``, the default and the paper's
+    eq. 6) or ``"instruction"`` (for a model trained to judge an edit against its instruction, e.g. the toy
+    preference model of :mod:`editgrpo.toy_preference`, whose instructions name the place and motion that target
+    captions leave out).
+    """
+
+    TEXTS = ("target_caption", "instruction")
+
+    def __init__(self, *, text: str = "target_caption", **kwargs):
+        super().__init__(**kwargs)
+        if text not in self.TEXTS:
+            raise ValueError(f"text must be one of {', '.join(self.TEXTS)}, got {text!r}")
+        self.text = text
 
     def combine(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scorer: ClipScorer) -> torch.Tensor:
         return frame_text_similarity(image_emb, text_emb)
@@ -606,4 +620,5 @@ class ClipTextRewardBase(ClipImageRewardBase):
     def score(self, edited, source, *, source_captions, target_captions, instructions, references):
         scorer = self.scorer(edited)
         (img,) = self.embed_frames(scorer, edited)
-        return RewardOutput(self.combine(img, scorer.encode_texts(target_captions), scorer))
+        texts = target_captions if self.text == "target_caption" else instructions
+        return RewardOutput(self.combine(img, scorer.encode_texts(texts), scorer))
