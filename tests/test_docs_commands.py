@@ -35,6 +35,7 @@ ENTRY_POINTS = {
     "viva_base.recipe_docs": ("viva_base.recipe_docs", "main", None),
     "editgrpo.diagnose": ("editgrpo.diagnose", "main", None),
     "editgrpo.toy_reward": ("editgrpo.toy_reward", "main", None),
+    "editgrpo.toy_preference": ("editgrpo.toy_preference", "main", None),
     "benchmarks.viebench": ("benchmarks.viebench", "main", None),
     "benchmarks.report": ("benchmarks.report", "main", None),
     "benchmarks.toybench": ("benchmarks.toybench", "main", None),
