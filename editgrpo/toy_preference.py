@@ -32,6 +32,7 @@ Bradley-Terry annotator, ``margin`` drops near-ties as annotators' "no preferenc
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -299,6 +300,8 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
         raise ValueError(f"no pair of samples differs by more than margin={margin}: nothing to learn from")
     open_cfg = json.loads(cfg_file.read_text())
     out = Path(out_dir).resolve()
+    if out.exists() and not (out / META_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and does not hold a toy preference model; give a new or empty --out")
     params = dict(init=str(folder.resolve()), steps=steps, pairs_per_step=pairs_per_step, lr=lr,
                   weight_decay=weight_decay, warmup=warmup, margin=margin, temperature=temperature,
                   frames_per_sample=frames_per_sample, hflip=hflip, text=text, seed=seed,
@@ -310,8 +313,6 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
     losses, accs = [], []
     try:
         base = load_clip(parse_clip_spec(f"open_clip:local-dir:{folder}"), device=torch.device("cpu"), dtype=torch.float32)
-        import copy
-
         model = copy.deepcopy(base.model).float().train().requires_grad_(True)  # the cached reward CLIP is frozen
         score = _score_fn(model, base.preprocess, base.tokenizer)
         opt = clip_optimizer(model, lr, weight_decay)
@@ -348,9 +349,7 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
         try:
             save_open_clip(model, open_cfg["model_cfg"], tmp, preprocess_cfg=open_cfg.get("preprocess_cfg"))
             (tmp / META_FILE).write_text(json.dumps({"params": params, "stats": stats}, indent=2))
-            if out.exists():
-                if not (out / META_FILE).is_file():
-                    raise FileExistsError(f"{out} exists and does not hold a toy preference model; give a new --out")
+            if out.exists():  # a preference model (checked before training): replaced
                 shutil.rmtree(out)
             os.replace(tmp, out)
         finally:
@@ -408,7 +407,8 @@ def _collect_main(args) -> int:
         records = records[: args.max_prompts]
     if args.group_size < 2:
         raise UserError(f"--group-size {args.group_size}: a preference needs at least 2 samples of a prompt")
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     editor = load_editor(args.model)
     start = time.perf_counter()
     try:

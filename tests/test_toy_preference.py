@@ -196,3 +196,16 @@ def test_pickscore_can_score_against_the_instruction(init_clip):
         build_reward("pickscore", model=init_clip, text="caption")
     with pytest.raises(ValueError, match="hflip"):
         tp.train_preference_model(init_clip, [_synthetic(2, 0)], "unused", hflip=True, text="instruction")
+
+
+def test_training_refuses_a_folder_that_is_not_a_preference_model_before_any_work(init_clip, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="does not hold a toy preference model"):
+        tp.train_preference_model(init_clip, [_synthetic(4, 0)], other, steps=1, progress=False)
+    assert (other / "notes.txt").read_text() == "keep me"
+    # an earlier preference model is replaced
+    tp.train_preference_model(init_clip, [_synthetic(4, 0)], tmp_path / "m", steps=1, progress=False)
+    tp.train_preference_model(init_clip, [_synthetic(4, 0)], tmp_path / "m", steps=2, progress=False)
+    assert json.loads((tmp_path / "m" / tp.META_FILE).read_text())["params"]["steps"] == 2
