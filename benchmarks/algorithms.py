@@ -12,7 +12,7 @@ curve). Written to ``--out/algorithms/``:
 * ``curves.png``: held-out oracle gain and proxy-reward gain over the SFT editor (mean over seeds and prompts)
   against training wall-clock seconds and against rollouts consumed;
 * ``algorithms.json`` / ``algorithms.md``: per configuration the final oracle gain (pooled over seeds, 95%
-  bootstrap interval over prompts), the proxy gain, seconds and rollouts, the seconds to reach the GRPO
+  bootstrap interval over prompts), the change of ``if_error`` (the edit itself: lower is better), the proxy gain, seconds and rollouts, the seconds to reach the GRPO
   recipe's final oracle gain, and the oracle gain at a fixed budget (the GRPO recipe's wall-clock).
 
 Seconds are the trainer's per-iteration ``seconds`` (rollouts + scoring + update; evaluation excluded), summed.
@@ -130,6 +130,9 @@ def summarize(curves: dict[str, list[dict]], finals: dict[str, dict]) -> dict:
         last = pts[-1]
         rows[name] = {"what": CONFIGS.get(name, ("", []))[0], "seconds": last["seconds"], "rollouts": last["rollouts"],
                       "final_oracle_gain": finals[name]["all"], "final_proxy_gain": last["proxy"],
+                      # the instruction-following error's change (lower is better): tells a gain by editing from
+                      # one by preserving (returning more of the source)
+                      "final_if_error_change": finals[name].get("by_group", {}).get("all", {}).get("if_error"),
                       "seconds_to_reference_gain": reach,
                       "speedup_vs_reference": (budget / reach) if reach else None,
                       "oracle_gain_at_budget": at_budget,
@@ -146,12 +149,14 @@ def table_md(summary: dict, n_seeds: int) -> str:
     lines = [f"Reference: `{summary['reference']}`, final held-out oracle gain {summary['target_oracle_gain']:+.4f}, "
              f"wall-clock budget {summary['budget_seconds']:.0f} s; {n_seeds} training seeds; 95% bootstrap "
              f"intervals over held-out prompts (per-prompt gains averaged over seeds).", "",
-             "| config | final oracle gain | final proxy gain | seconds | rollouts | s to reference gain | speed-up | "
-             "oracle gain at budget | oracle falls, proxy rises |", "|---|---|---|---|---|---|---|---|---|"]
+             "| config | final oracle gain | final `if_error` change | final proxy gain | seconds | rollouts | "
+             "s to reference gain | speed-up | oracle gain at budget | oracle falls, proxy rises |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["configs"].items():
         reach = "never" if r["seconds_to_reference_gain"] is None else f"{r['seconds_to_reference_gain']:.0f}"
         speed = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}x"
-        lines.append(f"| {name} | {_fmt(r['final_oracle_gain'])} | {_fmt(r['final_proxy_gain'])} | "
+        lines.append(f"| {name} | {_fmt(r['final_oracle_gain'])} | {_fmt(r.get('final_if_error_change'))} | "
+                     f"{_fmt(r['final_proxy_gain'])} | "
                      f"{r['seconds']:.0f} | {r['rollouts']} | {reach} | {speed} | {_fmt(r['oracle_gain_at_budget'])} | "
                      f"{'YES' if r['oracle_falls_while_proxy_rises'] else 'no'} |")
     return "\n".join(lines) + "\n"

@@ -8,12 +8,14 @@ from benchmarks import algorithms as A
 
 def _fake_run(root, name, seed, oracle_by_step, reward_by_step, seconds, prompts=("a", "b")):
     """A run folder as the trainer writes it: eval/step-<k>/{items.jsonl, summary.json}, metrics.jsonl, config.yaml.
-    Prompt 'a' gets the step's oracle value, prompt 'b' that value + 0.1 (same gains)."""
+    Prompt 'a' gets the step's oracle value, prompt 'b' that value + 0.1 (same gains); both
+    get if_error 0.5 - 2 x the step's oracle value."""
     run = root / "algorithms" / name / f"seed-{seed}"
     for step, o in oracle_by_step.items():
         d = run / "eval" / f"step-{step}"
         d.mkdir(parents=True)
-        rows = [{"id": p, "split": "compound", "mean": {"oracle": o + 0.1 * i, "reward": reward_by_step[step]}}
+        rows = [{"id": p, "split": "compound", "mean": {"oracle": o + 0.1 * i, "reward": reward_by_step[step],
+                                                        "if_error": 0.5 - 2 * o}}
                 for i, p in enumerate(prompts)]
         (d / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (d / "summary.json").write_text("{}")
@@ -46,8 +48,12 @@ def test_time_to_quality_table_from_run_folders(tmp_path):
     assert a["seconds_to_reference_gain"] is None and a["oracle_gain_at_budget"]["mean"] == 0.0
     assert a["oracle_falls_while_proxy_rises"] and not n["oracle_falls_while_proxy_rises"]
     assert n["final_oracle_gain"]["mean"] == pytest.approx(0.03)
+    # if_error here falls twice as fast as the oracle rises: -0.06 for nft's final +0.03, +0.10 for awm's -0.05
+    assert n["final_if_error_change"]["mean"] == pytest.approx(-0.06)
+    assert a["final_if_error_change"]["mean"] == pytest.approx(0.10)
     md = A.table_md(s, 2)
     assert md.count("\n| ") == 4 and "| nft |" in md and "4.00x" in md and "never" in md and "YES" in md
+    assert "| nft | +0.0300 [+0.0300, +0.0300] | -0.0600 [-0.0600, -0.0600] |" in md
     A.plot(curves, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
