@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
