@@ -23,6 +23,11 @@ real PickScore is (eq. 6: ``s * mean_f cos(E_I(v_f), E_T(t_edit))``)::
     rewards:
       pickscore: {weight: 1.0, model: "open_clip:local-dir:/runs/pref/model"}
 
+``train --score direction`` makes the model source-aware: it scores the change from source to edit against the
+text, ``s * mean_f cos(E_I(v_f) - E_I(src_f), E_T(text))`` (the ``clip_dir`` reward with ``text: instruction``, or
+``text: captions`` against ``E_T(t_edit) - E_T(t_src)``), so that it can judge what an edit keeps as well as what it
+adds. ``train`` prints the reward keys for the model it wrote.
+
 The training loss is PickScore's (Kirstain et al. 2023, sec. 4): a softmax over the two samples' scores
 against the annotator's preference ``p``, i.e. the Bradley-Terry likelihood
 ``L = -[p log sigma(r_i - r_j) + (1 - p) log sigma(r_j - r_i)]`` (:func:`bradley_terry_loss`). The annotator
@@ -51,7 +56,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 __all__ = ["bradley_terry_loss", "collect_samples", "evaluate_rankers", "load_samples", "pairwise_accuracy",
-           "preference_pairs", "save_samples", "train_preference_model", "within_group_spearman"]
+           "preference_pairs", "reward_of", "save_samples", "train_preference_model", "within_group_spearman"]
 
 META_FILE = "toy_preference.json"
 TEXT_KEYS = ("ids", "instructions", "source_captions", "target_captions")
@@ -235,26 +240,66 @@ def _local_dir(model: str) -> Path:
     return Path(model)
 
 
-def _score_fn(model, preprocess, tokenizer):
-    """``score(videos (B, F, 3, H, W) in [0, 1], captions) -> (B,)``: eq. 6 as :class:`rewards.pickscore.PickScore`
-    computes it (every frame; the same preprocessing, normalisation and scale), with gradients."""
-    from rewards.clip import frame_text_similarity
+SCORES = ("pickscore", "direction")
 
-    def score(videos: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        b, f = videos.shape[:2]
-        img = model.encode_image(preprocess(videos.reshape(b * f, *videos.shape[2:]).float()))
-        img = F.normalize(img.float(), dim=-1).view(b, f, -1)
+
+def _score_fn(model, preprocess, tokenizer, kind: str = "pickscore"):
+    """``score(videos (B, F, 3, H, W) in [0, 1], texts, sources=None, source_texts=None) -> (B,)``, with gradients.
+
+    ``kind="pickscore"``: eq. 6 as :class:`rewards.pickscore.PickScore` computes it (every frame; the same
+    preprocessing, normalisation and scale); the source is not used. ``kind="direction"``: the source-aware score
+    ``s * 1/F sum_f cos(E_I(v_f) - E_I(src_f), E_T(t) - E_T(t_src))`` (:func:`rewards.clip.clip_direction_score`
+    times the learned scale ``s``; ``E_T(t_src) = 0`` when ``source_texts`` is None, i.e. the text names the change,
+    as an instruction does), as :class:`rewards.clip.ClipDirection` computes it up to ``s``. ``sources`` holds
+    ``(B / k, F, 3, H, W)`` frames and ``source_texts`` ``B / k`` texts, source ``b`` serving rows ``b, b + B/k, ...``
+    (the two halves of a pair batch share their sources, embedded once)."""
+    from rewards.clip import clip_direction_score, frame_text_similarity
+
+    if kind not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {kind!r}")
+
+    def images(v: torch.Tensor) -> torch.Tensor:
+        b, f = v.shape[:2]
+        return F.normalize(model.encode_image(preprocess(v.reshape(b * f, *v.shape[2:]).float())).float(),
+                           dim=-1).view(b, f, -1)
+
+    def texts(captions: Sequence[str]) -> torch.Tensor:
         unique = list(dict.fromkeys(captions))
         txt = F.normalize(model.encode_text(tokenizer(unique)).float(), dim=-1)
-        txt = txt[torch.tensor([unique.index(c) for c in captions])]
-        return model.logit_scale.exp() * frame_text_similarity(img, txt)
+        return txt[torch.tensor([unique.index(c) for c in captions])]
+
+    def score(videos: torch.Tensor, captions: Sequence[str], sources: torch.Tensor | None = None,
+              source_captions: Sequence[str] | None = None) -> torch.Tensor:
+        img, txt = images(videos), texts(captions)
+        if kind == "pickscore":
+            return model.logit_scale.exp() * frame_text_similarity(img, txt)
+        if sources is None:
+            raise ValueError("the direction score needs the source frames")
+        k = videos.shape[0] // sources.shape[0]
+        src = images(sources).repeat(k, 1, 1)
+        t_src = torch.zeros_like(txt) if source_captions is None else texts(source_captions).repeat(k, 1)
+        return model.logit_scale.exp() * clip_direction_score(src, img, t_src, txt)
 
     return score
 
 
+def reward_of(model_dir: str | os.PathLike) -> tuple[str, dict]:
+    """The reward that scores as a trained preference model in ``model_dir`` was trained to: ``("pickscore",
+    {model, text})`` or, for ``score="direction"``, ``("clip_dir", {model, text: "instruction" | "captions"})``.
+    A folder without ``toy_preference.json`` (a plain toy CLIP) is read as ``pickscore`` against target captions."""
+    folder = _local_dir(str(model_dir)).resolve()
+    meta = folder / META_FILE
+    params = json.loads(meta.read_text())["params"] if meta.is_file() else {}
+    text = params.get("text", "target_caption")
+    model = f"open_clip:local-dir:{folder}"
+    if params.get("score", "pickscore") == "direction":
+        return "clip_dir", {"model": model, "text": "instruction" if text == "instruction" else "captions"}
+    return "pickscore", {"model": model, "text": text}
+
+
 def _concat(datasets: Sequence[dict]) -> dict:
-    out = {k: torch.cat([d[k] for d in datasets]) for k in ("videos", "oracle")}
-    for key in ("target_captions", "instructions"):
+    out = {k: torch.cat([d[k] for d in datasets]) for k in ("videos", "sources", "oracle")}
+    for key in ("target_captions", "source_captions", "instructions"):
         out[key] = [c for d in datasets for c in d[key]]
     return out
 
@@ -263,7 +308,7 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
                            pairs_per_step: int = 32, lr: float = 1e-4, weight_decay: float = 0.0,
                            warmup: float = 0.05, margin: float = 0.0, temperature: float = 0.0,
                            frames_per_sample: int = 0, hflip: bool = False, text: str = "target_caption",
-                           seed: int = 0,
+                           score: str = "pickscore", seed: int = 0,
                            num_threads: int = 1, progress: bool = True) -> str:
     """Fine-tune the toy CLIP ``init`` (a ``local-dir`` folder, e.g. the chain's ``reward_model``) on the annotated
     pairs of ``datasets`` (:func:`collect_samples` results, each group's samples compared among themselves only:
@@ -272,8 +317,12 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
     scale included (clamped to 100 as CLIP does). Augmentation, the same for both samples of a pair:
     ``frames_per_sample > 0`` scores a random subset of that many frames (the reward averages all of them; a subset
     is cheaper and varies the input), ``hflip`` mirrors the pair half of the time (the captions name no places and
-    the toy shapes are mirror-symmetric, so a mirrored pair keeps its preference). Writes an open_clip ``local-dir`` folder to ``out_dir`` (atomically;
-    ``toy_preference.json`` holds the parameters and training statistics) and returns its reward model name.
+    the toy shapes are mirror-symmetric, so a mirrored pair keeps its preference). ``score``: ``"pickscore"``
+    (eq. 6: the edit against ``text`` only; the reward is ``pickscore`` with the same ``text``) or ``"direction"``
+    (source-aware: the change from source to edit against the instruction, or against the change from source to
+    target caption; the reward is ``clip_dir`` with ``text: instruction`` or ``captions``; :func:`_score_fn`).
+    Writes an open_clip ``local-dir`` folder to ``out_dir`` (atomically; ``toy_preference.json`` holds the
+    parameters and training statistics) and returns its reward model name.
     Deterministic for the same inputs, parameters and ``num_threads``."""
     from tqdm.auto import tqdm
 
@@ -289,6 +338,8 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
                                 f"(the chain's reward_model, or `python -m editgrpo.toy_reward --out DIR`)")
     if text not in ("target_caption", "instruction"):
         raise ValueError(f"text must be 'target_caption' or 'instruction', got {text!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     if hflip and text == "instruction":
         raise ValueError("hflip mirrors places and motions that an instruction names: use it with text=target_caption")
     if steps < 1 or pairs_per_step < 1:
@@ -304,7 +355,7 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
         raise FileExistsError(f"{out} exists and does not hold a toy preference model; give a new or empty --out")
     params = dict(init=str(folder.resolve()), steps=steps, pairs_per_step=pairs_per_step, lr=lr,
                   weight_decay=weight_decay, warmup=warmup, margin=margin, temperature=temperature,
-                  frames_per_sample=frames_per_sample, hflip=hflip, text=text, seed=seed,
+                  frames_per_sample=frames_per_sample, hflip=hflip, text=text, score=score, seed=seed,
                   num_threads=num_threads, groups=int(data["oracle"].shape[0]), group_size=int(data["oracle"].shape[1]),
                   pairs=len(p))
     threads = torch.get_num_threads()
@@ -314,7 +365,7 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
     try:
         base = load_clip(parse_clip_spec(f"open_clip:local-dir:{folder}"), device=torch.device("cpu"), dtype=torch.float32)
         model = copy.deepcopy(base.model).float().train().requires_grad_(True)  # the cached reward CLIP is frozen
-        score = _score_fn(model, base.preprocess, base.tokenizer)
+        score_fn = _score_fn(model, base.preprocess, base.tokenizer, score)
         opt = clip_optimizer(model, lr, weight_decay)
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(steps), desc="preference model", disable=not progress)
@@ -322,18 +373,22 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
             pick = torch.randint(len(p), (pairs_per_step,), generator=gen)
             gi, si, sj, pp = n[pick], i[pick], j[pick], p[pick]
             a, b = data["videos"][gi, si], data["videos"][gi, sj]  # (P, F, 3, H, W) each
+            src = data["sources"][gi]  # the pair's source: the same frames, the same flip
             if 0 < frames_per_sample < a.shape[1]:
                 keep = torch.rand(len(pick), a.shape[1], generator=gen).argsort(1)[:, :frames_per_sample]
                 idx = keep[:, :, None, None, None].expand(-1, -1, *a.shape[2:])
-                a, b = a.gather(1, idx), b.gather(1, idx)
+                a, b, src = a.gather(1, idx), b.gather(1, idx), src.gather(1, idx)
             if hflip:
-                flip = torch.rand(len(pick), generator=gen) < 0.5
-                a, b = torch.where(flip.view(-1, 1, 1, 1, 1), a.flip(-1), a), torch.where(flip.view(-1, 1, 1, 1, 1), b.flip(-1), b)
+                flip = (torch.rand(len(pick), generator=gen) < 0.5).view(-1, 1, 1, 1, 1)
+                a, b, src = (torch.where(flip, v.flip(-1), v) for v in (a, b, src))
             videos = torch.cat([a, b]).float() / 255
             captions = [data[text + "s"][g] for g in gi.tolist()] * 2
+            sources = src.float() / 255 if score == "direction" else None
+            source_captions = ([data["source_captions"][g] for g in gi.tolist()]
+                               if score == "direction" and text == "target_caption" else None)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup)
-            r = score(videos, captions)
+            r = score_fn(videos, captions, sources, source_captions)
             loss = bradley_terry_loss(r[:pairs_per_step], r[pairs_per_step:], pp)
             clip_step(opt, model, loss)
             losses.append(float(loss.detach()))
@@ -452,12 +507,15 @@ def _train_main(args) -> int:
         name = train_preference_model(args.init, datasets, args.out, steps=args.steps, pairs_per_step=args.pairs_per_step,
                                       lr=args.lr, weight_decay=args.weight_decay, margin=args.margin,
                                       temperature=args.temperature, frames_per_sample=args.frames_per_sample,
-                                      hflip=args.hflip, text=args.text, seed=args.seed, num_threads=args.threads)
+                                      hflip=args.hflip, text=args.text, score=args.score, seed=args.seed,
+                                      num_threads=args.threads)
     except (ValueError, FileExistsError) as exc:
         raise UserError(str(exc)) from None
     stats = json.loads((_local_dir(name) / META_FILE).read_text())["stats"]
+    reward, kwargs = reward_of(name)
+    use = " ".join(f"rewards.{reward}.{k}={v}" for k, v in kwargs.items())
     print(f"preference model in {args.out} ({stats['seconds']} s; loss {stats['first_loss']:.3f} -> "
-          f"{stats['final_loss']:.3f}). Use it as\n  rewards.pickscore.model={name}")
+          f"{stats['final_loss']:.3f}). Use it as\n  rewards.{reward}.weight=1 {use}")
     return 0
 
 
@@ -467,10 +525,8 @@ def _evaluate_main(args) -> int:
     (data,) = _read_data([args.data], "--data")
     rewards = {}
     for m in args.model or []:
-        meta = Path(m) / META_FILE
-        text = json.loads(meta.read_text())["params"].get("text", "target_caption") if meta.is_file() else "target_caption"
-        rewards[f"pickscore ({m})"] = build_reward("pickscore", model=f"open_clip:local-dir:{Path(m).resolve()}",
-                                                   text=text)
+        reward, kwargs = reward_of(m)
+        rewards[f"{reward} ({m})"] = build_reward(reward, **kwargs)
     if args.proxies:
         clip = f"open_clip:local-dir:{Path(args.proxies).resolve()}"
         for name in ("clip_if", "clip_dir", "clip_sp"):
@@ -523,6 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--hflip", action="store_true", help="mirror half of the training pairs (both samples alike)")
     t.add_argument("--text", choices=("target_caption", "instruction"), default="target_caption",
                    help="what the frames are scored against (the reward then needs the same pickscore text=...)")
+    t.add_argument("--score", choices=SCORES, default="pickscore",
+                   help="pickscore: the edit against the text (eq. 6); direction: source-aware, the change from source "
+                        "to edit against the text (the reward is then clip_dir)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     e = sub.add_parser("evaluate", help="how well rewards order the samples of held-out prompts")

@@ -489,16 +489,20 @@ class ClipImageRewardBase(Reward):
         processor: hf only: where the tokenizer / image-processor config live, if not with the model.
         dtype: model dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); embeddings are float32.
         max_batch: split the image forward into chunks of this many frames (``None``: one forward).
+        text: the text the reward scores against, for the rewards that offer a choice (``TEXTS``, the default
+            first: ``pickscore`` / ``hps``, ``clip_dir``); others refuse it.
         frames, device: see :class:`rewards.base.Reward`.
     """
 
     default_model: str = "hf:openai/clip-vit-large-patch14"
     default_processor: str | None = None
+    TEXTS: tuple[str, ...] = ()  # the choices of a ``text`` option, the default first (empty: no such option)
 
     def __init__(
         self,
         *,
         model: str | None = None,
+        text: str | None = None,
         pretrained: str | None = None,
         processor: str | None = None,
         dtype: str = "float32",
@@ -507,6 +511,13 @@ class ClipImageRewardBase(Reward):
         device: str | None = None,
     ):
         super().__init__(frames=frames, device=device)
+        if self.TEXTS:
+            text = self.TEXTS[0] if text is None else text
+            if text not in self.TEXTS:
+                raise ValueError(f"text must be one of {', '.join(self.TEXTS)}, got {text!r}")
+        elif text is not None:
+            raise ValueError(f"{type(self).__name__} has no text option (got text={text!r})")
+        self.text = text
         model = model if model is not None else self.default_model
         if processor is None and model == self.default_model:
             processor = self.default_processor
@@ -587,12 +598,24 @@ class ClipSourcePreservation(ClipImageRewardBase):
 class ClipDirection(ClipImageRewardBase):
     """Directional instruction following (:func:`clip_direction_score`): the change from source to edit, in CLIP
     image space, against the change from source to target caption in text space. Unlike eq. 4 it compares
-    *changes*, so damage that moves the frames away from both captions (noise, blur) does not raise it."""
+    *changes*, so damage that moves the frames away from both captions (noise, blur) does not raise it.
+
+    ``text``: the text direction, ``"captions"`` (``E_T(t_edit) - E_T(t_src)``, the default and InstructPix2Pix's
+    metric) or ``"instruction"`` (``E_T(instruction)``: the instruction names the change itself; for a model trained
+    to judge an edit's change against its instruction, e.g. a source-aware toy preference model of
+    :mod:`editgrpo.toy_preference`, ``--score direction``).
+    """
+
+    TEXTS = ("captions", "instruction")
 
     def score(self, edited, source, *, source_captions, target_captions, instructions, references):
         scorer = self.scorer(edited)
         edited_emb, source_emb = self.embed_frame_pairs(scorer, edited, source, "clip_dir")
-        t_edit, t_src = self.encode_caption_pairs(scorer, target_captions, source_captions)
+        if self.text == "instruction":
+            t_edit = scorer.encode_texts(instructions)
+            t_src = torch.zeros_like(t_edit)
+        else:
+            t_edit, t_src = self.encode_caption_pairs(scorer, target_captions, source_captions)
         return RewardOutput(clip_direction_score(source_emb, edited_emb, t_src, t_edit))
 
 
@@ -607,12 +630,6 @@ class ClipTextRewardBase(ClipImageRewardBase):
     """
 
     TEXTS = ("target_caption", "instruction")
-
-    def __init__(self, *, text: str = "target_caption", **kwargs):
-        super().__init__(**kwargs)
-        if text not in self.TEXTS:
-            raise ValueError(f"text must be one of {', '.join(self.TEXTS)}, got {text!r}")
-        self.text = text
 
     def combine(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scorer: ClipScorer) -> torch.Tensor:
         return frame_text_similarity(image_emb, text_emb)

@@ -192,6 +192,10 @@ def check_rewards_config(cfg: Mapping[str, Any]) -> None:
             sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"rewards.{name}: {e}; {kind} takes {', '.join(sig.parameters) or 'no arguments'}") from None
+        choices = getattr(factory, "TEXTS", None)  # the CLIP rewards' ``text`` option (rewards.clip)
+        if choices is not None and "text" in kwargs and kwargs["text"] not in choices:
+            raise ValueError(f"rewards.{name}: text={kwargs['text']!r}; " +
+                             (f"{kind} takes text one of {', '.join(choices)}" if choices else f"{kind} has no text option"))
 
 
 # ------------------------------------------------------------------------------------------------

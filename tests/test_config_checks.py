@@ -35,6 +35,9 @@ def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("rewards.clip_if.bogus_arg=1", "bogus_arg"),
     ("rewards.clip_if.weight=abc", "weight"),
+    ("rewards.clip_if.text=instruction", "clip_if has no text option"),
+    ("rewards.pickscore={weight: 1, text: caption}", "text one of target_caption, instruction"),
+    ("rewards.clip_dir={weight: 1, text: target_caption}", "text one of captions, instruction"),
     ("train.scale_rewards=bogus", "train.scale_rewards"),
     ("train.lr_scheduler=cosine_warm", "train.lr_scheduler"),
     ("sampling.method=ddim", "sampling.method"),

@@ -209,3 +209,48 @@ def test_training_refuses_a_folder_that_is_not_a_preference_model_before_any_wor
     tp.train_preference_model(init_clip, [_synthetic(4, 0)], tmp_path / "m", steps=1, progress=False)
     tp.train_preference_model(init_clip, [_synthetic(4, 0)], tmp_path / "m", steps=2, progress=False)
     assert json.loads((tmp_path / "m" / tp.META_FILE).read_text())["params"]["steps"] == 2
+
+
+def test_a_source_aware_direction_model_learns_the_preference_and_clip_dir_reads_it(init_clip, tmp_path):
+    """``score="direction"``: trained on the change from source to sample against the change of captions; the saved
+    model is read by the ``clip_dir`` reward (what ``reward_of`` names), which scores exactly what training optimised
+    up to the learned scale."""
+    train, held = _synthetic(48, seed=0), _synthetic(16, seed=1)
+    name = tp.train_preference_model(init_clip, [train], tmp_path / "dir", steps=120, pairs_per_step=16, lr=1e-3,
+                                     score="direction", progress=False)
+    reward, kwargs = tp.reward_of(tmp_path / "dir")
+    assert (reward, kwargs["text"]) == ("clip_dir", "captions") and kwargs["model"] == name
+    assert tp.reward_of(init_clip)[0] == "pickscore"  # a plain toy CLIP: eq. 6 against target captions
+    after = tp.evaluate_rankers(held, {"dir": build_reward(reward, **kwargs)})[0]
+    assert after["spearman_oracle"] > 0.9 and after["pair_accuracy"] > 0.9, after
+    from rewards.clip import load_clip, parse_clip_spec
+
+    clip = load_clip(parse_clip_spec(name), device=torch.device("cpu"), dtype=torch.float32)
+    v, src = held["videos"][0].float() / 255, held["sources"][0:1].float() / 255
+    texts = dict(target_captions=[held["target_captions"][0]] * 4, source_captions=[held["source_captions"][0]] * 4)
+    with torch.no_grad():
+        own = tp._score_fn(clip.model, clip.preprocess, clip.tokenizer, "direction")(
+            v, texts["target_captions"], src, texts["source_captions"][:1])  # one source, its caption
+    r = build_reward(reward, **kwargs)(v, src.expand(4, -1, -1, -1, -1), instructions=["x"] * 4,
+                                       references=[None] * 4, **texts)
+    assert torch.allclose(own, clip.logit_scale * r.scores, atol=1e-4)
+    with pytest.raises(ValueError, match="score must be one of"):
+        tp.train_preference_model(init_clip, [train], "unused", score="rank")
+
+
+def test_clip_dir_against_the_instruction_is_the_cosine_of_the_change_with_its_embedding(init_clip):
+    from rewards.clip import load_clip, parse_clip_spec
+
+    d = _synthetic(2, seed=5)
+    v, src = d["videos"][0].float() / 255, d["sources"][0:1].expand(4, -1, -1, -1, -1).float() / 255
+    got = build_reward("clip_dir", model=init_clip, text="instruction")(
+        v, src, source_captions=["s"] * 4, target_captions=["t"] * 4, instructions=[CAPTIONS[0]] * 4,
+        references=[None] * 4).scores
+    clip = load_clip(parse_clip_spec(init_clip), device=torch.device("cpu"), dtype=torch.float32)
+    e = clip.encode_images(v.reshape(-1, 3, 32, 32)).view(4, 2, -1)
+    s = clip.encode_images(src.reshape(-1, 3, 32, 32)).view(4, 2, -1)
+    t = clip.encode_texts([CAPTIONS[0]])[0]
+    want = torch.nn.functional.cosine_similarity(e - s, t.expand_as(e), dim=-1).mean(1)  # independent of the code
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="text must be one of"):
+        build_reward("clip_dir", model=init_clip, text="target_caption")
