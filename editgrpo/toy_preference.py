@@ -424,7 +424,8 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
 @torch.no_grad()
 def evaluate_rankers(data: dict, rewards: dict, *, batch_size: int = 64, margin: float = 0.0) -> list[dict]:
     """For each named reward (``{label: Reward}``, built by :func:`rewards.registry.build_reward`), its scores of the
-    collected samples, their within-group Spearman with the oracle and with ``-if_error``, and the pairwise
+    collected samples, their within-group Spearman with the oracle, with ``-if_error`` (the edit itself) and with
+    ``-sp_error`` (what the edit keeps of the source), and the pairwise
     accuracy against the oracle's preferences (pairs differing by more than ``margin``). Rows, in order."""
     N, G = data["oracle"].shape
     rows = []
@@ -443,6 +444,7 @@ def evaluate_rankers(data: dict, rewards: dict, *, batch_size: int = 64, margin:
         s = torch.cat(scores).view(N, G)
         rows.append({"reward": label, "spearman_oracle": within_group_spearman(s, data["oracle"]),
                      "spearman_if": within_group_spearman(s, -data["if_error"]),
+                     "spearman_sp": within_group_spearman(s, -data["sp_error"]),
                      "pair_accuracy": pairwise_accuracy(s, data["oracle"], margin=margin)})
     return rows
 
@@ -538,9 +540,10 @@ def _evaluate_main(args) -> int:
     rows = evaluate_rankers(data, rewards, margin=args.margin)
     lines = [f"{n} prompts x {g} samples ({args.data}); oracle within-group std "
              f"{float(data['oracle'].std(dim=1, unbiased=False).mean()):.4f}",
-             "| reward | Spearman with the oracle in a group | with -if_error | pair accuracy |", "|---|---|---|---|"]
-    lines += [f"| {r['reward']} | {r['spearman_oracle']:+.3f} | {r['spearman_if']:+.3f} | {r['pair_accuracy']:.3f} |"
-              for r in rows]
+             "| reward | Spearman with the oracle in a group | with -if_error | with -sp_error | pair accuracy |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['reward']} | {r['spearman_oracle']:+.3f} | {r['spearman_if']:+.3f} | {r['spearman_sp']:+.3f} | "
+              f"{r['pair_accuracy']:.3f} |" for r in rows]
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

@@ -254,3 +254,14 @@ def test_clip_dir_against_the_instruction_is_the_cosine_of_the_change_with_its_e
     assert torch.allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="text must be one of"):
         build_reward("clip_dir", model=init_clip, text="target_caption")
+
+
+def test_rankers_are_also_scored_against_preservation():
+    """``spearman_sp``: within-group Spearman with ``-sp_error``. pixel_sp is 1 - mean |edit - source|: with sp_error
+    set to exactly that distance it orders every group as -sp_error does (+1), and as the oracle does not."""
+    d = _synthetic(6, seed=2)
+    v, s = d["videos"].float() / 255, d["sources"][:, None].float() / 255
+    d["sp_error"] = (v - s).abs().mean(dim=(2, 3, 4, 5))
+    (row,) = tp.evaluate_rankers(d, {"pixel_sp": build_reward("pixel_sp")})
+    assert row["spearman_sp"] == pytest.approx(1.0)
+    assert row["spearman_oracle"] < 0.5  # half the groups prefer the brighter (farther) squares
