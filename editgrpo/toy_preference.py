@@ -373,17 +373,18 @@ def train_preference_model(init: str, datasets: Sequence[dict], out_dir: str | o
             pick = torch.randint(len(p), (pairs_per_step,), generator=gen)
             gi, si, sj, pp = n[pick], i[pick], j[pick], p[pick]
             a, b = data["videos"][gi, si], data["videos"][gi, sj]  # (P, F, 3, H, W) each
-            src = data["sources"][gi]  # the pair's source: the same frames, the same flip
+            # the pair's source, for the direction score only: the same frames, the same flip
+            clips = [a, b, data["sources"][gi]] if score == "direction" else [a, b]
             if 0 < frames_per_sample < a.shape[1]:
                 keep = torch.rand(len(pick), a.shape[1], generator=gen).argsort(1)[:, :frames_per_sample]
                 idx = keep[:, :, None, None, None].expand(-1, -1, *a.shape[2:])
-                a, b, src = a.gather(1, idx), b.gather(1, idx), src.gather(1, idx)
+                clips = [v.gather(1, idx) for v in clips]
             if hflip:
                 flip = (torch.rand(len(pick), generator=gen) < 0.5).view(-1, 1, 1, 1, 1)
-                a, b, src = (torch.where(flip, v.flip(-1), v) for v in (a, b, src))
-            videos = torch.cat([a, b]).float() / 255
+                clips = [torch.where(flip, v.flip(-1), v) for v in clips]
+            videos = torch.cat(clips[:2]).float() / 255
             captions = [data[text + "s"][g] for g in gi.tolist()] * 2
-            sources = src.float() / 255 if score == "direction" else None
+            sources = clips[2].float() / 255 if score == "direction" else None
             source_captions = ([data["source_captions"][g] for g in gi.tolist()]
                                if score == "direction" and text == "target_caption" else None)
             for group in opt.param_groups:
