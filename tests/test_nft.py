@@ -182,25 +182,12 @@ def _run_train(args, cwd):
 def test_forward_algorithms_resume_bit_identically_after_sigkill(algorithm, extra, tmp_path, repo_root):
     """As Edit-GRPO's test: SIGKILL after checkpoint-2, resume=latest; checkpoint-4, the final LoRA and the metrics
     equal an uninterrupted run's (the re-noising draws from per-sample generators of (seed, iteration, sample))."""
-    from test_train import kill_after_first_checkpoint
+    from test_train import assert_same_run, run_kill_and_resume
 
     common = [*TINY, f"train.algorithm={algorithm}", "train.num_iterations=4", *extra]
-    full = _run_train([*common, f"output_dir={tmp_path}/full"], repo_root)
-    _, err = full.communicate(timeout=300)
-    assert full.returncode == 0, err[-3000:]
-    run = tmp_path / "killed"
-    kill_after_first_checkpoint(common, run, repo_root)
-    resumed = _run_train([*common, f"output_dir={run}", "resume=latest"], repo_root)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    for rel in ("checkpoint-4/trainable.safetensors", "lora/pytorch_lora_weights.safetensors"):
-        a, b = load_file(str(tmp_path / "full" / rel)), load_file(str(run / rel))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
-    rows = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    rows_b = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-              for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows_b == rows and len(rows) == 4
+    full, resumed, _ = run_kill_and_resume(common, tmp_path, repo_root, _run_train)
+    assert_same_run(full, resumed, ("checkpoint-4/trainable.safetensors", "lora/pytorch_lora_weights.safetensors"))
+    assert len((full / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.mark.slow
