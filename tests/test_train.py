@@ -145,25 +145,24 @@ def _metric_rows(run) -> list[dict]:
 
 
 def run_kill_and_resume(common, tmp_path, cwd, run_train=_run_train):
-    """The SIGKILL-resume experiment. An uninterrupted run of ``common`` goes to ``tmp_path/run`` and is moved to
-    ``tmp_path/full``; the same command in the same ``output_dir`` (so every argument is the same) is SIGKILLed after
-    ``checkpoint-2`` and resumed with ``resume=latest``. Returns ``(full, resumed, seconds of the uninterrupted run)``.
+    """The SIGKILL-resume experiment: an uninterrupted run of ``common`` in ``tmp_path/full``; the same command in
+    ``tmp_path/killed``, SIGKILLed after ``checkpoint-2`` and resumed with ``resume=latest``. Returns
+    ``(full, resumed, seconds of the uninterrupted run)``.
 
-    Bit-exact comparison needs a machine whose float kernels give the same bits for the same command in two
-    processes. Most do; on two 2-core machines (one of them CI's) two identical runs already differed at
-    ``checkpoint-2``, before any resume, by ~1e-7 to 1e-6 (MKL_CBWR=COMPATIBLE, ONEDNN_MAX_CPU_ISA=AVX2 and
-    PYTHONHASHSEED=0 did not change that). The killed run's ``checkpoint-2`` and its
-    first two metric rows are such a second run: where they differ from the uninterrupted run's, the machine cannot
-    tell a resume defect from its own run-to-run noise, and the test is skipped with the measured difference.
-    Where they are equal, everything after the resume must be bit-identical."""
-    run = tmp_path / "run"
+    Bit-exact comparison needs a machine whose float kernels give the same bits for the same computation in two
+    processes. Most do; on two 2-core machines (one of them CI's) two uninterrupted runs in two folders already
+    differed at ``checkpoint-2``, before any resume, by ~1e-7 to 1e-6 (MKL_CBWR=COMPATIBLE, ONEDNN_MAX_CPU_ISA=AVX2
+    and PYTHONHASHSEED=0 did not change that). The killed run's ``checkpoint-2`` and its first two metric rows are
+    such a second run, in another folder (a different process layout, as a resumed process has): where they differ
+    from the uninterrupted run's, the machine cannot tell a resume defect from its own run-to-run noise, and the
+    test is skipped with the measured difference. Where they are equal, everything after the resume must be
+    bit-identical."""
     t0 = time.time()
-    proc = run_train([*common, f"output_dir={run}"], cwd)
+    full, run = tmp_path / "full", tmp_path / "killed"
+    proc = run_train([*common, f"output_dir={full}"], cwd)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     seconds = time.time() - t0
-    full = tmp_path / "full"
-    run.rename(full)
     kill_after_first_checkpoint(common, run, cwd, run_train)
     assert not (run / "lora").exists()
     noise = _max_diff(full / "checkpoint-2" / "trainable.safetensors", run / "checkpoint-2" / "trainable.safetensors")
