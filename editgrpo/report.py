@@ -174,9 +174,9 @@ def _md_tables_html(text: str) -> str:
 
     def flush():
         if rows:
-            parts.append("<table class=t>" + "".join(
+            parts.append("<div class=scroll><table class=t>" + "".join(
                 "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c.strip())}</{'th' if i == 0 else 'td'}>"
-                                 for c in ln.strip("|").split("|")) + "</tr>" for i, ln in enumerate(rows)) + "</table>")
+                                 for c in ln.strip("|").split("|")) + "</tr>" for i, ln in enumerate(rows)) + "</table></div>")
             rows.clear()
 
     for ln in text.splitlines():
@@ -233,7 +233,8 @@ def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lin
     diag = f"<h2>The starting editor, diagnosed</h2>{_md_tables_html(diag_md)}" if diag_md else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Edit-GRPO report</title>
 <style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
-padding:4px;font-size:13px;vertical-align:top}} img{{image-rendering:pixelated}}</style></head><body>
+padding:4px;font-size:13px;vertical-align:top}} img{{image-rendering:pixelated}}
+.scroll{{overflow-x:auto;max-width:100%}} .t td:first-child,.t th:first-child{{position:sticky;left:0;background:#fff}}</style></head><body>
 <h1>Edit-GRPO: SFT vs SFT + Edit-GRPO</h1>{summary}
 {'<img src="reward_curves.png" style="max-width:100%">' if has_plot else ''}
 <h2>Per group</h2>{table}{diag}
