@@ -144,6 +144,12 @@ def _metric_rows(run) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _run_to_end(run_train, args, cwd) -> None:
+    proc = run_train(args, cwd)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
 def run_kill_and_resume(common, tmp_path, cwd, run_train=_run_train):
     """The SIGKILL-resume experiment: an uninterrupted run of ``common`` in ``tmp_path/full``; the same command in
     ``tmp_path/killed``, SIGKILLed after ``checkpoint-2`` and resumed with ``resume=latest``. Returns
@@ -159,21 +165,18 @@ def run_kill_and_resume(common, tmp_path, cwd, run_train=_run_train):
     bit-identical."""
     t0 = time.time()
     full, run = tmp_path / "full", tmp_path / "killed"
-    proc = run_train([*common, f"output_dir={full}"], cwd)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    _run_to_end(run_train, [*common, f"output_dir={full}"], cwd)
     seconds = time.time() - t0
     kill_after_first_checkpoint(common, run, cwd, run_train)
     assert not (run / "lora").exists()
     noise = _max_diff(full / "checkpoint-2" / "trainable.safetensors", run / "checkpoint-2" / "trainable.safetensors")
-    same_metrics = [r for r in _metric_rows(run) if r["step"] <= 2] == [r for r in _metric_rows(full) if r["step"] <= 2]
+    first_two = [[r for r in _metric_rows(d) if r["step"] <= 2] for d in (full, run)]
+    same_metrics = first_two[0] == first_two[1]
     if noise != 0.0 or not same_metrics:
         pytest.skip(f"two identical uninterrupted runs differ before any resume on this machine (checkpoint-2 by "
                     f"{noise:.3g}, metrics of iterations 1-2 {'equal' if same_metrics else 'differ'}): its kernels "
                     "are not run-to-run deterministic, so resume exactness cannot be checked bit-for-bit here")
-    proc = run_train([*common, f"output_dir={run}", "resume=latest"], cwd)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    _run_to_end(run_train, [*common, f"output_dir={run}", "resume=latest"], cwd)
     return full, run, seconds
 
 
