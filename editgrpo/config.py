@@ -27,6 +27,7 @@ class DataConfig:
 class SamplingConfig:
     num_steps: int = 16                  # denoising steps of a rollout
     guidance_scale: float = 2.0          # CFG on the instruction only (paper: 2.0)
+    guidance_interval: Optional[list[float]] = None  # [lo, hi]: CFG only where lo < sigma <= hi (else w = 1); None -> every step
     method: str = "flow_sde"             # flow_sde | cps | ode (deterministic rollouts: train.algorithm nft / awm only)
     eta: float = 0.7                     # SDE noise level
     log_prob: str = "exact"              # exact: Gaussian log-density | unscaled: -(x - mean)^2 (Flow-GRPO's CPS)
@@ -88,6 +89,8 @@ class EvalConfig:
     at_start: bool = True                # evaluate the starting policy too (the baseline row)
     num_steps: int = 16                  # ODE steps
     guidance_scale: float = 2.0          # CFG on the instruction (paper: 2.0)
+    guidance_interval: Optional[list[float]] = None  # [lo, hi]: CFG only where lo < sigma <= hi; None -> every step
+    shift: Optional[float] = None        # schedule shift of the evaluation sampler; None -> the editor's
     seeds: list[int] = field(default_factory=lambda: [1234, 1235, 1236])  # noise seeds; scores are averaged
     max_items: Optional[int] = None      # evaluate only the first N items (None: all)
     batch_size: int = 8                  # items edited per forward
@@ -152,6 +155,8 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.training import DTYPES
 
     from .grpo import ADVANTAGE_SCALES, ALGORITHMS, FORWARD_ALGORITHMS, KL_TYPES
+    from viva_base.guidance import check_guidance_interval
+
     from .sampling import CFG_GRADS, LOG_PROB_KINDS, ROLLOUT_METHODS
 
     tc, sc = cfg.train, cfg.sampling
@@ -187,6 +192,13 @@ def validate_config(cfg: GRPOConfig) -> None:
     if sc.share_prefix and sc.method == "ode":
         raise UserError("sampling.share_prefix=true with sampling.method=ode: an ODE rollout is one deterministic "
                         "prefix, so every sample of a group would be the same; use flow_sde or cps, or share_prefix=false")
+    for name, interval in (("sampling.guidance_interval", sc.guidance_interval),
+                           ("eval.guidance_interval", cfg.eval.guidance_interval)):
+        try:
+            check_guidance_interval(interval, name)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    positive("eval.shift", cfg.eval.shift)
     if sc.sde_window_size and sc.sde_window_size > sc.num_steps - 1:
         raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")

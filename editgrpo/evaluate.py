@@ -107,15 +107,19 @@ class Evaluator:
 
     @torch.no_grad()
     def edit(self, policy, recs: list[dict], seed: int, first_index: int) -> torch.Tensor:
-        """ODE edits (CFG on the instruction) of ``recs`` with per-item noise seeds."""
+        """ODE edits (CFG on the instruction, in ``eval.guidance_interval`` if set; the schedule shift
+        ``eval.shift``, else the editor's) of ``recs`` with per-item noise seeds."""
         items = [self._load(r) for r in recs]
         device = policy.device
         cond, uncond = policy.encode_condition(torch.stack([it["source"] for it in items]).to(device),
                                                [r["instruction"] for r in recs], [it["reference"] for it in items])
         gens = sample_generators([eval_seed(seed, first_index + i) for i in range(len(recs))])
         z = initial_noise(policy.latent_shape(cond), gens).to(device)
-        sigmas = sigma_schedule(self.cfg.num_steps, policy.config.shift)
-        traj = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, cond, uncond, self.cfg.guidance_scale),
+        shift = policy.config.shift if self.cfg.shift is None else self.cfg.shift
+        sigmas = sigma_schedule(self.cfg.num_steps, shift)
+        interval = None if self.cfg.guidance_interval is None else tuple(self.cfg.guidance_interval)
+        traj = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, cond, uncond, self.cfg.guidance_scale,
+                                                              guidance_interval=interval),
                                  z, sigmas, mode="ode")
         return policy.decode(traj.latents).cpu()
 

@@ -12,21 +12,30 @@ from dataclasses import dataclass
 
 import torch
 
+from viva_base.guidance import guidance_weights
 from viva_base.policy import Condition
 
 from .sampling import StepRecord, cfg_velocity, sample_trajectory, sde_mean_std, sde_step, sde_step_indices
 
 
 def guided_velocity(policy, latents: torch.Tensor, sigma: torch.Tensor, cond: Condition, uncond: Condition | None,
-                    guidance_scale: float, cfg_grad: str = "full") -> torch.Tensor:
-    """CFG velocity ``v_u + s (v_c - v_u)`` with ONE forward over ``[cond; uncond]`` (float32 out); ``cfg_grad``
-    says whether the gradient flows through the unconditional branch too (``cfg_velocity``)."""
+                    guidance_scale: float, cfg_grad: str = "full",
+                    guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+    """CFG velocity ``v_u + w (v_c - v_u)`` with ONE forward over ``[cond; uncond]`` (float32 out); ``cfg_grad``
+    says whether the gradient flows through the unconditional branch too (``cfg_velocity``). With a
+    ``guidance_interval``, ``w`` is per sample (``guidance_weights``: 1 outside the interval, where the sample's
+    velocity is ``v_c`` exactly); a batch with no sample inside it runs the conditional forward alone."""
     if uncond is None or guidance_scale == 1.0:
         return policy.velocity(latents, sigma, cond)
+    w = guidance_scale
+    if guidance_interval is not None:
+        w = guidance_weights(sigma, guidance_scale, guidance_interval)
+        if bool((w == 1.0).all()):
+            return policy.velocity(latents, sigma, cond)
     both = Condition.cat([cond, uncond])
     v = policy.velocity(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both)
     v_cond, v_uncond = v.chunk(2)
-    return cfg_velocity(v_cond, v_uncond, guidance_scale, cfg_grad)
+    return cfg_velocity(v_cond, v_uncond, w, cfg_grad)
 
 
 def sample_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -40,7 +49,7 @@ def initial_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> 
 
 def shared_prefix(policy, cond: Condition, uncond: Condition | None, prompt_index: list[int], prefix_seeds: list[int],
                   sigmas: torch.Tensor, *, mode: str, sde_window, guidance_scale: float, batch_size: int,
-                  shape: tuple[int, ...]) -> tuple[int, torch.Tensor]:
+                  shape: tuple[int, ...], guidance_interval=None) -> tuple[int, torch.Tensor]:
     """The deterministic prefix of a rollout, once per distinct ``(prompt, prefix seed)``: each distinct pair draws
     its initial noise from ``prefix_seeds`` and runs the ODE steps before the first SDE step ``k``
     (:func:`sde_step_indices`; ``k = 0``: only the noise is shared). Returns ``(k, latents [N, ...])``, every
@@ -59,7 +68,8 @@ def shared_prefix(policy, cond: Condition, uncond: Condition | None, prompt_inde
         u = uncond.select(rows) if uncond is not None else None
         z = initial_noise(shape, sample_generators([s for _, s in part])).to(policy.device)
         if first > 0:
-            z = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, c, u, guidance_scale), z,
+            z = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, c, u, guidance_scale,
+                                                               guidance_interval=guidance_interval), z,
                                   sigmas[:first + 1], mode="ode").latents
         latents.append(z)
     latents = torch.cat(latents)
@@ -80,7 +90,8 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
             sigmas: torch.Tensor, *, mode: str = "sde", method: str = "flow_sde", eta: float = 0.7,
             sde_window: tuple[int, int] | None = None, train_steps=None, guidance_scale: float = 2.0,
             batch_size: int | None = None, progress: bool = False, log_prob: str = "exact",
-            on_chunk=None, prefix_seeds: list[int] | None = None) -> Rollouts:
+            on_chunk=None, prefix_seeds: list[int] | None = None,
+            guidance_interval: tuple[float, float] | None = None) -> Rollouts:
     """Sample ``len(seeds)`` edits; sample ``i`` is conditioned on prompt ``prompt_index[i]`` (rows of
     ``cond``/``uncond``), in forwards of ``batch_size`` samples (cond and uncond in one forward).
     ``on_chunk(indices, latents)``, if given, receives each finished chunk's final latents as soon as it is
@@ -100,7 +111,7 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
             raise ValueError(f"rollout: {len(prefix_seeds)} prefix_seeds for {n} samples")
         first, start_latents = shared_prefix(policy, cond, uncond, prompt_index, prefix_seeds, sigmas, mode=mode,
                                              sde_window=sde_window, guidance_scale=guidance_scale,
-                                             batch_size=batch_size, shape=shape)
+                                             batch_size=batch_size, shape=shape, guidance_interval=guidance_interval)
     window = None if sde_window is None else (sde_window[0] - first, sde_window[1] - first)
     steps_to_train = None if train_steps is None else [int(i) - first for i in train_steps]
     finals, chunks = [], []
@@ -111,7 +122,8 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
         u = uncond.select(rows) if uncond is not None else None
         gens = sample_generators([seeds[i] for i in idx])
         z0 = initial_noise(shape, gens).to(device) if start_latents is None else start_latents[idx]
-        traj = sample_trajectory(lambda z, s: guided_velocity(policy, z, s, c, u, guidance_scale), z0, sigmas[first:],
+        traj = sample_trajectory(lambda z, s: guided_velocity(policy, z, s, c, u, guidance_scale,
+                                                              guidance_interval=guidance_interval), z0, sigmas[first:],
                                  mode=mode, method=method, eta=eta, sde_window=window, train_steps=steps_to_train,
                                  generator=gens, progress=progress, log_prob=log_prob)
         if first:  # recorded under their full-schedule index
@@ -133,27 +145,29 @@ def rollout(policy, cond: Condition, uncond: Condition | None, prompt_index: lis
 
 def step_log_prob(policy, record: StepRecord, rows: torch.Tensor, cond: Condition, uncond: Condition | None, *,
                   guidance_scale: float, method: str, eta: float, sample_index: torch.Tensor, log_prob: str = "exact",
-                  cfg_grad: str = "full"):
+                  cfg_grad: str = "full", guidance_interval=None):
     """Recompute a recorded step's log-prob (with grad) for samples ``sample_index`` whose prompts are
     ``rows``; same batch layout and CFG as the rollout, so an unchanged policy reproduces it exactly."""
     c = cond.select(rows)
     u = uncond.select(rows) if uncond is not None else None
     z = record.latents[sample_index]
     sigma, sigma_next = record.sigma[sample_index], record.sigma_next[sample_index]
-    v = guided_velocity(policy, z, sigma, c, u, guidance_scale, cfg_grad)
+    v = guided_velocity(policy, z, sigma, c, u, guidance_scale, cfg_grad, guidance_interval)
     return sde_step(v, z, sigma, sigma_next, method=method, eta=eta, prev_sample=record.next_latents[sample_index],
                     log_prob=log_prob)
 
 
 @torch.no_grad()
-def reference_mean(policy, dit, record: StepRecord, rows, cond, uncond, *, guidance_scale, method, eta, sample_index):
+def reference_mean(policy, dit, record: StepRecord, rows, cond, uncond, *, guidance_scale, method, eta, sample_index,
+                   guidance_interval=None):
     """The reference policy's step mean: the same DiT with its LoRA adapter disabled (no model copy)."""
     c = cond.select(rows)
     u = uncond.select(rows) if uncond is not None else None
     z = record.latents[sample_index]
     dit.disable_adapters()
     try:
-        v = guided_velocity(policy, z, record.sigma[sample_index], c, u, guidance_scale)
+        v = guided_velocity(policy, z, record.sigma[sample_index], c, u, guidance_scale,
+                            guidance_interval=guidance_interval)
     finally:
         dit.enable_adapters()
     mean, _ = sde_mean_std(v, z, record.sigma[sample_index], record.sigma_next[sample_index], method=method, eta=eta)
@@ -214,7 +228,7 @@ def forward_records(x0: torch.Tensor, generators: list[torch.Generator], num_tim
 
 def forward_velocity(policy, record: ForwardRecord, rows: torch.Tensor, cond: Condition, uncond: Condition | None, *,
                      guidance_scale: float, sample_index: torch.Tensor, cfg_grad: str = "full",
-                     dit=None) -> torch.Tensor:
+                     dit=None, guidance_interval=None) -> torch.Tensor:
     """The policy's (CFG) velocity on re-noised samples ``sample_index`` (prompts ``rows``) of ``record``; with
     ``dit`` given, the reference policy's: the same DiT with its LoRA adapter disabled, no grad (no model copy).
     ``guidance_scale = 1`` is the conditional velocity alone (``train.cfg_free``: one forward, no uncond)."""
@@ -222,10 +236,10 @@ def forward_velocity(policy, record: ForwardRecord, rows: torch.Tensor, cond: Co
     u = uncond.select(rows) if uncond is not None else None
     z, sigma = record.latents[sample_index], record.sigma[sample_index]
     if dit is None:
-        return guided_velocity(policy, z, sigma, c, u, guidance_scale, cfg_grad)
+        return guided_velocity(policy, z, sigma, c, u, guidance_scale, cfg_grad, guidance_interval)
     with torch.no_grad():
         dit.disable_adapters()
         try:
-            return guided_velocity(policy, z, sigma, c, u, guidance_scale)
+            return guided_velocity(policy, z, sigma, c, u, guidance_scale, guidance_interval=guidance_interval)
         finally:
             dit.enable_adapters()

@@ -131,9 +131,10 @@ def _mean_non_batch(x: torch.Tensor) -> torch.Tensor:
 CFG_GRADS: tuple[str, ...] = ("full", "cond_only")
 
 
-def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float,
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float | torch.Tensor,
                  cfg_grad: str = "full") -> torch.Tensor:
-    """Classifier-free guidance: ``v = v_uncond + w * (v_cond - v_uncond)`` in float32.
+    """Classifier-free guidance: ``v = v_uncond + w * (v_cond - v_uncond)`` in float32 (``w`` a float, or one
+    weight per sample [B] from ``viva_base.guidance.guidance_weights``; where it is 1 the result is ``v_cond`` exactly).
 
     In Edit-GRPO the unconditional branch drops the instruction only (same source latents); ``w = 1`` gives
     ``v_cond``. The value never depends on ``cfg_grad``; its gradient does (``train.cfg_grad``)::
@@ -147,7 +148,10 @@ def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: f
     v_uncond = v_uncond.float()
     if cfg_grad == "cond_only":
         v_uncond = v_uncond.detach()
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
+    if not torch.is_tensor(guidance_scale):
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+    w = guidance_scale.to(device=v_cond.device, dtype=torch.float32).reshape(-1, *([1] * (v_cond.ndim - 1)))
+    return torch.where(w == 1.0, v_cond, v_uncond + w * (v_cond - v_uncond))
 
 
 def ode_step(

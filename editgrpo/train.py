@@ -133,11 +133,12 @@ def grpo_loss(cfg, editor, dit_raw, rec, rows: torch.Tensor, sel: torch.Tensor, 
     ``beta > 0``, the KL to the reference step (adapter disabled, no grad)."""
     tc, sc = cfg.train, cfg.sampling
     step = step_log_prob(editor, rec, rows, cond, uncond, guidance_scale=sc.guidance_scale, method=sc.method,
-                         eta=sc.eta, sample_index=sel, log_prob=sc.log_prob, cfg_grad=tc.cfg_grad)
+                         eta=sc.eta, sample_index=sel, log_prob=sc.log_prob, cfg_grad=tc.cfg_grad,
+                         guidance_interval=sc.guidance_interval)
     kl = None
     if tc.beta > 0:
         ref = reference_mean(editor, dit_raw, rec, rows, cond, uncond, guidance_scale=sc.guidance_scale,
-                             method=sc.method, eta=sc.eta, sample_index=sel)
+                             method=sc.method, eta=sc.eta, sample_index=sel, guidance_interval=sc.guidance_interval)
         kl = step_kl(step.mean, ref, step.std, sigma=rec.sigma[sel], sigma_next=rec.sigma_next[sel], method=sc.method,
                      kl_type=tc.kl_type)
     dev = step.log_prob.device
@@ -151,7 +152,8 @@ def _old_velocities(cfg, editor, records, rows: torch.Tensor, cond, uncond, n_lo
     gs = 1.0 if cfg.train.cfg_free else cfg.sampling.guidance_scale
     with torch.no_grad():
         for rec in records:
-            parts = [forward_velocity(editor, rec, rows[sel], cond, uncond, guidance_scale=gs, sample_index=sel)
+            parts = [forward_velocity(editor, rec, rows[sel], cond, uncond, guidance_scale=gs, sample_index=sel,
+                                      guidance_interval=cfg.sampling.guidance_interval)
                      for sel in (torch.arange(i, min(n_local, i + train_bs)) for i in range(0, n_local, train_bs))]
             rec.old_velocity = torch.cat(parts)
 
@@ -163,12 +165,14 @@ def forward_loss(cfg, editor, dit_raw, rec, rows: torch.Tensor, sel: torch.Tenso
     disabled, no grad) when ``beta > 0``. ``adv`` and ``valid`` are the samples' ``[B]`` advantages and flags."""
     tc = cfg.train
     gs = 1.0 if tc.cfg_free else cfg.sampling.guidance_scale
-    v = forward_velocity(editor, rec, rows, cond, uncond, guidance_scale=gs, sample_index=sel, cfg_grad=tc.cfg_grad)
+    gi = cfg.sampling.guidance_interval
+    v = forward_velocity(editor, rec, rows, cond, uncond, guidance_scale=gs, sample_index=sel, cfg_grad=tc.cfg_grad,
+                         guidance_interval=gi)
     dev = v.device
     kl = None
     if tc.beta > 0:
         kl = velocity_kl(v, forward_velocity(editor, rec, rows, cond, uncond, guidance_scale=gs, sample_index=sel,
-                                             dit=dit_raw))
+                                             dit=dit_raw, guidance_interval=gi))
     target, adv, valid = rec.target[sel].to(dev), adv.to(dev), valid.to(dev)
     if tc.algorithm == "awm":
         return awm_loss(v, target, adv, kl=kl, beta=tc.beta, valid=valid)
@@ -288,8 +292,8 @@ def main(cfg: GRPOConfig) -> Path:
             ro = rollout(editor, cond, uncond, prompt_index, [sample_seed(tc.seed, it, g) for g in mine], sigmas,
                          mode="ode" if sc.method == "ode" else "sde", method="flow_sde" if sc.method == "ode" else sc.method,
                          eta=sc.eta, sde_window=window, train_steps=[] if forward else train_steps,
-                         guidance_scale=sc.guidance_scale, batch_size=rollout_bs, log_prob=sc.log_prob,
-                         on_chunk=scorer.add if tc.overlap_rewards else None,
+                         guidance_scale=sc.guidance_scale, guidance_interval=sc.guidance_interval,
+                         batch_size=rollout_bs, log_prob=sc.log_prob, on_chunk=scorer.add if tc.overlap_rewards else None,
                          prefix_seeds=[group_seed(tc.seed, it, g // G) for g in mine] if sc.share_prefix else None)
             edited, scored = scorer.finish(ro.latents, rollout_bs)
         except RemoteRewardError as e:

@@ -183,6 +183,39 @@ def test_sampler_equals_independent_euler_cfg_reference(tiny_editor):
     assert (reference(3.0, 1.0) - out).abs().max() > 1e-3
 
 
+def test_sampler_with_a_guidance_interval_guides_only_its_steps(tiny_editor, monkeypatch):
+    """guidance_interval=(lo, hi): CFG on the steps with lo < sigma <= hi, the conditional forward alone (one row)
+    on the others; equal to a hand-written loop, and a bad interval is a UserError naming it."""
+    from editgrpo.sampling import cfg_velocity, ode_step, sigma_schedule
+
+    clip = _clip(f=3, h=16, w=16, seed=2)
+    steps, g, seed, interval = 5, 2.0, 3, (0.5, 1.0)
+    sig = sigma_schedule(steps, shift=tiny_editor.config.shift)
+    guided = [lo < float(s) <= hi for s in sig[:-1] for lo, hi in [interval]]
+    assert 0 < sum(guided) < steps
+    rows = []
+    real = tiny_editor.velocity
+    monkeypatch.setattr(tiny_editor, "velocity", lambda z, s, c: rows.append(z.shape[0]) or real(z, s, c))
+    out = EditPipeline(tiny_editor).sample(clip, INSTR, num_inference_steps=steps, guidance_scale=g, seed=seed,
+                                           progress=False, guidance_interval=interval)
+    assert rows == [2 if gd else 1 for gd in guided]
+    monkeypatch.setattr(tiny_editor, "velocity", real)
+    cond, uncond = tiny_editor.encode_condition(clip[None], [INSTR])
+    z = torch.randn((1, *tiny_editor.latent_shape(cond)), generator=torch.Generator().manual_seed(seed))
+    for i in range(steps):
+        s = sig[i:i + 1]
+        v = tiny_editor.velocity(z, s, cond)
+        if guided[i]:
+            v = cfg_velocity(v, tiny_editor.velocity(z, s, uncond), g)
+        z = ode_step(v, z, sig[i], sig[i + 1])
+    assert torch.allclose(out, tiny_editor.decode(z)[0], atol=1e-4)
+    plain = EditPipeline(tiny_editor).sample(clip, INSTR, num_inference_steps=steps, guidance_scale=g, seed=seed,
+                                             progress=False)
+    assert (plain - out).abs().max() > 1e-3
+    with pytest.raises(UserError, match="guidance_interval"):
+        EditPipeline(tiny_editor).sample(clip, INSTR, num_inference_steps=steps, guidance_interval=(0.9, 0.1))
+
+
 def test_same_seed_same_edit_and_the_editor_method(tiny_editor):
     x = _clip(f=4, h=20, w=18, seed=4)
     kw = dict(num_inference_steps=3, progress=False)

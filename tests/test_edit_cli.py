@@ -163,6 +163,8 @@ def _bad_inputs(root, files):
         "LoRA of another model": ({"--lora": files["lora_other"]}, "the LoRA does not match the model"),
         "zero steps": ({"--num-steps": 0}, "argument --num-steps/--steps: 0 must be at least 1"),
         "bad size": ({"--size": "big"}, "is not WIDTHxHEIGHT"),
+        "backwards guidance interval": ({"--guidance-interval": (0.8, 0.2)},
+                                        "--guidance-interval=[0.8, 0.2]: need 0 <= lo < hi"),
     }
 
 
@@ -171,7 +173,7 @@ def _argv(files, out, overrides):
             "--num-steps": 1, "--no-progress": None, **overrides}
     argv = []
     for k, v in args.items():
-        argv += [k] if v is None else [k, str(v)]
+        argv += [k] if v is None else [k, *map(str, v)] if isinstance(v, tuple) else [k, str(v)]
     return argv
 
 
@@ -187,7 +189,8 @@ BAD_CASES = [
     "missing video", "empty video", "corrupt video", "zero-frame video", "empty image folder",
     "non-image reference", "missing reference", "empty instruction", "blank instruction", "missing output folder",
     "unsupported extension", "image out, many frames", "unknown model folder", "hub id while offline",
-    "missing LoRA folder", "folder without a LoRA", "LoRA of another model", "zero steps", "bad size"]
+    "missing LoRA folder", "folder without a LoRA", "LoRA of another model", "zero steps", "bad size",
+    "backwards guidance interval"]
 
 
 def test_bad_case_list_covers_the_table(tmp_path, files):

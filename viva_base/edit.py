@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps (default 50; --steps is its old name)")
     p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=2.0,
                    help="CFG scale on the instruction (default 2.0; 1 = off; --guidance is its old name)")
+    p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                   help="apply CFG only on the steps with LO < sigma <= HI (sigma 1 = pure noise), e.g. 0.5 1; "
+                   "the other steps run one forward (default: every step)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same seed, same edit)")
     p.add_argument("--frames", type=_positive_int, help="frames the model edits (snapped to 4k+1); default: the input's, "
                    "capped by the model config")
@@ -109,6 +112,13 @@ def check_inputs(args) -> None:
     """The cheap checks, before the model loads: each raises a UserError naming the problem."""
     from .pipeline import check_output_path
 
+    from .errors import UserError
+    from .guidance import check_guidance_interval
+
+    try:
+        check_guidance_interval(args.guidance_interval, "--guidance-interval")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     info = check_request(args.video, args.instruction, args.reference)
     check_output_path(args.out, info.num_frames)
     check_lora_dirs([args.lora] if args.lora is not None else [])
@@ -160,7 +170,7 @@ def run(args) -> Path:
     return EditPipeline(editor).edit_file(
         args.video, args.instruction, args.out, args.reference, num_inference_steps=args.num_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_frames=args.frames, size=args.size,
-        progress=not args.no_progress)
+        progress=not args.no_progress, guidance_interval=args.guidance_interval)
 
 
 def explain(exc: BaseException, smaller: str = "--size and/or --frames") -> str | None:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .guidance import check_guidance_interval, guided
 from .policy import Condition
 from .video import (DEFAULT_IMAGE_FPS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, probe_video, read_image,
                     read_video, write_video)
@@ -305,13 +306,19 @@ class EditPipeline:
     def sample(self, clip: torch.Tensor, instruction: str, reference: torch.Tensor | None = None, *,
                num_inference_steps: int = 50, guidance_scale: float = 2.0, seed: int = 0,
                generator: torch.Generator | None = None, progress: bool = True,
-               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               on_step: Callable[[int, int], None] | None = None,
+               guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
         """Edit a model-sized clip ``(f, 3, h, w)`` -> ``(f, 3, h, w)`` in [0, 1] (no adapting).
         ``on_step(done, total)``, when given, is called after each of the ``total`` denoising steps (a progress
-        bar of a caller's own, e.g. the web demo's)."""
+        bar of a caller's own, e.g. the web demo's). ``guidance_interval=(lo, hi)``: CFG only on the steps with
+        ``lo < sigma <= hi`` (the others run the conditional forward alone; Kynkaenniemi et al. 2024)."""
         instruction = check_instruction(instruction)
         if int(num_inference_steps) < 1:
             raise UserError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
+        try:
+            guidance_interval = check_guidance_interval(guidance_interval)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         policy = self.policy
         cond, uncond = policy.encode_condition(clip[None], [instruction], [reference])
         if generator is None:
@@ -324,12 +331,12 @@ class EditPipeline:
         sched = self.make_scheduler(int(num_inference_steps))
         for i, t in enumerate(tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False)):
             sigma = sched.sigmas[i].to(device=policy.device, dtype=torch.float32)
-            if use_cfg:
+            if use_cfg and bool(guided(sigma, guidance_interval)):
                 v = policy.velocity(torch.cat([latents, latents]), sigma.expand(2), both)
                 v_c, v_u = v.float().chunk(2)
                 v = v_u + float(guidance_scale) * (v_c - v_u)
             else:
-                v = policy.velocity(latents, sigma.expand(1), both).float()
+                v = policy.velocity(latents, sigma.expand(1), cond).float()
             latents = sched.step(v, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, len(sched.timesteps))
@@ -342,7 +349,8 @@ class EditPipeline:
     def __call__(self, video, instruction: str, reference=None, *, num_inference_steps: int = 50,
                  guidance_scale: float = 2.0, seed: int = 0, num_frames: int | None = None, size=None,
                  progress: bool = True, generator: torch.Generator | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 on_step: Callable[[int, int], None] | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
         """Edit ``video`` (a ``(F, 3, H, W)`` tensor in [0, 1], uint8 allowed, or a path) with ``instruction``
         and an optional reference image (``(3, H, W)`` tensor or path).
 
@@ -355,7 +363,7 @@ class EditPipeline:
         clip, n, hw = self.prepare(video, num_frames=num_frames, size=size)
         edited = self.sample(clip, instruction, ref, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed, generator=generator, progress=progress,
-                             on_step=on_step)
+                             on_step=on_step, guidance_interval=guidance_interval)
         return map_back(edited, n, hw)
 
     def prepare(self, video, *, num_frames: int | None = None, size=None) -> tuple[torch.Tensor, int, tuple[int, int]]:
