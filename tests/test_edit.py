@@ -178,6 +178,11 @@ def test_sampler_equals_independent_euler_cfg_reference(tiny_editor):
 
     ref = reference(3.0, g)
     assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+    # the same schedule through the shift argument, on the editor whose own shift is 1
+    assert tiny_editor.config.shift == 1.0
+    by_arg = EditPipeline(tiny_editor).sample(clip, INSTR, num_inference_steps=steps, guidance_scale=g, seed=seed,
+                                              progress=False, shift=3.0)
+    assert torch.allclose(by_arg, ref, atol=1e-4), (by_arg - ref).abs().max()
     # the check can fail: the shift and the guidance both change the result
     assert (reference(1.0, g) - out).abs().max() > 1e-3
     assert (reference(3.0, 1.0) - out).abs().max() > 1e-3

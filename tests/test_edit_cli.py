@@ -165,6 +165,7 @@ def _bad_inputs(root, files):
         "bad size": ({"--size": "big"}, "is not WIDTHxHEIGHT"),
         "backwards guidance interval": ({"--guidance-interval": (0.8, 0.2)},
                                         "--guidance-interval=[0.8, 0.2]: need 0 <= lo < hi"),
+        "zero shift": ({"--shift": 0}, "--shift 0.0: the schedule shift must be a number > 0"),
     }
 
 
@@ -190,7 +191,7 @@ BAD_CASES = [
     "non-image reference", "missing reference", "empty instruction", "blank instruction", "missing output folder",
     "unsupported extension", "image out, many frames", "unknown model folder", "hub id while offline",
     "missing LoRA folder", "folder without a LoRA", "LoRA of another model", "zero steps", "bad size",
-    "backwards guidance interval"]
+    "backwards guidance interval", "zero shift"]
 
 
 def test_bad_case_list_covers_the_table(tmp_path, files):

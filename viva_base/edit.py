@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
                    help="apply CFG only on the steps with LO < sigma <= HI (sigma 1 = pure noise), e.g. 0.5 1; "
                    "the other steps run one forward (default: every step)")
+    p.add_argument("--shift", type=float, default=None, help="schedule shift of the sampler (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same seed, same edit)")
     p.add_argument("--frames", type=_positive_int, help="frames the model edits (snapped to 4k+1); default: the input's, "
                    "capped by the model config")
@@ -119,6 +121,8 @@ def check_inputs(args) -> None:
         check_guidance_interval(args.guidance_interval, "--guidance-interval")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise UserError(f"--shift {args.shift}: the schedule shift must be a number > 0")
     info = check_request(args.video, args.instruction, args.reference)
     check_output_path(args.out, info.num_frames)
     check_lora_dirs([args.lora] if args.lora is not None else [])
@@ -170,7 +174,7 @@ def run(args) -> Path:
     return EditPipeline(editor).edit_file(
         args.video, args.instruction, args.out, args.reference, num_inference_steps=args.num_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_frames=args.frames, size=args.size,
-        progress=not args.no_progress, guidance_interval=args.guidance_interval)
+        progress=not args.no_progress, guidance_interval=args.guidance_interval, shift=args.shift)
 
 
 def explain(exc: BaseException, smaller: str = "--size and/or --frames") -> str | None:

@@ -295,9 +295,11 @@ class EditPipeline:
         return _as_unit_float(reference)
 
     # -- sampling ------------------------------------------------------------------------------------
-    def make_scheduler(self, num_inference_steps: int):
-        """A fresh copy of the policy's scheduler with its shift; the policy's own is never mutated."""
-        sched = type(self.policy.scheduler).from_config(self.policy.scheduler.config, shift=float(self.policy.config.shift),
+    def make_scheduler(self, num_inference_steps: int, shift: float | None = None):
+        """A fresh copy of the policy's scheduler with ``shift`` (None: the policy's); the policy's own is never
+        mutated."""
+        shift = float(self.policy.config.shift if shift is None else shift)
+        sched = type(self.policy.scheduler).from_config(self.policy.scheduler.config, shift=shift,
                                                         use_dynamic_shifting=False)
         sched.set_timesteps(num_inference_steps, device=self.policy.device)
         return sched
@@ -307,11 +309,12 @@ class EditPipeline:
                num_inference_steps: int = 50, guidance_scale: float = 2.0, seed: int = 0,
                generator: torch.Generator | None = None, progress: bool = True,
                on_step: Callable[[int, int], None] | None = None,
-               guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+               guidance_interval: tuple[float, float] | None = None, shift: float | None = None) -> torch.Tensor:
         """Edit a model-sized clip ``(f, 3, h, w)`` -> ``(f, 3, h, w)`` in [0, 1] (no adapting).
         ``on_step(done, total)``, when given, is called after each of the ``total`` denoising steps (a progress
         bar of a caller's own, e.g. the web demo's). ``guidance_interval=(lo, hi)``: CFG only on the steps with
-        ``lo < sigma <= hi`` (the others run the conditional forward alone; Kynkaenniemi et al. 2024)."""
+        ``lo < sigma <= hi`` (the others run the conditional forward alone; Kynkaenniemi et al. 2024). ``shift``:
+        the schedule shift (None: the editor's)."""
         instruction = check_instruction(instruction)
         if int(num_inference_steps) < 1:
             raise UserError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
@@ -319,6 +322,8 @@ class EditPipeline:
             guidance_interval = check_guidance_interval(guidance_interval)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if shift is not None and not (math.isfinite(float(shift)) and float(shift) > 0):
+            raise UserError(f"shift={shift}: the schedule shift must be a number > 0")
         policy = self.policy
         cond, uncond = policy.encode_condition(clip[None], [instruction], [reference])
         if generator is None:
@@ -328,7 +333,7 @@ class EditPipeline:
         latents = latents.to(policy.device)
         use_cfg = float(guidance_scale) != 1.0
         both = Condition.cat([cond, uncond]) if use_cfg else cond
-        sched = self.make_scheduler(int(num_inference_steps))
+        sched = self.make_scheduler(int(num_inference_steps), shift)
         for i, t in enumerate(tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False)):
             sigma = sched.sigmas[i].to(device=policy.device, dtype=torch.float32)
             if use_cfg and bool(guided(sigma, guidance_interval)):
@@ -350,7 +355,7 @@ class EditPipeline:
                  guidance_scale: float = 2.0, seed: int = 0, num_frames: int | None = None, size=None,
                  progress: bool = True, generator: torch.Generator | None = None,
                  on_step: Callable[[int, int], None] | None = None,
-                 guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+                 guidance_interval: tuple[float, float] | None = None, shift: float | None = None) -> torch.Tensor:
         """Edit ``video`` (a ``(F, 3, H, W)`` tensor in [0, 1], uint8 allowed, or a path) with ``instruction``
         and an optional reference image (``(3, H, W)`` tensor or path).
 
@@ -363,7 +368,7 @@ class EditPipeline:
         clip, n, hw = self.prepare(video, num_frames=num_frames, size=size)
         edited = self.sample(clip, instruction, ref, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed, generator=generator, progress=progress,
-                             on_step=on_step, guidance_interval=guidance_interval)
+                             on_step=on_step, guidance_interval=guidance_interval, shift=shift)
         return map_back(edited, n, hw)
 
     def prepare(self, video, *, num_frames: int | None = None, size=None) -> tuple[torch.Tensor, int, tuple[int, int]]:
