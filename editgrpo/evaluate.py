@@ -105,6 +105,13 @@ class Evaluator:
             self._videos[rec["id"]] = item
         return self._videos[rec["id"]]
 
+    def sampler(self, policy) -> dict:
+        """The evaluation sampler as it ran (the shift resolved), recorded in each step's ``summary.json``."""
+        interval = self.cfg.guidance_interval
+        return {"method": "ode", "num_steps": int(self.cfg.num_steps), "guidance_scale": float(self.cfg.guidance_scale),
+                "guidance_interval": None if interval is None else [float(x) for x in interval],
+                "shift": float(policy.config.shift if self.cfg.shift is None else self.cfg.shift)}
+
     @torch.no_grad()
     def edit(self, policy, recs: list[dict], seed: int, first_index: int) -> torch.Tensor:
         """ODE edits (CFG on the instruction, in ``eval.guidance_interval`` if set; the schedule shift
@@ -167,7 +174,7 @@ class Evaluator:
                          "seeds": self.seeds, "scores": dict(scores), "mean": mean})
         keys = sorted({k for row in rows for k in row["mean"]})
         summary = {"step": step, "n_prompts": len(rows), "seeds": self.seeds, "oracle_available": self.oracle,
-                   "groups": group_means(rows, keys)}
+                   "sampler": self.sampler(policy), "groups": group_means(rows, keys)}
         _write_eval(out, rows, summary, clips, fps=8.0)
         logger.info("eval@%d: %s", step, {k: round(v, 4) for k, v in summary["groups"]["all"].items()
                                           if isinstance(v, float)})

@@ -45,6 +45,14 @@ def comparison_table(sft: dict, grpo: dict, keys: list[str], source: dict | None
     return "\n".join(lines) + "\n"
 
 
+def sampler_text(sampler: dict) -> str:
+    """``Evaluator.sampler``'s record in words, e.g. "10 ODE steps, shift 6, CFG 2 where 0.5 < sigma <= 1"."""
+    interval = sampler.get("guidance_interval")
+    where = "on every step" if interval is None else f"where {interval[0]:g} < sigma <= {interval[1]:g}"
+    return (f"{sampler['num_steps']} {sampler.get('method', 'ode').upper()} steps, shift {sampler['shift']:g}, "
+            f"CFG {sampler['guidance_scale']:g} {where}")
+
+
 def copy_source_groups(manifest: str | os.PathLike) -> dict | None:
     """Oracle metrics of the trivial editor that returns the source unchanged, per group (as
     :func:`editgrpo.evaluate.group_means`), for an eval manifest with true targets; None without them."""
@@ -150,6 +158,12 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
             d = result[f"delta_{key}"]
             md.append(f"- delta {key} (GRPO - SFT): {d['mean']:+.4f}, 95% bootstrap CI [{d['ci95'][0]:+.4f}, "
                       f"{d['ci95'][1]:+.4f}]; better on {d['wins']}/{d['n']} prompts, worse on {d['losses']}")
+    if sum_a.get("sampler"):  # evaluations written before the sampler was recorded have none
+        result["eval_sampler"] = sum_a["sampler"]
+        md.append(f"- evaluation sampler: {sampler_text(sum_a['sampler'])}")
+        if sum_b.get("sampler") and sum_b["sampler"] != sum_a["sampler"]:
+            md.append(f"- WARNING: the GRPO evaluation used another sampler ({sampler_text(sum_b['sampler'])}): "
+                      f"the two columns are not comparable")
     if source is not None:
         c = result["copy_source"]
         md.append(f"- returning the source unchanged scores oracle {c['oracle']:.4f} (if_error {c['if_error']:.4f}, "

@@ -51,6 +51,16 @@ def test_evaluator_and_report(toy_eval, tmp_path):
         assert (tmp_path / name).exists(), name
     html = (tmp_path / "report.html").read_text()
     assert html.count("<img src='report_media/") == 3 * 4  # source, target, SFT, GRPO for the 3 saved items
+    # the sampler the numbers came from is recorded and shown; a GRPO evaluation with another one is flagged
+    assert s0["sampler"] == {"method": "ode", "num_steps": 2, "guidance_scale": 2.0, "guidance_interval": None,
+                             "shift": float(editor.config.shift)}
+    assert rep["eval_sampler"] == s0["sampler"]
+    assert "evaluation sampler: 2 ODE steps, shift 1, CFG 2 on every step" in html and "WARNING" not in html
+    cfg.guidance_interval, cfg.shift = [0.5, 1.0], 6.0
+    ev.run(other, step=3)
+    write_report(tmp_path, eval_dir=tmp_path / "eval", start_step=0, final_step=3, seconds=1.0)
+    md = (tmp_path / "report.md").read_text()
+    assert "WARNING: the GRPO evaluation used another sampler (2 ODE steps, shift 6, CFG 2 where 0.5 < sigma <= 1)" in md
 
 
 @pytest.mark.slow
@@ -154,7 +164,7 @@ def test_evaluator_scores_open_instructions_against_their_nearest_correct_edit(t
     ev.edit = other_place
     from types import SimpleNamespace
 
-    s = ev.run(SimpleNamespace(transformer=torch.nn.Linear(1, 1)), step=0)
+    s = ev.run(SimpleNamespace(transformer=torch.nn.Linear(1, 1), config=SimpleNamespace(shift=1.0)), step=0)
     assert s["groups"]["all"]["oracle"] == pytest.approx(1.0) and s["groups"]["open/simple"]["n"] == 6
     assert s["groups"]["all"]["if_progress"] == pytest.approx(1.0)
     # the same videos against the example's target file alone fall short (what the evaluator computed before)
@@ -169,7 +179,7 @@ def test_evaluator_scores_open_instructions_against_their_nearest_correct_edit(t
     copy = copy_source_groups(paths["eval"])
     assert copy["open/simple"]["n"] == 6 and 0 < copy["all"]["oracle"] < 1 and copy["all"]["sp_error"] == 0
     # the report says that the target it shows is one correct edit among several
-    ev.run(SimpleNamespace(transformer=torch.nn.Linear(1, 1)), step=1)
+    ev.run(SimpleNamespace(transformer=torch.nn.Linear(1, 1), config=SimpleNamespace(shift=1.0)), step=1)
     write_report(tmp_path, eval_dir=tmp_path / "eval", start_step=0, final_step=1, seconds=1.0,
                  eval_manifest=str(paths["eval"]))
     assert (tmp_path / "report.html").read_text().count("open: the target shown is one of several correct edits") == 2
