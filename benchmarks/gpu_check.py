@@ -275,7 +275,7 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
     grads = [p.grad for p in lora if p.grad is not None]
     grad_ok = bool(grads) and all(torch.isfinite(x).all() for x in grads) and any(x.abs().sum() > 0 for x in grads)
     out_finite = bool(torch.isfinite(sample()).all())
-    del dit, kw, grads
+    dit = kw = grads = None  # free the device memory (the closures above hold the names, so no del)
     if cuda:
         torch.cuda.empty_cache()
     p_sample, p_train = seconds_at_mfu(pred_sample, 1), seconds_at_mfu(pred_train, 1)

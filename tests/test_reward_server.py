@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from rewards import CombinedReward, Reward, RewardOutput, register_reward
+from rewards import CombinedReward, Reward, register_reward
 from rewards.remote import RemoteReward, RemoteRewardError, backoff_seconds, chunk_by_groups
 from rewards.serve import ServeConfig, Served, build_served, cli, merge_requests, start_server
 from rewards.transport import TransportError, decode_request, encode_request, from_json_safe, to_json_safe

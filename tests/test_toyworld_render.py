@@ -7,7 +7,7 @@ from viva_base.data.toyworld.edits import (EDIT_TYPES, Add, EditError, Recolour,
                                            apply, apply_op, edit_mask, instruction, op_from_json, op_to_json)
 from viva_base.data.toyworld.pairs import (ToyPairs, compound_combos, example_rng, ordered_types, random_scene,
                                            sample_example)
-from viva_base.data.toyworld.render import (footprints, render, render_background, render_tensor, shape_mask, snow_flakes,
+from viva_base.data.toyworld.render import (footprints, render, render_background, render_tensor, snow_flakes,
                                             trajectory, visible_footprints)
 from viva_base.data.toyworld.scene import (BACKGROUND_COLOURS, OBJECT_COLOURS, STYLES, VARIANTS, Background, Obj,
                                            Scene, caption, scene_from_json, scene_to_json)
