@@ -150,13 +150,12 @@ def validate_config(cfg: GRPOConfig) -> None:
     """Check every value that can be checked without building anything (no data, model or reward is loaded),
     so a mistyped value fails in seconds, before any expensive work. Raises ``UserError`` (one line)."""
     from viva_base.errors import UserError
+    from viva_base.guidance import check_sampler_options
     from viva_base.recipe import check_one_of as one_of
     from viva_base.recipe import check_positive as positive
     from viva_base.training import DTYPES
 
     from .grpo import ADVANTAGE_SCALES, ALGORITHMS, FORWARD_ALGORITHMS, KL_TYPES
-    from viva_base.guidance import check_guidance_interval
-
     from .sampling import CFG_GRADS, LOG_PROB_KINDS, ROLLOUT_METHODS
 
     tc, sc = cfg.train, cfg.sampling
@@ -192,13 +191,9 @@ def validate_config(cfg: GRPOConfig) -> None:
     if sc.share_prefix and sc.method == "ode":
         raise UserError("sampling.share_prefix=true with sampling.method=ode: an ODE rollout is one deterministic "
                         "prefix, so every sample of a group would be the same; use flow_sde or cps, or share_prefix=false")
-    for name, interval in (("sampling.guidance_interval", sc.guidance_interval),
-                           ("eval.guidance_interval", cfg.eval.guidance_interval)):
-        try:
-            check_guidance_interval(interval, name)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    positive("eval.shift", cfg.eval.shift)
+    check_sampler_options(sc.guidance_interval, interval_name="sampling.guidance_interval")
+    check_sampler_options(cfg.eval.guidance_interval, cfg.eval.shift, interval_name="eval.guidance_interval",
+                          shift_name="eval.shift")
     if sc.sde_window_size and sc.sde_window_size > sc.num_steps - 1:
         raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")

@@ -122,10 +122,10 @@ class Evaluator:
                                                [r["instruction"] for r in recs], [it["reference"] for it in items])
         gens = sample_generators([eval_seed(seed, first_index + i) for i in range(len(recs))])
         z = initial_noise(policy.latent_shape(cond), gens).to(device)
-        shift = policy.config.shift if self.cfg.shift is None else self.cfg.shift
-        sigmas = sigma_schedule(self.cfg.num_steps, shift)
-        interval = None if self.cfg.guidance_interval is None else tuple(self.cfg.guidance_interval)
-        traj = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, cond, uncond, self.cfg.guidance_scale,
+        sampler = self.sampler(policy)
+        sigmas = sigma_schedule(sampler["num_steps"], sampler["shift"])
+        interval = sampler["guidance_interval"]
+        traj = sample_trajectory(lambda x, s: guided_velocity(policy, x, s, cond, uncond, sampler["guidance_scale"],
                                                               guidance_interval=interval),
                                  z, sigmas, mode="ode")
         return policy.decode(traj.latents).cpu()

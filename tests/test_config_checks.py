@@ -43,6 +43,10 @@ def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
     ("sampling.method=ddim", "sampling.method"),
     ("train.epsilon=2", "train.epsilon"),
     ("sampling.sde_window_size=9", "sampling.sde_window_size"),
+    ("sampling.guidance_interval=[0.9,0.1]", "sampling.guidance_interval"),
+    ("sampling.guidance_interval=[0.5]", "sampling.guidance_interval"),
+    ("eval.guidance_interval=[-1,1]", "eval.guidance_interval"),
+    ("eval.shift=0", "eval.shift"),
 ])
 def test_cheap_checks_name_the_key(override, key):
     cfg = load_recipe(GRPOConfig, ["recipe=recipes/tiny.yaml", override])

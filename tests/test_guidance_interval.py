@@ -1,6 +1,6 @@
 """CFG in a limited interval of noise levels (``sampling.guidance_interval``, ``eval.guidance_interval``,
 ``--guidance-interval``): the weights, the velocity, trajectories against a hand-written reference, the GRPO
-ratio, the evaluator's sampler and the config checks."""
+ratio and the evaluator's sampler (the config checks: tests/test_config_checks.py)."""
 import json
 import math
 
@@ -8,10 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from editgrpo.config import EvalConfig, GRPOConfig, validate_config
+from editgrpo.config import EvalConfig, GRPOConfig
 from editgrpo.rollout import guided_velocity, rollout, step_log_prob
 from editgrpo.sampling import cfg_velocity, ode_step, sample_trajectory, sigma_schedule
-from viva_base.errors import UserError
 from viva_base.guidance import check_guidance_interval, guidance_weights
 from viva_base.recipe import load_recipe
 from viva_base.tiny import make_tiny_editor
@@ -182,15 +181,3 @@ def test_the_evaluator_samples_with_its_own_shift_and_interval(tmp_path):
     assert torch.allclose(got, editor.decode(z).cpu(), atol=1e-4)
     cfg.shift, cfg.guidance_interval = None, None  # the editor's schedule, CFG everywhere: another edit
     assert (Evaluator(cfg, None, tmp_path / "eval2").edit(editor, recs, seed=1, first_index=0) - got).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("override, key", [
-    ("sampling.guidance_interval=[0.9,0.1]", "sampling.guidance_interval"),
-    ("sampling.guidance_interval=[0.5]", "sampling.guidance_interval"),
-    ("eval.guidance_interval=[-1,1]", "eval.guidance_interval"),
-    ("eval.shift=0", "eval.shift"),
-])
-def test_config_checks_name_the_interval_key(override, key):
-    cfg = load_recipe(GRPOConfig, ["recipe=recipes/tiny.yaml", override])
-    with pytest.raises(UserError, match=key):
-        validate_config(cfg)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -112,17 +111,10 @@ def check_lora_dirs(loras) -> None:
 
 def check_inputs(args) -> None:
     """The cheap checks, before the model loads: each raises a UserError naming the problem."""
+    from .guidance import check_sampler_options
     from .pipeline import check_output_path
 
-    from .errors import UserError
-    from .guidance import check_guidance_interval
-
-    try:
-        check_guidance_interval(args.guidance_interval, "--guidance-interval")
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
-        raise UserError(f"--shift {args.shift}: the schedule shift must be a number > 0")
+    check_sampler_options(args.guidance_interval, args.shift, interval_name="--guidance-interval", shift_name="--shift")
     info = check_request(args.video, args.instruction, args.reference)
     check_output_path(args.out, info.num_frames)
     check_lora_dirs([args.lora] if args.lora is not None else [])

@@ -20,6 +20,21 @@ def check_guidance_interval(interval, name: str = "guidance_interval") -> tuple[
     return lo, hi
 
 
+def check_sampler_options(guidance_interval=None, shift=None, *, interval_name: str = "guidance_interval",
+                          shift_name: str = "shift") -> tuple[float, float] | None:
+    """The user-facing check of a sampler's interval and shift: a UserError (one line naming the option) for a bad
+    one; returns the interval as ``(lo, hi)`` or None."""
+    from .errors import UserError
+
+    try:
+        interval = check_guidance_interval(guidance_interval, interval_name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if shift is not None and not (math.isfinite(float(shift)) and float(shift) > 0):
+        raise UserError(f"{shift_name} {shift}: the schedule shift must be a number > 0")
+    return interval
+
+
 def guidance_weights(sigma: torch.Tensor, guidance_scale: float,
                      interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Per-sample CFG weight ``w(sigma)`` [B] (float32) for :func:`cfg_velocity`.

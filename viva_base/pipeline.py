@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .guidance import check_guidance_interval, guided
+from .guidance import check_sampler_options, guided
 from .policy import Condition
 from .video import (DEFAULT_IMAGE_FPS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, probe_video, read_image,
                     read_video, write_video)
@@ -318,12 +318,7 @@ class EditPipeline:
         instruction = check_instruction(instruction)
         if int(num_inference_steps) < 1:
             raise UserError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
-        try:
-            guidance_interval = check_guidance_interval(guidance_interval)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if shift is not None and not (math.isfinite(float(shift)) and float(shift) > 0):
-            raise UserError(f"shift={shift}: the schedule shift must be a number > 0")
+        guidance_interval = check_sampler_options(guidance_interval, shift)
         policy = self.policy
         cond, uncond = policy.encode_condition(clip[None], [instruction], [reference])
         if generator is None:
