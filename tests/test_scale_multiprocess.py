@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,20 +127,32 @@ def _load(dump_dir: Path, rank: int) -> dict:
 
 
 def _launch(launcher: list[str], args: list[str], cwd, timeout=420, script: str = __file__):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the launched script imports the package from the checkout under test, as pytest does in this process (whatever
+    # copy, if any, is installed: python runs a script with the script's folder on sys.path, not the working directory)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([*launcher, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
     return proc
 
 
-def _torchrun(n: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port)]
+def free_port() -> int:
+    """A TCP port free now, for one launch's rendezvous: fixed numbers collide when tests run side by side
+    (pytest-xdist) or a port is still held by an earlier run."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def _deepspeed(config: Path, n: int, port: int) -> list[str]:
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_port", str(free_port())]
+
+
+def _deepspeed(config: Path, n: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
-            str(n), "--main_process_port", str(port)]
+            str(n), "--main_process_port", str(free_port())]
 
 
 def _assert_same_update(ref: dict, got: dict, adv_tol: float = TOL, grad_tol: float = TOL) -> None:
@@ -173,13 +186,13 @@ def one_process_reference(args: list[str], out: Path) -> dict:
     return ref
 
 
-def assert_two_processes_reproduce(args: list[str], tmp_path: Path, repo_root, port: int) -> dict:
+def assert_two_processes_reproduce(args: list[str], tmp_path: Path, repo_root) -> dict:
     """``args`` (over :data:`COMMON`'s layout: 3 prompts x 2 samples, prompt 1's group split over the ranks) run in
     one process and under torchrun --nproc_per_node 2 (gloo, CPU): the same gathered rewards, advantages and first
     update's LoRA gradients on both ranks. Returns the 1-process reference."""
     ref = one_process_reference(args, tmp_path / "one")
     assert ref["group_ids"].tolist() == [0, 0, 1, 1, 2, 2]
-    _launch(_torchrun(2, port), [str(tmp_path / "two"), *args, *WARMUP, f"output_dir={tmp_path}/two/run"], repo_root)
+    _launch(_torchrun(2), [str(tmp_path / "two"), *args, *WARMUP, f"output_dir={tmp_path}/two/run"], repo_root)
     for rank in (0, 1):
         got = _load(tmp_path / "two", rank)
         assert got["world"] == 2 and "MULTI_CPU" in got["distributed_type"]
@@ -201,7 +214,7 @@ def test_two_processes_reproduce_one_process(one_process, tmp_path, repo_root):
     assert ref["group_ids"].tolist() == [0, 0, 1, 1, 2, 2]
     split = ref["advantages"][2:4]
     assert (split.abs() > 0.1).all() and abs(float(split.sum())) < 1e-4  # a real, centred two-sample group
-    _launch(_torchrun(2, 29641), [str(tmp_path), *COMMON, *WARMUP, f"output_dir={tmp_path}/run"], repo_root)
+    _launch(_torchrun(2), [str(tmp_path), *COMMON, *WARMUP, f"output_dir={tmp_path}/run"], repo_root)
     for rank in (0, 1):
         got = _load(tmp_path, rank)
         assert got["world"] == 2 and "MULTI_CPU" in got["distributed_type"]
@@ -233,7 +246,7 @@ def test_deepspeed_zero2_matches_one_process_and_resumes_exactly(one_process, tm
     run = tmp_path / "run"
     two_iters = [a for a in COMMON if not a.startswith(("train.num_iterations", "train.checkpoint_every"))]
     two_iters += ["train.num_iterations=2", "train.checkpoint_every=1", "train.keep_checkpoints=2", *WARMUP]
-    _launch(_deepspeed(config, 2, 29642), [str(tmp_path / "dump"), *two_iters, f"output_dir={run}"], repo_root)
+    _launch(_deepspeed(config, 2), [str(tmp_path / "dump"), *two_iters, f"output_dir={run}"], repo_root)
     for rank in (0, 1):
         got = _load(tmp_path / "dump", rank)
         assert got["world"] == 2 and "DEEPSPEED" in got["distributed_type"]
@@ -247,7 +260,7 @@ def test_deepspeed_zero2_matches_one_process_and_resumes_exactly(one_process, tm
     shutil.rmtree(run / "checkpoint-2")
     shutil.rmtree(run / "lora")
     rows = (run / "metrics.jsonl").read_text().splitlines()
-    _launch(_deepspeed(config, 2, 29643), [str(tmp_path / "dump2"), *two_iters, f"output_dir={run}", "resume=latest"],
+    _launch(_deepspeed(config, 2), [str(tmp_path / "dump2"), *two_iters, f"output_dir={run}", "resume=latest"],
             repo_root)
     resumed = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
     assert final.keys() == resumed.keys()
@@ -271,7 +284,7 @@ def test_deepspeed_zero3_partitions_and_matches_one_process(one_process, tmp_pat
 
     config = _zero_config(tmp_path, repo_root, "zero3", stage3_param_persistence_threshold=0)
     run = tmp_path / "run"
-    _launch(_deepspeed(config, 2, 29644), [str(tmp_path / "dump"), *COMMON, f"output_dir={run}"], repo_root)
+    _launch(_deepspeed(config, 2), [str(tmp_path / "dump"), *COMMON, f"output_dir={run}"], repo_root)
     for rank in (0, 1):
         got = _load(tmp_path / "dump", rank)
         assert got["world"] == 2 and "DEEPSPEED" in got["distributed_type"]
@@ -327,7 +340,7 @@ def _assert_same_sft_run(ref: Path, got: Path) -> None:
 def sft_ddp(tmp_path_factory) -> Path:
     """The reference: plain DDP on 2 CPU processes (torchrun, gloo)."""
     out = tmp_path_factory.mktemp("sft_ddp")
-    proc = _sft(_torchrun(2, 29645), [f"output_dir={out}"], ACCELERATE_USE_CPU="1")
+    proc = _sft(_torchrun(2), [f"output_dir={out}"], ACCELERATE_USE_CPU="1")
     assert "on 2 process(es)" in proc.stderr
     return out
 
@@ -358,7 +371,7 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(sft_ddp, tmp_path, repo_root)
 
     config = _zero_config(tmp_path, repo_root, "zero3", stage3_param_persistence_threshold=0)
     run = tmp_path / "run"
-    _sft(_deepspeed(config, 2, 29646), ["model.gradient_checkpointing=true", f"output_dir={run}"])
+    _sft(_deepspeed(config, 2), ["model.gradient_checkpointing=true", f"output_dir={run}"])
     _assert_same_sft_run(sft_ddp, run)
     final = _editor_weights(run / "final")
     init = build_editor(load_recipe(SFTConfig, SFT_COMMON).model).transformer.state_dict()
@@ -372,7 +385,7 @@ def test_sft_zero3_matches_ddp_and_resumes_exactly(sft_ddp, tmp_path, repo_root)
     rows = (run / "metrics.jsonl").read_text().splitlines()
     shutil.rmtree(ckpt)
     shutil.rmtree(run / "final")
-    proc = _sft(_deepspeed(config, 2, 29647), ["model.gradient_checkpointing=true", f"output_dir={run}",
+    proc = _sft(_deepspeed(config, 2), ["model.gradient_checkpointing=true", f"output_dir={run}",
                                                "resume=latest"])
     assert "resumed from" in proc.stderr and "checkpoint-2 at step 2" in proc.stderr
     assert (run / "metrics.jsonl").read_text().splitlines()[:2] == rows[:2]
@@ -392,7 +405,7 @@ def test_sft_zero2_bf16_keeps_fp32_master_weights_and_refuses_a_ddp_checkpoint(s
     config = _zero_config(tmp_path, repo_root, "zero2")
     copy = tmp_path / "ddp"
     shutil.copytree(sft_ddp, copy)
-    proc = _sft(_deepspeed(config, 2, 29648), [f"output_dir={copy}", "resume=latest"], check=False)
+    proc = _sft(_deepspeed(config, 2), [f"output_dir={copy}", "resume=latest"], check=False)
     assert proc.returncode != 0
     # one error from each process; the two processes write stderr at once, so their lines may run together
     # (a CI run saw "...the one beforeerror: ..."): count the messages, not the lines
@@ -401,7 +414,7 @@ def test_sft_zero2_bf16_keeps_fp32_master_weights_and_refuses_a_ddp_checkpoint(s
     assert "SFT:" not in proc.stderr  # refused before the data and the editor
 
     run = tmp_path / "run"
-    _sft(_deepspeed(config, 2, 29649), ["model.dtype=bf16", "train.mixed_precision=bf16", f"output_dir={run}"])
+    _sft(_deepspeed(config, 2), ["model.dtype=bf16", "train.mixed_precision=bf16", f"output_dir={run}"])
     assert _metric(run, "loss") == pytest.approx(_metric(sft_ddp, "loss"), rel=1e-2)
     assert _metric(run, "lr") == _metric(sft_ddp, "lr")
     ckpt = run / "checkpoint-4"

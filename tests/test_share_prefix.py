@@ -108,4 +108,4 @@ def test_share_prefix_on_two_processes_reproduces_one_process(tmp_path, repo_roo
     import test_scale_multiprocess as mp
 
     mp.assert_two_processes_reproduce([*mp.COMMON, "sampling.share_prefix=true", "sampling.sde_window_range=[1,1]"],
-                                      tmp_path, repo_root, 29653)
+                                      tmp_path, repo_root)
