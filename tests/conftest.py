@@ -10,7 +10,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Two intra-op threads for a serial run on the 2-core machines this suite is sized for; one per worker under
+# pytest-xdist (`-n`), whose workers already share the cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +36,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU (logical: on the 2-core CI machines that is 2, where pytest-xdist's own
+    physical-core count can say 1), at most 4. The multi-process tests start 2 processes of their own and every
+    worker holds its models in memory, so more workers mostly add contention."""
+    return max(1, min(4, os.cpu_count() or 1))
+
