@@ -572,14 +572,27 @@ the same function (tests/test_gpu_check.py, about 50 s). Not yet run on a GPU: n
 written.
 
 A GPU machine without network needs the packages it lacks (diffusers, omegaconf, av, open_clip_torch, ftfy; torch,
-transformers, peft, accelerate and timm are assumed there). Where a package index is reachable:
+torchvision, transformers, timm, accelerate, peft, safetensors, tokenizers, matplotlib and tensorboard are assumed
+there). Where a package index is reachable:
 
     bash benchmarks/gpu_wheels.sh download   # Python 3.12 manylinux x86_64 wheels, no torch: 43 MB in gpu_wheels/
 
+It fetches what `python -m benchmarks.gpu_wheels` lists: the dependency closure of those five packages (markers
+evaluated for Python 3.12) less the closure of the packages assumed there, pinned to the versions installed here.
+The hand-kept list it replaces had missed `lazy-importer`, which `importlib_metadata` 10 requires: the offline
+install stopped at "No matching distribution found for lazy-importer" (`tests/test_gpu_wheels.py`).
 `gpu_wheels/` is git-ignored; copy it with the working tree (it fits the 64 MiB a lent machine's tree may
-have: name it in `carry`), then there, from the repository root:
+have: name it in `carry`), then there, from the repository root (no install of this project is needed):
 
-    bash benchmarks/gpu_wheels.sh install && python -m benchmarks.gpu_check
+    bash benchmarks/gpu_wheels.sh install && python3 -m benchmarks.gpu_check --out "$OUT/gpu_check.json"
+
+**Rehearsed on CPU (2026-12-01)** in a fresh Python 3.12 virtual environment holding the lent H200 machine's
+versions as its workplace lists them (torch 2.11.0 CUDA build, torchvision 0.26.0, transformers 5.17.0, accelerate
+1.15.0, huggingface_hub 1.33.0, safetensors 0.8.0, tokenizers 0.23.2, numpy 2.5.2, with peft, timm, matplotlib and
+tensorboard), pip's configuration and local wheel folders switched off, from a copy of the tracked files: the
+offline install succeeded (`pip check`: no broken requirements), `python -m benchmarks.gpu_check` said "no CUDA
+device here" and exited 0, and `--device cpu --tiny-only` passed every check (kernels, sft, grpo with a first ratio
+of 1.000000, grpo_2proc on gloo, the DiT step).
 """
 
 
