@@ -1,7 +1,9 @@
 """The web demo (viva_base.app): the edit behind the page (same seed for every variant, oracle scores of toy
 examples, the edit command's checks), one-line errors for a bad --model / --lora, and the page itself served on
 localhost and driven in headless Chromium (playwright, with Debian's chromium; skipped without either)."""
+import html
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -82,6 +84,27 @@ def test_each_variant_edits_the_same_clip_with_the_same_seed(demo, saved):
     assert "oracle" in r.message and "seed 5" in r.message
 
 
+def test_the_sampler_fields_give_the_pipelines_edit_with_that_sampler(demo, saved):
+    """Shift and CFG interval from the page reach the pipeline: the SFT variant equals the bare pipeline sampled
+    with the same options, differs from the default sampler, and says so; empty fields (or shift 0) are the
+    default sampler exactly."""
+    from viva_base.training import load_editor
+
+    ex = next(iter(demo.examples.values()))
+    kw = dict(example=ex.label, upload=None, instruction=ex.instruction, num_steps=3, seed=5, variants=[BASE_LABEL])
+    default = demo.edit(**kw).edits[BASE_LABEL]
+    assert torch.equal(demo.edit(**kw, shift=0, guidance_interval="").edits[BASE_LABEL], default)
+    assert torch.equal(demo.edit(**kw, shift="", guidance_interval=" ").edits[BASE_LABEL], default)
+    got = demo.edit(**kw, shift="6", guidance_interval="0.5, 1")
+    bare = EditPipeline(load_editor(saved / "editor"))(ex.source, ex.instruction, num_inference_steps=3, seed=5,
+                                                       progress=False, shift=6.0, guidance_interval=(0.5, 1.0))
+    assert torch.allclose(got.edits[BASE_LABEL], bare, atol=1e-5)
+    assert (got.edits[BASE_LABEL] - default).abs().mean() > 1e-3
+    assert torch.equal(demo.edit(**kw, shift=6, guidance_interval=(0.5, 1.0)).edits[BASE_LABEL], got.edits[BASE_LABEL])
+    assert "guidance 2 where 0.5 < sigma <= 1, shift 6, seed 5" in html.unescape(got.message)
+    assert "guidance 2, the editor's shift, seed 5" in html.unescape(demo.edit(**kw).message)
+
+
 def test_an_upload_is_edited_at_its_frame_count_size_and_fps(demo, tmp_path):
     clip = torch.rand(7, 3, 22, 30, generator=torch.Generator().manual_seed(0))
     path = write_video(tmp_path / "clip.mp4", clip, fps=12)
@@ -100,11 +123,16 @@ def test_an_upload_is_edited_at_its_frame_count_size_and_fps(demo, tmp_path):
     ({"size": "big"}, "is not WIDTHxHEIGHT"),
     ({"variants": []}, "no variant chosen"),
     ({"reference": "/nonexistent/ref.png"}, "ref.png: image not found"),
+    ({"shift": "x"}, "shift 'x' is not a number"),
+    ({"shift": -1}, "shift -1.0: the schedule shift must be a number > 0"),
+    ({"guidance_interval": "0.5"}, "CFG interval '0.5': give two numbers LO HI"),
+    ({"guidance_interval": "0.5 high"}, "CFG interval '0.5 high': give two numbers LO HI"),
+    ({"guidance_interval": "1 0.5"}, "CFG interval=[1.0, 0.5]: need 0 <= lo < hi"),
 ])
 def test_bad_page_inputs_raise_the_edit_commands_messages(demo, kwargs, message):
     args = {"example": next(iter(demo.examples)), "upload": None, "instruction": "make it blue", "num_steps": 1,
             **kwargs}
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         demo.edit(**args)
 
 
@@ -135,6 +163,8 @@ def test_bad_uploads_and_limits(demo, tmp_path):
     (["--model", "{root}/editor", "--lora", "{root}/nolora"], "nolora: LoRA folder not found"),
     (["--model", "{root}/editor", "--lora", "{root}"], "no LoRA here"),
     (["--model", "{root}/editor", "--port", "70000"], "--port 70000"),
+    (["--model", "{root}/editor", "--shift", "0"], "--shift 0.0: the schedule shift must be a number > 0"),
+    (["--model", "{root}/editor", "--guidance-interval", "1", "0.5"], "--guidance-interval=[1.0, 0.5]: need 0 <= lo"),
 ])
 def test_bad_model_or_lora_is_one_line_and_exit_2(saved, capsys, extra, message):
     assert main([a.format(root=saved) for a in extra]) == 2
@@ -194,7 +224,8 @@ def server(saved, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "viva_base.app", "--model", str(saved / "editor"), "--lora",
-                                 str(saved / "lora"), "--port", str(port), "--num-steps", "2"], cwd=REPO,
+                                 str(saved / "lora"), "--port", str(port), "--num-steps", "2", "--shift", "6",
+                                 "--guidance-interval", "0.5", "1"], cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     url = f"http://127.0.0.1:{port}/"
@@ -252,6 +283,7 @@ def test_the_page_in_headless_chromium(server, saved, tmp_path):
                                    timeout=15000)
             status = page.inner_text("#status")
             assert "SFT editor" in status and f"SFT + LoRA {saved.name}/lora" in status and "oracle" in status, status
+            assert "where 0.5 < sigma <= 1, shift 6," in status, status  # --shift / --guidance-interval: the defaults
             assert page.locator("#downloads a").count() >= 2
             # the screenshot shows two result panes side by side, each a rendered video
             shot = tmp_path / "page.png"

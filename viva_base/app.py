@@ -7,7 +7,9 @@
 
 The page takes a video upload (anything :mod:`viva_base.edit` reads: mp4, webm, mov, mkv, gif, or an image)
 or one of a few bundled toy-world examples, the instruction, an optional reference image, the number of
-steps, the guidance scale and the seed, and which variants to run: the editor alone ("SFT editor") and the
+steps, the guidance scale, the seed, the sampler (schedule shift and CFG interval, as the edit command's
+``--shift`` / ``--guidance-interval``; ``--shift 6 --guidance-interval 0.5 1`` is the toy recipe's evaluation
+sampler), and which variants to run: the editor alone ("SFT editor") and the
 editor with each ``--lora``. Every variant edits the same clip with the same seed (the same initial noise), so
 the panes differ only by the adapter. It shows the edited clips next to the source, the time each took, a
 download of each edit at the input's frame count, size and fps, and a progress bar while sampling. A toy
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 
 from .edit import add_runtime_arguments, check_request, explain, guarded, load_model, resolve_device
 from .errors import UserError
+from .guidance import check_sampler_options
 from .pipeline import ClipInfo, EditPipeline, map_back, parse_size, probe_clip, resize_frames
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video, write_video
 
@@ -201,9 +204,11 @@ class EditDemo:
     # -- the edit --------------------------------------------------------------------------------------
     def edit(self, *, example: str | None, upload: str | None, instruction: str, reference: str | None = None,
              num_steps=50, guidance_scale=2.0, seed=0, frames=None, size: str | None = None,
-             variants: list[str] | None = None, progress=None) -> EditResult:
+             variants: list[str] | None = None, progress=None, shift=None, guidance_interval=None) -> EditResult:
         """Edit the upload (or else the bundled ``example``) with each chosen variant, same seed for each.
 
+        ``shift``: the schedule shift (None, empty or 0: the editor's); ``guidance_interval``: CFG only where
+        ``lo < sigma <= hi``, as ``(lo, hi)`` or the page's text "LO HI" (None or empty: every step).
         ``progress(done, total, desc)`` is called after every denoising step. Raises a UserError for a bad
         input (the caller shows its message)."""
         num_steps = _whole(num_steps, "steps", minimum=1)
@@ -215,6 +220,7 @@ class EditDemo:
             raise UserError(f"guidance {guidance_scale!r} is not a number") from None
         if not math.isfinite(guidance_scale):
             raise UserError(f"guidance {guidance_scale} is not a finite number")
+        shift, guidance_interval = _sampler(shift, guidance_interval)
         size = parse_size(size.strip()) if isinstance(size, str) and size.strip() else None
         chosen = [v for v in self.variants if v in (variants if variants is not None else list(self.variants))]
         if not chosen:
@@ -247,7 +253,8 @@ class EditDemo:
                         progress(k * steps + i, total, f"{label}: step {i}/{steps}")
 
                 edited = self.pipe.sample(clip, instruction.strip(), ref, num_inference_steps=num_steps,
-                                          guidance_scale=guidance_scale, seed=seed, progress=False, on_step=on_step)
+                                          guidance_scale=guidance_scale, seed=seed, progress=False, on_step=on_step,
+                                          guidance_interval=guidance_interval, shift=shift)
                 full = edits[label] = map_back(edited, n, hw)
                 seconds[label] = time.perf_counter() - t0
                 slug = _slug(label)
@@ -266,7 +273,7 @@ class EditDemo:
             target_view = None
         wall = time.perf_counter() - start
         return EditResult(source_view, edits, views, downloads, seconds, scores, target_view,
-                          summary(seconds, scores, wall, num_steps, guidance_scale, seed))
+                          summary(seconds, scores, wall, num_steps, guidance_scale, seed, shift, guidance_interval))
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _activate(self, adapter: str | None) -> None:
@@ -307,6 +314,28 @@ def _whole(value, name: str, *, minimum: int) -> int | None:
     return int(number)
 
 
+def _sampler(shift, interval) -> tuple[float | None, tuple[float, float] | None]:
+    """The page's sampler fields as ``(shift, (lo, hi))``: an empty field or a shift of 0 is None (the editor's
+    shift; CFG on every step); the interval may be "LO HI" or "LO, HI". A UserError names a bad value."""
+    if shift in (None, ""):
+        shift = None
+    else:
+        try:
+            shift = float(shift)
+        except (TypeError, ValueError):
+            raise UserError(f"shift {shift!r} is not a number (0 or empty: the editor's)") from None
+        shift = shift or None
+    if isinstance(interval, str):
+        words = interval.replace(",", " ").split()
+        try:
+            interval = tuple(float(w) for w in words) or None
+        except ValueError:
+            interval = ()
+        if interval is not None and len(interval) != 2:
+            raise UserError(f"CFG interval {' '.join(words)!r}: give two numbers LO HI, e.g. 0.5 1 (empty: every step)")
+    return shift, check_sampler_options(interval, shift, interval_name="CFG interval", shift_name="shift")
+
+
 def _oracle(edited: torch.Tensor, ex: ToyDemoExample) -> dict[str, float]:
     from .data.toyworld.oracle import oracle_scores
 
@@ -315,7 +344,8 @@ def _oracle(edited: torch.Tensor, ex: ToyDemoExample) -> dict[str, float]:
 
 
 def summary(seconds: dict[str, float], scores: dict[str, dict[str, float]], wall: float, steps: int,
-            guidance: float, seed: int) -> str:
+            guidance: float, seed: int, shift: float | None = None,
+            interval: tuple[float, float] | None = None) -> str:
     """The result table of an edit, as HTML: time per variant and, for toy examples, the oracle metrics."""
     cols = ["oracle", "if_progress", "sp_error"] if scores else []
     head = "".join(f"<th>{c}</th>" for c in ["variant", "time", *cols])
@@ -324,8 +354,10 @@ def summary(seconds: dict[str, float], scores: dict[str, dict[str, float]], wall
         cells = [html.escape(label), f"{seconds[label]:.1f} s" if label in seconds else "&ndash;"]
         cells += [f"{scores[label][c]:.3f}" if label in scores else "" for c in cols]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    note = (f"{steps} steps, guidance {guidance:g}, seed {seed}: the same initial noise for every variant; "
-            f"{wall:.1f} s in all.")
+    where = f" where {interval[0]:g} < sigma <= {interval[1]:g}" if interval is not None else ""
+    shifted = f"shift {shift:g}" if shift is not None else "the editor's shift"
+    note = (f"{steps} steps, guidance {guidance:g}{where}, {shifted}, seed {seed}: the same initial noise for every "
+            f"variant; {wall:.1f} s in all.")
     if scores:
         note += (" Oracle: 1 - (error inside the true edit region against the target + error outside it against "
                  "the source) / 2; if_progress: 1 = the exact target, 0 = no better than not editing.")
@@ -362,7 +394,7 @@ CSS = """
 
 
 def build_page(demo: EditDemo, *, num_steps: int = 50, guidance_scale: float = 2.0, seed: int = 0,
-               model_name: str = ""):
+               model_name: str = "", shift: float | None = None, guidance_interval=None):
     """The Gradio page (a ``gr.Blocks``) around ``demo``; queue and launch it yourself."""
     import gradio as gr
 
@@ -388,6 +420,14 @@ def build_page(demo: EditDemo, *, num_steps: int = 50, guidance_scale: float = 2
                     guidance = gr.Number(guidance_scale, label="Guidance", elem_id="guidance", min_width=80)
                     seed_box = gr.Number(seed, label="Seed", precision=0, minimum=0, elem_id="seed",
                                          min_width=80)
+                with gr.Accordion("Sampler (default: the editor's shift, CFG on every step)",
+                                  open=shift is not None or guidance_interval is not None):
+                    with gr.Row():
+                        shift_box = gr.Number(shift or 0, label="Shift (0 = the editor's)", minimum=0,
+                                              elem_id="shift", min_width=80)
+                        interval_box = gr.Textbox(" ".join(f"{v:g}" for v in guidance_interval or ()),
+                                                  label="CFG only where LO < sigma <= HI (e.g. 0.5 1; blank = every "
+                                                        "step)", elem_id="interval")
                 with gr.Accordion("Clip the model edits (default: the input's, capped by the model)", open=False):
                     frames = gr.Number(0, label="Frames (0 = the input's)", precision=0, minimum=0)
                     size = gr.Textbox("", label="Size WxH (blank = the input's)")
@@ -422,14 +462,14 @@ def build_page(demo: EditDemo, *, num_steps: int = 50, guidance_scale: float = 2
             return [view, None, None, "", *cleared, None]
 
         def run_edit(example_label, upload_path, text, reference_path, n_steps, g, s, n_frames, wh, variants,
-                     progress=gr.Progress()):
+                     sh, gi, progress=gr.Progress()):
             def report(done, total, desc):
                 progress((done, total), desc=desc)
 
             try:
                 r = demo.edit(example=example_label, upload=upload_path, instruction=text, reference=reference_path,
                               num_steps=n_steps, guidance_scale=g, seed=s, frames=n_frames, size=wh,
-                              variants=variants, progress=report)
+                              variants=variants, progress=report, shift=sh, guidance_interval=gi)
             except Exception as exc:  # shown in the page, never a traceback
                 return [error_html(page_message(exc, [upload_path, reference_path])), gr.update(), gr.update(),
                         *cleared, None]
@@ -439,7 +479,8 @@ def build_page(demo: EditDemo, *, num_steps: int = 50, guidance_scale: float = 2
                                                downloads], queue=False)
         upload.upload(pick_upload, upload, [source_view, target_view, example, status, *results, downloads])
         button.click(run_edit, [example, upload, instruction, reference, steps, guidance, seed_box, frames, size,
-                                chosen], [status, source_view, target_view, *results, downloads],
+                                chosen, shift_box, interval_box],
+                     [status, source_view, target_view, *results, downloads],
                      concurrency_limit=1, concurrency_id="edit")
     return page
 
@@ -458,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=int, default=50, help="the page's default number of steps (default 50)")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="the page's default guidance (default 2.0)")
     p.add_argument("--seed", type=int, default=0, help="the page's default seed (default 0)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="the page's default schedule shift (default: the editor's; 6 with --guidance-interval 0.5 1 is "
+                   "the toy recipe's evaluation sampler)")
+    p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                   help="the page's default CFG interval: guidance only where LO < sigma <= HI (default: every step)")
     p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest upload accepted (default 100 MB)")
     # the edit comes back at the input's frame count and size, in memory (float32): 257 x 1280 x 720 x 3 is 2.8 GB
     p.add_argument("--max-input-frames", type=int, default=257, help="longest clip accepted (default 257 frames)")
@@ -477,6 +523,8 @@ def _check_args(args) -> None:
         raise UserError(f"--max-upload-mb {args.max_upload_mb:g}: must be positive")
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: must be >= 0")
+    args.guidance_interval = check_sampler_options(args.guidance_interval, args.shift,
+                                                   interval_name="--guidance-interval", shift_name="--shift")
 
 
 def serve(args) -> None:
@@ -503,7 +551,7 @@ def serve(args) -> None:
         demo = EditDemo(editor, variants, workdir, max_upload_mb=args.max_upload_mb,
                         max_input_frames=args.max_input_frames, max_input_side=args.max_input_side)
         page = build_page(demo, num_steps=args.num_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                          model_name=str(args.model))
+                          model_name=str(args.model), shift=args.shift, guidance_interval=args.guidance_interval)
         page.queue(default_concurrency_limit=1, max_size=args.queue_size)
         try:
             page.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(workdir)], show_error=False,
