@@ -351,12 +351,20 @@ class ModelSystem:
     dtype: str = "float32"
     num_frames: int | None = None
     size: str | None = None
+    shift: float | None = None                               # schedule shift (None: the editor's)
+    guidance_interval: tuple[float, float] | None = None     # CFG only where lo < sigma <= hi (None: every step)
     _pipeline: Any = field(default=None, repr=False, compare=False)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": "model", "model": str(self.model), "lora": self.lora,
-                "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
-                "seed": self.seed, "dtype": self.dtype, "num_frames": self.num_frames, "size": self.size}
+        out = {"kind": "model", "model": str(self.model), "lora": self.lora,
+               "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+               "seed": self.seed, "dtype": self.dtype, "num_frames": self.num_frames, "size": self.size}
+        # recorded only when set, so a folder written before these options resumes with the default sampler
+        if self.shift is not None:
+            out["shift"] = self.shift
+        if self.guidance_interval is not None:
+            out["guidance_interval"] = list(self.guidance_interval)
+        return out
 
     def item_seed(self, item_id: str) -> int:
         """``seed`` mixed with the item id: each item has its own, reproducible noise."""
@@ -384,7 +392,7 @@ class ModelSystem:
         self.pipeline().edit_file(item["source"], item["instruction"], path, item.get("reference") or None,
                                   num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                                   seed=self.item_seed(item["id"]), num_frames=self.num_frames, size=self.size,
-                                  progress=False)
+                                  progress=False, shift=self.shift, guidance_interval=self.guidance_interval)
         return path
 
 
@@ -682,6 +690,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=50,
                    help="sampling steps (paper: 50; --steps is its old name)")
     g.add_argument("--guidance-scale", type=float, default=2.0, help="CFG on the instruction (paper: 2.0)")
+    g.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                   help="apply CFG only on the steps with LO < sigma <= HI, e.g. 0.5 1 (default: every step)")
+    g.add_argument("--shift", type=float, default=None, help="schedule shift of the sampler (default: the editor's)")
     g.add_argument("--seed", type=int, default=0, help="base seed; each item mixes in its id")
     g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "float32",
                    help="editor weights dtype (float32 | bf16 | fp16)")
@@ -763,6 +774,10 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         raise BenchmarkError("give --model DIR (an editor checkpoint) or --results DIR (videos edited by a system)")
     if args.lora and not args.model:
         raise BenchmarkError("--lora needs --model")
+    from viva_base.guidance import check_sampler_options
+
+    interval = check_sampler_options(args.guidance_interval, args.shift, interval_name="--guidance-interval",
+                                     shift_name="--shift")
     items = load_benchmark(args.manifest)
     if args.ids:
         wanted = [i.strip() for i in args.ids.split(",") if i.strip()]
@@ -777,7 +792,7 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     if args.model:
         name = args.name or Path(args.model).name + (f"+{Path(args.lora).name}" if args.lora else "")
         systems.append(ModelSystem(name, args.model, args.lora, args.num_steps, args.guidance_scale, args.seed,
-                                   args.device, args.dtype, args.frames, args.size))
+                                   args.device, args.dtype, args.frames, args.size, args.shift, interval))
     for spec in args.results:
         name, sep, folder = spec.partition("=")
         if not sep:

@@ -379,6 +379,39 @@ def test_model_mode_with_lora(bench, tiny_editor, tmp_path):
     assert len(_lines(out / "items.jsonl")) == 1
 
 
+def test_model_mode_samples_with_the_given_sampler_and_records_it(bench, tiny_editor, tmp_path, capsys):
+    """--shift / --guidance-interval reach EditPipeline (the edit equals edit_file with the same options and
+    differs from the default sampler's), are recorded in the protocol, and a folder written with another sampler
+    refuses to mix them; bad values are one line, exit 2."""
+    from viva_base.pipeline import EditPipeline
+
+    editor_dir = tiny_editor.save_pretrained(tmp_path / "editor")
+    common = bench["common"] + ["--model", str(editor_dir), "--name", "tiny", "--num-steps", "3", "--ids", "ref_5",
+                                "--metrics", "clip_tc", "--dtype", "float32"]
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    assert viebench.main([*common, "--out", str(plain)]) == 0
+    assert viebench.main([*common, "--out", str(sampled), "--shift", "6", "--guidance-interval", "0.5", "1"]) == 0
+    system = json.loads((sampled / "protocol.json").read_text())["systems"]["tiny"]
+    assert system["shift"] == 6.0 and system["guidance_interval"] == [0.5, 1.0]
+    assert "shift" not in json.loads((plain / "protocol.json").read_text())["systems"]["tiny"]
+    item = next(it for it in viebench.load_benchmark(bench["manifest"]) if it["id"] == "ref_5")
+    ref = EditPipeline(tiny_editor).edit_file(item["source"], item["instruction"], tmp_path / "ref.mp4",
+                                              item.get("reference") or None, num_inference_steps=3,
+                                              seed=viebench.ModelSystem("tiny", "x").item_seed("ref_5"),
+                                              progress=False, shift=6.0, guidance_interval=(0.5, 1.0))
+    got, default = (read_video(d / "edited" / "tiny" / "ref_5.mp4").frames for d in (sampled, plain))
+    assert torch.equal(got, read_video(ref).frames)
+    assert (got - default).abs().mean() > 1e-3
+    capsys.readouterr()
+    assert viebench.main([*common, "--out", str(plain), "--shift", "6"]) == 2  # another sampler, same folder
+    assert "protocol.json" in capsys.readouterr().err
+    for bad, message in ((["--shift", "0"], "--shift 0.0: the schedule shift must be a number > 0"),
+                         (["--guidance-interval", "1", "0.5"], "--guidance-interval=[1.0, 0.5]: need 0 <= lo < hi")):
+        assert viebench.main([*common, "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and not (tmp_path / "bad").exists()
+
+
 def test_prepare_viebench_layouts(tmp_path):
     root = tmp_path / "VIE-Bench"
     (root / "videos").mkdir(parents=True)
