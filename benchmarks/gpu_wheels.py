@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
-import re
 from collections.abc import Callable, Iterable
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canonical  # PEP 503's normalised distribution name
 
 NEEDED = ("diffusers", "omegaconf", "av", "open_clip_torch", "ftfy")
 THERE = ("torch", "torchvision", "transformers", "timm", "accelerate", "peft", "safetensors", "tokenizers",
          "matplotlib", "tensorboard")
-
-
-def canonical(name: str) -> str:
-    """PEP 503's normalised distribution name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def target_environment(python: str = "3.12") -> dict[str, str]:

@@ -207,12 +207,6 @@ def test_bad_lora_in_a_real_process(saved):
 
 
 # ------------------------------------------------------------------------------------------ in a browser
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
@@ -220,7 +214,9 @@ def _chromium() -> str | None:
 @pytest.fixture(scope="module")
 def server(saved, tmp_path_factory):
     """The app on a free localhost port with the tiny editor and its LoRA; yields its URL."""
-    port = _free_port()
+    from test_scale_multiprocess import free_port
+
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "viva_base.app", "--model", str(saved / "editor"), "--lora",
