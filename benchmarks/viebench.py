@@ -662,6 +662,8 @@ def _versions() -> dict[str, str]:
 # Command line
 # ------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
+    from viva_base.guidance import add_sampler_arguments
+
     from .metrics import ALL_METRICS, MetricConfig
 
     d = MetricConfig()
@@ -690,9 +692,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=50,
                    help="sampling steps (paper: 50; --steps is its old name)")
     g.add_argument("--guidance-scale", type=float, default=2.0, help="CFG on the instruction (paper: 2.0)")
-    g.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
-                   help="apply CFG only on the steps with LO < sigma <= HI, e.g. 0.5 1 (default: every step)")
-    g.add_argument("--shift", type=float, default=None, help="schedule shift of the sampler (default: the editor's)")
+    add_sampler_arguments(g)
     g.add_argument("--seed", type=int, default=0, help="base seed; each item mixes in its id")
     g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "float32",
                    help="editor weights dtype (float32 | bf16 | fp16)")
@@ -774,10 +774,9 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         raise BenchmarkError("give --model DIR (an editor checkpoint) or --results DIR (videos edited by a system)")
     if args.lora and not args.model:
         raise BenchmarkError("--lora needs --model")
-    from viva_base.guidance import check_sampler_options
+    from viva_base.guidance import checked_sampler_arguments
 
-    interval = check_sampler_options(args.guidance_interval, args.shift, interval_name="--guidance-interval",
-                                     shift_name="--shift")
+    interval = checked_sampler_arguments(args)
     items = load_benchmark(args.manifest)
     if args.ids:
         wanted = [i.strip() for i in args.ids.split(",") if i.strip()]

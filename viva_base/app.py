@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .edit import add_runtime_arguments, check_request, explain, guarded, load_model, resolve_device
 from .errors import UserError
-from .guidance import check_sampler_options
+from .guidance import add_sampler_arguments, check_sampler_options, checked_sampler_arguments
 from .pipeline import ClipInfo, EditPipeline, map_back, parse_size, probe_clip, resize_frames
 from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, read_video, write_video
 
@@ -499,11 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=int, default=50, help="the page's default number of steps (default 50)")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="the page's default guidance (default 2.0)")
     p.add_argument("--seed", type=int, default=0, help="the page's default seed (default 0)")
-    p.add_argument("--shift", type=float, default=None,
-                   help="the page's default schedule shift (default: the editor's; 6 with --guidance-interval 0.5 1 is "
-                   "the toy recipe's evaluation sampler)")
-    p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
-                   help="the page's default CFG interval: guidance only where LO < sigma <= HI (default: every step)")
+    add_sampler_arguments(p, page=True)
     p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest upload accepted (default 100 MB)")
     # the edit comes back at the input's frame count and size, in memory (float32): 257 x 1280 x 720 x 3 is 2.8 GB
     p.add_argument("--max-input-frames", type=int, default=257, help="longest clip accepted (default 257 frames)")
@@ -523,8 +519,7 @@ def _check_args(args) -> None:
         raise UserError(f"--max-upload-mb {args.max_upload_mb:g}: must be positive")
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: must be >= 0")
-    args.guidance_interval = check_sampler_options(args.guidance_interval, args.shift,
-                                                   interval_name="--guidance-interval", shift_name="--shift")
+    args.guidance_interval = checked_sampler_arguments(args)
 
 
 def serve(args) -> None:

@@ -51,6 +51,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .guidance import add_sampler_arguments
+
     p = argparse.ArgumentParser(prog="viva-edit", description="Edit a video with an instruction (VIVA).")
     p.add_argument("--model", required=True, help="editor directory (save_pretrained) or hub repo id")
     p.add_argument("--lora", help="LoRA directory (pytorch_lora_weights.safetensors) to load into the DiT")
@@ -62,10 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps (default 50; --steps is its old name)")
     p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=2.0,
                    help="CFG scale on the instruction (default 2.0; 1 = off; --guidance is its old name)")
-    p.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
-                   help="apply CFG only on the steps with LO < sigma <= HI (sigma 1 = pure noise), e.g. 0.5 1; "
-                   "the other steps run one forward (default: every step)")
-    p.add_argument("--shift", type=float, default=None, help="schedule shift of the sampler (default: the model's)")
+    add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same seed, same edit)")
     p.add_argument("--frames", type=_positive_int, help="frames the model edits (snapped to 4k+1); default: the input's, "
                    "capped by the model config")
@@ -111,10 +110,10 @@ def check_lora_dirs(loras) -> None:
 
 def check_inputs(args) -> None:
     """The cheap checks, before the model loads: each raises a UserError naming the problem."""
-    from .guidance import check_sampler_options
+    from .guidance import checked_sampler_arguments
     from .pipeline import check_output_path
 
-    check_sampler_options(args.guidance_interval, args.shift, interval_name="--guidance-interval", shift_name="--shift")
+    checked_sampler_arguments(args)
     info = check_request(args.video, args.instruction, args.reference)
     check_output_path(args.out, info.num_frames)
     check_lora_dirs([args.lora] if args.lora is not None else [])

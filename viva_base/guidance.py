@@ -35,6 +35,25 @@ def check_sampler_options(guidance_interval=None, shift=None, *, interval_name: 
     return interval
 
 
+def add_sampler_arguments(parser, *, page: bool = False) -> None:
+    """The command-line sampler options shared by the edit command, the web demo and VIE-Bench: ``--guidance-interval
+    LO HI`` and ``--shift`` (``page``: they set the web page's defaults). Check them with
+    :func:`checked_sampler_arguments`."""
+    whose = "the page's default: " if page else ""
+    parser.add_argument("--guidance-interval", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                        help=f"{whose}apply CFG only on the steps with LO < sigma <= HI (sigma 1 = pure noise), e.g. "
+                        "0.5 1; the other steps run one forward (default: every step)")
+    parser.add_argument("--shift", type=float, default=None,
+                        help=f"{whose}schedule shift of the sampler (default: the editor's; 6 with --guidance-interval "
+                        "0.5 1 is the toy recipe's evaluation sampler)")
+
+
+def checked_sampler_arguments(args) -> tuple[float, float] | None:
+    """:func:`check_sampler_options` on the options of :func:`add_sampler_arguments`, named as the user typed them."""
+    return check_sampler_options(args.guidance_interval, args.shift, interval_name="--guidance-interval",
+                                 shift_name="--shift")
+
+
 def guidance_weights(sigma: torch.Tensor, guidance_scale: float,
                      interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Per-sample CFG weight ``w(sigma)`` [B] (float32) for :func:`cfg_velocity`.
