@@ -118,6 +118,7 @@ class ToyChainConfig:
     reward_steps: Optional[int] = None   # toy CLIP training steps; None -> its default
     reward_degrade: float = 0.0          # toy CLIP: probability of a damaged-copy quality negative per pair
     instructor_steps: int = 1500         # pretrain the tiny instructor to read instructions (viva_base/toy_instructor.py); 0: random
+    instructor_compound: int = 0         # + text-only compound instructions (seen combos) the instructor reads
     sft_recipe: str = "recipes/sft_toy.yaml"   # the SFT stage's recipe
     sft_overrides: list[str] = field(default_factory=list)   # key=value overrides of that recipe (a change retrains)
     sft_fingerprint: Optional[str] = None  # set by the chain: the hash of the SFT stage's recipe (resume checks it)

@@ -149,8 +149,38 @@ def _instructor_stage(t, out: Path, paths: dict):
     sft = load_recipe(SFTConfig, [f"recipe={t.sft_recipe}", *t.sft_overrides])
     spec = OmegaConf.to_container(sft.model.tiny_spec) if OmegaConf.is_config(sft.model.tiny_spec) else \
         dict(sft.model.tiny_spec)
-    return pretrain_toy_instructor(out, [paths["sft"], paths["grpo"]], spec, tiny_seed=sft.model.tiny_seed,
+    manifests = [paths["sft"], paths["grpo"]]
+    if t.instructor_compound:
+        manifests.append(compound_instructions(out / "compound_instructions.jsonl", paths, t.instructor_compound))
+    return pretrain_toy_instructor(out, manifests, spec, tiny_seed=sft.model.tiny_seed,
                                    seed=t.seed, heldout=paths["eval"], steps=t.instructor_steps)
+
+
+def compound_instructions(path: Path, paths: dict, n: int) -> Path:
+    """Write (once) ``n`` text-only compound instructions of the world's *seen* combos (``toy.instructor_compound``;
+    docs/toy_world.md, fourteenth pass): otherwise only the GRPO prompts are compound (256 of the recipe's 9756
+    training instructions), and the instructor parses 2% of held-out compound instructions right. Evaluation scenes
+    are excluded; the file is rewritten only when what it depends on changed."""
+    import json
+
+    from viva_base.data.manifest import read_jsonl, write_manifest
+    from viva_base.data.toyworld.build import instruction_records
+    from viva_base.data.toyworld.pairs import scene_fingerprint
+    from viva_base.data.toyworld.scene import scene_from_json
+    from viva_base.recipe import atomic_write_text
+
+    world = json.loads(Path(paths["world"]).read_text())
+    key = {"seed": world["seed"], "n": n, "combos": world["grpo_combos"], "frames": world["frames"],
+           "size": world["size"], "open_place": world.get("open_place", 0.0), "eval": Path(paths["eval"]).read_text()}
+    stamp = path.with_suffix(".key.json")
+    if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
+        return path
+    exclude = frozenset(scene_fingerprint(scene_from_json(r["scene"])) for _, r in read_jsonl(paths["eval"]))
+    recs = instruction_records(world["seed"], n, world["grpo_combos"], exclude, frames=world["frames"],
+                               size=world["size"], open_place=float(world.get("open_place", 0.0)))
+    write_manifest(path, recs)
+    atomic_write_text(stamp, json.dumps(key))
+    return path
 
 
 def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None) -> str:

@@ -34,6 +34,36 @@ def test_sft_overfits_a_fixed_batch():
     assert losses[-1] < losses[0] / 10, losses[::10]
 
 
+def test_pooled_dropout_zeroes_the_pooled_vector_of_the_drawn_samples(monkeypatch):
+    """train.pooled_dropout: with probability 1 the loss is the one of an editor whose pooled text vector is zero
+    (an independent route: the encoder patched), with 0 it is the plain loss, and only the pooled vector changes."""
+    from viva_base import model as model_module
+    from viva_base.policy import Condition
+    from viva_base.sft import drop_pooled
+
+    editor = make_tiny_editor(seed=1)
+    g = torch.Generator().manual_seed(0)
+    batch = {"source": torch.rand(2, 5, 3, 16, 16, generator=g), "target": torch.rand(2, 5, 3, 16, 16, generator=g),
+             "mask": (torch.rand(2, 5, 1, 16, 16, generator=g) > 0.7).float(),
+             "instruction": ["remove the red square", "make the background night"], "reference": [None, None]}
+    noise, sigma = torch.randn(2, 12, 5, 8, 8, generator=g), torch.tensor([0.3, 0.7])
+    kw = dict(w_m=1.0, cfg_dropout=0.0, timestep_sampling="uniform", shift=1.0, noise=noise, sigma=sigma)
+    with torch.no_grad():
+        plain = sft_loss(editor, batch, torch.Generator().manual_seed(5), **kw)
+        off = sft_loss(editor, batch, torch.Generator().manual_seed(5), pooled_dropout=0.0, **kw)
+        dropped = sft_loss(editor, batch, torch.Generator().manual_seed(5), pooled_dropout=1.0, **kw)
+        encode = model_module.encode_pooled
+        monkeypatch.setattr(model_module, "encode_pooled", lambda *a, **k: torch.zeros_like(encode(*a, **k)))
+        zero_encoder = sft_loss(editor, batch, torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(off, plain)
+    assert torch.equal(dropped, zero_encoder)
+    assert not torch.allclose(dropped, plain)  # the pooled vector matters to this editor
+    cond = Condition({"pooled": torch.ones(3, 4), "prompt_embeds": torch.ones(3, 2, 4)})
+    out = drop_pooled(cond, torch.tensor([True, False, True]))
+    assert out["pooled"].tolist() == [[1.0] * 4, [0.0] * 4, [1.0] * 4]
+    assert out["prompt_embeds"] is cond["prompt_embeds"]
+
+
 def test_set_trainable_modes():
     editor = make_tiny_editor()
     pr = set_trainable(editor, TrainConfig(trainable="projector_refiner"))

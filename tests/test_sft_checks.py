@@ -30,6 +30,7 @@ def test_shipped_recipes_pass(repo_root, monkeypatch, recipe):
     ("train.learning_rate=-1e-4", "train.learning_rate"),
     ("train.warmup_steps=-1", "train.warmup_steps"),
     ("train.cfg_dropout=1.5", "train.cfg_dropout"),
+    ("train.pooled_dropout=-0.1", "train.pooled_dropout"),
     ("train.adam_beta2=1.0", "train.adam_beta2"),
     ("train.ema_decay=1.0", "train.ema_decay"),
     ("train.gradient_accumulation_steps=3", "train.batch_size"),

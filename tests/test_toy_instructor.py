@@ -68,3 +68,46 @@ def test_pretraining_teaches_the_parse_freezes_it_and_is_cached(toy_manifest, tm
     assert (folder / "editor_config.json").stat().st_mtime_ns == mtime
     _, fp2 = pretrain_toy_instructor(tmp_path / "ti", [toy_manifest["sft"]], spec, steps=3, progress=False)
     assert fp2 != fp and json.loads((tmp_path / "ti" / "stage.json").read_text())["settings"]["steps"] == 3
+
+
+def test_compound_instructions_are_text_of_seen_combos_off_the_eval_scenes(toy_manifest, tmp_path):
+    """toy.instructor_compound: instruction-only compound records (no video, target or mask) of the world's seen
+    combos, a pure function of the seed, never on an evaluation scene; the instructor stage trains on them."""
+    from editgrpo.toy import compound_instructions
+    from viva_base.data.manifest import read_jsonl
+    from viva_base.data.toyworld.build import instruction_records
+    from viva_base.data.toyworld.edits import op_from_json, op_type
+    from viva_base.data.toyworld.pairs import scene_fingerprint
+    from viva_base.data.toyworld.scene import scene_from_json
+    from viva_base.toy_instructor import _records
+
+    world = json.loads(toy_manifest["world"].read_text())
+    seen = {tuple(sorted(c)) for c in world["grpo_combos"]}
+    path = compound_instructions(tmp_path / "ci.jsonl", toy_manifest, 40)
+    recs = [r for _, r in read_jsonl(path)]
+    assert len(recs) == 40 and len(_records([path])) == 40    # what pretrain_toy_instructor reads
+    assert all(not {"source", "target", "mask"} & set(r) for r in recs)
+    types = [tuple(sorted(op_type(op_from_json(o)) for o in r["ops"])) for r in recs]
+    assert set(types) <= seen and len(set(types)) == min(40, len(seen))   # every seen combo, no held-out one
+    evals = {scene_fingerprint(scene_from_json(r["scene"])) for _, r in read_jsonl(toy_manifest["eval"])}
+    assert not evals & {scene_fingerprint(scene_from_json(r["scene"])) for r in recs}
+    assert instruction_records(0, 40, world["grpo_combos"], frozenset(evals), frames=5, size=32) == recs
+    before = path.read_bytes()
+    assert compound_instructions(tmp_path / "ci.jsonl", toy_manifest, 40).read_bytes() == before   # cached
+    assert instruction_records(1, 5, world["grpo_combos"]) != recs[:5]
+
+
+def test_the_chain_instructor_stage_reads_the_compound_instructions(toy_manifest, tmp_path, repo_root, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from editgrpo.config import ToyChainConfig
+    from editgrpo.toy import _instructor_stage
+
+    monkeypatch.chdir(repo_root)
+    n_train = sum(1 for line in toy_manifest["sft"].read_text().splitlines() if line.strip())
+    for extra, folder in ((0, "plain"), (24, "more")):
+        t = OmegaConf.merge(OmegaConf.structured(ToyChainConfig), {"instructor_steps": 2, "instructor_compound": extra})
+        _, fp = _instructor_stage(t, tmp_path / folder, toy_manifest)
+        stage = json.loads((tmp_path / folder / "stage.json").read_text())
+        assert stage["train_instructions"] == n_train + extra, stage["train_instructions"]
+        assert (tmp_path / folder / "compound_instructions.jsonl").exists() == bool(extra)

@@ -36,6 +36,7 @@ from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deeps
 from .errors import CheckpointError, UserError
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
                      sigma_loss_weight)
+from .policy import Condition
 from .precompute import PrecomputedPairs
 from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
@@ -92,6 +93,7 @@ class TrainConfig:
     ema_decay: float = 0.0               # EMA of the trained weights (diffusers EMAModel); final/ holds the EMA; 0: off
     w_m: float = 1.0                     # eq. 3 mask weight
     cfg_dropout: float = 0.1             # probability of an empty instruction
+    pooled_dropout: float = 0.0          # probability of a zeroed pooled text vector (the DiT must read the tokens)
     timestep_sampling: str = "logit_normal"   # logit_normal | uniform
     loss_weighting: str = "none"         # none (eq. 3) | x0 (x sigma^2: the clean-latent error, every noise level alike) | capped (x min(1, cap sigma^2))
     loss_weight_cap: float = 25.0        # capped: the largest clean-latent weight 1/sigma^2 (sigma < cap^-1/2 are capped)
@@ -183,9 +185,21 @@ def encode_pairs(editor, batch: dict, drop: torch.Tensor) -> tuple:
     return cond, z_tgt, mask
 
 
+def drop_pooled(cond: Condition, keep: torch.Tensor) -> Condition:
+    """``cond`` with the pooled text vector (HunyuanVideo's ``pooled_projections``) zeroed where ``keep`` is False.
+
+    Why (docs/toy_world.md, "fourteenth pass"): the pooled vector enters the DiT as a global modulation (adaLN), the
+    text tokens through attention. A DiT trained on single edits learns to read the edit from the pooled vector
+    alone, one global code per edit, and a compound instruction's pooled vector then means no edit at all; trained
+    with the vector zeroed for part of the samples it has to read the tokens, which compose."""
+    pooled = cond["pooled"]
+    keep = keep.to(pooled.device, pooled.dtype).view(-1, *[1] * (pooled.dim() - 1))
+    return Condition({**cond, "pooled": pooled * keep})
+
+
 def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg_dropout: float,
              timestep_sampling: str, shift: float, loss_weighting: str = "none", mask_normalization: str = "none",
-             loss_weight_cap: float = 25.0,
+             loss_weight_cap: float = 25.0, pooled_dropout: float = 0.0,
              noise: torch.Tensor | None = None,
              sigma: torch.Tensor | None = None, features: PrecomputedPairs | None = None) -> torch.Tensor:
     """One masked flow-matching loss (eq. 3) on a batch. ``noise``/``sigma`` may be fixed by the caller.
@@ -199,6 +213,8 @@ def sft_loss(editor, batch: dict, generator: torch.Generator, *, w_m: float, cfg
         cond, z_tgt, mask = features.batch(batch["index"], drop)
     else:
         cond, z_tgt, mask = encode_pairs(editor, batch, drop)
+    if pooled_dropout > 0:  # drawn only when on: runs without it keep their random stream bit for bit
+        cond = drop_pooled(cond, torch.rand(b, generator=generator) >= pooled_dropout)
     device = editor.device
     if noise is None:
         noise = torch.randn(z_tgt.shape, generator=generator)
@@ -332,7 +348,7 @@ def main(cfg: SFTConfig) -> Path:
                     loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,
                                     cfg_dropout=tc.cfg_dropout, timestep_sampling=tc.timestep_sampling, shift=shift,
                                     loss_weighting=tc.loss_weighting, loss_weight_cap=tc.loss_weight_cap,
-                                    mask_normalization=tc.mask_normalization,
+                                    mask_normalization=tc.mask_normalization, pooled_dropout=tc.pooled_dropout,
                                     features=features)
                 # DeepSpeed: backward runs the engine, which steps (clipping first) at the last micro-batch; then
                 # clip_grad_norm_ only returns the norm it clipped, and optimizer.step / zero_grad are no-ops

@@ -67,6 +67,7 @@ def validate_sft_config(cfg) -> None:
         if not 0 <= getattr(tc, key) < 1:
             raise UserError(f"train.{key}={getattr(tc, key)!r} must be in [0, 1)")
     probability("train.cfg_dropout", tc.cfg_dropout)
+    probability("train.pooled_dropout", tc.pooled_dropout)
     if tc.batch_size % tc.gradient_accumulation_steps:  # (and of the processes: checked once they are known)
         raise UserError(f"train.batch_size={tc.batch_size} must be a multiple of train.gradient_accumulation_steps="
                         f"{tc.gradient_accumulation_steps}")

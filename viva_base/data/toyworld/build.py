@@ -106,6 +106,23 @@ def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, ex
     return rec
 
 
+def instruction_records(seed: int, n: int, combos: Sequence[Sequence[str]], exclude_scenes: frozenset = frozenset(), *,
+                        frames: int = 9, size: int = 32, open_place: float = 0.0) -> list[dict]:
+    """``n`` compound instructions with their ``ops`` and source ``scene`` and no video, target or mask: text for the
+    toy instructor to learn to read (``toy.instructor_compound``), the toy counterpart of the instructions a
+    pretrained VLM has read. Instruction ``i`` uses ``combos[i % len(combos)]`` (the chain passes the *seen*
+    combos, as its GRPO prompts) and is a pure function of ``(seed, i)`` (stream ``instructions``); scenes in
+    ``exclude_scenes`` (the evaluation's) are redrawn."""
+    recs = []
+    for i in range(n):
+        rng = example_rng(seed, "instructions", i)
+        combo = list(combos[i % len(combos)])
+        ex = sample_example(rng, ordered_types(rng, combo) if len(combo) > 1 else combo, num_frames=frames,
+                            height=size, width=size, exclude_scenes=exclude_scenes, open_place=open_place)
+        recs.append({"id": f"instr-{i:06d}", **ex.to_json()})
+    return recs
+
+
 def _build_chunk(tasks: list[dict], **kwargs) -> list[dict]:
     return [_build_one(t, **kwargs) for t in tasks]
 
