@@ -112,19 +112,21 @@ def serve_device(device: str | None) -> torch.device:
 def build_served(rewards_cfg: Any, only: list[str] | None = None, device: str | None = None) -> dict[str, Served]:
     """Build the rewards of a ``rewards:`` block (all, or the ``only`` ones) as the trainer would, and load their
     models on ``device`` (:meth:`Reward.load`), so that a missing model stops the server at start."""
-    from .registry import _entries, build_reward
+    from .registry import _entries, _to_plain, build_reward, check_rewards_config
 
     entries = _entries(rewards_cfg)
     names = [e[0] for e in entries]
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ValueError(f"only={unknown} names no reward of the recipe (it has {', '.join(names)})")
-    served = {}
-    for name, kind, _, kwargs in entries:
-        if only is not None and name not in only:
-            continue
+    selected = [e for e in entries if only is None or e[0] in only]
+    for name, _, _, kwargs in selected:
         if "server" in kwargs:
             raise ValueError(f"rewards.{name} names a server itself; a reward server computes its rewards locally")
+    plain = _to_plain(rewards_cfg)
+    check_rewards_config({name: plain[name] for name, *_ in selected})  # all known and well-formed before a model loads
+    served = {}
+    for name, kind, _, kwargs in selected:
         try:
             served[name] = Served(build_reward(kind, **kwargs), kind, kwargs)
             served[name].reward.load(serve_device(device))

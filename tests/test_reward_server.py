@@ -377,3 +377,21 @@ def test_only_the_frames_a_reward_samples_are_sent(serve):
         RemoteReward._request = real
     assert sent == [3, 9]
     assert torch.allclose(got, build_reward("pixel_sp", frames={"num": 3})(e, s, **texts(2)).scores, atol=1e-7, rtol=0)
+
+
+def test_an_unknown_reward_stops_the_server_before_any_model_loads(monkeypatch):
+    """A recipe with one good reward and one unknown: the error comes before the good one's model is loaded (the
+    server's one-line error had a model-loading progress bar in front of it)."""
+    from rewards.base import Reward
+    from rewards.registry import UnknownRewardError
+    from rewards.serve import build_served
+
+    loaded = []
+    monkeypatch.setattr(Reward, "load", lambda self, device=None: loaded.append(type(self).__name__))
+    with pytest.raises(UnknownRewardError, match="bogus"):
+        build_served({"pixel_sp": {"weight": 1.0}, "bogus": {"weight": 1.0}})
+    assert loaded == []
+    with pytest.raises(TypeError, match="rewards.pixel_sp"):  # a reward's options too
+        build_served({"pixel_sp": {"weight": 1.0, "no_such_option": 3}})
+    assert loaded == []
+    assert list(build_served({"pixel_sp": {"weight": 1.0}})) == ["pixel_sp"] and loaded
