@@ -230,8 +230,11 @@ def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
         if ext in (".mp4", ".mov", ".m4v"):
             stream = container.add_stream("libx264", rate=rate)
             stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
-            # one encoder thread: byte-identical files for identical frames (reproducible outputs)
-            stream.options = {"crf": "18", "preset": "medium", "threads": "1"}
+            # byte-identical files for identical frames (reproducible outputs): one encoder thread, and no
+            # macroblock tree: x264's AVX-512 mbtree code reads uninitialised memory, so with it the same
+            # frames gave different files in 216 of 300 encodes (docs/data.md, "Video files"). Cost: ~15%
+            # larger files at crf 18.
+            stream.options = {"crf": "18", "preset": "medium", "threads": "1", "x264-params": "mbtree=0"}
         elif ext == ".mkv":
             stream = container.add_stream("ffv1", rate=rate)
             stream.pix_fmt = "bgr0"
