@@ -45,6 +45,7 @@ class FakeVLM(ThreadingHTTPServer):
         self.in_flight = 0
         self.max_in_flight = 0
         self.delay = 0.0
+        self.linger = 0.0
         self.flaky_seen: set[str] = set()
 
     def handle_error(self, request, client_address):  # a client that timed out closed the socket
@@ -66,11 +67,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status, payload):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        # the request stops counting as in flight before its answer leaves: once the client has read the answer
+        # it may start the next request, while this thread is still on its way out (counting after the write
+        # let a 4th request overlap under concurrency=3 now and then)
+        self._finish()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()
+        time.sleep(self.server.linger)  # a slow handler exit (widens the window the old count raced in)
+
+    def _finish(self):
+        if not self._finished:
+            self._finished = True
+            with self.server.lock:
+                self.server.in_flight -= 1
 
     def do_POST(self):  # noqa: N802
         server: FakeVLM = self.server
@@ -80,6 +93,7 @@ class Handler(BaseHTTPRequestHandler):
             server.requests.append({"path": self.path, "auth": auth, "body": body})
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        self._finished = False
         try:
             time.sleep(server.delay)
             prompt = body["messages"][0]["content"][0]["text"]
@@ -107,8 +121,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, _answer(json.dumps(good)))
         finally:
-            with server.lock:
-                server.in_flight -= 1
+            self._finish()
 
 
 @pytest.fixture()
@@ -253,6 +266,7 @@ def test_cache_serves_a_repeat_without_http(server, tmp_path, key):
 
 def test_bounded_concurrency(server, tmp_path, key):
     server.delay = 0.15
+    server.linger = 0.05  # each handler thread lingers after its answer is out: the client must not count it
     judge = client(server, tmp_path, concurrency=3, cache_dir=None)
     items = [{"source_frames": frames(1, i), "edited_frames": frames(1, i + 100), "instruction": f"GOOD {i}"}
              for i in range(8)]
