@@ -57,7 +57,8 @@ logger = logging.getLogger("benchmarks.ablation")
 DEFAULT_SFT_STEPS = 3500
 QUICK_SFT_STEPS = 3
 QUICK = ["toy.n_sft_video=8", "toy.n_sft_image=8", "toy.n_grpo=4", "toy.n_eval_compound=4", "toy.n_eval_simple=5",
-         "toy.reward_steps=10", "toy.instructor_steps=5", "train.num_iterations=1", "train.prompts_per_iteration=2",
+         "toy.reward_steps=10", "toy.instructor_steps=5", "toy.instructor_compound=8",
+         "train.num_iterations=1", "train.prompts_per_iteration=2",
          "train.num_generations=2", "train.checkpoint_every=1", "sampling.num_steps=4", "sampling.sde_window_size=2",
          "sampling.sde_window_range=[0,1]", "eval.num_steps=2", "eval.seeds=[1]", "eval.save_videos=0",
          "report_to=none"]

@@ -72,7 +72,8 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     cfg = load_recipe(GRPOConfig, [
         "recipe=recipes/toy.yaml", f"output_dir={tmp_path}", "report_to=none",
         "toy.n_sft_video=8", "toy.n_sft_image=4", "toy.n_grpo=4", "toy.n_eval_compound=2", "toy.n_eval_simple=1",
-        "toy.reward_steps=10", "toy.instructor_steps=5", "toy.sft_overrides=[train.max_steps=3,train.checkpoint_every=0]",
+        "toy.reward_steps=10", "toy.instructor_steps=5", "toy.instructor_compound=8",
+        "toy.sft_overrides=[train.max_steps=3,train.checkpoint_every=0]",
         "train.num_iterations=1", "train.prompts_per_iteration=2", "train.num_generations=2",
         "sampling.num_steps=4", "sampling.sde_window_size=2", "sampling.sde_window_range=[0,1]",
         "eval.num_steps=2", "eval.seeds=[1]", "eval.save_videos=2"])
@@ -95,6 +96,10 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     for a, b in ((pre.instructor, sft.instructor), (pre.text_encoder_2, sft.text_encoder_2)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert json.loads((tmp_path / "instructor" / "stage.json").read_text())["settings"]["steps"] == 5
+    # the recipe's compositional options: the instructor also read text-only compound instructions, and the SFT
+    # stage drops the pooled text vector for half of its samples (docs/toy_world.md, fourteenth pass)
+    assert len((tmp_path / "instructor" / "compound_instructions.jsonl").read_text().splitlines()) == 8
+    assert OmegaConf.load(tmp_path / "sft" / "config.yaml").train.pooled_dropout == 0.5
     # the baselines and the diagnosis of the SFT editor are part of the report
     assert report["copy_source"]["sp_error"] == 0 and 0 < report["copy_source"]["oracle"] < 1
     assert set(report["if_progress"]) >= {"all", "simple", "compound"}
