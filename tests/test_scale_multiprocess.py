@@ -133,8 +133,17 @@ def _launch(launcher: list[str], args: list[str], cwd, timeout=420, script: str 
            "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([*launcher, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
+    _require_success(proc)
     return proc
+
+
+def _require_success(proc: subprocess.CompletedProcess) -> None:
+    """Fail with the launch's exit status and the tails of its stdout and stderr printed in full: an assert's
+    message is cut to one line, which hid the cause of a launcher's SIGABRT in CI (2026-12-02)."""
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, proc.args[:4]))} ... exited {proc.returncode}\n"
+                    f"--- stdout (tail) ---\n{proc.stdout[-2000:]}\n--- stderr (tail) ---\n{proc.stderr[-8000:]}",
+                    pytrace=False)
 
 
 def free_port() -> int:
@@ -312,7 +321,7 @@ def _sft(launcher: list[str], args: list[str], *, check: bool = True, **env) -> 
     proc = subprocess.run([*launcher, "-m", "viva_base.sft", *SFT_COMMON, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     if check:
-        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
+        _require_success(proc)
     return proc
 
 
