@@ -109,6 +109,8 @@ class ToyChainConfig:
     n_sft_image: int = 1000              # 1-frame image SFT pairs (replace is image-only)
     n_sft_compound_video: int = 0        # compound video SFT pairs of the seen combos (held-out combos: never)
     n_sft_compound_image: int = 0        # compound 1-frame SFT pairs of the seen combos
+    sft_noop_clause: float = 0.0         # probability a simple SFT instruction gets a no-op phrase ("leave the
+                                         # background unchanged") before or after its edit (docs/toy_world.md)
     n_grpo: int = 256                    # compound GRPO prompts (no targets)
     n_eval_compound: int = 64            # held-out compound eval prompts (half novel combinations)
     n_eval_simple: int = 64              # held-out single-edit eval prompts
@@ -203,6 +205,8 @@ def validate_config(cfg: GRPOConfig) -> None:
         from viva_base.data.toyworld.build import check_open_edit_params
 
         check_open_edit_params(cfg.toy.open_place, cfg.toy.grpo_types, cfg.toy.eval_simple_types, prefix="toy.")
+        if not 0 <= cfg.toy.sft_noop_clause <= 1:
+            raise UserError(f"toy.sft_noop_clause={cfg.toy.sft_noop_clause}: a probability, in [0, 1]")
     from rewards.registry import UnknownRewardError, check_rewards_config
 
     try:

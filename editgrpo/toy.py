@@ -59,6 +59,7 @@ def shared_stages(cfg, out: Path, *, main: bool = True):
     paths = ensure_toy_dataset(out / "data", seed=t.seed, n_sft_video=t.n_sft_video, n_sft_image=t.n_sft_image,
                                n_sft_compound_video=t.n_sft_compound_video,
                                n_sft_compound_image=t.n_sft_compound_image,
+                               noop_clause=float(t.sft_noop_clause),
                                n_grpo=t.n_grpo, n_eval_compound=t.n_eval_compound, n_eval_simple=t.n_eval_simple,
                                frames=t.frames, size=t.size, open_place=float(t.open_place),
                                grpo_types=list(t.grpo_types) if t.grpo_types else None,

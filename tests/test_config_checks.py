@@ -63,6 +63,7 @@ def test_shipped_recipes_pass_the_checks(recipe):
     ("toy.open_place=1.5", "toy.open_place"),
     ("toy.grpo_types=[paint]", "toy.grpo_types"),
     ("toy.eval_simple_types=[]", "toy.eval_simple_types"),
+    ("toy.sft_noop_clause=1.5", "toy.sft_noop_clause"),
 ])
 def test_toy_chain_open_edit_checks_name_the_key(override, key):
     cfg = load_recipe(GRPOConfig, ["recipe=recipes/toy.yaml", override])

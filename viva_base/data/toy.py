@@ -13,7 +13,7 @@ _COUNT_KEYS = {"n_sft_video": "sft_video", "n_sft_image": "sft_image", "n_sft_co
 
 
 # parameters added after worlds were first cached: a world without the key was built with this value
-_ADDED_LATER = {"open_place": 0.0, "grpo_types": None, "eval_simple_types": None}
+_ADDED_LATER = {"open_place": 0.0, "grpo_types": None, "eval_simple_types": None, "noop_clause": 0.0}
 
 
 def ensure_toy_dataset(out_dir, **params) -> dict[str, Path]:

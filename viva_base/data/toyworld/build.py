@@ -50,13 +50,14 @@ from tqdm import tqdm
 from ...errors import UserError
 from ...video import write_video
 from ..manifest import write_manifest
-from .edits import EDIT_TYPES, MOTIONS, PLACES, is_open, mask_from_renders
+from .edits import EDIT_TYPES, MOTIONS, PLACES, is_open, mask_from_renders, pad_with_noop
 from .pairs import example_rng, ordered_types, sample_example, scene_fingerprint, split_combos
 from .render import render, to_tensor
 from .scene import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZE_PX_AT_32, STYLES, VARIANTS, scene_from_json
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+NOOP_STREAMS = {"sft_video": "sft_video_noop", "sft_image": "sft_image_noop"}  # simple SFT pairs only
 
 
 def check_geometry(frames: int, size: int) -> None:
@@ -84,11 +85,16 @@ def _task(stream: str, index: int, ident: str, types: Sequence[str], frames: int
 
 
 def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, exclude: frozenset,
-               open_place: float = 0.0) -> dict:
+               open_place: float = 0.0, noop_clause: float = 0.0) -> dict:
     rng = example_rng(seed, task["stream"], task["index"])
     types = ordered_types(rng, task["types"]) if len(task["types"]) > 1 else task["types"]
     ex = sample_example(rng, types, num_frames=task["frames"], height=size, width=size, exclude_scenes=exclude,
                         open_place=open_place)
+    padded = None
+    if noop_clause > 0 and task["stream"] in NOOP_STREAMS:  # its own stream: the example is the same as without
+        pad_rng = example_rng(seed, NOOP_STREAMS[task["stream"]], task["index"])
+        if pad_rng.random() < noop_clause:
+            padded = pad_with_noop(ex.instruction, ex.source, ex.ops, pad_rng)
     a = render(ex.source)
     ext = ".png" if task["frames"] == 1 else ".mkv"
     stem = Path(out_dir) / "videos" / task["id"]
@@ -100,6 +106,8 @@ def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, ex
         rec["mask"] = str(write_video(f"{stem}_mask{ext}", mask.expand(-1, 3, -1, -1), fps))
     rec["reference"] = None
     rec.update(ex.to_json())
+    if padded is not None:
+        rec["instruction"] = padded
     if open_place > 0:
         rec["open"] = is_open(ex.ops)
     rec.update(task["extra"])
@@ -182,6 +190,7 @@ def build_toy_dataset(
     open_place: float = 0.0,
     grpo_types: Sequence[str] | None = None,
     eval_simple_types: Sequence[str] | None = None,
+    noop_clause: float = 0.0,
     workers: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Path]:
@@ -212,6 +221,8 @@ def build_toy_dataset(
     if workers < 1:
         raise UserError(f"workers={workers}: use 1 or more processes")
     check_open_edit_params(open_place, grpo_types, eval_simple_types)
+    if not 0 <= noop_clause <= 1:
+        raise UserError(f"noop_clause={noop_clause}: a probability, in [0, 1]")
     out = Path(out_dir)
     videos = out / "videos"
     if videos.exists():
@@ -221,7 +232,8 @@ def build_toy_dataset(
     videos.mkdir(parents=True)
     seen, held = split_combos(seed, heldout_combo_fraction, max_ops)
     total = sum(counts.values())
-    kwargs = {"seed": seed, "size": size, "fps": fps, "out_dir": str(out), "open_place": open_place}
+    kwargs = {"seed": seed, "size": size, "fps": fps, "out_dir": str(out), "open_place": open_place,
+              "noop_clause": noop_clause}
     simple_eval_types = list(eval_simple_types or EDIT_TYPES)
     t0 = time.perf_counter()
 
@@ -264,7 +276,7 @@ def build_toy_dataset(
                    "sft_compound_image": n_sft_compound_image, "grpo": n_grpo,
                    "eval_compound": n_eval_compound, "eval_simple": n_eval_simple},
         "video_sft_types": video_types, "image_only_types": list(image_only_types), "max_ops": max_ops,
-        "heldout_combo_fraction": heldout_combo_fraction, "open_place": open_place,
+        "heldout_combo_fraction": heldout_combo_fraction, "open_place": open_place, "noop_clause": noop_clause,
         "grpo_types": list(grpo_types) if grpo_types else None,
         "eval_simple_types": list(eval_simple_types) if eval_simple_types else None,
         "grpo_combos": [list(c) for c in seen], "heldout_combos": [list(c) for c in held],
@@ -317,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="make the GRPO prompts simple ones of these edit types (default: compound combos)")
     p.add_argument("--eval-simple-types", nargs="+", default=None,
                    help="edit types of the simple eval prompts (default: all)")
+    p.add_argument("--noop-clause", type=float, default=0.0,
+                   help="probability that a simple SFT pair's instruction gets a phrase asking for nothing ('leave the "
+                        "background unchanged') before or after its edit; default 0")
     p.add_argument("--workers", type=int, default=1, help="writer processes (output is the same for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     args = p.parse_args(argv)
@@ -328,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_grpo=args.n_grpo, n_eval_compound=args.n_eval_compound, n_eval_simple=args.n_eval_simple,
             frames=args.frames, size=args.size, fps=args.fps, image_only_types=args.image_only_types,
             heldout_combo_fraction=args.heldout_combo_fraction, max_ops=args.max_ops, open_place=args.open_place,
-            grpo_types=args.grpo_types, eval_simple_types=args.eval_simple_types, workers=args.workers,
+            grpo_types=args.grpo_types, eval_simple_types=args.eval_simple_types, noop_clause=args.noop_clause,
+            workers=args.workers,
             overwrite=args.overwrite)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -238,6 +238,11 @@ JOIN_TEMPLATES = {
 }
 
 
+NOOP_TEMPLATES = ("keep {ref} as it is", "leave {ref} unchanged", "do not touch {ref}", "keep {ref} the same")
+BACKGROUND_NOOP_TEMPLATES = ("keep the background as it is", "leave the background unchanged",
+                             "do not change the background", "keep the rest of the scene the same")
+
+
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
@@ -300,6 +305,33 @@ def instruction(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> st
     if len(phrases) in JOIN_TEMPLATES:
         return _pick(rng, JOIN_TEMPLATES[len(phrases)]).format(*phrases)
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def noop_phrase(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> str | None:
+    """A phrase that asks for nothing: keep an object of ``scene`` that no operation of ``ops`` acts on, or the
+    background when no operation changes it ('leave the blue circle unchanged'); None when every part is edited."""
+    touched = {op.index for op in ops if isinstance(op, (Remove, Replace, Recolour))}
+    options = [("object", i) for i in range(len(scene.objects)) if i not in touched]
+    if not any(isinstance(op, SetBackground) for op in ops):
+        options.append(("background", None))
+    if not options:
+        return None
+    kind, i = options[int(rng.integers(len(options)))]
+    if kind == "background":
+        return _pick(rng, BACKGROUND_NOOP_TEMPLATES)
+    return _pick(rng, NOOP_TEMPLATES).format(ref=object_reference(scene.objects[i], rng, relative=False))
+
+
+def pad_with_noop(text: str, scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> str:
+    """``text`` (the instruction of ``ops`` on ``scene``) with a :func:`noop_phrase` before or after it, joined like
+    two operations ('leave the background unchanged and paint the red square blue'). The edit, and so the target,
+    stay those of ``ops``. Why (docs/toy_world.md, "fifteenth pass"): an editor trained only on one-phrase
+    instructions does the edit a phrase names first, so a leading 'keep ... as it is' cut its edits to a third."""
+    phrase = noop_phrase(scene, ops, rng)
+    if phrase is None:
+        return text
+    pair = (phrase, text) if rng.random() < 0.5 else (text, phrase)
+    return _pick(rng, JOIN_TEMPLATES[2]).format(*pair)
 
 
 # --------------------------------------------------------------------------------- sampling
@@ -408,8 +440,8 @@ def new_keys(op: Op, before: Scene) -> set:
 
 __all__ = ["Add", "Remove", "Replace", "Recolour", "SetBackground", "Op", "EditError", "EDIT_TYPES", "PLACES",
            "MOTIONS", "op_type", "edit_type", "apply_op", "apply", "edit_mask", "mask_from_renders", "op_to_json",
-           "op_from_json", "object_reference", "describe_op", "instruction", "sample_op", "new_keys", "admissible_ops",
-           "admissible_truths", "is_open", "FREE_FIELDS"]
+           "op_from_json", "object_reference", "describe_op", "instruction", "noop_phrase", "pad_with_noop",
+           "sample_op", "new_keys", "admissible_ops", "admissible_truths", "is_open", "FREE_FIELDS"]
 
 
 # ------------------------------------------------------------------------------- the parse of an edit

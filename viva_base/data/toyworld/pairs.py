@@ -22,7 +22,8 @@ from .render import changed_pixels, footprints, render, to_tensor, visible_footp
 from .scene import Scene, caption, random_background, random_object, scene_to_json
 
 STREAMS = {"sft_video": 1, "sft_image": 2, "grpo": 3, "eval_compound": 4, "eval_simple": 5, "fresh": 6, "combos": 7,
-           "sft_compound_video": 8, "sft_compound_image": 9, "instructions": 10}
+           "sft_compound_video": 8, "sft_compound_image": 9, "instructions": 10, "sft_video_noop": 11,
+           "sft_image_noop": 12}
 OBJECT_OPS = ("remove", "replace", "recolour")
 
 
