@@ -7,7 +7,7 @@ import pytest
 
 from viva_base.data.toy import ensure_toy_dataset
 from viva_base.data.toyworld.build import build_toy_dataset
-from viva_base.data.toyworld.edits import (BACKGROUND_NOOP_TEMPLATES, NOOP_TEMPLATES, Recolour, Remove,
+from viva_base.data.toyworld.edits import (BACKGROUND_NOOP_TEMPLATES, NOOP_TEMPLATES, PLACES, Add, Recolour, Remove,
                                            SetBackground, noop_phrase, op_from_json, pad_with_noop)
 from viva_base.data.toyworld.scene import Background, Obj, Scene, scene_from_json
 from viva_base.errors import UserError
@@ -38,8 +38,15 @@ def test_a_noop_phrase_names_only_what_no_operation_touches():
     assert any("blue circle" in p for p in got) and any(p in BACKGROUND_NOOP_TEMPLATES for p in got)
     got = {noop_phrase(scene, [SetBackground(colour="mint")], np.random.default_rng(i)) for i in range(200)}
     assert not got & set(BACKGROUND_NOOP_TEMPLATES) and any("red square" in p for p in got)
+    # an object that an added one covers is not kept either, though no operation names it
+    fx, fy = PLACES["top left"]
+    covered = Scene(scene.background, (Obj("square", "red", "small", fx * 32, fy * 32, 0.0, 0.0), scene.objects[1]),
+                    9, 32, 32, 1)
+    add = Add.place("circle", "green", "large", "top left", "still", 32, 32)
+    got = {noop_phrase(covered, [add], np.random.default_rng(i)) for i in range(200)}
+    assert not any("square" in p for p in got) and any("blue circle" in p for p in got)
     # everything edited: nothing to keep, and the instruction stays as it was
-    ops = [Remove(0), Recolour(1, "green"), SetBackground(colour="mint")]
+    ops = [Recolour(1, "green"), Remove(0), SetBackground(colour="mint")]
     assert noop_phrase(scene, ops, np.random.default_rng(0)) is None
     assert pad_with_noop("x", scene, ops, np.random.default_rng(0)) == "x"
 

@@ -308,10 +308,15 @@ def instruction(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> st
 
 
 def noop_phrase(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> str | None:
-    """A phrase that asks for nothing: keep an object of ``scene`` that no operation of ``ops`` acts on, or the
-    background when no operation changes it ('leave the blue circle unchanged'); None when every part is edited."""
-    touched = {op.index for op in ops if isinstance(op, (Remove, Replace, Recolour))}
-    options = [("object", i) for i in range(len(scene.objects)) if i not in touched]
+    """A phrase that asks for nothing: keep an object of ``scene`` that ``ops`` leave exactly as it was (no pixel
+    it covers changes: not the object an operation acts on, nor one an added object overlaps or a removed one
+    uncovers), or the background when no operation sets it ('leave the blue circle unchanged'); None when there is
+    nothing to keep."""
+    from .render import footprints
+
+    changed = changed_pixels(render(scene), render(apply(scene, ops)))
+    kept = ~(footprints(scene) & changed[None]).reshape(len(scene.objects), -1).any(axis=1)
+    options = [("object", i) for i in range(len(scene.objects)) if kept[i]]
     if not any(isinstance(op, SetBackground) for op in ops):
         options.append(("background", None))
     if not options:
