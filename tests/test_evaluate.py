@@ -100,6 +100,8 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     # stage drops the pooled text vector for half of its samples (docs/toy_world.md, fourteenth pass)
     assert len((tmp_path / "instructor" / "compound_instructions.jsonl").read_text().splitlines()) == 8
     assert OmegaConf.load(tmp_path / "sft" / "config.yaml").train.pooled_dropout == 0.5
+    # and half of the simple SFT instructions also name something to leave alone (fifteenth pass)
+    assert json.loads((tmp_path / "data" / "world.json").read_text())["noop_clause"] == 0.5
     # the baselines and the diagnosis of the SFT editor are part of the report
     assert report["copy_source"]["sp_error"] == 0 and 0 < report["copy_source"]["oracle"] < 1
     assert set(report["if_progress"]) >= {"all", "simple", "compound"}
