@@ -8,7 +8,8 @@ import pytest
 from viva_base.data.toy import ensure_toy_dataset
 from viva_base.data.toyworld.build import build_toy_dataset
 from viva_base.data.toyworld.edits import (BACKGROUND_NOOP_TEMPLATES, NOOP_TEMPLATES, PLACES, Add, Recolour, Remove,
-                                           SetBackground, noop_phrase, op_from_json, pad_with_noop)
+                                           SetBackground, apply, noop_phrase, op_from_json, pad_with_noop)
+from viva_base.data.toyworld.render import changed_pixels, render
 from viva_base.data.toyworld.scene import Background, Obj, Scene, scene_from_json
 from viva_base.errors import UserError
 
@@ -49,6 +50,23 @@ def test_a_noop_phrase_names_only_what_no_operation_touches():
     ops = [Recolour(1, "green"), Remove(0), SetBackground(colour="mint")]
     assert noop_phrase(scene, ops, np.random.default_rng(0)) is None
     assert pad_with_noop("x", scene, ops, np.random.default_rng(0)) == "x"
+
+
+def test_a_given_changed_pixel_map_gives_the_phrase_rendering_would():
+    """The builder passes the source/target renders' changed pixels it already has: same phrase, no second render."""
+    scene = _scene()
+    for ops in ([Recolour(0, "green")], [SetBackground(colour="mint")], [Remove(1)],
+                [Add.place("circle", "green", "large", "top left", "still", 32, 32)]):
+        changed = changed_pixels(render(scene), render(apply(scene, ops)))
+        for i in range(20):
+            assert noop_phrase(scene, ops, np.random.default_rng(i), changed) == noop_phrase(scene, ops,
+                                                                                             np.random.default_rng(i))
+            assert pad_with_noop("x", scene, ops, np.random.default_rng(i), changed) == pad_with_noop(
+                "x", scene, ops, np.random.default_rng(i))
+    # the map is what decides: a map that marks every pixel changed leaves only the background to keep
+    everything = np.ones_like(changed_pixels(render(scene), render(scene)))
+    got = {noop_phrase(scene, [Recolour(0, "green")], np.random.default_rng(i), everything) for i in range(50)}
+    assert got <= set(BACKGROUND_NOOP_TEMPLATES)
 
 
 def test_padding_keeps_the_edit_and_puts_the_phrase_before_or_after_it():

@@ -90,24 +90,23 @@ def _build_one(task: dict, *, seed: int, size: int, fps: float, out_dir: str, ex
     types = ordered_types(rng, task["types"]) if len(task["types"]) > 1 else task["types"]
     ex = sample_example(rng, types, num_frames=task["frames"], height=size, width=size, exclude_scenes=exclude,
                         open_place=open_place)
-    padded = None
-    if noop_clause > 0 and task["stream"] in NOOP_STREAMS:  # its own stream: the example is the same as without
-        pad_rng = example_rng(seed, NOOP_STREAMS[task["stream"]], task["index"])
-        if pad_rng.random() < noop_clause:
-            padded = pad_with_noop(ex.instruction, ex.source, ex.ops, pad_rng)
     a = render(ex.source)
     ext = ".png" if task["frames"] == 1 else ".mkv"
     stem = Path(out_dir) / "videos" / task["id"]
     rec = {"id": task["id"], "source": str(write_video(f"{stem}_src{ext}", to_tensor(a), fps))}
+    changed = None
     if task["stream"] != "grpo":
         b = render(ex.target)
         rec["target"] = str(write_video(f"{stem}_tgt{ext}", to_tensor(b), fps))
         mask = mask_from_renders(a, b)
+        changed = mask[:, 0].numpy() > 0  # the pixels the edit changes, for a no-op phrase (no second render)
         rec["mask"] = str(write_video(f"{stem}_mask{ext}", mask.expand(-1, 3, -1, -1), fps))
     rec["reference"] = None
     rec.update(ex.to_json())
-    if padded is not None:
-        rec["instruction"] = padded
+    if noop_clause > 0 and task["stream"] in NOOP_STREAMS:  # its own stream: the example is the same as without
+        pad_rng = example_rng(seed, NOOP_STREAMS[task["stream"]], task["index"])
+        if pad_rng.random() < noop_clause:
+            rec["instruction"] = pad_with_noop(ex.instruction, ex.source, ex.ops, pad_rng, changed)
     if open_place > 0:
         rec["open"] = is_open(ex.ops)
     rec.update(task["extra"])

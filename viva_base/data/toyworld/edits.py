@@ -32,7 +32,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from .render import changed_pixels, render
+from .render import changed_pixels, footprints, render
 from .scene import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, STYLES, VARIANTS, Background,
                     Obj, Scene, obj_from_json, obj_to_json, object_bounds, speed_unit, style_colour)
 
@@ -307,14 +307,15 @@ def instruction(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> st
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def noop_phrase(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> str | None:
+def noop_phrase(scene: Scene, ops: Sequence[Op], rng: np.random.Generator,
+                changed: np.ndarray | None = None) -> str | None:
     """A phrase that asks for nothing: keep an object of ``scene`` that ``ops`` leave exactly as it was (no pixel
     it covers changes: not the object an operation acts on, nor one an added object overlaps or a removed one
     uncovers), or the background when no operation sets it ('leave the blue circle unchanged'); None when there is
-    nothing to keep."""
-    from .render import footprints
-
-    changed = changed_pixels(render(scene), render(apply(scene, ops)))
+    nothing to keep. ``changed``: the ``(F, H, W)`` changed-pixel map of ``ops`` on ``scene``
+    (:func:`.render.changed_pixels` of the source and target renders) when the caller has it; else it is rendered."""
+    if changed is None:
+        changed = changed_pixels(render(scene), render(apply(scene, ops)))
     kept = ~(footprints(scene) & changed[None]).reshape(len(scene.objects), -1).any(axis=1)
     options = [("object", i) for i in range(len(scene.objects)) if kept[i]]
     if not any(isinstance(op, SetBackground) for op in ops):
@@ -327,12 +328,14 @@ def noop_phrase(scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> st
     return _pick(rng, NOOP_TEMPLATES).format(ref=object_reference(scene.objects[i], rng, relative=False))
 
 
-def pad_with_noop(text: str, scene: Scene, ops: Sequence[Op], rng: np.random.Generator) -> str:
+def pad_with_noop(text: str, scene: Scene, ops: Sequence[Op], rng: np.random.Generator,
+                  changed: np.ndarray | None = None) -> str:
     """``text`` (the instruction of ``ops`` on ``scene``) with a :func:`noop_phrase` before or after it, joined like
     two operations ('leave the background unchanged and paint the red square blue'). The edit, and so the target,
     stay those of ``ops``. Why (docs/toy_world.md, "fifteenth pass"): an editor trained only on one-phrase
-    instructions does the edit a phrase names first, so a leading 'keep ... as it is' cut its edits to a third."""
-    phrase = noop_phrase(scene, ops, rng)
+    instructions does the edit a phrase names first, so a leading 'keep ... as it is' cut its edits to a third.
+    ``changed`` as for :func:`noop_phrase`."""
+    phrase = noop_phrase(scene, ops, rng, changed)
     if phrase is None:
         return text
     pair = (phrase, text) if rng.random() < 0.5 else (text, phrase)
