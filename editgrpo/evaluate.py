@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from viva_base.atomic import atomic_dir
 from viva_base.data.manifest import read_manifest
-from viva_base.data.toyworld.oracle import best_oracle_scores, read_mask, record_truths
+from viva_base.data.toyworld.oracle import (best_oracle_scores, operation_errors, operation_regions, pooled_progress,
+                                            read_mask, record_truths)
 from viva_base.video import read_image, read_video, write_video
 
 from .rollout import guided_velocity, initial_noise, sample_generators
@@ -51,8 +52,22 @@ def item_groups(it: dict) -> list[str]:
     return names
 
 
+def compound_regions(rec: dict) -> list[torch.Tensor] | None:
+    """:func:`~viva_base.data.toyworld.oracle.operation_regions` of a toy record with two or more operations and one
+    correct edit; None for any other record (a simple edit, an open instruction, a manifest without scenes)."""
+    ops = rec.get("ops") or []
+    if not rec.get("scene") or len(ops) < 2 or any(o.get("free") for o in ops):
+        return None
+    from viva_base.data.toyworld.edits import op_from_json
+    from viva_base.data.toyworld.scene import scene_from_json
+
+    return operation_regions(scene_from_json(rec["scene"]), [op_from_json(o) for o in ops])
+
+
 def group_means(items: list[dict], keys: list[str]) -> dict:
-    """Means of ``keys`` over all items, per ``split`` and per ``edit_type`` (NaNs skipped)."""
+    """Means of ``keys`` over all items, per ``split`` and per ``edit_type`` (NaNs skipped); where the items carry
+    per-operation errors (compound toy prompts), ``op<k>_progress`` of the ``k``-th named operations
+    (:func:`~viva_base.data.toyworld.oracle.pooled_progress`)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for it in items:
         for name in item_groups(it):
@@ -63,8 +78,21 @@ def group_means(items: list[dict], keys: list[str]) -> dict:
         for k in keys:
             vals = [r["mean"][k] for r in rows if r["mean"].get(k) is not None and r["mean"][k] == r["mean"][k]]
             stats[k] = sum(vals) / len(vals) if vals else None
+        for k in range(1, 4):
+            err, ident = _op_means(rows, k)
+            if err is not None:
+                stats[f"op{k}_progress"] = pooled_progress(err, ident)
         out[name] = stats
     return out
+
+
+def _op_means(rows: list[dict], k: int) -> tuple[float | None, float | None]:
+    """Means of ``op<k>_error`` and ``op<k>_identity`` over the rows that have both (the same prompts)."""
+    pairs = [(r["mean"][f"op{k}_error"], r["mean"][f"op{k}_identity"]) for r in rows
+             if r["mean"].get(f"op{k}_error") is not None and r["mean"].get(f"op{k}_identity") is not None]
+    if not pairs:
+        return None, None
+    return sum(e for e, _ in pairs) / len(pairs), sum(i for _, i in pairs) / len(pairs)
 
 
 def showcase_indices(records: list[dict], n: int) -> list[int]:
@@ -102,6 +130,9 @@ class Evaluator:
             if self.oracle:  # every correct edit (several for an open instruction; toyworld.oracle.record_truths)
                 item["truths"] = record_truths(rec, read_video(rec["target"]).frames, read_mask(rec["mask"]))
             item["reference"] = read_image(rec["reference"]) if rec.get("reference") else None
+            regions = compound_regions(rec) if self.oracle else None
+            if regions is not None:
+                item["regions"] = regions
             self._videos[rec["id"]] = item
         return self._videos[rec["id"]]
 
@@ -161,6 +192,10 @@ class Evaluator:
                 for i, r in enumerate(recs):
                     for k, v in scores.items():
                         per_item[r["id"]][k].append(float(v[i]))
+                    if "regions" in items[i]:  # which operations of a compound instruction it carried out
+                        truth = items[i]["truths"][0][0]
+                        for k, v in operation_errors(edited[i], source[i], truth, items[i]["regions"]).items():
+                            per_item[r["id"]][k].append(v)
                     if seed == self.seeds[0] and start + i in self.showcase:
                         clips[r["id"]] = edited[i]
                 bar.update(1)

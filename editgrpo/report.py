@@ -45,6 +45,40 @@ def comparison_table(sft: dict, grpo: dict, keys: list[str], source: dict | None
     return "\n".join(lines) + "\n"
 
 
+OP_PLACES = ("1st", "2nd", "3rd")
+OPS_TITLE = "Which operations of a compound instruction are carried out"
+OPS_CAPTION = ("progress of each operation in the pixels it changes, by its place in the instruction (1: as the "
+               "target, 0: as the source; pooled over the prompts: 1 - mean error / mean error of the source)")
+
+
+def op_progress(sft_groups: dict, grpo_groups: dict) -> dict:
+    """``{split: {"op<k>": {"sft": p, "grpo": p}}}`` for the splits whose prompts have per-operation progress
+    (``op<k>_progress`` of :func:`editgrpo.evaluate.group_means`: compound toy prompts)."""
+    out = {}
+    for g, stats in sft_groups.items():
+        if not g.startswith("split/"):
+            continue
+        ops = {f"op{k}": {"sft": stats[f"op{k}_progress"], "grpo": grpo_groups.get(g, {}).get(f"op{k}_progress")}
+               for k in range(1, 4) if stats.get(f"op{k}_progress") is not None}
+        if ops:
+            out[g.split("/", 1)[1]] = ops
+    return out
+
+
+def op_progress_table(ops: dict) -> str:
+    """The markdown table of :func:`op_progress`: a row per split, SFT and GRPO per place in the instruction."""
+    n = max(len(v) for v in ops.values())
+    head = "| group | " + " | ".join(f"{OP_PLACES[k]} op SFT | {OP_PLACES[k]} op GRPO" for k in range(n)) + " |"
+    lines = [head, "|---" * (1 + 2 * n) + "|"]
+    for split, row in ops.items():
+        cells = []
+        for k in range(1, n + 1):
+            v = row.get(f"op{k}", {})
+            cells += [_fmt(v.get("sft")), _fmt(v.get("grpo"))]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sampler_text(sampler: dict) -> str:
     """``Evaluator.sampler``'s record in words, e.g. "10 ODE steps, shift 6, CFG 2 where 0.5 < sigma <= 1"."""
     interval = sampler.get("guidance_interval")
@@ -143,6 +177,10 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
                                  for g in sum_a["groups"] if g.startswith("split/")}
         result["if_progress"]["all"] = {"sft": result["sft"]["if_progress"], "grpo": result["grpo"]["if_progress"]}
     table = comparison_table(sum_a["groups"], sum_b["groups"], keys, source)
+    ops = op_progress(sum_a["groups"], sum_b["groups"])
+    ops_md = f"{OPS_CAPTION}\n\n{op_progress_table(ops)}" if ops else ""
+    if ops:
+        result["op_progress"] = ops
     evals = sorted((int(p.name.split("-")[1]) for p in eval_dir.glob("step-*") if (p / "summary.json").exists()))
     points = []
     for s in evals:
@@ -169,6 +207,8 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
         md.append(f"- returning the source unchanged scores oracle {c['oracle']:.4f} (if_error {c['if_error']:.4f}, "
                   f"sp_error 0); SFT {result['sft']['oracle']:.4f}, GRPO {result['grpo']['oracle']:.4f}")
     md += ["", table]
+    if ops_md:
+        md += ["", f"## {OPS_TITLE}", "", ops_md]
     if diagnostics and Path(diagnostics).exists():  # editgrpo.diagnose on the starting (SFT) editor
         from .diagnose import format_tables
 
@@ -178,7 +218,8 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.json", json.dumps(result, indent=2))
     diag_md = format_tables(result["sft_diagnostics"]) if "sft_diagnostics" in result else ""
-    _write_html(out, eval_dir, start_step, final_step, rows_a, by_id, md, table, diag_md, has_plot, eval_manifest)
+    _write_html(out, eval_dir, start_step, final_step, rows_a, by_id, md, table, diag_md, has_plot, eval_manifest,
+                ops_md)
     return result
 
 
@@ -206,7 +247,7 @@ def _md_tables_html(text: str) -> str:
 
 
 def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lines, table_md, diag_md, has_plot,
-                manifest) -> None:
+                manifest, ops_md: str = "") -> None:
     media = out / "report_media"
     media.mkdir(exist_ok=True)
     records = {}
@@ -245,13 +286,14 @@ def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lin
     summary = "".join(f"<p>{html.escape(line)}</p>" for line in md_lines if line.startswith("- "))
     table = _md_tables_html(table_md)
     diag = f"<h2>The starting editor, diagnosed</h2>{_md_tables_html(diag_md)}" if diag_md else ""
+    ops_html = f"<h2>{OPS_TITLE}</h2>{_md_tables_html(ops_md)}" if ops_md else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Edit-GRPO report</title>
 <style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
 padding:4px;font-size:13px;vertical-align:top}} img{{image-rendering:pixelated}}
 .scroll{{overflow-x:auto;max-width:100%}} .t td:first-child,.t th:first-child{{position:sticky;left:0;background:#fff}}</style></head><body>
 <h1>Edit-GRPO: SFT vs SFT + Edit-GRPO</h1>{summary}
 {'<img src="reward_curves.png" style="max-width:100%">' if has_plot else ''}
-<h2>Per group</h2>{table}{diag}
+<h2>Per group</h2>{table}{ops_html}{diag}
 <h2>Held-out edits (eval seed {html.escape(str(rows_a[0]['seeds'][0]) if rows_a else '')})</h2>
 <table><tr><th>id</th><th>instruction</th><th>source</th><th>target</th><th>SFT</th><th>SFT + GRPO</th><th>scores</th></tr>
 {''.join(body)}</table></body></html>"""

@@ -13,6 +13,7 @@ from viva_base.data.toy import ensure_toy_dataset
 from viva_base.data.toyworld.oracle import bootstrap_ci
 from viva_base.recipe import load_recipe
 from viva_base.tiny import make_tiny_editor
+from viva_base.video import read_video
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +191,79 @@ def test_evaluator_scores_open_instructions_against_their_nearest_correct_edit(t
     write_report(tmp_path, eval_dir=tmp_path / "eval", start_step=0, final_step=1, seconds=1.0,
                  eval_manifest=str(paths["eval"]))
     assert (tmp_path / "report.html").read_text().count("open: the target shown is one of several correct edits") == 2
+
+
+def test_operation_regions_split_a_compound_edit_by_operation():
+    from viva_base.data.toyworld.edits import Recolour, SetBackground, apply
+    from viva_base.data.toyworld.oracle import operation_errors, operation_regions
+    from viva_base.data.toyworld.render import changed_pixels, render, to_tensor
+    from viva_base.data.toyworld.scene import Background, Obj, Scene
+
+    scene = Scene(Background("plain", "grey", "day"), (Obj("square", "red", "small", 8.0, 8.0, 0.0, 0.0),
+                                                       Obj("circle", "blue", "large", 22.0, 22.0, 0.0, 0.0)), 5, 32, 32, 1)
+    ops = [Recolour(0, "green"), SetBackground(colour="mint")]
+    r1, r2 = operation_regions(scene, ops)
+    whole = torch.from_numpy(changed_pixels(render(scene), render(apply(scene, ops))))[:, None].float()
+    assert r1.shape == (5, 1, 32, 32) and float((r1 * r2).sum()) == 0 and torch.equal(r1 + r2, whole)
+    assert float(r1.sum()) < float(r2.sum())  # the square, then the background around both objects
+    src, tgt = to_tensor(render(scene)), to_tensor(render(apply(scene, ops)))
+    first = to_tensor(render(apply(scene, ops[:1])))
+    e = operation_errors(first, src, tgt, [r1, r2])  # an edit that does the first operation only
+    assert e["op1_error"] == 0 and e["op1_identity"] > 0 and e["op2_error"] == pytest.approx(e["op2_identity"])
+    assert operation_errors(tgt, src, tgt, [r1, r2])["op2_error"] == 0
+
+
+def test_evaluator_and_report_show_which_operations_of_a_compound_instruction_are_carried_out(tmp_path):
+    """Per-operation progress, pooled over the compound prompts, against an independent numpy computation: an
+    editor that does only the first-named operation of each instruction (what the toy SFT editor does)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from viva_base.data.toyworld.edits import apply, op_from_json
+    from viva_base.data.toyworld.render import render, to_tensor
+    from viva_base.data.toyworld.scene import scene_from_json
+
+    paths = ensure_toy_dataset(tmp_path / "w", seed=6, n_sft_video=0, n_sft_image=0, n_grpo=0, n_eval_compound=6,
+                               n_eval_simple=2, frames=5)
+    cfg = OmegaConf.structured(EvalConfig)
+    cfg.manifest, cfg.seeds, cfg.batch_size, cfg.save_videos = str(paths["eval"]), [1], 4, 2
+    ev = Evaluator(cfg, CombinedReward.from_config({"pixel_sp": {"weight": 1.0}}), tmp_path / "eval")
+
+    def states(r):
+        scene, ops = scene_from_json(r["scene"]), [op_from_json(o) for o in r["ops"]]
+        return [render(apply(scene, ops[:k])).astype(np.float64) / 255 for k in range(len(ops) + 1)]
+
+    def first_op_only(policy, recs, seed, first_index):
+        return torch.stack([to_tensor(render(apply(scene_from_json(r["scene"]), [op_from_json(r["ops"][0])])))
+                            for r in recs])
+
+    ev.edit = first_op_only
+    policy = SimpleNamespace(transformer=torch.nn.Linear(1, 1), config=SimpleNamespace(shift=1.0))
+    g = ev.run(policy, step=0)["groups"]
+    errors = {1: [], 2: [], 3: []}
+    for r in ev.records:
+        if r["split"] != "compound":
+            continue
+        f = states(r)
+        whole = np.any(f[0] != f[-1], axis=-1)
+        for k in range(1, len(f)):
+            region = np.any(f[k - 1] != f[k], axis=-1) & whole
+            if region.any():
+                errors[k].append((np.abs(f[1] - f[-1])[region].mean(), np.abs(f[0] - f[-1])[region].mean()))
+    for k, pairs in errors.items():
+        if pairs:
+            want = 1 - np.mean([e for e, _ in pairs]) / np.mean([i for _, i in pairs])
+            assert g["split/compound"][f"op{k}_progress"] == pytest.approx(want, abs=1e-6)
+    assert g["split/compound"]["op1_progress"] > 0.9 and g["split/compound"]["op2_progress"] < 0.1
+    assert "op1_progress" not in g["split/simple"]          # a simple edit has no operations to tell apart
+    ev.edit = lambda policy, recs, seed, first_index: torch.stack([read_video(r["target"]).frames for r in recs])
+    g = ev.run(policy, step=1)["groups"]
+    assert all(g["split/compound"][f"op{k}_progress"] == pytest.approx(1.0) for k in (1, 2))
+    rep = write_report(tmp_path, eval_dir=tmp_path / "eval", start_step=0, final_step=1, seconds=1.0,
+                       eval_manifest=str(paths["eval"]))
+    ops = rep["op_progress"]["compound"]
+    assert ops["op1"]["grpo"] == pytest.approx(1.0) and ops["op2"]["sft"] < 0.1 and "simple" not in rep["op_progress"]
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / name).read_text()
+        assert "Which operations of a compound instruction are carried out" in text and "2nd op GRPO" in text

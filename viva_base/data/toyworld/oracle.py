@@ -149,7 +149,52 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / den if den > 0 else math.nan
 
 
-__all__ = ["oracle_scores", "best_oracle_scores", "record_truths", "masked_mean_abs", "bootstrap_ci", "average_ranks", "spearman"]
+def operation_regions(scene, ops) -> list[torch.Tensor]:
+    """Per operation ``k`` of a compound edit, the ``(F, 1, H, W)`` region in {0, 1} where it acts: the pixels it
+    changes in the scene the operations before it left (``render(apply(ops[:k]))`` vs ``render(apply(ops[:k+1]))``),
+    among those the whole edit changes (the mask ``M``), so that each region is scored against the final target."""
+    from .edits import apply_op
+    from .render import changed_pixels, render
+
+    frames = [render(scene)]
+    for op in ops:
+        scene = apply_op(scene, op)
+        frames.append(render(scene))
+    whole = changed_pixels(frames[0], frames[-1])
+    return [torch.from_numpy(changed_pixels(frames[k], frames[k + 1]) & whole).float()[:, None]
+            for k in range(len(ops))]
+
+
+def operation_errors(edited: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                     regions: list[torch.Tensor]) -> dict[str, float]:
+    """Which operations of a compound instruction an edit carries out: for the ``k``-th named operation
+    (``k`` from 1; ``regions`` from :func:`operation_regions`) of one sample ``E``, ``S``, ``T`` ``(F, 3, H, W)``::
+
+        op<k>_error    = sum(R_k |E - T|) / sum(R_k)      (if_error in the operation's own region)
+        op<k>_identity = sum(R_k |S - T|) / sum(R_k)      (the same for returning the source)
+
+    An empty region (a later operation covered all of it) gives no entry. :func:`pooled_progress` turns the
+    means over prompts into ``op<k>_progress``."""
+    out = {}
+    for k, region in enumerate(regions, start=1):
+        if float(region.sum()) == 0:
+            continue
+        w = region[None].to(edited)
+        out[f"op{k}_error"] = float(masked_mean_abs(edited[None].double(), target[None].double(), w.double())[0])
+        out[f"op{k}_identity"] = float(masked_mean_abs(source[None].double(), target[None].double(), w.double())[0])
+    return out
+
+
+def pooled_progress(mean_error: float, mean_identity: float) -> float:
+    """``1 - mean(op<k>_error) / mean(op<k>_identity)`` over a group of prompts: how far the ``k``-th named
+    operations went from the source towards the target (1: as the target, 0: as the source, < 0: worse).
+    A ratio of means, not a mean of per-prompt ratios: an operation that changes a colour to a near one (a sand
+    background made mint: ``|S - T|`` 0.035 where it acts) would give one prompt a ratio of -7 for a small error."""
+    return 1 - mean_error / mean_identity if mean_identity > 0 else math.nan
+
+
+__all__ = ["oracle_scores", "best_oracle_scores", "record_truths", "masked_mean_abs", "bootstrap_ci", "average_ranks",
+           "spearman", "operation_regions", "operation_errors", "pooled_progress"]
 
 
 def read_mask(path) -> torch.Tensor:
