@@ -199,8 +199,8 @@ def test_operation_regions_split_a_compound_edit_by_operation():
     from viva_base.data.toyworld.render import changed_pixels, render, to_tensor
     from viva_base.data.toyworld.scene import Background, Obj, Scene
 
-    scene = Scene(Background("plain", "grey", "day"), (Obj("square", "red", "small", 8.0, 8.0, 0.0, 0.0),
-                                                       Obj("circle", "blue", "large", 22.0, 22.0, 0.0, 0.0)), 5, 32, 32, 1)
+    objects = (Obj("square", "red", "small", 8.0, 8.0, 0.0, 0.0), Obj("circle", "blue", "large", 22.0, 22.0, 0.0, 0.0))
+    scene = Scene(Background("plain", "grey", "day"), objects, 5, 32, 32, 1)
     ops = [Recolour(0, "green"), SetBackground(colour="mint")]
     r1, r2 = operation_regions(scene, ops)
     whole = torch.from_numpy(changed_pixels(render(scene), render(apply(scene, ops))))[:, None].float()
