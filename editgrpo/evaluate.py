@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from viva_base.atomic import atomic_dir
 from viva_base.data.manifest import read_manifest
-from viva_base.data.toyworld.oracle import (best_oracle_scores, operation_errors, operation_regions, pooled_progress,
-                                            read_mask, record_truths)
+from viva_base.data.toyworld.oracle import (best_oracle_scores, operation_errors, pooled_progress, read_mask,
+                                            record_operation_regions, record_truths)
 from viva_base.video import read_image, read_video, write_video
 
 from .rollout import guided_velocity, initial_noise, sample_generators
@@ -50,18 +50,6 @@ def item_groups(it: dict) -> list[str]:
     if it.get("open"):
         names.append(f"open/{it.get('split') or 'all'}")
     return names
-
-
-def compound_regions(rec: dict) -> list[torch.Tensor] | None:
-    """:func:`~viva_base.data.toyworld.oracle.operation_regions` of a toy record with two or more operations and one
-    correct edit; None for any other record (a simple edit, an open instruction, a manifest without scenes)."""
-    ops = rec.get("ops") or []
-    if not rec.get("scene") or len(ops) < 2 or any(o.get("free") for o in ops):
-        return None
-    from viva_base.data.toyworld.edits import op_from_json
-    from viva_base.data.toyworld.scene import scene_from_json
-
-    return operation_regions(scene_from_json(rec["scene"]), [op_from_json(o) for o in ops])
 
 
 def group_means(items: list[dict], keys: list[str]) -> dict:
@@ -130,7 +118,7 @@ class Evaluator:
             if self.oracle:  # every correct edit (several for an open instruction; toyworld.oracle.record_truths)
                 item["truths"] = record_truths(rec, read_video(rec["target"]).frames, read_mask(rec["mask"]))
             item["reference"] = read_image(rec["reference"]) if rec.get("reference") else None
-            regions = compound_regions(rec) if self.oracle else None
+            regions = record_operation_regions(rec) if self.oracle else None
             if regions is not None:
                 item["regions"] = regions
             self._videos[rec["id"]] = item

@@ -165,6 +165,19 @@ def operation_regions(scene, ops) -> list[torch.Tensor]:
             for k in range(len(ops))]
 
 
+def record_operation_regions(rec: dict) -> list[torch.Tensor] | None:
+    """:func:`operation_regions` of a toy manifest record with two or more operations and one correct edit (as
+    :func:`record_truths` reads its ``scene`` and ``ops``); None for any other record (a simple edit, an open
+    instruction, a manifest without scenes)."""
+    ops = rec.get("ops") or []
+    if not rec.get("scene") or len(ops) < 2 or any(o.get("free") for o in ops):
+        return None
+    from .edits import op_from_json
+    from .scene import scene_from_json
+
+    return operation_regions(scene_from_json(rec["scene"]), [op_from_json(o) for o in ops])
+
+
 def operation_errors(edited: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
                      regions: list[torch.Tensor]) -> dict[str, float]:
     """Which operations of a compound instruction an edit carries out: for the ``k``-th named operation
@@ -194,7 +207,7 @@ def pooled_progress(mean_error: float, mean_identity: float) -> float:
 
 
 __all__ = ["oracle_scores", "best_oracle_scores", "record_truths", "masked_mean_abs", "bootstrap_ci", "average_ranks",
-           "spearman", "operation_regions", "operation_errors", "pooled_progress"]
+           "spearman", "operation_regions", "record_operation_regions", "operation_errors", "pooled_progress"]
 
 
 def read_mask(path) -> torch.Tensor:
