@@ -10,6 +10,9 @@ Checks, each reported as ok / FAIL / skipped (a failing check does not stop the 
   the FlashAttention backend alone);
 * ``sft``: ``python -m viva_base.sft recipe=recipes/sft_tiny.yaml`` for a few steps in bf16 (``model.dtype=bf16``,
   ``train.mixed_precision=bf16``); the loss must be finite;
+* ``sft_compile``: the same run with ``train.compile=regional`` and ``train.fused_optimizer=true`` (torch.compile
+  through accelerate's dynamo plugin, one compile per repeated block; AdamW's fused kernel); the losses must be
+  the eager run's to 2% (bf16);
 * ``grpo``: ``python -m editgrpo.train recipe=recipes/tiny.yaml``, 2 iterations in bf16, with the held-out
   evaluation (a few toy-world eval prompts) at the start and the end; the first minibatch's mean importance
   ratio (``ratio_mean`` of the first iteration in metrics.jsonl, one minibatch and one inner epoch: every
@@ -114,19 +117,39 @@ def _env(device: str) -> dict:
 BF16 = ["model.dtype=bf16", "train.mixed_precision=bf16", "report_to=none"]
 
 
-def check_sft(work: Path, device: str, tiny: bool) -> dict:
-    out = work / "sft"
+def _sft(work: Path, name: str, device: str, tiny: bool, *extra: str) -> list[dict]:
+    """The tiny SFT recipe for a few bf16 steps (+ ``extra`` overrides); its metrics rows."""
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
     args = ["recipe=recipes/sft_tiny.yaml", f"output_dir={out}", "train.max_steps=4", "train.checkpoint_every=0",
             "train.warmup_steps=1", *BF16]
     if tiny:
         args += ["data.toy.n_video=4", "data.toy.n_image=2", "data.toy.size=16", "train.max_steps=2",
                  "train.batch_size=2"]
-    _run([sys.executable, "-m", "viva_base.sft", *args], work / "sft.log", _env(device))
-    losses = [r["loss"] for r in _rows(out / "metrics.jsonl") if "loss" in r]
+    _run([sys.executable, "-m", "viva_base.sft", *args, *extra], work / f"{name}.log", _env(device))
+    return [r for r in _rows(out / "metrics.jsonl") if "loss" in r]
+
+
+def check_sft(work: Path, device: str, tiny: bool) -> dict:
+    losses = [r["loss"] for r in _sft(work, "sft", device, tiny)]
     ok = bool(losses) and all(math.isfinite(x) for x in losses)
     return {"status": "ok" if ok else "FAIL", "steps": len(losses), "losses": losses,
             "detail": f"{len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no loss logged"}
+
+
+def check_sft_compile(work: Path, device: str, tiny: bool, eager: list[float] | None = None) -> dict:
+    """The ``sft`` check's run with ``train.compile=regional`` and ``train.fused_optimizer=true`` (the options a
+    real run takes for speed): it must run, and its losses must be the eager run's (``eager``: the ``sft`` check's,
+    else run here) to bf16 rounding (2%)."""
+    if not eager:
+        eager = [r["loss"] for r in _sft(work, "sft", device, tiny)]
+    rows = _sft(work, "sft_compile", device, tiny, "train.compile=regional", "train.fused_optimizer=true")
+    losses = [r["loss"] for r in rows]
+    worst = max((abs(a - b) / max(abs(b), 1e-8) for a, b in zip(losses, eager)), default=math.inf)
+    ok = len(losses) == len(eager) > 0 and worst <= 0.02
+    return {"status": "ok" if ok else "FAIL", "steps": len(losses), "losses": losses, "eager_losses": eager,
+            "max_rel_diff": worst, "step_seconds": [r.get("seconds") for r in rows],
+            "detail": f"{len(losses)} compiled steps, losses within {worst:.1e} of eager (bound 2e-2)"}
 
 
 def _grpo_args(out: Path, tiny: bool) -> list[str]:
@@ -343,7 +366,8 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=848)
     ap.add_argument("--text-tokens", type=int, default=256)
-    ap.add_argument("--checks", default="kernels,sft,grpo,grpo_2proc,dit", help="comma-separated subset to run")
+    ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_2proc,dit",
+                    help="comma-separated subset to run")
     ap.add_argument("--out", default="outputs/gpu_check/gpu_check.json", help="JSON results (markdown next to it)")
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -359,6 +383,7 @@ def main(argv=None) -> int:
     checks = {
         "kernels": lambda: check_kernels(device),
         "sft": lambda: check_sft(work, a.device, a.tiny_only),
+        "sft_compile": lambda: check_sft_compile(work, a.device, a.tiny_only, results.get("sft", {}).get("losses")),
         "grpo": lambda: check_grpo(work, a.device, a.tiny_only),
         "grpo_2proc": lambda: check_grpo_2proc(work, a.device, a.tiny_only),
         "dit": lambda: check_dit(device, a.tiny_only, a.frames, a.height, a.width, a.text_tokens),

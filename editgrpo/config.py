@@ -149,6 +149,26 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
+def check_toy_sft_recipe(toy) -> None:
+    """The toy chain's SFT stage recipe (``toy.sft_recipe`` + ``toy.sft_overrides``) checked as ``viva_base.sft``
+    checks it, before the data, toy CLIP and instructor stages (minutes) rather than after them. The data manifest
+    and the starting editor, which the chain fills in later, are left as the recipe has them."""
+    from pathlib import Path
+
+    from viva_base.errors import UserError
+    from viva_base.recipe import RecipeError, load_recipe
+    from viva_base.sft import SFTConfig
+    from viva_base.sft_checks import validate_sft_config
+
+    if not Path(toy.sft_recipe).is_file():
+        raise UserError(f"toy.sft_recipe={toy.sft_recipe!r}: no such file")
+    try:
+        sft = load_recipe(SFTConfig, [f"recipe={toy.sft_recipe}", *toy.sft_overrides])
+        validate_sft_config(sft)
+    except (RecipeError, UserError) as e:
+        raise UserError(f"toy.sft_recipe / toy.sft_overrides: {e}") from None
+
+
 def validate_config(cfg: GRPOConfig) -> None:
     """Check every value that can be checked without building anything (no data, model or reward is loaded),
     so a mistyped value fails in seconds, before any expensive work. Raises ``UserError`` (one line)."""
@@ -207,6 +227,7 @@ def validate_config(cfg: GRPOConfig) -> None:
         check_open_edit_params(cfg.toy.open_place, cfg.toy.grpo_types, cfg.toy.eval_simple_types, prefix="toy.")
         if not 0 <= cfg.toy.sft_noop_clause <= 1:
             raise UserError(f"toy.sft_noop_clause={cfg.toy.sft_noop_clause}: a probability, in [0, 1]")
+        check_toy_sft_recipe(cfg.toy)
     from rewards.registry import UnknownRewardError, check_rewards_config
 
     try:

@@ -70,3 +70,25 @@ def test_toy_chain_open_edit_checks_name_the_key(override, key):
     with pytest.raises(UserError, match=key):
         validate_config(cfg)
     validate_config(load_recipe(GRPOConfig, ["recipe=recipes/toy.yaml", "toy.open_place=0.5", "toy.grpo_types=[add]"]))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("toy.sft_overrides=[train.compile=fast]", ["toy.sft_overrides", "train.compile='fast'", "full, regional"]),
+    ("toy.sft_overrides=[train.learnig_rate=1]", ["toy.sft_overrides", "train.learnig_rate", "train.learning_rate"]),
+    ("toy.sft_overrides=[train.batch_size=0]", ["toy.sft_overrides", "train.batch_size=0"]),
+    ("toy.sft_recipe=recipes/no_such.yaml", ["toy.sft_recipe", "no such file"]),
+])
+def test_the_toy_chains_sft_stage_recipe_is_checked_before_any_stage(repo_root, tmp_path, override, words):
+    """A wrong SFT override used to fail after the data, toy CLIP and instructor stages (minutes on 2 cores); now the
+    chain checks its SFT stage's recipe with the GRPO recipe: one line, exit 2, nothing built."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/toy.yaml",
+                           f"output_dir={tmp_path / 'run'}", override],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), errors
+    assert not (tmp_path / "run" / "data").exists()
+    assert time.time() - t0 < 10

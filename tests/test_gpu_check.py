@@ -19,9 +19,10 @@ def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread):
     out = tmp_path / "check" / "gpu_check.json"
     assert gpu_check.main(["--device", "cpu", "--tiny-only", "--out", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
-    assert list(res) == ["kernels", "sft", "grpo", "grpo_2proc", "dit"]
+    assert list(res) == ["kernels", "sft", "sft_compile", "grpo", "grpo_2proc", "dit"]
     assert all(r["status"] == "ok" for r in res.values()), {k: r["detail"] for k, r in res.items()}
     assert res["sft"]["steps"] == 2
+    assert res["sft_compile"]["eager_losses"] == res["sft"]["losses"] and res["sft_compile"]["max_rel_diff"] <= 0.02
     grpo = res["grpo"]
     assert grpo["evaluations"] == ["step-0", "step-2"] and abs(grpo["ratio_mean"] - 1) <= gpu_check.RATIO_TOL
     assert res["grpo_2proc"]["backend"] == "gloo"

@@ -266,3 +266,79 @@ def test_sft_with_precomputed_features_matches_and_resumes_exactly(tmp_path, rep
     b = load_file(str(tmp_path / "b" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rows("b") == rows("a")
+
+
+def _spy_on_compile(monkeypatch) -> list[str]:
+    """The class names of the modules compiled (``nn.Module.compile``, which ``compile_dit`` uses) from now on."""
+    compiled = []
+    real_compile = torch.nn.Module.compile
+
+    def spy(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        return real_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    return compiled
+
+
+@pytest.mark.slow
+def test_compiled_sft_with_fused_adamw_matches_eager_and_resumes_exactly(tmp_path, repo_root, monkeypatch):
+    """``train.compile=full`` + ``train.fused_optimizer``: the DiT is really compiled (in place), the losses and
+    weights are eager's to float rounding, ``final/`` is the plain diffusers model (the same keys), and a stopped,
+    recompiled, resumed run is bit-identical to the uninterrupted compiled one."""
+    monkeypatch.chdir(repo_root)
+    compiled = _spy_on_compile(monkeypatch)
+    # image pairs only: one frame count, so two compiles (the text length turns dynamic at its first change); the
+    # toy chain runs the video shape too (docs/toy_world.md, seventeenth pass)
+    steps = ["train.max_steps=6", "train.checkpoint_every=3", "data.toy.n_video=0", "data.toy.n_image=8",
+             "data.precompute=true"]
+    fast = ["train.compile=full", "train.fused_optimizer=true"]
+    main(_cfg(tmp_path / "eager", *steps))
+    assert compiled == []
+    main(_cfg(tmp_path / "a", *steps, *fast))
+    assert compiled == ["HunyuanVideoTransformer3DModel"]
+    rows = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert rows("a") == pytest.approx(rows("eager"), rel=1e-4)
+    weights = lambda d: load_file(str(tmp_path / d / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    e, a = weights("eager"), weights("a")
+    assert a.keys() == e.keys()
+    assert all(torch.allclose(a[k], e[k], rtol=1e-3, atol=1e-5) for k in a)
+    main(_cfg(tmp_path / "b", *steps[:1], "train.max_steps=3", *steps[1:], *fast))
+    main(_cfg(tmp_path / "b", *steps, *fast, "resume=latest"))
+    b = weights("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rows("b") == rows("a")
+    assert VivaEditor.from_pretrained(tmp_path / "b" / "final").transformer.config.in_channels == 24
+
+
+@pytest.mark.slow
+def test_regional_compile_compiles_each_repeated_block_and_matches_eager(monkeypatch):
+    """``train.compile=regional`` compiles, in place, each module whose class diffusers lists in the DiT's
+    ``_repeated_blocks`` (not the whole model), and an SFT loss and its gradients are eager's to float rounding."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from viva_base.training import compile_dit
+
+    compiled = _spy_on_compile(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    batch = {"source": torch.rand(2, 5, 3, 16, 16, generator=g), "target": torch.rand(2, 5, 3, 16, 16, generator=g),
+             "mask": (torch.rand(2, 5, 1, 16, 16, generator=g) > 0.7).float(),
+             "instruction": ["remove the red square", "make the background night"], "reference": [None, None]}
+    noise, sigma = torch.randn(2, 12, 5, 8, 8, generator=g), torch.tensor([0.3, 0.7])
+    results = []
+    for mode in ("none", "regional"):
+        editor = make_tiny_editor(seed=1)
+        params = set_trainable(editor, TrainConfig(trainable="full"))
+        names = [n for n, _ in editor.transformer.named_parameters()]
+        compile_dit(editor.transformer, mode)
+        assert [n for n, _ in editor.transformer.named_parameters()] == names  # in place: the same parameter names
+        loss = sft_loss(editor, batch, torch.Generator().manual_seed(0), w_m=1.0, cfg_dropout=0.0,
+                        timestep_sampling="uniform", shift=1.0, noise=noise, sigma=sigma)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in params]))
+    assert set(compiled) <= set(HunyuanVideoTransformer3DModel._repeated_blocks)
+    assert compiled.count("HunyuanVideoSingleTransformerBlock") == 2  # the tiny DiT: 1 dual + 2 single blocks
+    assert compiled.count("HunyuanVideoTransformerBlock") == 1 and "HunyuanVideoTransformer3DModel" not in compiled
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(g0, g1))

@@ -32,6 +32,7 @@ def test_shipped_recipes_pass(repo_root, monkeypatch, recipe):
     ("train.cfg_dropout=1.5", "train.cfg_dropout"),
     ("train.pooled_dropout=-0.1", "train.pooled_dropout"),
     ("train.adam_beta2=1.0", "train.adam_beta2"),
+    ("train.compile=max-autotune", "train.compile"),
     ("train.ema_decay=1.0", "train.ema_decay"),
     ("train.gradient_accumulation_steps=3", "train.batch_size"),
     ("data.p_video=2", "data.p_video"),
@@ -70,3 +71,24 @@ def test_checks_take_well_under_a_second(repo_root, monkeypatch):
     t = time.time()
     validate_sft_config(cfg)
     assert time.time() - t < 0.5
+
+
+def test_compile_without_a_cpp_compiler_is_one_error_before_any_work(repo_root, monkeypatch, tmp_path):
+    """On a CPU, torch.compile builds C++ kernels: a machine without a compiler hears so from the checks (it was a
+    long inductor traceback at the first forward, after the data and the editor were built)."""
+    import subprocess
+    import sys
+
+    cfg = _cfg(repo_root, monkeypatch, "train.compile=full")
+    validate_sft_config(cfg)  # g++ is here
+    env = {**__import__("os").environ, "CXX": "no-such-compiler", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml", "train.compile=full",
+                          f"output_dir={tmp_path}/run", "report_to=none"], cwd=repo_root, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert "train.compile='full' needs a C++ compiler" in line and "'no-such-compiler'" in line, line
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    validate_sft_config(_cfg(repo_root, monkeypatch, "train.compile=none"))  # no compile: no compiler needed

@@ -40,8 +40,8 @@ from .policy import Condition
 from .precompute import PrecomputedPairs
 from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
-from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compute_autocast, find_checkpoint,
-                       init_trackers, load_checkpoint, make_accelerator, step_generator, upcast_trainable)
+from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compile_dit, compute_autocast,
+                       find_checkpoint, init_trackers, load_checkpoint, make_accelerator, step_generator, upcast_trainable)
 
 logger = logging.getLogger("viva_base.sft")
 
@@ -100,6 +100,8 @@ class TrainConfig:
     mask_normalization: str = "none"     # none (eq. 3: an edit's weight grows with its area) | balanced (eq. 3's budget, every edit the same share) | area (each edit averaged alone)
     shift: Optional[float] = None        # training sigma shift; None -> the editor's schedule shift
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast)
+    compile: str = "none"                # none | full (torch.compile the whole DiT) | regional (each repeated block)
+    fused_optimizer: bool = False        # AdamW's fused kernel (torch's fused=True; CPU or GPU)
     checkpoint_every: int = 50           # steps between checkpoints (0: only the final editor)
     keep_checkpoints: int = 2            # older checkpoints are deleted
     log_every: int = 1                   # steps between logged metric rows
@@ -304,7 +306,7 @@ def main(cfg: SFTConfig) -> Path:
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
     model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  weight_decay=tc.weight_decay)
+                                  weight_decay=tc.weight_decay, fused=tc.fused_optimizer or None)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
@@ -322,6 +324,7 @@ def main(cfg: SFTConfig) -> Path:
         with accelerator.autocast(), compute_autocast(accelerator.device, model_dtype):
             features = PrecomputedPairs(editor, dataset, progress=accelerator.is_main_process)
     dit_raw = editor.transformer
+    compile_dit(dit_raw, tc.compile)  # in place: the same module and parameter names
     dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
     if ckpt is not None and zero is not None:  # every rank's ZeRO partition of the optimizer state
         load_engine_state(dit, ckpt)

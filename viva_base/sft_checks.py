@@ -41,6 +41,10 @@ def validate_sft_config(cfg) -> None:
 
     one_of("train.trainable", tc.trainable, TRAINABLE)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
+    from .training import COMPILE_MODES, check_compile
+
+    one_of("train.compile", tc.compile, COMPILE_MODES)
+    check_compile(tc.compile)
     from diffusers.optimization import SchedulerType
 
     one_of("train.lr_scheduler", tc.lr_scheduler, [s.value for s in SchedulerType])

@@ -177,6 +177,53 @@ def _cpu_process_group() -> None:
     PartialState(cpu=not deepspeed, backend="gloo")
 
 
+COMPILE_MODES = ("none", "full", "regional")
+
+
+def compile_dit(dit: torch.nn.Module, mode: str) -> None:
+    """``train.compile``: compile the DiT in place (``nn.Module.compile``: the same module, the same parameter
+    names, so checkpoints, EMA and ``save_pretrained`` do not change), before ``accelerator.prepare`` wraps it.
+    ``full`` compiles the whole forward with inductor (the fastest steps for a small model: the toy's);
+    ``regional`` compiles each of the blocks diffusers lists in the class's ``_repeated_blocks``
+    (``ModelMixin.compile_repeated_blocks``): one compile serves all 60 blocks of a 13B DiT, minutes less. Shapes that
+    change between batches (text length, frames) become dynamic after their first change, so a run recompiles a
+    few times, not at every batch.
+
+    Not through accelerate's ``dynamo_plugin``: it lives in the process-wide ``AcceleratorState``, which the first
+    ``Accelerator`` of a process fixes (the toy chain makes Edit-GRPO's first, so its SFT stage ran uncompiled)."""
+    if mode == "none":
+        return
+    if mode == "full":
+        dit.compile()
+    elif mode == "regional":
+        if not getattr(dit, "_repeated_blocks", None):
+            raise UserError(f"train.compile=regional: {type(dit).__name__} names no repeated blocks "
+                            "(diffusers' _repeated_blocks); use train.compile=full")
+        dit.compile_repeated_blocks()
+    else:
+        raise UserError(f"train.compile={mode!r}: use one of {', '.join(COMPILE_MODES)}")
+
+
+def check_compile(compile: str, key: str = "train.compile") -> None:
+    """``torch.compile`` on a CPU builds C++ kernels: refuse, before any work, a machine without a C++ compiler
+    (found as inductor finds it: ``$CXX``, else ``g++``)."""
+    import torch
+
+    if compile == "none" or torch.cuda.is_available():
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this helper: inductor reports it at the first forward
+        return
+    try:
+        get_cpp_compiler()
+    except Exception:
+        cxx = os.environ.get("CXX", "g++")
+        raise UserError(f"{key}={compile!r} needs a C++ compiler on a CPU (torch.compile builds C++ kernels) and "
+                        f"{cxx!r} does not run: install one (e.g. `apt-get install g++`), point $CXX at it, or set "
+                        f"{key}=none") from None
+
+
 def make_accelerator(output_dir: str, *, report_to: str = "tensorboard", mixed_precision: str = "no",
                      gradient_accumulation_steps: int = 1, seed: int | None = None):
     from accelerate import Accelerator
