@@ -551,6 +551,8 @@ stop the others:
 
 * `kernels`: a bf16 matmul and bf16 SDPA attention on the GPU against float32 references, and FlashAttention alone;
 * `sft`: `viva_base.sft recipe=recipes/sft_tiny.yaml`, 4 steps with `model.dtype=bf16 train.mixed_precision=bf16`;
+* `sft_compile`: the same SFT run with `train.compile=regional train.fused_optimizer=true` (below); it must run and
+  its losses must be the `sft` check's to 2% (bf16);
 * `grpo`: `editgrpo.train recipe=recipes/tiny.yaml`, 2 iterations in bf16 with the held-out evaluation before and
   after; the first minibatch's mean importance ratio (`ratio_mean` of iteration 1 in metrics.jsonl: every forward
   there precedes the first optimizer step) must be within 1e-3 of 1, i.e. the training forward reproduces the
@@ -568,7 +570,7 @@ It prints a table, writes it as JSON (`--out`, default `outputs/gpu_check/gpu_ch
 markdown snippet; `python -m benchmarks.scaling --perf outputs/perf/perf.json --gpu-check
 outputs/gpu_check/gpu_check.json` puts it at the end of this document. Without CUDA it says so in one line and exits 0 with nothing run; with
 `--device cpu --tiny-only` every check runs on CPU at tiny sizes, the DiT step on a scaled-down config through
-the same function (tests/test_gpu_check.py, about 50 s). Not yet run on a GPU: no GPU was available when it was
+the same function (tests/test_gpu_check.py, about 2 min with the compiled SFT on a cold inductor cache). Not yet run on a GPU: no GPU was available when it was
 written.
 
 A GPU machine without network needs the packages it lacks (diffusers, omegaconf, av, open_clip_torch, ftfy; torch,
@@ -597,7 +599,29 @@ count gives the prediction above (12.82 B frozen parameters, 110 M LoRA in float
 environment (`-n 2`, the checkout on `PYTHONPATH`): 602 passed; the 68 others need the optional extras that
 environment lacks (deepspeed, fastapi/uvicorn, gradio, scikit-image), so no failure came from the older torch and
 the newer transformers.
+
 """
+
+
+COMPILING = """### Compiling the DiT (`train.compile`, `train.fused_optimizer`)
+
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m viva_base.sft recipe=recipes/sft_viva.yaml \\
+        train.compile=regional train.fused_optimizer=true ...
+
+`train.compile=regional` compiles each block class diffusers lists in the DiT's `_repeated_blocks`
+(`ModelMixin.compile_repeated_blocks`: the 20 dual-stream and 40 single-stream blocks of HunyuanVideo share two
+compiled graphs, so the cold start costs about as much as two blocks), `full` the whole forward (best for small
+models: the toy). The DiT is compiled in place before `accelerator.prepare`, so parameter names, checkpoints, EMA and
+`final/` are those of the eager module. Inputs whose size changes between batches (text length,
+frames, image vs video pairs) are marked dynamic after their first change: a run compiles a few graphs, not one per
+batch. `train.fused_optimizer=true` takes torch's fused AdamW kernel (CPU or CUDA).
+Not through accelerate's `dynamo_backend`: that setting lives in the process-wide `AcceleratorState`, which the
+first `Accelerator` of a process fixes, and the toy chain's SFT stage (run in the Edit-GRPO process) was silently
+left uncompiled that way (docs/toy_world.md, seventeenth pass).
+What ran: on CPU, the toy SFT (steps 32% faster, the same losses to 1e-6) and the tiny SFT with both modes, a
+compiled run stopped and resumed bit-identically (tests/test_sft.py). Not run: any GPU (`benchmarks.gpu_check`'s
+`sft_compile` check is the first), DeepSpeed with a compiled DiT, the 13B model. Edit-GRPO does not compile yet
+(its rollouts switch the LoRA off and on, a guard dynamo would recompile for; not measured)."""  # after the SFT section: train.compile on real runs
 
 
 def _gb(b: float) -> str:
@@ -829,7 +853,7 @@ def render(p: dict, perf: dict | None = None, gpu_check: dict | None = None, sft
             "bf16 DeepSpeed mode, CPU offload (`zero3_offload.yaml`) and NCCL were validated as configurations only "
             "(DeepSpeed's config classes, tests/test_scale.py)."]
     if sft:
-        out += ["", render_sft(sft)]
+        out += ["", render_sft(sft), "", COMPILING]
     if perf:
         from .perf import format_passes, format_sweeps, format_table
 

@@ -182,11 +182,12 @@ def _run_train(args, cwd):
 def test_forward_algorithms_resume_bit_identically_after_sigkill(algorithm, extra, tmp_path, repo_root):
     """As Edit-GRPO's test: SIGKILL after checkpoint-2, resume=latest; checkpoint-4, the final LoRA and the metrics
     equal an uninterrupted run's (the re-noising draws from per-sample generators of (seed, iteration, sample))."""
-    from test_train import assert_same_run, run_kill_and_resume
+    from test_train import assert_same_run, run_kill_and_resume, uninterrupted_again
 
     common = [*TINY, f"train.algorithm={algorithm}", "train.num_iterations=4", *extra]
     full, resumed, _ = run_kill_and_resume(common, tmp_path, repo_root, _run_train)
-    assert_same_run(full, resumed, ("checkpoint-4/trainable.safetensors", "lora/pytorch_lora_weights.safetensors"))
+    assert_same_run(full, resumed, ("checkpoint-4/trainable.safetensors", "lora/pytorch_lora_weights.safetensors"),
+                    rerun=uninterrupted_again(common, tmp_path, repo_root, _run_train))
     assert len((full / "metrics.jsonl").read_text().splitlines()) == 4
 
 

@@ -180,12 +180,35 @@ def run_kill_and_resume(common, tmp_path, cwd, run_train=_run_train):
     return full, run, seconds
 
 
-def assert_same_run(full, resumed, rels) -> None:
-    """Every file of ``rels`` (safetensors) and every metric but wall-clock seconds are bit-identical."""
-    for rel in rels:
-        diff = _max_diff(full / rel, resumed / rel)
+def uninterrupted_again(common, tmp_path, cwd, run_train=_run_train):
+    """A callable for :func:`assert_same_run`: a second uninterrupted run of ``common`` (``tmp_path/full-again``)."""
+    def run():
+        again = tmp_path / "full-again"
+        _run_to_end(run_train, [*common, f"output_dir={again}"], cwd)
+        return again
+    return run
+
+
+def assert_same_run(full, resumed, rels, rerun=None) -> None:
+    """Every file of ``rels`` (safetensors) and every metric but wall-clock seconds are bit-identical.
+
+    With ``rerun`` (:func:`uninterrupted_again`) a difference is first held against the machine's own run-to-run
+    noise, which :func:`run_kill_and_resume` sees only up to ``checkpoint-2``: on a 2-core CI machine the resumed
+    run's ``checkpoint-4`` once differed by 6e-8 while both ``checkpoint-2`` were equal (2026-12-02). Where a second
+    uninterrupted run differs from the first as well, the machine cannot tell a resume defect from its noise and the
+    test is skipped with both differences; where the two uninterrupted runs are equal, the resumed one must be too."""
+    diffs = {rel: _max_diff(full / rel, resumed / rel) for rel in rels}
+    same_metrics = _metric_rows(resumed) == _metric_rows(full)
+    if rerun is not None and (any(diffs.values()) or not same_metrics):
+        again = rerun()
+        noise = {rel: _max_diff(full / rel, again / rel) for rel in rels}
+        if any(noise.values()) or _metric_rows(again) != _metric_rows(full):
+            pytest.skip(f"the resumed run differs (max {max(diffs.values()):.3g}) and so does a second uninterrupted "
+                        f"run (max {max(noise.values()):.3g}): this machine's kernels are not run-to-run "
+                        "deterministic, so resume exactness cannot be checked bit-for-bit here")
+    for rel, diff in diffs.items():
         assert diff == 0.0, f"{rel}: resumed run differs by {diff:.3g}"
-    assert _metric_rows(resumed) == _metric_rows(full)
+    assert same_metrics
 
 
 @pytest.mark.slow
@@ -204,7 +227,8 @@ def test_tiny_recipe_runs_and_resumes_bit_identically_after_sigkill(tmp_path, re
     assert {"pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json"} <= \
         {p.name for p in (full / "lora").iterdir()}
     assert_same_run(full, resumed, ("checkpoint-4/trainable.safetensors", "checkpoint-6/trainable.safetensors",
-                                    "lora/pytorch_lora_weights.safetensors", "lora/adapter_model.safetensors"))
+                                    "lora/pytorch_lora_weights.safetensors", "lora/adapter_model.safetensors"),
+                    rerun=uninterrupted_again(common, tmp_path, repo_root))
 
 
 def test_frozen_encoders_run_once_per_prompt_per_iteration(tmp_path, repo_root, monkeypatch):
