@@ -169,9 +169,11 @@ def test_tiny_recipe_trains_with_each_forward_algorithm(algorithm, extra, keys, 
 
 
 def _run_train(args, cwd):
+    from test_train import BIT_EXACT_ENV
+
     return subprocess.Popen([sys.executable, "-m", "editgrpo.train", *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **BIT_EXACT_ENV})
 
 
 @pytest.mark.slow

@@ -117,9 +117,20 @@ def test_lr_schedule_counts_the_optimizer_steps_really_taken(tmp_path, repo_root
     assert row["lr"] == 0.0
 
 
+# MKL's default mode may sum a matrix product in an order that depends on where its operands sit in memory; a
+# resumed process allocates differently from an uninterrupted one, so its gradients could differ in the last bit
+# (the faster 2-core machine, 2026-12-02: two uninterrupted runs of recipes/tiny.yaml bit-identical, the run resumed
+# after checkpoint-2 6e-8 off at checkpoint-4, every time; its third iteration had the same loss and a gradient norm
+# 1.2e-7 apart). MKL_CBWR=AUTO,STRICT (Intel's conditional numerical reproducibility, alignment-independent) makes
+# those products depend on the numbers only: with it the resumed run is bit-identical there. Resume exactness is a
+# property of the trainer's state, and this is how it is measured apart from the BLAS.
+BIT_EXACT_ENV = {"MKL_CBWR": "AUTO,STRICT"}
+
+
 def _run_train(args, cwd, **kw):
+    env = {**kw.pop("env", os.environ), **BIT_EXACT_ENV}
     return subprocess.Popen([sys.executable, "-m", "editgrpo.train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
 def kill_after_first_checkpoint(args, run, cwd, run_train=_run_train) -> None:
