@@ -10,8 +10,8 @@ Checks, each reported as ok / FAIL / skipped (a failing check does not stop the 
   the FlashAttention backend alone);
 * ``sft``: ``python -m viva_base.sft recipe=recipes/sft_tiny.yaml`` for a few steps in bf16 (``model.dtype=bf16``,
   ``train.mixed_precision=bf16``); the loss must be finite;
-* ``sft_compile``: the same run with ``train.compile=regional`` and ``train.fused_optimizer=true`` (torch.compile
-  through accelerate's dynamo plugin, one compile per repeated block; AdamW's fused kernel); the losses must be
+* ``sft_compile``: the same run with ``train.compile=regional`` and ``train.fused_optimizer=true`` (the DiT's
+  repeated blocks compiled in place, ``viva_base.training.compile_dit``; AdamW's fused kernel); the losses must be
   the eager run's to 2% (bf16);
 * ``grpo``: ``python -m editgrpo.train recipe=recipes/tiny.yaml``, 2 iterations in bf16, with the held-out
   evaluation (a few toy-world eval prompts) at the start and the end; the first minibatch's mean importance

@@ -41,7 +41,8 @@ from .precompute import PrecomputedPairs
 from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compile_dit, compute_autocast,
-                       find_checkpoint, init_trackers, load_checkpoint, make_accelerator, step_generator, upcast_trainable)
+                       find_checkpoint, init_trackers, load_checkpoint, make_accelerator, step_generator,
+                       upcast_trainable)
 
 logger = logging.getLogger("viva_base.sft")
 

@@ -207,8 +207,6 @@ def compile_dit(dit: torch.nn.Module, mode: str) -> None:
 def check_compile(compile: str, key: str = "train.compile") -> None:
     """``torch.compile`` on a CPU builds C++ kernels: refuse, before any work, a machine without a C++ compiler
     (found as inductor finds it: ``$CXX``, else ``g++``)."""
-    import torch
-
     if compile == "none" or torch.cuda.is_available():
         return
     try:
