@@ -18,6 +18,11 @@ Checks, each reported as ok / FAIL / skipped (a failing check does not stop the 
   ratio (``ratio_mean`` of the first iteration in metrics.jsonl, one minibatch and one inner epoch: every
   forward before the first optimizer step) must be within 1e-3 of 1 -- the training forward reproduces the
   rollout's log-probs in bf16;
+* ``grpo_compile``: the ``grpo`` run (without the evaluation) with ``train.compile=regional`` and
+  ``train.fused_optimizer=true``: the rollouts (no grad), training forwards (grad) and KL reference forwards
+  (adapter off) are separately compiled graphs, and the first minibatch's ratio must still be within 1e-3 of 1
+  (the training graph reproduces the rollout graph's log-probs in bf16); its first-iteration reward is reported
+  next to the eager run's;
 * ``grpo_2proc``: the same GRPO run under ``torchrun --nproc_per_node 2`` (NCCL on two GPUs; gloo on CPU);
   skipped with one GPU;
 * ``dit``: the real-size HunyuanVideo DiT (``benchmarks.scaling.HUNYUAN_DIT_13B``, widened to 32 input channels,
@@ -186,9 +191,30 @@ def check_grpo(work: Path, device: str, tiny: bool) -> dict:
     finite = all(math.isfinite(x["loss"]) for x in rows)
     ok = r["ratio_ok"] and eval_ok and finite and len(rows) == 2
     return {"status": "ok" if ok else "FAIL", "iterations": len(rows), "evaluations": evals, **r,
-            "seconds_per_iteration": [x["seconds"] for x in rows],
+            "first_reward": rows[0]["reward"] if rows else None, "seconds_per_iteration": [x["seconds"] for x in rows],
             "detail": f"{len(rows)} iterations, loss finite: {finite}, held-out eval at {', '.join(evals) or 'none'}; "
                       + r["ratio_detail"]}
+
+
+def check_grpo_compile(work: Path, device: str, tiny: bool, eager: dict | None = None) -> dict:
+    """``grpo`` compiled (``train.compile=regional``, ``train.fused_optimizer=true``), no evaluation: it must run,
+    and the first minibatch's ratio must be within RATIO_TOL of 1. ``eager``: the ``grpo`` check's result, whose
+    first-iteration reward is shown next to this one's (the same seeds; bf16 rounding apart)."""
+    out = work / "grpo_compile"
+    shutil.rmtree(out, ignore_errors=True)
+    _run([sys.executable, "-m", "editgrpo.train", *_grpo_args(out, tiny), "train.compile=regional",
+          "train.fused_optimizer=true"], work / "grpo_compile.log", _env(device))
+    rows = _rows(out / "metrics.jsonl")
+    r = _first_ratio(rows)
+    finite = all(math.isfinite(x["loss"]) for x in rows)
+    ok = r["ratio_ok"] and finite and len(rows) == 2
+    reward = rows[0]["reward"] if rows else None
+    eager_reward = (eager or {}).get("first_reward")
+    vs = f", eager {eager_reward:.4f}" if eager_reward is not None else ""
+    return {"status": "ok" if ok else "FAIL", "iterations": len(rows), **r, "first_reward": reward,
+            "eager_first_reward": eager_reward, "seconds_per_iteration": [x["seconds"] for x in rows],
+            "detail": f"{len(rows)} compiled iterations, loss finite: {finite}, first reward "
+                      f"{reward if reward is None else f'{reward:.4f}'}{vs}; " + r["ratio_detail"]}
 
 
 def check_grpo_2proc(work: Path, device: str, tiny: bool) -> dict:
@@ -366,7 +392,7 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=848)
     ap.add_argument("--text-tokens", type=int, default=256)
-    ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_2proc,dit",
+    ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_compile,grpo_2proc,dit",
                     help="comma-separated subset to run")
     ap.add_argument("--out", default="outputs/gpu_check/gpu_check.json", help="JSON results (markdown next to it)")
     a = ap.parse_args(argv)
@@ -385,6 +411,7 @@ def main(argv=None) -> int:
         "sft": lambda: check_sft(work, a.device, a.tiny_only),
         "sft_compile": lambda: check_sft_compile(work, a.device, a.tiny_only, results.get("sft", {}).get("losses")),
         "grpo": lambda: check_grpo(work, a.device, a.tiny_only),
+        "grpo_compile": lambda: check_grpo_compile(work, a.device, a.tiny_only, results.get("grpo")),
         "grpo_2proc": lambda: check_grpo_2proc(work, a.device, a.tiny_only),
         "dit": lambda: check_dit(device, a.tiny_only, a.frames, a.height, a.width, a.text_tokens),
     }

@@ -557,6 +557,9 @@ stop the others:
   after; the first minibatch's mean importance ratio (`ratio_mean` of iteration 1 in metrics.jsonl: every forward
   there precedes the first optimizer step) must be within 1e-3 of 1, i.e. the training forward reproduces the
   rollout's log-probs in bf16;
+* `grpo_compile`: the `grpo` run (without the evaluation) with `train.compile=regional train.fused_optimizer=true`:
+  the rollouts (no grad), training forwards and KL reference forwards (LoRA off) run separately compiled graphs, and
+  the first minibatch's ratio must still be within 1e-3 of 1; its first-iteration reward is shown next to `grpo`'s;
 * `grpo_2proc`: the same under `torchrun --nproc_per_node 2` (NCCL); "skipped: 1 GPU" on one GPU;
 * `dit`: the real-size HunyuanVideo DiT (the 13B config above, widened to 32 input channels, random weights, no
   download) with LoRA r64 and gradient checkpointing, at `--frames x --height x --width` (default 9 x 480 x 848):
@@ -607,21 +610,38 @@ COMPILING = """### Compiling the DiT (`train.compile`, `train.fused_optimizer`)
 
     accelerate launch --config_file recipes/accelerate/zero3.yaml -m viva_base.sft recipe=recipes/sft_viva.yaml \\
         train.compile=regional train.fused_optimizer=true ...
+    accelerate launch --config_file recipes/accelerate/zero3.yaml -m editgrpo.train recipe=recipes/viva.yaml \\
+        train.compile=regional train.fused_optimizer=true ...
 
 `train.compile=regional` compiles each block class diffusers lists in the DiT's `_repeated_blocks`
 (`ModelMixin.compile_repeated_blocks`: the 20 dual-stream and 40 single-stream blocks of HunyuanVideo share two
 compiled graphs, so the cold start costs about as much as two blocks), `full` the whole forward (best for small
 models: the toy). The DiT is compiled in place before `accelerator.prepare`, so parameter names, checkpoints, EMA and
-`final/` are those of the eager module. Inputs whose size changes between batches (text length,
+`final/` are those of the eager module; the kernels are not part of what a run is (`resume=latest` continues a
+compiled run eagerly and the other way round). Inputs whose size changes between batches (text length,
 frames, image vs video pairs) are marked dynamic after their first change: a run compiles a few graphs, not one per
 batch. `train.fused_optimizer=true` takes torch's fused AdamW kernel (CPU or CUDA).
+In Edit-GRPO the compiled DiT carries its LoRA: rollouts (no grad, eval mode), training forwards (grad) and the KL
+reference forwards (the adapter switched off, no grad) differ in what dynamo guards on, so each is a graph of its
+own, compiled once (the tiny recipe with evaluation: about six graphs, under dynamo's limit of 8 per function;
+a run past that limit would fall back to eager silently, which tests/test_grpo_compile.py turns into a failure).
 Not through accelerate's `dynamo_backend`: that setting lives in the process-wide `AcceleratorState`, which the
 first `Accelerator` of a process fixes, and the toy chain's SFT stage (run in the Edit-GRPO process) was silently
 left uncompiled that way (docs/toy_world.md, seventeenth pass).
-What ran: on CPU, the toy SFT (steps 32% faster, the same losses to 1e-6) and the tiny SFT with both modes, a
-compiled run stopped and resumed bit-identically (tests/test_sft.py). Not run: any GPU (`benchmarks.gpu_check`'s
-`sft_compile` check is the first), DeepSpeed with a compiled DiT, the 13B model. Edit-GRPO does not compile yet
-(its rollouts switch the LoRA off and on, a guard dynamo would recompile for; not measured)."""  # after the SFT section: train.compile on real runs
+What ran, all on CPU: the toy SFT (steps 32% faster, the same losses to 1e-6); the tiny SFT with both modes, a
+compiled run stopped and resumed bit-identically (tests/test_sft.py); the tiny SFT under DeepSpeed on 2 processes,
+ZeRO-3 with gradient checkpointing and `full` (DDP's losses and weights to 1e-6, tests/test_scale_multiprocess.py)
+and ZeRO-2 with `regional` + fused AdamW (losses within 1e-7 of eager, by hand); Edit-GRPO's tiny recipe compiled,
+with its KL reference and held-out evaluation (eager's rewards, losses and LoRA, tests/test_grpo_compile.py), and
+the toy chain's Edit-GRPO stage (below). Not run: any GPU (`benchmarks.gpu_check`'s `sft_compile` and
+`grpo_compile` checks are the first), the 13B model.
+
+The toy chain's Edit-GRPO stage (24 iterations of 4 x 8 rollouts, evaluation before and after; the faster 2-core
+machine, 2026-12-02), `train.compile=full train.fused_optimizer=true` against eager: iterations 7.25 s against
+8.66 s (16% less), the first iteration's rewards bit-identical and the held-out delta the same to 2e-7; but the cold
+compile of 5 graphs takes 49 s in the first iteration and 56 s in the first evaluation, so the stage took 339 s
+against 272 s. Compiling pays after about 75 iterations here, so `recipes/toy.yaml` leaves Edit-GRPO eager (its SFT
+stage, 32000 steps, compiles). Real runs have hundreds of iterations of minutes each."""  # after the SFT section: train.compile on real runs
 
 
 def _gb(b: float) -> str:

@@ -76,6 +76,8 @@ class TrainConfig:
     minibatches_per_iteration: int = 1   # optimizer steps per inner epoch (1: fully on-policy)
     train_batch_size: Optional[int] = None   # samples per training forward; None -> rollout_batch_size
     mixed_precision: str = "no"          # no | bf16 | fp16 (accelerate autocast; trained weights stay float32)
+    compile: str = "none"                # none | full (torch.compile the whole DiT) | regional (each repeated block)
+    fused_optimizer: bool = False        # AdamW's fused kernel (torch's fused=True; CPU or GPU)
     overlap_rewards: bool = False        # decode + score each rollout chunk on a thread while the next samples (same numbers)
     checkpoint_every: int = 10           # iterations between checkpoints (resume: latest continues from the last)
     keep_checkpoints: int = 3            # older checkpoints are deleted
@@ -176,7 +178,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.guidance import check_sampler_options
     from viva_base.recipe import check_one_of as one_of
     from viva_base.recipe import check_positive as positive
-    from viva_base.training import DTYPES
+    from viva_base.training import COMPILE_MODES, DTYPES, check_compile
 
     from .grpo import ADVANTAGE_SCALES, ALGORITHMS, FORWARD_ALGORITHMS, KL_TYPES
     from .sampling import CFG_GRADS, LOG_PROB_KINDS, ROLLOUT_METHODS
@@ -188,6 +190,8 @@ def validate_config(cfg: GRPOConfig) -> None:
     one_of("train.kl_type", tc.kl_type, KL_TYPES)
     one_of("train.lr_scheduler", tc.lr_scheduler, LR_SCHEDULERS)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
+    one_of("train.compile", tc.compile, COMPILE_MODES)
+    check_compile(tc.compile)
     one_of("train.algorithm", tc.algorithm, ALGORITHMS)
     one_of("sampling.method", sc.method, ROLLOUT_METHODS)
     if sc.method == "ode" and tc.algorithm not in FORWARD_ALGORITHMS:

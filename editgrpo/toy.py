@@ -194,21 +194,24 @@ def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None) -> str:
     from viva_base.recipe import atomic_write_text, load_recipe
     from viva_base.sft import SFTConfig
     from viva_base.sft import main as sft_main
-    from viva_base.training import resume_config
+    from viva_base.training import resume_config, resume_free
 
     sft_cfg = load_recipe(SFTConfig, _sft_recipe_args(t, sft_dir, manifest, report_to, base))
     want = json.loads(json.dumps({**resume_config(sft_cfg), "train.max_steps": sft_cfg.train.max_steps,
                                   "instructor": base[1] if base is not None else None}, default=str))
     stage = sft_dir / SFT_STAGE
-    if (sft_dir / "final" / "editor_config.json").exists() and stage.exists() and json.loads(stage.read_text()) == want:
+    stored = json.loads(stage.read_text()) if stage.exists() else None
+    # a stage written before one of its keys became resume-free (train.compile) still records it: not a change
+    if (stored is not None and (sft_dir / "final" / "editor_config.json").exists()
+            and {k: v for k, v in stored.items() if k in want or not resume_free(k)} == want):
         logger.info("toy chain: reusing the SFT editor in %s (same recipe)", sft_dir / "final")
-        return stage_fingerprint(want)
-    if stage.exists() and json.loads(stage.read_text()).get("instructor") != want["instructor"]:
+        return stage_fingerprint(stored)  # the file's, as a non-main process and the GRPO checkpoints read it
+    if stored is not None and stored.get("instructor") != want["instructor"]:
         import shutil
 
         logger.info("toy chain: the toy instructor changed since %s was built; training the SFT stage afresh", sft_dir)
         shutil.rmtree(sft_dir)
-    elif stage.exists():
+    elif stored is not None:
         logger.info("toy chain: the SFT recipe changed since %s was built; resuming it with the new one", sft_dir)
     for stale in (stage, sft_dir / DIAGNOSTICS):
         stale.unlink(missing_ok=True)

@@ -36,8 +36,8 @@ from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, config
 from viva_base.errors import UserError
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
-from viva_base.training import (MetricsFile, build_editor, find_checkpoint, init_trackers, load_checkpoint,
-                                log_videos, make_accelerator, step_generator)
+from viva_base.training import (MetricsFile, build_editor, compile_dit, find_checkpoint, init_trackers,
+                                load_checkpoint, log_videos, make_accelerator, step_generator)
 
 from .config import GRPOConfig, validate_config
 from .distributed import backward_passes
@@ -229,7 +229,7 @@ def main(cfg: GRPOConfig) -> Path:
              targets=cfg.lora.targets or editor.lora_targets)
     params = [p for p in editor.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  weight_decay=tc.weight_decay)
+                                  weight_decay=tc.weight_decay, fused=tc.fused_optimizer or None)
     from diffusers.optimization import get_scheduler
 
     # the optimizer steps really taken (the same on every process: n_local is), not minibatches_per_iteration
@@ -246,6 +246,9 @@ def main(cfg: GRPOConfig) -> Path:
                                 optimizer=optimizer if zero is None else DeepSpeedOptimizerState())["step"]
         logger.info("resumed from %s at iteration %d", ckpt, start)
     dit_raw = editor.transformer
+    # in place, with its LoRA: the same module and parameter names; the reference forwards (adapter disabled) and the
+    # no-grad rollouts are graphs of their own, each compiled once (compile_dit)
+    compile_dit(dit_raw, tc.compile)
     dit, optimizer, lr_scheduler = accelerator.prepare(dit_raw, optimizer, lr_scheduler)
     if ckpt is not None and zero is not None:  # every rank's ZeRO partition of the optimizer state
         load_engine_state(dit, ckpt)

@@ -1,6 +1,7 @@
 """benchmarks.gpu_check: the no-GPU answer, and every check's CPU stand-in (tiny shapes, the same code paths)."""
 import json
 
+import pytest
 import torch
 
 from benchmarks import gpu_check
@@ -19,12 +20,16 @@ def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread):
     out = tmp_path / "check" / "gpu_check.json"
     assert gpu_check.main(["--device", "cpu", "--tiny-only", "--out", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
-    assert list(res) == ["kernels", "sft", "sft_compile", "grpo", "grpo_2proc", "dit"]
+    assert list(res) == ["kernels", "sft", "sft_compile", "grpo", "grpo_compile", "grpo_2proc", "dit"]
     assert all(r["status"] == "ok" for r in res.values()), {k: r["detail"] for k, r in res.items()}
     assert res["sft"]["steps"] == 2
     assert res["sft_compile"]["eager_losses"] == res["sft"]["losses"] and res["sft_compile"]["max_rel_diff"] <= 0.02
     grpo = res["grpo"]
     assert grpo["evaluations"] == ["step-0", "step-2"] and abs(grpo["ratio_mean"] - 1) <= gpu_check.RATIO_TOL
+    comp = res["grpo_compile"]
+    assert comp["iterations"] == 2 and abs(comp["ratio_mean"] - 1) <= gpu_check.RATIO_TOL
+    assert comp["eager_first_reward"] == grpo["first_reward"]
+    assert comp["first_reward"] == pytest.approx(grpo["first_reward"], rel=1e-4)  # float32 on CPU: the same rollouts
     assert res["grpo_2proc"]["backend"] == "gloo"
     dit = res["dit"]
     assert dit["checkpointing"] and dit["grad_ok"] and dit["predicted_train_seconds"] > dit["predicted_sample_seconds"] > 0

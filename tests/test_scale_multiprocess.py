@@ -441,6 +441,21 @@ def test_sft_zero2_bf16_keeps_fp32_master_weights_and_refuses_a_ddp_checkpoint(s
     assert all(torch.equal(final[k], master[k].bfloat16().to(final[k].dtype)) for k in master)
 
 
+
+@pytest.mark.slow
+def test_sft_zero3_with_a_compiled_dit_matches_ddp(sft_ddp, tmp_path, repo_root):
+    """``train.compile=full`` under ZeRO-3 with gradient checkpointing: the DiT is compiled in place before
+    DeepSpeed partitions it, and its parameter-gathering hooks still run around every block (a compiled forward
+    that kept stale or empty partitions would not train like DDP): losses, gradient norms, lr and final weights
+    are DDP's to 1e-6."""
+    config = _zero_config(tmp_path, repo_root, "zero3", stage3_param_persistence_threshold=0)
+    run = tmp_path / "run"
+    cache = tmp_path / "inductor"  # its own inductor cache: what the run compiled lands there
+    _sft(_deepspeed(config, 2), ["model.gradient_checkpointing=true", "train.compile=full", f"output_dir={run}"],
+         TORCHINDUCTOR_CACHE_DIR=str(cache))
+    assert any(cache.rglob("*.py")), "nothing was compiled"
+    _assert_same_sft_run(sft_ddp, run)
+
 if __name__ == "__main__":  # a rank of a multi-process run: python tests/test_scale_multiprocess.py DUMP_DIR key=value...
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_and_dump(sys.argv[2:], sys.argv[1])

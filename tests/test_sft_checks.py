@@ -73,22 +73,28 @@ def test_checks_take_well_under_a_second(repo_root, monkeypatch):
     assert time.time() - t < 0.5
 
 
-def test_compile_without_a_cpp_compiler_is_one_error_before_any_work(repo_root, monkeypatch, tmp_path):
-    """On a CPU, torch.compile builds C++ kernels: a machine without a compiler hears so from the checks (it was a
-    long inductor traceback at the first forward, after the data and the editor were built)."""
+def error_without_a_cpp_compiler(command: list[str], out, repo_root) -> str:
+    """``python -m <command> output_dir=<out>`` with ``$CXX`` pointing at no compiler: exit 2, no traceback, nothing
+    written; returns its one error line."""
     import subprocess
     import sys
 
-    cfg = _cfg(repo_root, monkeypatch, "train.compile=full")
-    validate_sft_config(cfg)  # g++ is here
     env = {**__import__("os").environ, "CXX": "no-such-compiler", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml", "train.compile=full",
-                          f"output_dir={tmp_path}/run", "report_to=none"], cwd=repo_root, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", *command, f"output_dir={out}", "report_to=none"], cwd=repo_root,
+                         env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
-    line = run.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+    return run.stderr.strip().splitlines()[-1]
+
+
+def test_compile_without_a_cpp_compiler_is_one_error_before_any_work(repo_root, monkeypatch, tmp_path):
+    """On a CPU, torch.compile builds C++ kernels: a machine without a compiler hears so from the checks (it was a
+    long inductor traceback at the first forward, after the data and the editor were built)."""
+    cfg = _cfg(repo_root, monkeypatch, "train.compile=full")
+    validate_sft_config(cfg)  # g++ is here
+    line = error_without_a_cpp_compiler(["viva_base.sft", "recipe=recipes/sft_tiny.yaml", "train.compile=full"],
+                                        tmp_path / "run", repo_root)
     assert "train.compile='full' needs a C++ compiler" in line and "'no-such-compiler'" in line, line
-    assert not (tmp_path / "run").exists()
     monkeypatch.setenv("CXX", "no-such-compiler")
     validate_sft_config(_cfg(repo_root, monkeypatch, "train.compile=none"))  # no compile: no compiler needed

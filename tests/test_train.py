@@ -18,14 +18,14 @@ from viva_base.peft_utils import add_lora
 from viva_base.tiny import make_tiny_editor
 
 
-def _lora_editor(seed=2):
+def _lora_editor(seed=2, scale=0.05):
     editor = make_tiny_editor(seed=seed)
     add_lora(editor.transformer, rank=4, alpha=8, targets=editor.lora_targets)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in editor.transformer.named_parameters():
             if "lora_B" in n:  # a trained-looking adapter, so every LoRA weight gets a gradient
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+                p.copy_(scale * torch.randn(p.shape, generator=g))
     return editor
 
 

@@ -325,7 +325,8 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # Recipe keys a resumed run may change without becoming a different run (where and how long, logging, evaluation).
 RESUME_FREE_KEYS = ("resume", "output_dir", "report_to", "train.num_iterations", "train.max_steps",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.",
-                    "data.precompute")  # encodings once or per step: the same numbers to float rounding
+                    "data.precompute",  # encodings once or per step: the same numbers to float rounding
+                    "train.compile", "train.fused_optimizer")  # compiled or eager kernels: the same, to rounding
 # where a reward is computed and how its client connects (rewards/remote.py): a run may resume with the reward
 # server restarted elsewhere, or the reward back in the process (the same numbers)
 RESUME_FREE_PATTERN = re.compile(r"rewards\.[^.]+\.(server|timeout|max_retries|backoff|max_backoff|give_up_after|"
@@ -347,8 +348,13 @@ def resume_config(cfg: Any) -> dict:
             flat[prefix[:-1]] = node
 
     walk("", OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg))
-    return {k: v for k, v in flat.items() if not RESUME_FREE_PATTERN.fullmatch(k)
-            and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE_KEYS)}
+    return {k: v for k, v in flat.items() if not resume_free(k)}
+
+
+def resume_free(key: str) -> bool:
+    """Whether a dotted recipe key may change between a checkpoint and the run that resumes it."""
+    return bool(RESUME_FREE_PATTERN.fullmatch(key)) or any(key == f or (f.endswith(".") and key.startswith(f))
+                                                            for f in RESUME_FREE_KEYS)
 
 
 def check_resume_config(ckpt: Path, cfg: Any) -> None:
@@ -356,6 +362,8 @@ def check_resume_config(ckpt: Path, cfg: Any) -> None:
     stored = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
     if stored is None:  # written before checkpoints stored their config
         return
+    # a key made free after the checkpoint was written (e.g. train.compile) is stored there: free now, so ignored
+    stored = {k: v for k, v in stored.items() if not resume_free(k)}
     now = resume_config(cfg)
     diff = sorted(k for k in set(stored) | set(now) if stored.get(k, "<unset>") != now.get(k, "<unset>"))
     if diff:
