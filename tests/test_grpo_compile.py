@@ -7,26 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_sft import _spy_on_compile
 from test_sft_checks import error_without_a_cpp_compiler
 from test_train import _lora_editor
 from viva_base.data.toy import ensure_toy_dataset
 from viva_base.training import compile_dit
-
-
-def _spy_on_compile(monkeypatch, backend=None) -> list[str]:
-    """The class names of the modules compiled from now on (``nn.Module.compile``, which ``compile_dit`` uses);
-    ``backend`` replaces inductor (``aot_eager``: dynamo's tracing, guards and recompiles, no C++ build)."""
-    compiled = []
-    real_compile = torch.nn.Module.compile
-
-    def spy(module, *args, **kwargs):
-        compiled.append(type(module).__name__)
-        if backend is not None:
-            kwargs["backend"] = backend
-        return real_compile(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "compile", spy)
-    return compiled
 
 
 @pytest.mark.parametrize("mode", ["full", "regional"])

@@ -30,10 +30,7 @@ def _checkpoint(tmp_path, config: dict):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ckpt = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, lr_scheduler=sched)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "config": config}))
-    return ckpt
+    return save_checkpoint(tmp_path, 2, model=model, optimizer=opt, lr_scheduler=sched, state={"config": config})
 
 
 def test_a_checkpoint_that_stored_a_now_free_key_resumes_with_any_value(tmp_path, repo_root, monkeypatch):

@@ -268,13 +268,16 @@ def test_sft_with_precomputed_features_matches_and_resumes_exactly(tmp_path, rep
     assert rows("b") == rows("a")
 
 
-def _spy_on_compile(monkeypatch) -> list[str]:
-    """The class names of the modules compiled (``nn.Module.compile``, which ``compile_dit`` uses) from now on."""
+def _spy_on_compile(monkeypatch, backend=None) -> list[str]:
+    """The class names of the modules compiled (``nn.Module.compile``, which ``compile_dit`` uses) from now on;
+    ``backend`` replaces inductor (``aot_eager``: dynamo's tracing, guards and recompiles, no C++ build)."""
     compiled = []
     real_compile = torch.nn.Module.compile
 
     def spy(module, *args, **kwargs):
         compiled.append(type(module).__name__)
+        if backend is not None:
+            kwargs["backend"] = backend
         return real_compile(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", spy)
