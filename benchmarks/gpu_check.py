@@ -384,7 +384,7 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the code paths with --tiny-only)")
     ap.add_argument("--tiny-only", action="store_true", help="tiny shapes everywhere, the DiT check on a small config")
@@ -395,6 +395,11 @@ def main(argv=None) -> int:
     ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_compile,grpo_2proc,dit",
                     help="comma-separated subset to run")
     ap.add_argument("--out", default="outputs/gpu_check/gpu_check.json", help="JSON results (markdown next to it)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing run "

@@ -120,6 +120,8 @@ def test_quick_ablation_table_and_row_configs(tmp_path, repo_root, monkeypatch, 
         assert diff == keys, (a, b, diff)
     assert cfg["Vanilla"]["model.instructor_images"] is False and cfg["V"]["model.instructor_images"] is True
     assert cfg["Vanilla"]["data.p_video"] == 1.0 and cfg["V+M+I"]["data.p_video"] == 0.1  # sft_toy.yaml's
+    # a smoke run does not compile its 3 SFT steps per row (inductor took ~30 s a row on 2 cores, 170 s in all)
+    assert {c["train.compile"] for c in cfg.values()} == {"none"}
     for r in ROWS[:4]:
         meta = json.loads((root / "rows" / r.folder / "sft" / "final" / "editor_config.json").read_text())
         assert meta["instructor_images"] is (r.name != "Vanilla")

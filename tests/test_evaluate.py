@@ -68,8 +68,12 @@ def test_evaluator_and_report(toy_eval, tmp_path):
 def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     """Every stage of `recipe=recipes/toy.yaml`, shrunk: data, toy CLIP, SFT, eval, GRPO, eval, report."""
     from editgrpo.train import main
+    from test_sft import _spy_on_compile
 
     monkeypatch.chdir(repo_root)
+    # the recipe compiles its SFT stage's DiT and keeps Edit-GRPO eager; ``aot_eager`` runs dynamo's graphs without
+    # inductor's C++ build (about a minute per chain here; inductor's kernels are tested in tests/test_sft.py)
+    compiled = _spy_on_compile(monkeypatch, backend="aot_eager")
     cfg = load_recipe(GRPOConfig, [
         "recipe=recipes/toy.yaml", f"output_dir={tmp_path}", "report_to=none",
         "toy.n_sft_video=8", "toy.n_sft_image=4", "toy.n_grpo=4", "toy.n_eval_compound=2", "toy.n_eval_simple=1",
@@ -79,6 +83,7 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
         "sampling.num_steps=4", "sampling.sde_window_size=2", "sampling.sde_window_range=[0,1]",
         "eval.num_steps=2", "eval.seeds=[1]", "eval.save_videos=2"])
     main(cfg)
+    assert compiled == ["HunyuanVideoTransformer3DModel"]  # the SFT stage's, whatever Accelerator ran before it
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n_prompts"] == 3 and "ci95" in report["delta_oracle"]
     assert {"sft", "grpo", "delta_oracle", "n_prompts", "seconds"} <= set(report)
@@ -115,6 +120,7 @@ def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     mtime = (tmp_path / "sft" / "final" / "editor_config.json").stat().st_mtime_ns
     main(cfg)
     assert (tmp_path / "sft" / "final" / "editor_config.json").stat().st_mtime_ns == mtime
+    assert len(compiled) == 1
     # same seed, same results: a second chain from scratch in another folder gives the same numbers and LoRA
     cfg2 = OmegaConf.merge(cfg, {"output_dir": str(tmp_path / "again")})
     main(cfg2)

@@ -16,11 +16,22 @@ def test_without_cuda_it_says_so_in_one_line_and_runs_nothing(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
 
 
-def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread):
+def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread, monkeypatch):
+    """Every check of the default list, in two calls: the SFT ones with dynamo's graphs run by ``aot_eager`` (torch's
+    own backend override: inductor's kernels for the SFT step are tested in tests/test_sft.py and
+    tests/test_scale_multiprocess.py, and cost ~75 s more here), the Edit-GRPO ones with inductor, as on a GPU."""
+    first = tmp_path / "sft" / "gpu_check.json"
+    with monkeypatch.context() as m:
+        m.setenv("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:aot_eager")  # the check's own subprocesses inherit it
+        assert gpu_check.main(["--device", "cpu", "--tiny-only", "--checks", "kernels,sft,sft_compile",
+                               "--out", str(first)]) == 0
     out = tmp_path / "check" / "gpu_check.json"
-    assert gpu_check.main(["--device", "cpu", "--tiny-only", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())["results"]
-    assert list(res) == ["kernels", "sft", "sft_compile", "grpo", "grpo_compile", "grpo_2proc", "dit"]
+    assert gpu_check.main(["--device", "cpu", "--tiny-only", "--checks", "grpo,grpo_compile,grpo_2proc,dit",
+                           "--out", str(out)]) == 0
+    res = {**json.loads(first.read_text())["results"], **json.loads(out.read_text())["results"]}
+    defaults = next(a.default for a in gpu_check.parser()._actions if a.dest == "checks")
+    assert list(res) == defaults.split(",") == ["kernels", "sft", "sft_compile", "grpo", "grpo_compile",
+                                                "grpo_2proc", "dit"]
     assert all(r["status"] == "ok" for r in res.values()), {k: r["detail"] for k, r in res.items()}
     assert res["sft"]["steps"] == 2
     assert res["sft_compile"]["eager_losses"] == res["sft"]["losses"] and res["sft_compile"]["max_rel_diff"] <= 0.02
