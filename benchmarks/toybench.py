@@ -229,7 +229,8 @@ def sft_seed_markdown(table: dict, pooled: dict | None = None) -> str:
         cells = [f"{table['summary'][n][stat]:.4f}" if table["summary"][n][stat] is not None else "-" for n in names]
         lines.append(f"| {stat} | " + " | ".join(cells) + " | | |")
     if pooled is not None:
-        lines.append(f"\nEdit-GRPO, pooled over the {pooled['n_runs']} SFT seeds per prompt: {pooled['all']['mean']:+.4f} "
+        lines.append(f"\nEdit-GRPO, pooled over the {pooled['n_runs']} SFT seeds per prompt: "
+                     f"{pooled['all']['mean']:+.4f} "
                      f"[{pooled['all']['ci95'][0]:+.4f}, {pooled['all']['ci95'][1]:+.4f}] (95% CI over "
                      f"{pooled['n_prompts']} prompts; {pooled['improved']} improved)")
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ def _report(simple, source, sp, delta, types):
     return {"groups": {"sft": groups}, "copy_source_groups": {"split/simple": {"oracle": source},
                                                               **{f"type/{t}": {"oracle": 0.8} for t in types},
                                                               "type/compound": {"oracle": 0.9}},
-            "if_progress": {"simple": {"sft": 0.6}}, "delta_oracle": {"mean": delta, "ci95": [delta - 0.01, delta + 0.01]}}
+            "if_progress": {"simple": {"sft": 0.6}},
+            "delta_oracle": {"mean": delta, "ci95": [delta - 0.01, delta + 0.01]}}
 
 
 def test_the_table_reads_each_seeds_report_and_summarises_the_spread():
