@@ -9,6 +9,7 @@ from editgrpo.config import EvalConfig, GRPOConfig
 from editgrpo.evaluate import Evaluator, load_eval
 from editgrpo.report import write_report
 from rewards.registry import CombinedReward
+from test_sft import _spy_on_compile
 from viva_base.data.toy import ensure_toy_dataset
 from viva_base.data.toyworld.oracle import bootstrap_ci
 from viva_base.recipe import load_recipe
@@ -68,7 +69,6 @@ def test_evaluator_and_report(toy_eval, tmp_path):
 def test_toy_chain_smoke(tmp_path, repo_root, monkeypatch):
     """Every stage of `recipe=recipes/toy.yaml`, shrunk: data, toy CLIP, SFT, eval, GRPO, eval, report."""
     from editgrpo.train import main
-    from test_sft import _spy_on_compile
 
     monkeypatch.chdir(repo_root)
     # the recipe compiles its SFT stage's DiT and keeps Edit-GRPO eager; ``aot_eager`` runs dynamo's graphs without
