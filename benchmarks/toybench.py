@@ -12,9 +12,9 @@ group (splits, edit types, open instructions) the pooled oracle and ``if_error``
 ``--sft-seeds`` varies the SFT stage's training seed instead (``train.seed`` of the SFT recipe): one whole chain per
 seed in ``--out/sft-seed-<s>``, sharing the data, toy CLIP and toy instructor of ``--out`` (the seed the chain's own
 SFT stage has reuses ``--out/sft`` too), and writes ``--out/sftbench.json`` / ``sftbench.md``: per seed the SFT
-editor's held-out numbers (simple-edit oracle against returning the source, ``if_progress``, ``sp_error``,
-compound prompts, the progress of the 1st/2nd/3rd named operation) and its Edit-GRPO delta, then each number's mean,
-standard deviation and range over the seeds. A recipe change smaller than that spread is not shown by one run.
+editor's held-out numbers (simple-edit oracle against returning the source, ``if_progress``, ``sp_error`` and its
+split at the edit's boundary and in the interior, compound prompts, the progress of the 1st/2nd/3rd named operation)
+and its Edit-GRPO delta, then each number's mean, standard deviation and range over the seeds. A recipe change smaller than that spread is not shown by one run.
 
 The oracle metric functions live in :mod:`viva_base.data.toyworld.oracle` (the trainer's evaluation
 computes them too) and are re-exported here.
@@ -175,6 +175,8 @@ SFT_COLUMNS = (
     ("simple if_progress", ("if_progress", "simple", "sft")),
     ("simple sp_error", ("groups", "sft", "split/simple", "sp_error")),
     ("sp_error", ("groups", "sft", "all", "sp_error")),
+    ("sp_error at the boundary", ("preservation", "all", "sp_boundary", "sft")),
+    ("sp_error interior", ("preservation", "all", "sp_interior", "sft")),
     ("oracle", ("groups", "sft", "all", "oracle")),
     ("compound seen", ("groups", "sft", "split/compound-seen", "oracle")),
     ("compound novel", ("groups", "sft", "split/compound-novel", "oracle")),

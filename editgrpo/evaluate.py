@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from viva_base.atomic import atomic_dir
 from viva_base.data.manifest import read_manifest
-from viva_base.data.toyworld.oracle import (best_oracle_scores, operation_errors, pooled_progress, read_mask,
-                                            record_operation_regions, record_truths)
+from viva_base.data.toyworld.oracle import (best_oracle_scores, operation_errors, pooled_progress,
+                                            preservation_split, read_mask, record_operation_regions, record_truths)
 from viva_base.video import read_image, read_video, write_video
 
 from .rollout import guided_velocity, initial_noise, sample_generators
@@ -34,6 +34,13 @@ ORACLE_KEYS = ("oracle", "if_error", "sp_error", "if_progress")
 
 def eval_seed(seed: int, item: int) -> int:
     return (seed * 1_000_003 + item) % (2 ** 63 - 1)
+
+
+def token_pixels(policy) -> int:
+    """The side, in pixels, of what one DiT token covers (the VAE's spatial factor times the patch size), which
+    :func:`~viva_base.data.toyworld.oracle.preservation_split` needs; 1 for a policy that does not say."""
+    ratio = getattr(policy, "spatial_ratio", None)
+    return ratio if isinstance(ratio, int) and ratio > 0 else 1
 
 
 def item_groups(it: dict) -> list[str]:
@@ -180,6 +187,10 @@ class Evaluator:
                 for i, r in enumerate(recs):
                     for k, v in scores.items():
                         per_item[r["id"]][k].append(float(v[i]))
+                    if self.oracle:  # the preservation error at the edit's boundary and away from it
+                        mask = items[i]["truths"][int(o["alternative"][i])][1]
+                        for k, v in preservation_split(edited[i], source[i], mask, token_pixels(policy)).items():
+                            per_item[r["id"]][k].append(v)
                     if "regions" in items[i]:  # which operations of a compound instruction it carried out
                         truth = items[i]["truths"][0][0]
                         for k, v in operation_errors(edited[i], source[i], truth, items[i]["regions"]).items():

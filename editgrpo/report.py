@@ -79,6 +79,37 @@ def op_progress_table(ops: dict) -> str:
     return "\n".join(lines)
 
 
+SP_TITLE = "Where the preservation error sits"
+SP_CAPTION = ("sp_error split by where the kept pixel lies: at the edit's boundary (its DiT token also holds edited "
+              "pixels, so the token must change some pixels and keep others) or in the interior; share: the kept "
+              "pixels at the boundary. Means over the prompts of a group (preservation_split in "
+              "viva_base/data/toyworld/oracle.py)")
+SP_KEYS = ("sp_error", "sp_boundary", "sp_interior", "sp_boundary_share")
+
+
+def preservation(sft_groups: dict, grpo_groups: dict) -> dict:
+    """``{group: {key: {"sft": v, "grpo": v}}}`` of :data:`SP_KEYS` for ``all``, the splits and the edit types, where
+    the evaluation split the preservation error (:func:`editgrpo.evaluate.group_means` of ``sp_boundary``...)."""
+    out = {}
+    for g, stats in sft_groups.items():
+        if g == "all" or g.startswith(("split/", "type/")):
+            if stats.get("sp_boundary_share") is not None:
+                out[g] = {k: {"sft": stats.get(k), "grpo": grpo_groups.get(g, {}).get(k)} for k in SP_KEYS}
+    return out
+
+
+def preservation_table(sp: dict) -> str:
+    """The markdown table of :func:`preservation`: a row per group, SFT and GRPO per key."""
+    names = {"sp_error": "sp_error", "sp_boundary": "at the boundary", "sp_interior": "interior"}
+    head = "| group | share at the boundary | " + " | ".join(f"{names[k]} SFT | {names[k]} GRPO" for k in names) + " |"
+    lines = [head, "|---" * (2 + 2 * len(names)) + "|"]
+    for g in sorted(sp, key=lambda g: (g != "all", not g.startswith("split"), g)):
+        cells = [_fmt(sp[g]["sp_boundary_share"]["sft"])]  # a property of the prompts' masks: one column
+        cells += [f"{_fmt(sp[g][k]['sft'])} | {_fmt(sp[g][k]['grpo'])}" for k in names]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sampler_text(sampler: dict) -> str:
     """``Evaluator.sampler``'s record in words, e.g. "10 ODE steps, shift 6, CFG 2 where 0.5 < sigma <= 1"."""
     interval = sampler.get("guidance_interval")
@@ -181,6 +212,10 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
     ops_md = f"{OPS_CAPTION}\n\n{op_progress_table(ops)}" if ops else ""
     if ops:
         result["op_progress"] = ops
+    sp = preservation(sum_a["groups"], sum_b["groups"])
+    sp_md = f"{SP_CAPTION}.\n\n{preservation_table(sp)}" if sp else ""
+    if sp:
+        result["preservation"] = sp
     evals = sorted((int(p.name.split("-")[1]) for p in eval_dir.glob("step-*") if (p / "summary.json").exists()))
     points = []
     for s in evals:
@@ -207,8 +242,9 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
         md.append(f"- returning the source unchanged scores oracle {c['oracle']:.4f} (if_error {c['if_error']:.4f}, "
                   f"sp_error 0); SFT {result['sft']['oracle']:.4f}, GRPO {result['grpo']['oracle']:.4f}")
     md += ["", table]
-    if ops_md:
-        md += ["", f"## {OPS_TITLE}", "", ops_md]
+    sections = [(title, text) for title, text in ((OPS_TITLE, ops_md), (SP_TITLE, sp_md)) if text]
+    for title, text in sections:
+        md += ["", f"## {title}", "", text]
     if diagnostics and Path(diagnostics).exists():  # editgrpo.diagnose on the starting (SFT) editor
         from .diagnose import format_tables
 
@@ -219,7 +255,7 @@ def write_report(out_dir: str | os.PathLike, *, eval_dir: str | os.PathLike, sta
     atomic_write_text(out / "report.json", json.dumps(result, indent=2))
     diag_md = format_tables(result["sft_diagnostics"]) if "sft_diagnostics" in result else ""
     _write_html(out, eval_dir, start_step, final_step, rows_a, by_id, md, table, diag_md, has_plot, eval_manifest,
-                ops_md)
+                sections)
     return result
 
 
@@ -247,7 +283,7 @@ def _md_tables_html(text: str) -> str:
 
 
 def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lines, table_md, diag_md, has_plot,
-                manifest, ops_md: str = "") -> None:
+                manifest, sections: list[tuple[str, str]] = ()) -> None:
     media = out / "report_media"
     media.mkdir(exist_ok=True)
     records = {}
@@ -286,14 +322,14 @@ def _write_html(out: Path, eval_dir: Path, a: int, b: int, rows_a, by_id, md_lin
     summary = "".join(f"<p>{html.escape(line)}</p>" for line in md_lines if line.startswith("- "))
     table = _md_tables_html(table_md)
     diag = f"<h2>The starting editor, diagnosed</h2>{_md_tables_html(diag_md)}" if diag_md else ""
-    ops_html = f"<h2>{OPS_TITLE}</h2>{_md_tables_html(ops_md)}" if ops_md else ""
+    sections_html = "".join(f"<h2>{html.escape(title)}</h2>{_md_tables_html(text)}" for title, text in sections)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Edit-GRPO report</title>
 <style>body{{font-family:sans-serif;margin:20px}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;
 padding:4px;font-size:13px;vertical-align:top}} img{{image-rendering:pixelated}}
 .scroll{{overflow-x:auto;max-width:100%}} .t td:first-child,.t th:first-child{{position:sticky;left:0;background:#fff}}</style></head><body>
 <h1>Edit-GRPO: SFT vs SFT + Edit-GRPO</h1>{summary}
 {'<img src="reward_curves.png" style="max-width:100%">' if has_plot else ''}
-<h2>Per group</h2>{table}{ops_html}{diag}
+<h2>Per group</h2>{table}{sections_html}{diag}
 <h2>Held-out edits (eval seed {html.escape(str(rows_a[0]['seeds'][0]) if rows_a else '')})</h2>
 <table><tr><th>id</th><th>instruction</th><th>source</th><th>target</th><th>SFT</th><th>SFT + GRPO</th><th>scores</th></tr>
 {''.join(body)}</table></body></html>"""

@@ -273,3 +273,56 @@ def test_evaluator_and_report_show_which_operations_of_a_compound_instruction_ar
     for name in ("report.md", "report.html"):
         text = (tmp_path / name).read_text()
         assert "Which operations of a compound instruction are carried out" in text and "2nd op GRPO" in text
+
+
+def test_evaluator_and_report_split_the_preservation_error_at_the_edit_boundary(toy_eval, tmp_path):
+    """An editor that keeps every pixel but is off by 0.2 in each 4x4 token that holds edited pixels and by 0.05 in
+    every other token: the evaluation reads 0.2 at the boundary and 0.05 in the interior, with the share of kept
+    pixels at the boundary counted independently (numpy, token by token); the report shows the table."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from viva_base.data.toyworld.oracle import read_mask
+
+    cfg = OmegaConf.structured(EvalConfig)
+    cfg.manifest, cfg.seeds, cfg.batch_size, cfg.save_videos = str(toy_eval["eval"]), [1], 4, 0
+    ev = Evaluator(cfg, CombinedReward.from_config({"pixel_sp": {"weight": 1.0}}), tmp_path / "eval")
+
+    def offsets(rec):
+        m = read_mask(rec["mask"]).numpy()[:, 0] > 0.5            # (F, H, W)
+        off, share_num = np.full(m.shape, 0.05), 0
+        for f in range(m.shape[0]):
+            for y in range(0, m.shape[1], 4):
+                for x in range(0, m.shape[2], 4):
+                    if m[f, y:y + 4, x:x + 4].any():
+                        off[f, y:y + 4, x:x + 4] = 0.2
+                        share_num += int((~m[f, y:y + 4, x:x + 4]).sum())
+        return off, share_num / int((~m).sum()), share_num < int((~m).sum())
+
+    want = {r["id"]: offsets(r)[1:] for r in ev.records}
+    def shifted(src, off):  # |edited - source| = off everywhere, inside [0, 1]
+        off = torch.as_tensor(off, dtype=torch.float32)[:, None]
+        return torch.where(src > 0.5, src - off, src + off)
+
+    ev.edit = lambda policy, recs, seed, first_index: torch.stack([
+        shifted(read_video(r["source"]).frames, offsets(r)[0]) for r in recs])
+    policy = SimpleNamespace(transformer=torch.nn.Linear(1, 1), config=SimpleNamespace(shift=1.0), spatial_ratio=4)
+    ev.run(policy, step=0)
+    ev.edit = lambda policy, recs, seed, first_index: torch.stack([read_video(r["target"]).frames for r in recs])
+    ev.run(policy, step=1)
+    rows, summary = load_eval(tmp_path / "eval" / "step-0")
+    for r in rows:
+        share, has_interior = want[r["id"]]
+        assert r["mean"]["sp_boundary"] == pytest.approx(0.2) and r["mean"]["sp_boundary_share"] == pytest.approx(share)
+        # a prompt whose kept pixels all sit in tokens with edits (a background edit) has no interior entry
+        assert r["mean"].get("sp_interior") == (pytest.approx(0.05) if has_interior else None)
+    assert any(has for _, has in want.values()) and any(not has for _, has in want.values())
+    rep = write_report(tmp_path, eval_dir=tmp_path / "eval", start_step=0, final_step=1, seconds=1.0)
+    sp = rep["preservation"]
+    assert sp["all"]["sp_boundary"] == {"sft": pytest.approx(0.2), "grpo": pytest.approx(0.0)}
+    assert sp["all"]["sp_boundary_share"]["sft"] == pytest.approx(sum(s for s, _ in want.values()) / len(want))
+    assert {"split/simple", "split/compound"} <= set(sp)
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / name).read_text()
+        assert "Where the preservation error sits" in text and "at the boundary SFT" in text

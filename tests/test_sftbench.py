@@ -38,6 +38,12 @@ def test_the_table_reads_each_seeds_report_and_summarises_the_spread():
     assert "| 0 | 0.9200 | 0.8400 |" in md and "| 2/2 | [-0.0080, +0.0120] |" in md
     assert "compound seen" not in md and "| mean | 0.9250 |" in md
     assert [n for n, _ in SFT_COLUMNS][:2] == ["simple oracle", "source, simple"]
+    # the preservation split of a report that has it (editgrpo.report's "preservation"), next to sp_error
+    reports[0]["preservation"] = {"all": {"sp_boundary": {"sft": 0.09, "grpo": 0.08},
+                                          "sp_interior": {"sft": 0.03, "grpo": 0.02}}}
+    t = sft_seed_table(reports)
+    assert t["rows"][0]["sp_error at the boundary"] == 0.09 and t["rows"][0]["sp_error interior"] == 0.03
+    assert t["rows"][1]["sp_error at the boundary"] is None and t["summary"]["sp_error interior"]["n"] == 1
 
 
 def test_seed_flags():

@@ -163,3 +163,45 @@ def test_toybench_arguments_as_its_usage_line_shows():
     assert b.seeds == [3] and b.overrides == ["train.lr=1"]
     with pytest.raises(SystemExit):
         parse_args(["--seeds", "x"])
+
+
+def test_preservation_split_hand_made_numbers():
+    """One 8x8 frame, tokens of 4x4 pixels: a single edited pixel in the top-left token makes that token's other 15
+    pixels boundary pixels; the three other tokens' 48 pixels are interior."""
+    from viva_base.data.toyworld.oracle import preservation_split
+
+    src = torch.zeros(1, 3, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, 1, 2] = 1
+    edited = src.clone()
+    edited[:, :, :4, :4] = 0.5                  # the whole top-left token off by 0.5 (the edited pixel too)
+    edited[:, :, 6, 6] = 0.3                    # one interior pixel off by 0.3
+    s = preservation_split(edited, src, mask, token=4)
+    assert s["sp_boundary"] == pytest.approx(0.5)
+    assert s["sp_interior"] == pytest.approx(0.3 / 48)
+    assert s["sp_boundary_share"] == pytest.approx(15 / 63)
+    sp = oracle_scores(edited[None], src[None], src[None], mask[None])["sp_error"].item()
+    share = s["sp_boundary_share"]
+    assert sp == pytest.approx(share * s["sp_boundary"] + (1 - share) * s["sp_interior"])
+
+
+def test_preservation_split_decomposes_sp_error_exactly():
+    """sp_error = share * sp_boundary + (1 - share) * sp_interior for random videos, masks, token sizes and frame
+    sides that are not multiples of the token; with 1-pixel tokens nothing is at the boundary."""
+    from viva_base.data.toyworld.oracle import preservation_split
+
+    g = torch.Generator().manual_seed(0)
+    for token, (h, w) in ((2, (8, 8)), (4, (10, 7)), (3, (9, 12))):
+        e, s = torch.rand(3, 3, h, w, generator=g), torch.rand(3, 3, h, w, generator=g)
+        m = (torch.rand(3, 1, h, w, generator=g) > 0.8).float()
+        split = preservation_split(e, s, m, token)
+        sp = oracle_scores(e[None], s[None], s[None], m[None])["sp_error"].item()
+        share = split["sp_boundary_share"]
+        assert 0 < share < 1
+        assert sp == pytest.approx(share * split["sp_boundary"] + (1 - share) * split["sp_interior"], rel=1e-12)
+    one = preservation_split(e, s, m, 1)
+    assert one["sp_boundary_share"] == 0 and "sp_boundary" not in one
+    assert one["sp_interior"] == pytest.approx(oracle_scores(e[None], s[None], s[None], m[None])["sp_error"].item())
+    assert preservation_split(e, s, torch.ones_like(m), 4) == {}  # nothing to keep: nothing to report
+    with pytest.raises(ValueError, match="token"):
+        preservation_split(e, s, m, 0)

@@ -198,6 +198,45 @@ def operation_errors(edited: torch.Tensor, source: torch.Tensor, target: torch.T
     return out
 
 
+def preservation_split(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
+                       token: int) -> dict[str, float]:
+    """Where the preservation error of one sample sits: at the edit's boundary or away from it.
+
+    ``E``, ``S`` ``(F, 3, H, W)``, the edit mask ``M`` ``(F, 1 or 3, H, W)``; the DiT sees each frame as tokens of
+    ``token x token`` pixels (the VAE's spatial factor times the patch size: ``editor.spatial_ratio``). A kept pixel
+    (``K = 1 - M``) is at the *boundary* when its token also holds edited pixels (``B``: a token must then change
+    some of its pixels and keep the others), in the *interior* otherwise (``I = K - B``)::
+
+        sp_boundary       = sum(B |E - S|) / sum(B)      (absent when no kept pixel is at the boundary)
+        sp_interior       = sum(I |E - S|) / sum(I)      (absent when every kept pixel is)
+        sp_boundary_share = sum(B) / sum(K)              (absent when nothing is kept)
+
+    so ``sp_error = share * sp_boundary + (1 - share) * sp_interior``. A per-frame (spatial) split: with a VAE that
+    compresses time a token also spans several frames, which this does not model. Trailing rows or columns that
+    fill no whole token are counted in the token they start."""
+    if edited.ndim != 4 or edited.shape != source.shape:
+        raise ValueError(f"preservation_split: edited {tuple(edited.shape)} and source {tuple(source.shape)} must "
+                         f"both be (F, 3, H, W)")
+    if token < 1:
+        raise ValueError(f"preservation_split: token must be >= 1 pixel, got {token}")
+    keep = 1 - (mask.double() > 0.5).amax(dim=1, keepdim=True).double()  # (F, 1, H, W)
+    f, _, h, w = keep.shape
+    pad = (0, (-w) % token, 0, (-h) % token)  # pad with kept pixels: they never make a token mixed
+    kept_share = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(keep, pad, value=1.0), token)
+    mixed = (kept_share < 1).double().repeat_interleave(token, 2).repeat_interleave(token, 3)[..., :h, :w]
+    boundary, interior = keep * mixed, keep * (1 - mixed)
+    err = (edited.double() - source.double()).abs().mean(dim=1, keepdim=True)  # mean over channels, as sp_error
+    out = {}
+    n_keep, n_b, n_i = float(keep.sum()), float(boundary.sum()), float(interior.sum())
+    if n_b:
+        out["sp_boundary"] = float((err * boundary).sum()) / n_b
+    if n_i:
+        out["sp_interior"] = float((err * interior).sum()) / n_i
+    if n_keep:
+        out["sp_boundary_share"] = n_b / n_keep
+    return out
+
+
 def pooled_progress(mean_error: float, mean_identity: float) -> float:
     """``1 - mean(op<k>_error) / mean(op<k>_identity)`` over a group of prompts: how far the ``k``-th named
     operations went from the source towards the target (1: as the target, 0: as the source, < 0: worse).
@@ -207,7 +246,8 @@ def pooled_progress(mean_error: float, mean_identity: float) -> float:
 
 
 __all__ = ["oracle_scores", "best_oracle_scores", "record_truths", "masked_mean_abs", "bootstrap_ci", "average_ranks",
-           "spearman", "operation_regions", "record_operation_regions", "operation_errors", "pooled_progress"]
+           "spearman", "operation_regions", "record_operation_regions", "operation_errors", "preservation_split",
+           "pooled_progress"]
 
 
 def read_mask(path) -> torch.Tensor:
