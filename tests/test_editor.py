@@ -201,3 +201,19 @@ def test_tiny_spec_chooses_the_instructor_layer_the_dit_reads():
     # the last hidden states are RMS-normalised per token (LLaMA's final norm, unit weight at init)
     rms = h_last[0][m[0].bool()].pow(2).mean(-1).sqrt()
     assert torch.allclose(rms, torch.ones_like(rms), atol=5e-3)  # up to the norm's eps
+
+
+def test_tiny_spec_patch_size_sets_the_pixels_a_dit_token_covers():
+    """TinySpec.patch_size reaches the DiT: patch 1 makes tokens of 2 x 2 pixels (pixel VAE x2), four times as many
+    as the default patch 2, and the editor still predicts a velocity of the latent's shape."""
+    from viva_base.tiny import TinySpec, make_tiny_editor
+
+    fine, default = make_tiny_editor(TinySpec(patch_size=1), seed=0), make_tiny_editor(seed=0)
+    assert (fine.transformer.config.patch_size, fine.spatial_ratio) == (1, 2)
+    assert (default.transformer.config.patch_size, default.spatial_ratio) == (2, 4)
+    video = torch.rand(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond, _ = fine.encode_condition(video, ["make the red diamond green"])
+    z = torch.randn(1, *fine.latent_shape(cond), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        v = fine.velocity(z, torch.tensor([0.5]), cond)
+    assert v.shape == z.shape == (1, 12, 1, 16, 16)

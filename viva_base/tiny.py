@@ -76,6 +76,8 @@ class TinySpec:
     text_dim: int = 64               # LLaVA hidden size (text_embed_dim of the DiT)
     pooled_dim: int = 32             # CLIP text hidden size (pooled_projection_dim)
     rope_axes_dim: tuple = (8, 12, 12)
+    patch_size: int = 2              # the DiT's spatial patch: a token covers 2 x patch_size pixels a side with the pixel
+                                     # VAE (1: 2 x 2-pixel tokens, 4x the tokens; docs/toy_world.md, twentieth pass)
     image_size: int = 32             # LLaVA vision input
     vision_patch: int = 8
     guidance_embeds: bool = False
@@ -143,7 +145,7 @@ def make_tiny_transformer(spec: TinySpec, in_channels: int | None = None, seed: 
     model = HunyuanVideoTransformer3DModel(
         in_channels=in_channels or spec.latent_channels, out_channels=spec.latent_channels,
         num_attention_heads=spec.heads, attention_head_dim=spec.head_dim, num_layers=spec.num_layers,
-        num_single_layers=spec.num_single_layers, num_refiner_layers=spec.num_refiner_layers, patch_size=2,
+        num_single_layers=spec.num_single_layers, num_refiner_layers=spec.num_refiner_layers, patch_size=spec.patch_size,
         patch_size_t=1, guidance_embeds=spec.guidance_embeds, text_embed_dim=spec.text_dim,
         pooled_projection_dim=spec.pooled_dim, rope_axes_dim=tuple(spec.rope_axes_dim),
     )
