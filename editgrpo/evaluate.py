@@ -43,10 +43,17 @@ def token_pixels(policy) -> int:
     return ratio if isinstance(ratio, int) and ratio > 0 else 1
 
 
+def record_operations(record: dict) -> list[str] | None:
+    """The operation types a toy manifest record's instruction names, in its order (``ops``); None without them."""
+    return [op["op"] for op in record["ops"]] if record.get("ops") else None
+
+
 def item_groups(it: dict) -> list[str]:
     """The groups an evaluation item counts in: ``all``, ``split/<split>`` (compound ones also in
-    ``split/compound-novel`` or ``-seen``), ``type/<edit_type>`` and, for an open instruction (several correct
-    edits, ``open: true``), ``open/<split>``."""
+    ``split/compound-novel`` or ``-seen``), ``type/<edit_type>``, for an open instruction (several correct
+    edits, ``open: true``) ``open/<split>``, and for an instruction of several operations (toy manifests name them:
+    ``operations``) ``ops/<n>/background`` when one of its ``n`` operations edits the background (the kept pixels
+    are then objects only) or ``ops/<n>/objects`` when none does (docs/toy_world.md, twenty-first pass)."""
     names = ["all"]
     if it.get("split"):
         names.append(f"split/{it['split']}")
@@ -56,6 +63,9 @@ def item_groups(it: dict) -> list[str]:
         names.append(f"type/{it['edit_type']}")
     if it.get("open"):
         names.append(f"open/{it.get('split') or 'all'}")
+    ops = it.get("operations") or []
+    if len(ops) > 1:
+        names.append(f"ops/{len(ops)}/" + ("background" if "background" in ops else "objects"))
     return names
 
 
@@ -205,6 +215,7 @@ class Evaluator:
             mean = {k: (sum(v) / len(v) if all(x == x for x in v) else float("nan")) for k, v in scores.items()}
             rows.append({"id": r["id"], "edit_type": r.get("edit_type"), "split": r.get("split"),
                          "novel_combo": r.get("novel_combo"), "open": r.get("open"), "instruction": r["instruction"],
+                         "operations": record_operations(r),
                          "seeds": self.seeds, "scores": dict(scores), "mean": mean})
         keys = sorted({k for row in rows for k in row["mean"]})
         summary = {"step": step, "n_prompts": len(rows), "seeds": self.seeds, "oracle_available": self.oracle,

@@ -83,16 +83,18 @@ SP_TITLE = "Where the preservation error sits"
 SP_CAPTION = ("sp_error split by where the kept pixel lies: at the edit's boundary (its DiT token also holds edited "
               "pixels, so the token must change some pixels and keep others) or in the interior; share: the kept "
               "pixels at the boundary. Means over the prompts of a group (preservation_split in "
-              "viva_base/data/toyworld/oracle.py)")
+              "viva_base/data/toyworld/oracle.py); ops/<n>/background: compound prompts of n operations, one of "
+              "them a background edit (their kept pixels are objects), ops/<n>/objects: none of them")
 SP_KEYS = ("sp_error", "sp_boundary", "sp_interior", "sp_boundary_share")
 
 
 def preservation(sft_groups: dict, grpo_groups: dict) -> dict:
-    """``{group: {key: {"sft": v, "grpo": v}}}`` of :data:`SP_KEYS` for ``all``, the splits and the edit types, where
+    """``{group: {key: {"sft": v, "grpo": v}}}`` of :data:`SP_KEYS` for ``all``, the splits, the edit types and the
+    compound prompts by their number of operations and whether one edits the background (``ops/<n>/...``), where
     the evaluation split the preservation error (:func:`editgrpo.evaluate.group_means` of ``sp_boundary``...)."""
     out = {}
     for g, stats in sft_groups.items():
-        if g == "all" or g.startswith(("split/", "type/")):
+        if g == "all" or g.startswith(("split/", "type/", "ops/")):
             if stats.get("sp_boundary_share") is not None:
                 out[g] = {k: {"sft": stats.get(k), "grpo": grpo_groups.get(g, {}).get(k)} for k in SP_KEYS}
     return out
@@ -125,7 +127,7 @@ def copy_source_groups(manifest: str | os.PathLike) -> dict | None:
     from viva_base.data.manifest import read_manifest
     from viva_base.data.toyworld.oracle import best_oracle_scores, record_truths
 
-    from .evaluate import group_means
+    from .evaluate import group_means, record_operations
 
     records = read_manifest(manifest, "eval")
     if not records or not all(r.get("target") and r.get("mask") for r in records):
@@ -135,7 +137,7 @@ def copy_source_groups(manifest: str | os.PathLike) -> dict | None:
         src = read_video(r["source"]).frames[None]
         o = best_oracle_scores(src, src, [record_truths(r)])
         rows.append({"edit_type": r.get("edit_type"), "split": r.get("split"), "novel_combo": r.get("novel_combo"),
-                     "open": r.get("open"),
+                     "open": r.get("open"), "operations": record_operations(r),
                      "mean": {k: float(o[k][0]) for k in ORACLE_COLUMNS}})
     return group_means(rows, list(ORACLE_COLUMNS))
 

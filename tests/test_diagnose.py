@@ -85,6 +85,15 @@ def test_report_copy_source_is_the_oracle_of_returning_the_source(toy):
     assert groups["all"]["n"] == len(recs)
     assert groups["all"]["oracle"] == pytest.approx(sum(want) / len(want))
     assert groups["all"]["sp_error"] == 0 and groups["all"]["if_progress"] == pytest.approx(0.0, abs=1e-6)
+    # the compound prompts by number of operations and background or not, as the evaluation groups them
+    by_ops: dict = {}
+    for r, w in zip(recs, want):
+        ops = [op["op"] for op in r.get("ops") or []]
+        if len(ops) > 1:
+            by_ops.setdefault(f"ops/{len(ops)}/{'background' if 'background' in ops else 'objects'}", []).append(w)
+    assert by_ops and {g for g in groups if g.startswith("ops/")} == set(by_ops)
+    for g, ws in by_ops.items():
+        assert groups[g]["n"] == len(ws) and groups[g]["oracle"] == pytest.approx(sum(ws) / len(ws))
     table = comparison_table(groups, groups, ["oracle", "reward"], source=groups)
     assert table.splitlines()[0].startswith("| group | n | oracle source | oracle SFT | oracle GRPO | reward SFT")
 

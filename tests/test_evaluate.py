@@ -199,6 +199,20 @@ def test_evaluator_scores_open_instructions_against_their_nearest_correct_edit(t
     assert (tmp_path / "report.html").read_text().count("open: the target shown is one of several correct edits") == 2
 
 
+def test_item_groups_of_compound_prompts_by_their_operations():
+    """A prompt of several operations also counts in ops/<n>/background or ops/<n>/objects; a single operation, or
+    an item written before the evaluation recorded its operations, in neither."""
+    from editgrpo.evaluate import item_groups
+
+    base = {"split": "compound", "edit_type": "compound", "novel_combo": True}
+    assert item_groups({**base, "operations": ["recolour", "add", "background"]}) == [
+        "all", "split/compound", "split/compound-novel", "type/compound", "ops/3/background"]
+    assert item_groups({**base, "operations": ["add", "remove"]})[-1] == "ops/2/objects"
+    assert not any(g.startswith("ops/") for g in item_groups(base))
+    simple = {"split": "simple", "edit_type": "background", "operations": ["background"]}
+    assert item_groups(simple) == ["all", "split/simple", "type/background"]
+
+
 def test_operation_regions_split_a_compound_edit_by_operation():
     from viva_base.data.toyworld.edits import Recolour, SetBackground, apply
     from viva_base.data.toyworld.oracle import operation_errors, operation_regions
@@ -323,6 +337,18 @@ def test_evaluator_and_report_split_the_preservation_error_at_the_edit_boundary(
     assert sp["all"]["sp_boundary"] == {"sft": pytest.approx(0.2), "grpo": pytest.approx(0.0)}
     assert sp["all"]["sp_boundary_share"]["sft"] == pytest.approx(sum(s for s, _ in want.values()) / len(want))
     assert {"split/simple", "split/compound"} <= set(sp)
+    # compound prompts by number of operations and whether one edits the background, from the manifest's ops
+    ops = {r["id"]: [op["op"] for op in r["ops"]] for r in ev.records}
+    assert all(r["operations"] == ops[r["id"]] for r in rows)
+    members: dict = {}
+    for i, o in ops.items():
+        if len(o) > 1:
+            members.setdefault(f"ops/{len(o)}/{'background' if 'background' in o else 'objects'}", []).append(i)
+    assert {g for g in sp if g.startswith("ops/")} == set(members) == {"ops/2/background", "ops/3/background"}
+    for g, ids in members.items():
+        assert sp[g]["sp_boundary_share"]["sft"] == pytest.approx(sum(want[i][0] for i in ids) / len(ids))
+        assert summary["groups"][g]["n"] == len(ids)
     for name in ("report.md", "report.html"):
         text = (tmp_path / name).read_text()
         assert "Where the preservation error sits" in text and "at the boundary SFT" in text
+        assert "| ops/3/background |" in text or "<td>ops/3/background</td>" in text
