@@ -177,6 +177,8 @@ SFT_COLUMNS = (
     ("sp_error", ("groups", "sft", "all", "sp_error")),
     ("sp_error at the boundary", ("preservation", "all", "sp_boundary", "sft")),
     ("sp_error interior", ("preservation", "all", "sp_interior", "sft")),
+    # compound prompts of 3 operations, one a background edit: where the seeds' sp_error differs (twenty-first pass)
+    ("sp_error, 3 ops with background", ("groups", "sft", "ops/3/background", "sp_error")),
     ("oracle", ("groups", "sft", "all", "oracle")),
     ("compound seen", ("groups", "sft", "split/compound-seen", "oracle")),
     ("compound novel", ("groups", "sft", "split/compound-novel", "oracle")),

@@ -44,6 +44,12 @@ def test_the_table_reads_each_seeds_report_and_summarises_the_spread():
     t = sft_seed_table(reports)
     assert t["rows"][0]["sp_error at the boundary"] == 0.09 and t["rows"][0]["sp_error interior"] == 0.03
     assert t["rows"][1]["sp_error at the boundary"] is None and t["summary"]["sp_error interior"]["n"] == 1
+    # the compound prompts with a background edit and two more operations (editgrpo.evaluate.item_groups)
+    reports[2]["groups"]["sft"]["ops/3/background"] = {"sp_error": 0.11}
+    t = sft_seed_table(reports)
+    col = "sp_error, 3 ops with background"
+    assert t["rows"][1][col] == 0.11 and t["rows"][0][col] is None and t["summary"][col]["mean"] == 0.11
+    assert f" {col} |" in sft_seed_markdown(t).splitlines()[0]
 
 
 def test_seed_flags():
