@@ -680,7 +680,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --prepare: the metadata column holding KEY (id, source, instruction, category, task, "
                         "reference, source_caption, target_caption)")
     g.add_argument("--model", help="editor directory (save_pretrained) to edit every item with")
-    g.add_argument("--lora", help="LoRA folder (viva_base.peft_utils format) loaded onto --model's DiT")
+    g.add_argument("--lora", help="LoRA folder (viva_base.peft_utils format) or hub repo id loaded onto --model's DiT")
     g.add_argument("--name", help="system name of --model in the tables (default: the folder name)")
     g.add_argument("--results", action="append", default=[], metavar="[NAME=]DIR",
                    help="folder of videos edited by another system (<id>.mp4, or <id>/edited.mp4 ...); repeat to "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from viva_base.hub import HubConfig
 from viva_base.training import ModelConfig
 
 
@@ -143,6 +144,7 @@ class GRPOConfig:
     toy: ToyChainConfig = field(default_factory=ToyChainConfig)
     report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
     resume: Optional[str] = None         # latest | a checkpoint folder
+    hub: HubConfig = field(default_factory=HubConfig)  # model card and upload of lora/ (viva_base/hub.py)
 
     RECIPE_REPLACE = ("rewards",)  # merged with the default, `rewards: {pickscore: ...}` once also trained on clip_if + clip_sp
 
@@ -225,6 +227,9 @@ def validate_config(cfg: GRPOConfig) -> None:
         raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")
     positive("lora.rank", cfg.lora.rank)
+    from viva_base.hub import check_hub
+
+    check_hub(cfg.hub, cfg.output_dir, create=False)  # offline, token, repo id: no network yet
     if cfg.toy.enabled:
         from viva_base.data.toyworld.build import check_open_edit_params
 

@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-scale", type=float, default=2.0)
     p.add_argument("--eta", type=float, default=0.7)
     p.add_argument("--rewards", default=None, help="a recipe whose rewards block scores the group samples")
-    p.add_argument("--lora", default=None, help="a LoRA directory to load onto the editor")
+    p.add_argument("--lora", default=None, help="a LoRA folder or hub repo id to load onto the editor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)

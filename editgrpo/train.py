@@ -34,6 +34,7 @@ from viva_base.atomic import atomic_dir
 from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                                    gathered, load_engine_state, no_zero_init, save_state)
 from viva_base.errors import UserError
+from viva_base.hub import card_files, check_hub, eval_results, lora_card, push_folder, write_files
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
 from viva_base.training import (MetricsFile, build_editor, compile_dit, find_checkpoint, init_trackers,
@@ -184,6 +185,7 @@ def forward_loss(cfg, editor, dit_raw, rec, rows: torch.Tensor, sel: torch.Tenso
 def main(cfg: GRPOConfig) -> Path:
     t_start = time.time()
     validate_config(cfg)  # before any expensive work: data, editor, reward models
+    repo_id = check_hub(cfg.hub, cfg.output_dir)  # the main process creates the hub repo now: a bad token fails fast
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc, sc = cfg.train, cfg.sampling
@@ -267,6 +269,7 @@ def main(cfg: GRPOConfig) -> Path:
     logger.info("Edit-GRPO: %d prompts, %d x %d samples per iteration on %d process(es), %d LoRA parameters",
                 len(prompts), P, G, world, sum(p.numel() for p in params))
 
+    row = None  # the last iteration's metrics (for the LoRA's model card)
     bar = tqdm(range(start, tc.num_iterations), initial=start, total=tc.num_iterations, desc="edit-grpo",
                disable=not accelerator.is_main_process)
     for it in bar:
@@ -401,8 +404,9 @@ def main(cfg: GRPOConfig) -> Path:
     with gathered(accelerator, params):  # ZeRO-3: the full LoRA on every rank for the save (collective)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _save_lora_atomic(dit_raw, final)
+            _save_lora_atomic(dit_raw, final, base_model=cfg.model.pretrained)
     if accelerator.is_main_process:
+        report = None
         if evaluator is not None and (out / "eval" / "step-0").exists():
             from .report import write_report
 
@@ -414,9 +418,16 @@ def main(cfg: GRPOConfig) -> Path:
                 print(f"held-out oracle: SFT {report['sft']['oracle']:.4f} -> GRPO {report['grpo']['oracle']:.4f} "
                       f"(delta {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]); "
                       f"report in {out / 'report.html'}")
+        card = lora_card(cfg, name=repo_id or str(final), title=repo_id or out.resolve().name,
+                         iterations=tc.num_iterations, seconds=time.time() - t_start, processes=world,
+                         last_row=row, resumed_at=start,
+                         results=eval_results(out / "eval", report) if evaluator is not None else "")
+        write_files(final, card_files(card, cfg))
         logger.info("Edit-GRPO done in %.1f s; LoRA in %s", time.time() - t_start, final)
         print(f"Edit-GRPO finished: {tc.num_iterations} iterations, LoRA in {final}, metrics in {out / 'metrics.jsonl'}")
     accelerator.end_training()
+    if repo_id is not None and accelerator.is_main_process:
+        push_folder(cfg.hub, repo_id, final, "Edit-GRPO LoRA")
     return out
 
 
@@ -442,9 +453,9 @@ def _evaluate(evaluator, editor, step: int, accelerator) -> None:
         raise UserError(f"evaluation at step {step} stopped: {e}; the checkpoints written so far are kept") from None
 
 
-def _save_lora_atomic(model, path: Path) -> None:
+def _save_lora_atomic(model, path: Path, base_model: str | None = None) -> None:
     with atomic_dir(path) as tmp:
-        save_lora(model, tmp)
+        save_lora(model, tmp, base_model=base_model)
 
 
 def _global_mean(accelerator, values: torch.Tensor) -> float:

@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and without its LoRA(s), same seed, side by side.")
     p.add_argument("--model", required=True, help="editor directory (save_pretrained) or hub repo id")
     p.add_argument("--lora", action="append", default=[], metavar="DIR",
-                   help="LoRA directory to compare with the editor alone (repeat for several)")
+                   help="LoRA folder or hub repo id to compare with the editor alone (repeat for several)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")

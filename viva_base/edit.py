@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="viva-edit", description="Edit a video with an instruction (VIVA).")
     p.add_argument("--model", required=True, help="editor directory (save_pretrained) or hub repo id")
-    p.add_argument("--lora", help="LoRA directory (pytorch_lora_weights.safetensors) to load into the DiT")
+    p.add_argument("--lora", help="LoRA folder (pytorch_lora_weights.safetensors) or hub repo id to load into the DiT")
     p.add_argument("--video", required=True, help="input video file, image, or folder of images")
     p.add_argument("--instruction", required=True, help="what to change, e.g. \"make the sky night\"")
     p.add_argument("--reference", help="optional reference image")
@@ -101,11 +101,17 @@ def check_request(video, instruction: str, reference=None):
 
 
 def check_lora_dirs(loras) -> None:
+    """Each LoRA is a local folder or a hub repo id (``owner/name``: resolved, from the cache or downloaded, when it
+    loads); anything else is one line now, before the model loads."""
     from .errors import CheckpointError
+    from .hub import hub_ids
 
     for lora in loras:
-        if not Path(lora).is_dir():
-            raise CheckpointError(f"{lora}: LoRA folder not found")
+        if Path(lora).exists() and not Path(lora).is_dir():
+            raise CheckpointError(f"{lora}: is a file; --lora takes the LoRA's folder "
+                                  "(pytorch_lora_weights.safetensors)")
+        if not Path(lora).is_dir() and not hub_ids(str(lora)):
+            raise CheckpointError(f"{lora}: LoRA folder not found (and not a hub repo id, owner/name)")
 
 
 def check_inputs(args) -> None:

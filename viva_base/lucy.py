@@ -295,14 +295,17 @@ class LucyEditor:
         return EditPipeline(self)(video, instruction, reference, **kwargs)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write a ``LucyEditPipeline`` directory + ``editor_config.json`` to ``path`` atomically."""
+    def save_pretrained(self, path: str | os.PathLike, *, files: dict[str, str] | None = None) -> Path:
+        """Write a ``LucyEditPipeline`` directory + ``editor_config.json`` to ``path`` atomically; ``files``: text
+        files written with it (name -> text: a model card, the training recipe; viva_base.hub)."""
         if hasattr(self.transformer, "peft_config"):
             raise CheckpointError("save the LoRA with editgrpo's checkpoint functions, or merge it first")
         path = Path(path)
         with atomic_dir(path) as tmp:
             self.to_pipeline().save_pretrained(tmp)
             (tmp / EDITOR_CONFIG).write_text(json.dumps({"_class_name": "LucyEditor", **asdict(self.config)}, indent=2))
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
         return path
 
     @classmethod

@@ -275,8 +275,9 @@ class VivaEditor:
                               "'source_residual'")
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write the whole editor to ``path`` atomically (a temporary folder renamed at the end)."""
+    def save_pretrained(self, path: str | os.PathLike, *, files: dict[str, str] | None = None) -> Path:
+        """Write the whole editor to ``path`` atomically (a temporary folder renamed at the end); ``files``: text
+        files written with it (name -> text: a model card, the training recipe; viva_base.hub)."""
         path = Path(path)
         if hasattr(self.transformer, "peft_config"):
             raise CheckpointError("save the LoRA with editgrpo's checkpoint functions, or merge it first")
@@ -290,6 +291,8 @@ class VivaEditor:
             self.scheduler.save_pretrained(tmp / "scheduler")
             meta = {"_class_name": "VivaEditor", "vae_class": type(self.vae).__name__, **asdict(self.config)}
             (tmp / EDITOR_CONFIG).write_text(json.dumps(meta, indent=2))
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
         return path
 
     @classmethod

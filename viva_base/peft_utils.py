@@ -58,8 +58,9 @@ def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = ADAPTER) -
             get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()}
 
 
-def save_lora(transformer: torch.nn.Module, path, adapter_name: str = ADAPTER) -> None:
-    """Write the LoRA in both formats users load:
+def save_lora(transformer: torch.nn.Module, path, adapter_name: str = ADAPTER, base_model: str | None = None) -> None:
+    """Write the LoRA in both formats users load (``base_model``: the editor it belongs to, recorded as peft's
+    ``base_model_name_or_path``):
 
     * diffusers: ``pytorch_lora_weights.safetensors`` (keys ``transformer.*``), what
       ``HunyuanVideoPipeline.load_lora_weights(path)`` and ``transformer.load_lora_adapter(path)`` read;
@@ -81,16 +82,23 @@ def save_lora(transformer: torch.nn.Module, path, adapter_name: str = ADAPTER) -
     save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(path / "adapter_model.safetensors"))
     cfg = config.to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    if base_model is not None:
+        cfg["base_model_name_or_path"] = str(base_model)
     (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
 
 
 def load_lora(transformer: torch.nn.Module, path, adapter_name: str = ADAPTER) -> torch.nn.Module:
-    """Load a LoRA written by :func:`save_lora` (or any diffusers-format HunyuanVideo LoRA) into the DiT.
+    """Load a LoRA written by :func:`save_lora` (or any diffusers-format HunyuanVideo LoRA) into the DiT. ``path``:
+    a folder, or a hub repo id (from the local Hugging Face cache, or downloaded), as editors load.
 
     Raises :class:`CheckpointError` when the folder holds no LoRA or its modules/shapes do not match.
     """
     from pathlib import Path
 
+    from .model import _resolve
+
+    if not Path(path).exists():
+        path = _resolve(path, "pytorch_lora_weights.safetensors")
     path = Path(path)
     if not (path / "pytorch_lora_weights.safetensors").is_file():
         raise CheckpointError(f"{path}: no LoRA here (expected pytorch_lora_weights.safetensors)")

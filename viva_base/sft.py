@@ -34,6 +34,7 @@ from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                           full_parameters, load_engine_state, no_zero_init, restore_parameters, save_state)
 from .errors import CheckpointError, UserError
+from .hub import HubConfig, card_files, check_hub, push_folder, sft_card
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
                      sigma_loss_weight)
 from .policy import Condition
@@ -117,6 +118,7 @@ class SFTConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # used with train.trainable=lora (same block as Edit-GRPO's)
     report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
     resume: Optional[str] = None         # latest | a checkpoint folder
+    hub: HubConfig = field(default_factory=HubConfig)  # model card and upload of final/ (viva_base/hub.py)
 
     RECIPE_ALIASES = {"train.lora": "lora"}  # the spelling before 2026-11-30 (the LoRA block is top-level everywhere)
 
@@ -266,6 +268,7 @@ def check_zero3_forwards(records: list[dict], per_micro: int) -> None:
 def main(cfg: SFTConfig) -> Path:
     t0 = time.time()
     validate_sft_config(cfg)  # before any data, editor or accelerator
+    repo_id = check_hub(cfg.hub, cfg.output_dir)  # the main process creates the hub repo now: a bad token fails fast
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
@@ -392,11 +395,16 @@ def main(cfg: SFTConfig) -> Path:
 
             transformer = merge_lora(transformer)
         editor.transformer, editor.dit_forward = transformer.to(model_dtype), None
-        editor.save_pretrained(final)
+        card = sft_card(cfg, name=repo_id or str(final), title=repo_id or out.resolve().name, steps=tc.max_steps,
+                        loss=loss_mean, seconds=time.time() - t0, processes=world, pairs=len(records),
+                        editor_class=type(editor).__name__, resumed_at=start)
+        editor.save_pretrained(final, files=card_files(card, cfg))
         logger.info("SFT done in %.1f s; editor written to %s", time.time() - t0, final)
         print(f"SFT finished: {tc.max_steps} steps, last loss {loss_mean:.4f}, "
               f"editor in {final}")
     accelerator.end_training()
+    if repo_id is not None and accelerator.is_main_process:
+        push_folder(cfg.hub, repo_id, final, "SFT editor")
     return final
 
 

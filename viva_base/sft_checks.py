@@ -78,6 +78,9 @@ def validate_sft_config(cfg) -> None:
     if tc.trainable == "lora":
         positive("lora.rank", cfg.lora.rank)
         positive("lora.alpha", cfg.lora.alpha)
+    from .hub import check_hub
+
+    check_hub(cfg.hub, cfg.output_dir, create=False)  # offline, token, repo id: no network yet
 
     # the data
     probability("data.p_video", dc.p_video)

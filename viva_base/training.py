@@ -326,7 +326,8 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 RESUME_FREE_KEYS = ("resume", "output_dir", "report_to", "train.num_iterations", "train.max_steps",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.",
                     "data.precompute",  # encodings once or per step: the same numbers to float rounding
-                    "train.compile", "train.fused_optimizer")  # compiled or eager kernels: the same, to rounding
+                    "train.compile", "train.fused_optimizer",  # compiled or eager kernels: the same, to rounding
+                    "hub.")  # where the result is shared (viva_base/hub.py)
 # where a reward is computed and how its client connects (rewards/remote.py): a run may resume with the reward
 # server restarted elsewhere, or the reward back in the process (the same numbers)
 RESUME_FREE_PATTERN = re.compile(r"rewards\.[^.]+\.(server|timeout|max_retries|backoff|max_backoff|give_up_after|"
