@@ -102,7 +102,8 @@ class FakeHub:
         files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
         card = (Path(folder_path) / CARD).read_text()
         FakeHub.calls.append(("upload_folder", repo_id, {"folder": str(folder_path), "files": files,
-                                                         "revision": revision, "card": card}))
+                                                         "revision": revision, "card": card,
+                                                         "message": commit_message}))
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
 
 
@@ -311,3 +312,30 @@ def test_a_lora_loads_by_hub_repo_id_from_the_cache(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="is a file; --lora takes the LoRA's folder"):
         check_lora_dirs([str(tmp_path / "file")])
+
+
+@pytest.mark.parametrize("kind", ["viva", "lucy"])
+def test_an_editor_pushes_itself_with_a_card_from_python(tmp_path, fake_hub, kind):
+    """``editor.push_to_hub(repo_id)`` (diffusers' convention): the repo is created, then the folder
+    ``save_pretrained`` writes, with a model card, is uploaded from a temporary folder that is gone afterwards."""
+    from huggingface_hub import ModelCard
+
+    from viva_base.tiny import make_tiny_editor
+    from viva_base.tiny_lucy import make_tiny_lucy_editor
+
+    editor = make_tiny_editor(seed=0) if kind == "viva" else make_tiny_lucy_editor(seed=0)
+    url = editor.push_to_hub("me/tiny-editor", private=False, license="apache-2.0", commit_message="first")
+    (create, repo, kw), (upload, repo2, up) = fake_hub.calls
+    assert (create, repo, kw) == ("create_repo", "me/tiny-editor", {"private": False, "exist_ok": True})
+    assert (upload, repo2) == ("upload_folder", "me/tiny-editor") and url.startswith("https://huggingface.co/me/")
+    assert {CARD, "editor_config.json"} <= set(up["files"]) and not Path(up["folder"]).exists()
+    assert up["message"] == "first"
+    card = ModelCard(up["card"])
+    assert card.data.license == "apache-2.0" and "load_editor(\"me/tiny-editor\")" in card.text
+    assert ("LucyEditor" in card.text) == (kind == "lucy") and "## Training" not in card.text
+    with pytest.raises(UserError, match=r"push_to_hub\('not a repo id'\): not a valid hub repo id"):
+        editor.push_to_hub("not a repo id")
+    fake_hub.fail_upload = True
+    with pytest.raises(UserError, match=r"^uploading the editor to the hub repo 'me/tiny-editor' failed "
+                                        r"\(ConnectionError: Connection reset by peer\)$"):
+        editor.push_to_hub("me/tiny-editor")

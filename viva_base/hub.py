@@ -85,17 +85,21 @@ def check_hub(hub: HubConfig, output_dir: str | os.PathLike, *, create: bool = T
     return repo_id
 
 
-def push_folder(hub: HubConfig, repo_id: str, folder: str | os.PathLike, what: str) -> str:
+def push_folder(hub: HubConfig, repo_id: str, folder: str | os.PathLike, what: str, *,
+                commit_message: str | None = None, kept: bool = True) -> str:
     """Upload ``folder`` to ``repo_id`` (the main process, at the end of a run); returns the commit's url. A failed
-    upload raises :class:`UserError`: the folder stays, and the message gives the command to upload it by hand."""
+    upload raises :class:`UserError`; with ``kept`` (the folder stays) the message gives the command to upload it
+    by hand."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     try:
         info = HfApi().upload_folder(repo_id=repo_id, folder_path=str(folder), revision=hub.revision,
-                                     commit_message=f"Upload {what} ({folder.name}/) from Edit-GRPO",
+                                     commit_message=commit_message or f"Upload {what} ({folder.name}/) from Edit-GRPO",
                                      ignore_patterns=[".*"])
     except Exception as exc:
+        if not kept:
+            raise UserError(f"uploading the {what} to the hub repo {repo_id!r} failed ({_first_line(exc)})") from None
         branch = f" --revision {hub.revision}" if hub.revision else ""
         raise UserError(f"the {what} is saved in {folder}, but uploading it to the hub repo {repo_id!r} failed "
                         f"({_first_line(exc)}); upload it with `hf upload {repo_id} {folder}{branch}`") from None
@@ -162,7 +166,7 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_card(*, title: str, summary: str, usage: str, training: list[tuple[str, Any]],
+def render_card(*, title: str, summary: str, usage: str, training: list[tuple[str, Any]] | None,
                 results: str = "", base_model: list[str] | None = None, tags: list[str] | None = None,
                 license: str | None = None) -> str:
     """A model card's text: YAML metadata (``huggingface_hub.ModelCardData``) and the markdown sections."""
@@ -170,8 +174,9 @@ def render_card(*, title: str, summary: str, usage: str, training: list[tuple[st
 
     data = ModelCardData(library_name=LIBRARY, pipeline_tag="video-to-video", license=license or None,
                          base_model=(base_model or None), tags=["video-editing", "edit-grpo", *(tags or [])])
-    parts = [f"---\n{data.to_yaml()}\n---", f"# {title}", summary.strip(), "## Use", usage.strip(), "## Training",
-             _table(training), f"The resolved recipe is `{TRAINING_CONFIG}` in this folder."]
+    parts = [f"---\n{data.to_yaml()}\n---", f"# {title}", summary.strip(), "## Use", usage.strip()]
+    if training:
+        parts += ["## Training", _table(training), f"The resolved recipe is `{TRAINING_CONFIG}` in this folder."]
     if results:
         parts += ["## Evaluation", results.strip()]
     parts.append("Made with Edit-GRPO (the VIVA editor and its RL post-training).")
@@ -211,15 +216,9 @@ SUMMARIES = {
 }
 
 
-def sft_card(cfg, *, name: str, title: str, steps: int, loss: float, seconds: float, processes: int, pairs: int,
-             editor_class: str = "VivaEditor", resumed_at: int = 0) -> str:
-    """The card of an SFT run's ``final/`` (an editor folder): ``cfg`` is the run's ``SFTConfig``."""
-    tc, mc = cfg.train, cfg.model
-    lora = (f", LoRA r{cfg.lora.rank} / alpha {cfg.lora.alpha} (merged into the weights)"
-            if tc.trainable == "lora" else "")
-    trained = {"full": "the whole DiT", "lora": "a LoRA on the DiT's attention", "projector_refiner":
-               "the projector and the token refiner"}.get(tc.trainable, tc.trainable) + lora
-    usage = f"""An editor folder; load it by this repo's id or a local path.
+def editor_usage(name: str, editor_class: str) -> str:
+    """The card's "Use" section for an editor folder or repo ``name``."""
+    return f"""An editor folder; load it by this repo's id or a local path.
 
 ```bash
 python -m viva_base.edit --model {name} --video in.mp4 --instruction "make the car red" --out out.mp4 \\
@@ -233,6 +232,17 @@ from viva_base.training import load_editor
 editor = load_editor("{name}")   # a {editor_class}
 EditPipeline(editor).edit_file("in.mp4", "make the car red", "out.mp4", num_inference_steps=50, seed=0)
 ```"""
+
+
+def sft_card(cfg, *, name: str, title: str, steps: int, loss: float, seconds: float, processes: int, pairs: int,
+             editor_class: str = "VivaEditor", resumed_at: int = 0) -> str:
+    """The card of an SFT run's ``final/`` (an editor folder): ``cfg`` is the run's ``SFTConfig``."""
+    tc, mc = cfg.train, cfg.model
+    lora = (f", LoRA r{cfg.lora.rank} / alpha {cfg.lora.alpha} (merged into the weights)"
+            if tc.trainable == "lora" else "")
+    trained = {"full": "the whole DiT", "lora": "a LoRA on the DiT's attention", "projector_refiner":
+               "the projector and the token refiner"}.get(tc.trainable, tc.trainable) + lora
+    usage = editor_usage(name, editor_class)
     schedule = f"{tc.lr_scheduler}" + (f", {tc.warmup_steps} warmup steps" if tc.warmup_steps else "")
     training = [
         ("started from", started_from(mc)),
@@ -350,3 +360,31 @@ EditPipeline(editor).edit_file("in.mp4", "make the car red", "out.mp4", {kwargs}
                 f"with reinforcement learning from reward models ({algorithm}).",
         usage=usage, training=training, results=results, base_model=hub_ids(mc.pretrained),
         tags=["lora", "peft", "diffusers", tc.algorithm], license=cfg.hub.license)
+
+
+class PushToHubMixin:
+    """``editor.push_to_hub("you/name")``: the editor written by ``save_pretrained`` with a model card, uploaded
+    (diffusers' ``push_to_hub`` convention). Checks as the recipes' ``hub`` block does (offline mode, token, repo
+    id), creates the repo, then uploads from a temporary folder; returns the commit's url."""
+
+    def push_to_hub(self, repo_id: str, *, private: bool = True, revision: str | None = None,
+                    license: str | None = None, commit_message: str | None = None) -> str:
+        import tempfile
+
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            raise UserError(f"push_to_hub({repo_id!r}): not a valid hub repo id ({_first_line(exc)}); give "
+                            "owner/name") from None
+        hub = HubConfig(push_to_hub=True, repo_id=repo_id, private=private, revision=revision, license=license)
+        repo_id = check_hub(hub, repo_id)
+        name = type(self).__name__
+        card = render_card(title=f"{repo_id}: a video editor", summary=SUMMARIES.get(name, f"A video editor ({name})."),
+                           usage=editor_usage(repo_id, name), training=None, license=license,
+                           tags=["viva", "hunyuan-video"] if name == "VivaEditor" else [])
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "editor"
+            self.save_pretrained(folder, files={CARD: card})
+            return push_folder(hub, repo_id, folder, "editor", commit_message=commit_message, kept=False)

@@ -49,6 +49,7 @@ import torch
 
 from .atomic import atomic_dir
 from .errors import CheckpointError, UserError
+from .hub import PushToHubMixin
 from .policy import Condition
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def zero_padded_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------- editor
-class LucyEditor:
+class LucyEditor(PushToHubMixin):
     """Lucy-Edit (Wan 2.2 + UMT5); implements :class:`~viva_base.policy.EditPolicy` (see the module docstring)."""
 
     def __init__(self, *, text_encoder, tokenizer, transformer, vae, scheduler, config: LucyConfig | None = None,

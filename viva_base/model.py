@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_dir
 from .errors import CheckpointError
+from .hub import PushToHubMixin
 from .instructor import InstructorConfig, encode_instructions, encode_pooled
 from .policy import Condition
 
@@ -110,7 +111,7 @@ def source_residual_velocity(z_t: torch.Tensor, z_src: torch.Tensor, delta: torc
     return (z_t - z_src - delta) / s
 
 
-class VivaEditor:
+class VivaEditor(PushToHubMixin):
     """The VIVA editor; implements :class:`~viva_base.policy.EditPolicy`."""
 
     def __init__(self, *, instructor, processor, text_encoder_2, tokenizer_2, transformer, vae, scheduler,
