@@ -30,7 +30,11 @@ Checks, each reported as ok / FAIL / skipped (a failing check does not stop the 
   (no grad) and one training forward + backward at ``--frames x --height x --width`` (CFG batch 2), timed, with
   the peak GPU memory, next to what benchmarks.scaling predicts for that shape (FLOPs at 40% MFU of an H100's
   989 bf16 TFLOP/s; memory = weights + LoRA weights and gradients + checkpointed activations) and the ratio
-  measured / predicted. ``--tiny-only`` runs a scaled-down DiT config through the same function.
+  measured / predicted. ``--tiny-only`` runs a scaled-down DiT config through the same function;
+* ``vae``: the real-size HunyuanVideo VAE (random weights, bf16) decoding 2 clips of ``--vae-frames x --height x
+  --width`` (default 33 x 480 x 848, recipes/viva.yaml's clip) as the editor runs it (one clip at a time, 256-pixel
+  tiles: ``viva_base.vae.configure_vae_memory``), then one clip untiled: the peak GPU memory of each and the seconds a
+  clip (the decoding working set is not in the scaling plan's counts; docs/scaling.md, "The VAE's working memory").
 
 Prints a table, writes it as JSON (``--out``) and a markdown snippet next to it (``.md``); ``python -m
 benchmarks.scaling --gpu-check FILE`` adds that to docs/scaling.md.
@@ -361,6 +365,53 @@ def check_dit(device: str, tiny: bool, frames: int, height: int, width: int, tex
     return {"status": "ok" if ok else "FAIL", **r, "detail": detail}
 
 
+# The --tiny-only stand-in of the HunyuanVideo VAE: same class, a few channels.
+TINY_VAE = dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=False)
+
+
+def check_vae(device: str, tiny: bool, frames: int, height: int, width: int, clips: int = 2) -> dict:
+    """The HunyuanVideo VAE (``benchmarks.scaling.HUNYUAN_VAE``, random weights, bf16 on a GPU) decoding ``clips``
+    clips of ``frames x height x width`` as the editor runs it (``viva_base.vae.configure_vae_memory``: one clip at a
+    time, spatial tiles), then one clip untiled; the peak GPU memory of each, and seconds a clip."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from benchmarks.scaling import HUNYUAN_VAE
+    from viva_base.vae import configure_vae_memory
+
+    if tiny:  # larger than one 256-pixel tile, so the tiles run
+        frames, height, width = 5, 288, 288
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(**(TINY_VAE if tiny else HUNYUAN_VAE)).to(device, dtype).eval()
+    z = torch.randn(clips, vae.config.latent_channels, (frames - 1) // 4 + 1, height // 8, width // 8,
+                    device=device, dtype=dtype)
+    runs = {}
+    for name, tiling, n in (("editor", True, clips), ("untiled", False, 1)):
+        configure_vae_memory(vae, tiling)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        t = time.time()
+        with torch.no_grad():
+            x = vae.decode(z[:n]).sample
+        _sync(device)
+        runs[name] = {"clips": n, "seconds_per_clip": (time.time() - t) / n,
+                      "peak_bytes": torch.cuda.max_memory_allocated(device) - base if cuda else None,
+                      "finite": bool(torch.isfinite(x).all()), "shape": list(x.shape)}
+        del x
+    gib = lambda r: f", peak {r['peak_bytes'] / 2**30:.1f} GiB" if r["peak_bytes"] is not None else ""  # noqa: E731
+    e, u = runs["editor"], runs["untiled"]
+    detail = (f"{'tiny stand-in' if tiny else 'HunyuanVideo VAE'} decoding {frames}x{height}x{width}: {clips} clips "
+              f"sliced + tiled {e['seconds_per_clip']:.2f} s a clip{gib(e)}; one clip untiled "
+              f"{u['seconds_per_clip']:.2f} s{gib(u)}")
+    ok = all(r["finite"] and r["shape"] == [r["clips"], 3, frames, height, width] for r in runs.values())
+    return {"status": "ok" if ok else "FAIL", "frames": frames, "height": height, "width": width, **runs,
+            "detail": detail}
+
+
 # ---------------------------------------------------------------------------- report
 def markdown(results: dict, meta: dict) -> str:
     lines = [f"Measured by `python -m benchmarks.gpu_check {meta['argv']}` on {meta['device_name']} "
@@ -392,7 +443,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=848)
     ap.add_argument("--text-tokens", type=int, default=256)
-    ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_compile,grpo_2proc,dit",
+    ap.add_argument("--vae-frames", type=int, default=33, help="VAE check: clip frames (recipes/viva.yaml's clip)")
+    ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_compile,grpo_2proc,dit,vae",
                     help="comma-separated subset to run")
     ap.add_argument("--out", default="outputs/gpu_check/gpu_check.json", help="JSON results (markdown next to it)")
     return ap
@@ -419,6 +471,7 @@ def main(argv=None) -> int:
         "grpo_compile": lambda: check_grpo_compile(work, a.device, a.tiny_only, results.get("grpo")),
         "grpo_2proc": lambda: check_grpo_2proc(work, a.device, a.tiny_only),
         "dit": lambda: check_dit(device, a.tiny_only, a.frames, a.height, a.width, a.text_tokens),
+        "vae": lambda: check_vae(device, a.tiny_only, a.vae_frames, a.height, a.width),
     }
     wanted = [c.strip() for c in a.checks.split(",") if c.strip()]
     unknown = sorted(set(wanted) - set(checks))

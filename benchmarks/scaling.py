@@ -540,6 +540,24 @@ editor folder. Checkpoints carry `deepspeed/` and record the ZeRO stage and the 
 under another layout (DeepSpeed or not, another stage, other processes) is refused in one line.
 """
 
+VAE_MEMORY = """### The VAE's working memory
+
+The counts above leave out the VAE's decoding working set, and it is not small. Measured on CPU (float32, the
+HunyuanVideo VAE config with random weights, the rise of the peak resident memory while decoding, `getrusage`):
+one clip of 128 x 128 x 17 frames 1.54 GB, two clips at once 3.10 GB, two clips one at a time 1.58 GB;
+one clip of 240 x 424 x 33 frames 9.5 GB (355 s on 2 cores), in 256-pixel tiles 5.9 GB (474 s). Untiled, the set
+grows with the pixels: a 480 x 848 x 33 clip would take about 4 x 9.5 = 38 GB in float32, about 19 GB in bf16 (if
+a GPU's working set scales as the CPU's; not measured on a GPU). Edit-GRPO decodes its rollouts a group at a time
+(`sampling.rollout_batch_size`, G = 8 in recipes/viva.yaml): 8 such clips at once, about 150 GB, would not have fit
+on an 80 GB or a 141 GB GPU. The editor now sends a batch through the VAE one clip at a time (diffusers'
+`enable_slicing`: the same numbers as each clip alone) and, by default (`editor_config.json`'s `vae_tiling`,
+recipe key `model.vae_tiling`), in 256-pixel spatial tiles blended over 64 pixels (`enable_tiling`, as diffusers'
+HunyuanVideo examples run it), so a clip's working set stops growing with its resolution
+(`viva_base.vae.configure_vae_memory`, tests/test_vae_memory.py). The tiles cost time (+34% on CPU at 240 x 424), on
+a step the plan puts at 0.4%-1.6% of an iteration. `gpu_check`'s `vae` check measures both on a GPU.
+"""
+
+
 CHECKING = """## Checking a GPU machine
 
     python -m benchmarks.gpu_check                                        # on a CUDA machine, a few minutes
@@ -567,7 +585,11 @@ stop the others:
   memory, each next to what this document's counting predicts for that shape (FLOPs at 40% MFU of 989 TFLOP/s;
   memory = bf16 weights + fp32 LoRA and its gradients + checkpointed activations) and the ratio measured / predicted.
   At the default shape (3 x 60 x 106 latent, 4,770 video + 256 text tokens) the prediction is 176 TFLOP and 0.44 s
-  for the forward, 565 TFLOP and 1.43 s for forward + backward with the recomputed forward, and 29.8 GiB.
+  for the forward, 565 TFLOP and 1.43 s for forward + backward with the recomputed forward, and 29.8 GiB;
+* `vae`: the real-size HunyuanVideo VAE (random weights, bf16) decoding 2 clips of `--vae-frames x --height x
+  --width` (default 33 x 480 x 848, recipes/viva.yaml's clip) as the editor runs it (one clip at a time, 256-pixel
+  tiles), then one clip untiled: the peak GPU memory of each and the seconds a clip (below, "The VAE's working
+  memory").
 
 It prints a table, writes it as JSON (`--out`, default `outputs/gpu_check/gpu_check.json`) and, next to it, a
 markdown snippet; `python -m benchmarks.scaling --perf outputs/perf/perf.json --gpu-check
@@ -871,7 +893,7 @@ def render(p: dict, perf: dict | None = None, gpu_check: dict | None = None, sft
             "What was not run: nothing here ran on a GPU. On the CPU machines of this project the DeepSpeed path ran "
             "for real with the tiny editor (ZeRO-2 and ZeRO-3, 2 processes, gloo: tests/test_scale_multiprocess.py); "
             "bf16 DeepSpeed mode, CPU offload (`zero3_offload.yaml`) and NCCL were validated as configurations only "
-            "(DeepSpeed's config classes, tests/test_scale.py)."]
+            "(DeepSpeed's config classes, tests/test_scale.py).", "", VAE_MEMORY.rstrip("\n")]
     if sft:
         out += ["", render_sft(sft), "", COMPILING]
     if perf:

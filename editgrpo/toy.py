@@ -194,7 +194,7 @@ def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None) -> str:
     from viva_base.recipe import atomic_write_text, load_recipe
     from viva_base.sft import SFTConfig
     from viva_base.sft import main as sft_main
-    from viva_base.training import resume_config, resume_free
+    from viva_base.training import added_since, resume_config, resume_free
 
     sft_cfg = load_recipe(SFTConfig, _sft_recipe_args(t, sft_dir, manifest, report_to, base))
     want = json.loads(json.dumps({**resume_config(sft_cfg), "train.max_steps": sft_cfg.train.max_steps,
@@ -203,7 +203,8 @@ def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None) -> str:
     stored = json.loads(stage.read_text()) if stage.exists() else None
     # a stage written before one of its keys became resume-free (train.compile) still records it: not a change
     if (stored is not None and (sft_dir / "final" / "editor_config.json").exists()
-            and {k: v for k, v in stored.items() if k in want or not resume_free(k)} == want):
+            and {k: v for k, v in stored.items() if k in want or not resume_free(k)}
+            == {k: v for k, v in want.items() if k not in added_since(stored, want)}):
         logger.info("toy chain: reusing the SFT editor in %s (same recipe)", sft_dir / "final")
         return stage_fingerprint(stored)  # the file's, as a non-main process and the GRPO checkpoints read it
     if stored is not None and stored.get("instructor") != want["instructor"]:

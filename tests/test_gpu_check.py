@@ -26,11 +26,11 @@ def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread, mon
         assert gpu_check.main(["--device", "cpu", "--tiny-only", "--checks", "kernels,sft,sft_compile",
                                "--out", str(first)]) == 0
     out = tmp_path / "check" / "gpu_check.json"
-    assert gpu_check.main(["--device", "cpu", "--tiny-only", "--checks", "grpo,grpo_compile,grpo_2proc,dit",
+    assert gpu_check.main(["--device", "cpu", "--tiny-only", "--checks", "grpo,grpo_compile,grpo_2proc,dit,vae",
                            "--out", str(out)]) == 0
     res = {**json.loads(first.read_text())["results"], **json.loads(out.read_text())["results"]}
     assert list(res) == gpu_check.parser().get_default("checks").split(",") == [
-        "kernels", "sft", "sft_compile", "grpo", "grpo_compile", "grpo_2proc", "dit"]
+        "kernels", "sft", "sft_compile", "grpo", "grpo_compile", "grpo_2proc", "dit", "vae"]
     assert all(r["status"] == "ok" for r in res.values()), {k: r["detail"] for k, r in res.items()}
     assert res["sft"]["steps"] == 2
     assert res["sft_compile"]["eager_losses"] == res["sft"]["losses"] and res["sft_compile"]["max_rel_diff"] <= 0.02
@@ -44,6 +44,9 @@ def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread, mon
     dit = res["dit"]
     assert dit["checkpointing"] and dit["grad_ok"] and dit["predicted_train_seconds"] > dit["predicted_sample_seconds"] > 0
     assert dit["peak_bytes"] is None and dit["train_ratio"] is None  # no GPU: no memory peak, no ratio to a GPU
+    vae = res["vae"]  # the tiles ran (288 px > 256) one clip at a time: the shapes and finite pixels are checked
+    assert vae["editor"]["clips"] == 2 and vae["untiled"]["clips"] == 1 and vae["editor"]["peak_bytes"] is None
+    assert vae["editor"]["shape"] == [2, 3, 5, 288, 288] and "sliced + tiled" in vae["detail"]
     md = out.with_suffix(".md").read_text()
     assert "| grpo_2proc | ok |" in md and "| 5x32x32 |" in md
     assert "| dit | ok |" in capsys.readouterr().out

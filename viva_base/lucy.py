@@ -51,6 +51,7 @@ from .atomic import atomic_dir
 from .errors import CheckpointError, UserError
 from .hub import PushToHubMixin
 from .policy import Condition
+from .vae import configure_vae_memory
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class LucyEditor(PushToHubMixin):
         self.tokenizer = tokenizer
         self.transformer = transformer
         self.vae = vae.eval().requires_grad_(False)
+        configure_vae_memory(self.vae, tiling=False)  # one clip at a time; Wan's causal VAE decodes in frame chunks
         self.scheduler = scheduler
         self.config = config or LucyConfig(shift=float(scheduler.config.get("shift", 5.0)))
         for k, v in overrides.items():

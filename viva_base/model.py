@@ -34,6 +34,7 @@ from .errors import CheckpointError
 from .hub import PushToHubMixin
 from .instructor import InstructorConfig, encode_instructions, encode_pooled
 from .policy import Condition
+from .vae import configure_vae_memory
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,10 @@ class EditorConfig:
     # reads the instruction only (the text-only "Vanilla" row of the paper's ablation, benchmarks/ablation.py); the
     # source video still enters the DiT as the source latent and the reference as its extra latent frame.
     instructor_images: bool = True
+    # The VAE decodes and encodes in 256-pixel spatial tiles (diffusers' enable_tiling, as its HunyuanVideo examples
+    # run it): a clip's working memory stops growing with its resolution (viva_base.vae.configure_vae_memory).
+    # Batches always go through the VAE one clip at a time.
+    vae_tiling: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "EditorConfig":
@@ -126,6 +131,7 @@ class VivaEditor(PushToHubMixin):
         self.config = config or EditorConfig(shift=float(scheduler.config.get("shift", 1.0)))
         for k, v in overrides.items():
             setattr(self.config, k, v)
+        configure_vae_memory(self.vae, self.config.vae_tiling)
         if transformer.config.in_channels != 2 * transformer.config.out_channels:
             raise CheckpointError("the transformer is not an editor DiT (in_channels must be 2 x out_channels); "
                                   "load a text-to-video checkpoint with VivaEditor.from_t2v(...) to widen it")

@@ -51,6 +51,7 @@ class ModelConfig:
     dtype: str = "float32"               # weights of the frozen parts: float32 | bf16 | fp16 (trained ones are float32)
     gradient_checkpointing: bool = False  # recompute each DiT block in backward (less memory, ~1/3 more time)
     shift: Optional[float] = None        # override the sampling schedule's shift
+    vae_tiling: Optional[bool] = None    # the VAE in 256-pixel tiles (bounded memory); None: the editor's own (on)
     instructor_images: Optional[bool] = None  # false: the VLM instructor reads the instruction only, no first frame or reference (saved with the editor); None: the editor's own setting
 
 
@@ -101,6 +102,14 @@ def build_editor(cfg: ModelConfig, device: torch.device | str | None = None, *, 
             raise UserError(f"{key}.instructor_images: the {type(editor).__name__} has no VLM instructor that reads "
                             "images; leave it unset")
         editor.config.instructor_images = bool(cfg.instructor_images)
+    if cfg.vae_tiling is not None:
+        if not hasattr(editor.config, "vae_tiling"):
+            raise UserError(f"{key}.vae_tiling: the {type(editor).__name__}'s VAE is not tiled (Wan's causal VAE "
+                            "decodes in frame chunks); leave it unset")
+        from .vae import configure_vae_memory
+
+        editor.config.vae_tiling = bool(cfg.vae_tiling)
+        configure_vae_memory(editor.vae, editor.config.vae_tiling)
     if cfg.gradient_checkpointing:
         editor.transformer.enable_gradient_checkpointing()
     return editor
@@ -358,6 +367,12 @@ def resume_free(key: str) -> bool:
                                                             for f in RESUME_FREE_KEYS)
 
 
+def added_since(stored: dict, now: dict) -> set[str]:
+    """Keys of ``now`` that a newer schema added after ``stored`` was written, at the default ``None`` (each such key
+    means "as before" at None, e.g. ``model.vae_tiling``: the editor's own setting): not a change of recipe."""
+    return {k for k, v in now.items() if k not in stored and v is None}
+
+
 def check_resume_config(ckpt: Path, cfg: Any) -> None:
     """Refuse to resume ``ckpt`` with a recipe that differs from the one that wrote it (beyond RESUME_FREE_KEYS)."""
     stored = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
@@ -366,6 +381,7 @@ def check_resume_config(ckpt: Path, cfg: Any) -> None:
     # a key made free after the checkpoint was written (e.g. train.compile) is stored there: free now, so ignored
     stored = {k: v for k, v in stored.items() if not resume_free(k)}
     now = resume_config(cfg)
+    now = {k: v for k, v in now.items() if k not in added_since(stored, now)}
     diff = sorted(k for k in set(stored) | set(now) if stored.get(k, "<unset>") != now.get(k, "<unset>"))
     if diff:
         shown = ", ".join(f"{k}: {stored.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in diff[:3])
