@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.manifest import read_manifest
-from .data.pairs import MixedBatchSampler, PairDataset, collate_pairs
+from .data.pairs import MicroBatches, MixedBatchSampler, PairDataset, pair_batches
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                           full_parameters, load_engine_state, no_zero_init, restore_parameters, save_state)
 from .errors import CheckpointError, UserError
@@ -65,6 +65,8 @@ class DataConfig:
     frames: Optional[int] = None         # cut every clip to this many frames (4k+1 for the Hunyuan VAE)
     size: Optional[list[int]] = None     # resize every frame to [H, W]
     p_video: float = 0.4                 # probability that a batch is a video batch (paper: 0.4)
+    num_workers: int = 0                 # processes that read and decode the next micro-batches' clips while one
+                                         # trains (torch DataLoader; the same batches); 0: read in the training loop
     precompute: bool = False             # encode every pair's frozen inputs (instructor, VAE) once before training
                                          # and keep them in host memory (viva_base/precompute.py): per step only the DiT runs
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
@@ -345,11 +347,13 @@ def main(cfg: SFTConfig) -> Path:
     loss_mean = float("nan")
     bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="sft",
                disable=not accelerator.is_main_process)
+    micro_batches = MicroBatches(sampler, start, tc.max_steps, tc.gradient_accumulation_steps, rank, per_micro)
+    loaded = pair_batches(dataset, micro_batches, cfg.data.num_workers) if features is None else None
     for step in bar:
         t_step, losses = time.time(), []
         for micro in range(tc.gradient_accumulation_steps):
-            idx = sampler.indices(step, micro)[rank * per_micro:(rank + 1) * per_micro]
-            batch = {"index": idx} if features is not None else collate_pairs([dataset[i] for i in idx])
+            k = (step - start) * tc.gradient_accumulation_steps + micro
+            batch = {"index": micro_batches[k]} if features is not None else next(loaded)
             with accelerator.accumulate(dit), accelerator.autocast():
                 with compute_autocast(accelerator.device, model_dtype):  # bf16 frozen x fp32 trained weights
                     loss = sft_loss(editor, batch, step_generator(tc.seed, step, micro, rank), w_m=tc.w_m,

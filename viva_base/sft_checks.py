@@ -85,6 +85,7 @@ def validate_sft_config(cfg) -> None:
     # the data
     probability("data.p_video", dc.p_video)
     positive("data.frames", dc.frames)
+    positive("data.num_workers", dc.num_workers, strict=False)
     if dc.size is not None and (len(dc.size) != 2 or min(dc.size) <= 0):
         raise UserError(f"data.size={list(dc.size)!r}: give [height, width], both > 0")
     if dc.manifest:

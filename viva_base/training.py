@@ -335,6 +335,7 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 RESUME_FREE_KEYS = ("resume", "output_dir", "report_to", "train.num_iterations", "train.max_steps",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.",
                     "data.precompute",  # encodings once or per step: the same numbers to float rounding
+                    "data.num_workers",  # where the clips are read: the same batches
                     "train.compile", "train.fused_optimizer",  # compiled or eager kernels: the same, to rounding
                     "hub.")  # where the result is shared (viva_base/hub.py)
 # where a reward is computed and how its client connects (rewards/remote.py): a run may resume with the reward

@@ -100,3 +100,59 @@ class MixedBatchSampler:
         else:
             pick = torch.randint(len(pool), (self.batch_size,), generator=g)
         return [pool[int(j)] for j in pick]
+
+
+
+class MicroBatches:
+    """The index lists of a run's micro-batches, in training order: item ``k`` is, for step ``start + k //
+    accumulation`` and micro-batch ``k % accumulation``, this process's share (``rank``'s ``per_micro`` indices) of
+    ``sampler.indices(step, micro)``. The batches are a function of ``(seed, step, micro)``, so reading ahead never
+    changes them, and a resumed run starts at its step."""
+
+    def __init__(self, sampler: MixedBatchSampler, start: int, max_steps: int, accumulation: int, rank: int,
+                 per_micro: int):
+        self.sampler, self.start, self.max_steps = sampler, start, max_steps
+        self.accumulation, self.rank, self.per_micro = accumulation, rank, per_micro
+
+    def __getitem__(self, k: int) -> list[int]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        step, micro = self.start + k // self.accumulation, k % self.accumulation
+        return self.sampler.indices(step, micro)[self.rank * self.per_micro:(self.rank + 1) * self.per_micro]
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start) * self.accumulation
+
+
+class _Collate:
+    """``collate_pairs`` over the pairs of one micro-batch (read in a worker when there are workers); a user error
+    (a missing or unreadable clip) is returned as ``{"error": message}`` for the training loop to raise as one line
+    (a ``DataLoader`` would re-raise it with the worker's traceback in its message)."""
+
+    def __init__(self, dataset: PairDataset):
+        self.dataset = dataset
+
+    def __call__(self, idx: list[int]) -> dict:
+        try:
+            return collate_pairs([self.dataset[i] for i in idx])
+        except UserError as exc:
+            return {"error": str(exc)}
+
+
+def pair_batches(dataset: PairDataset, batches: MicroBatches, num_workers: int = 0):
+    """Yield the collated micro-batches of ``batches`` in order. ``num_workers > 0``: that many processes read and
+    decode the next micro-batches while the current one trains (a torch ``DataLoader`` over ``batches``, 2 micro-
+    batches ahead each); the batches are the ones read in the loop (``num_workers=0``), in the same order. Raises
+    ``UserError`` for a pair that cannot be read."""
+    collate = _Collate(dataset)
+    if num_workers <= 0:
+        source = (collate(batches[k]) for k in range(len(batches)))
+    else:
+        from torch.utils.data import DataLoader
+
+        source = DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                            prefetch_factor=2)
+    for batch in source:
+        if "error" in batch:
+            raise UserError(batch["error"])
+        yield batch
