@@ -166,49 +166,79 @@ class Evaluator:
                                  z, sigmas, mode="ode")
         return policy.decode(traj.latents).cpu()
 
+    def units(self) -> list[tuple[int, int]]:
+        """The evaluation's work: ``(seed, first item)`` of every batch, seed-major (one process's order)."""
+        bs = self.cfg.batch_size
+        return [(seed, start) for seed in self.seeds for start in range(0, len(self.records), bs)]
+
+    def _run_unit(self, policy, seed: int, start: int) -> dict:
+        """Edit and score one batch: ``{"unit": (seed, start), "scores": [per item {key: value}], "clips": {id: uint8
+        clip}}`` (clips of the showcase items, first seed only; uint8 as they will be written)."""
+        recs = self.records[start:start + self.cfg.batch_size]
+        edited = self.edit(policy, recs, seed, start)
+        items = [self._load(r) for r in recs]
+        source = torch.stack([it["source"] for it in items])
+        scored = self.reward_fn(edited, source, source_captions=[r["source_caption"] for r in recs],
+                                target_captions=[r["target_caption"] for r in recs],
+                                instructions=[r["instruction"] for r in recs],
+                                references=[it["reference"] for it in items])
+        scores = {"reward": scored.total, **{f"reward/{k}": v for k, v in scored.components.items()}}
+        if self.oracle:
+            o = best_oracle_scores(edited, source, [it["truths"] for it in items])
+            scores.update({k: o[k] for k in ORACLE_KEYS})
+        per_item, clips = [], {}
+        for i, r in enumerate(recs):
+            row = {k: float(v[i]) for k, v in scores.items()}
+            if self.oracle:  # the preservation error at the edit's boundary and away from it
+                mask = items[i]["truths"][int(o["alternative"][i])][1]
+                row.update(preservation_split(edited[i], source[i], mask, token_pixels(policy)))
+            if "regions" in items[i]:  # which operations of a compound instruction it carried out
+                truth = items[i]["truths"][0][0]
+                row.update(operation_errors(edited[i], source[i], truth, items[i]["regions"]))
+            per_item.append(row)
+            if seed == self.seeds[0] and start + i in self.showcase:
+                clips[r["id"]] = edited[i].clamp(0, 1).mul(255).round().to(torch.uint8)
+        return {"unit": (seed, start), "scores": per_item, "clips": clips}
+
     def run(self, policy, *, step: int, accelerator=None) -> dict | None:
-        """Evaluate ``policy`` (main process only; the others wait). Returns the summary."""
-        if accelerator is not None and not accelerator.is_main_process:
-            accelerator.wait_for_everyone()
-            return None
+        """Evaluate ``policy``, the batches shared out over the processes (process ``r`` of ``n`` runs batches
+        ``r, r + n, ...`` of :meth:`units`), then gathered (``accelerate.utils.gather_object``: scores, and the
+        showcase clips as uint8) on the main process, which writes the step's folder and returns the summary (None
+        on the others). Each item's noise comes from its seed and its index and the batches are the ones one process
+        runs, so the scores do not depend on the number of processes. (Under DeepSpeed ZeRO-3 every forward needs
+        every process; the trainer refuses evaluation there.)"""
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         dit = getattr(policy, "dit_forward", None) or policy.transformer
         was_training = dit.training
         dit.eval()
         out = self.out / f"step-{step}"
+        units = self.units()
+        mine = units[rank::world]
+        bar = tqdm(total=len(mine), desc=f"eval@{step}", leave=False, disable=rank != 0)
+        results = []
+        for seed, start in mine:
+            results.append(self._run_unit(policy, seed, start))
+            bar.update(1)
+        bar.close()
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            results = gather_object(results)  # every process's batches, on every process (CPU objects)
+        if accelerator is not None and not accelerator.is_main_process:
+            if was_training:
+                dit.train()
+            accelerator.wait_for_everyone()
+            return None
         per_item = {r["id"]: defaultdict(list) for r in self.records}
         clips = {}
-        bs = self.cfg.batch_size
-        n_batches = len(self.seeds) * ((len(self.records) + bs - 1) // bs)
-        bar = tqdm(total=n_batches, desc=f"eval@{step}", leave=False)
-        for seed in self.seeds:
-            for start in range(0, len(self.records), bs):
-                recs = self.records[start:start + bs]
-                edited = self.edit(policy, recs, seed, start)
-                items = [self._load(r) for r in recs]
-                source = torch.stack([it["source"] for it in items])
-                scored = self.reward_fn(edited, source, source_captions=[r["source_caption"] for r in recs],
-                                        target_captions=[r["target_caption"] for r in recs],
-                                        instructions=[r["instruction"] for r in recs],
-                                        references=[it["reference"] for it in items])
-                scores = {"reward": scored.total, **{f"reward/{k}": v for k, v in scored.components.items()}}
-                if self.oracle:
-                    o = best_oracle_scores(edited, source, [it["truths"] for it in items])
-                    scores.update({k: o[k] for k in ORACLE_KEYS})
-                for i, r in enumerate(recs):
-                    for k, v in scores.items():
-                        per_item[r["id"]][k].append(float(v[i]))
-                    if self.oracle:  # the preservation error at the edit's boundary and away from it
-                        mask = items[i]["truths"][int(o["alternative"][i])][1]
-                        for k, v in preservation_split(edited[i], source[i], mask, token_pixels(policy)).items():
-                            per_item[r["id"]][k].append(v)
-                    if "regions" in items[i]:  # which operations of a compound instruction it carried out
-                        truth = items[i]["truths"][0][0]
-                        for k, v in operation_errors(edited[i], source[i], truth, items[i]["regions"]).items():
-                            per_item[r["id"]][k].append(v)
-                    if seed == self.seeds[0] and start + i in self.showcase:
-                        clips[r["id"]] = edited[i]
-                bar.update(1)
-        bar.close()
+        order = {u: n for n, u in enumerate(units)}
+        for res in sorted(results, key=lambda res: order[tuple(res["unit"])]):  # one process's order
+            seed, start = res["unit"]
+            for r, row in zip(self.records[start:start + self.cfg.batch_size], res["scores"]):
+                for k, v in row.items():
+                    per_item[r["id"]][k].append(v)
+            clips.update({name: clip.float() / 255 for name, clip in res["clips"].items()})
+        clips = {r["id"]: clips[r["id"]] for r in self.records if r["id"] in clips}  # manifest order
         rows = []
         for r in self.records:
             scores = per_item[r["id"]]

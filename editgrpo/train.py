@@ -206,8 +206,9 @@ def main(cfg: GRPOConfig) -> Path:
         n_back_ds = backward_passes(cfg, n_local, train_bs, n_steps)
     if zero == 3:
         if cfg.eval.manifest:
-            raise UserError("held-out evaluation runs on the main process only, and under ZeRO-3 every forward "
-                            "gathers parameters from all processes: set eval.manifest=null, or use ZeRO-2")
+            raise UserError("held-out evaluation shares its batches out over the processes, and under ZeRO-3 every "
+                            "forward gathers parameters from all processes at once: set eval.manifest=null, or use "
+                            "ZeRO-2")
         no_zero_init()
     if zero is not None:
         configure_deepspeed(accelerator, micro_batch=train_bs, accumulation=n_back_ds, clip=tc.max_grad_norm,
