@@ -102,7 +102,6 @@ class MixedBatchSampler:
         return [pool[int(j)] for j in pick]
 
 
-
 class MicroBatches:
     """The index lists of a run's micro-batches, in training order: item ``k`` is, for step ``start + k //
     accumulation`` and micro-batch ``k % accumulation``, this process's share (``rank``'s ``per_micro`` indices) of
