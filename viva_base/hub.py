@@ -151,13 +151,8 @@ def duration(seconds: float) -> str:
 
 
 def _number(value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.4g}"
+    """A float to 4 significant digits; anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -184,12 +179,10 @@ def render_card(*, title: str, summary: str, usage: str, training: list[tuple[st
 
 
 def card_files(card: str, cfg: Any) -> dict[str, str]:
-    """The text files every result folder gets: the card and the resolved, redacted recipe."""
-    from omegaconf import OmegaConf
+    """The text files every result folder gets: the card and the resolved, redacted recipe (the run's config.yaml)."""
+    from .recipe import resolved_yaml
 
-    from .recipe import redacted
-
-    return {CARD: card, TRAINING_CONFIG: OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))}
+    return {CARD: card, TRAINING_CONFIG: resolved_yaml(cfg)}
 
 
 def write_files(folder: str | os.PathLike, files: dict[str, str]) -> None:

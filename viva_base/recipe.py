@@ -249,9 +249,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
 
 
+def resolved_yaml(cfg: Any) -> str:
+    """The resolved, redacted config as YAML (a recipe that loads back to it)."""
+    return OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))
+
+
 def save_resolved(cfg: Any, output_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved, redacted config next to the outputs and log it."""
-    text = OmegaConf.to_yaml(OmegaConf.create(redacted(cfg)))
+    text = resolved_yaml(cfg)
     logger.info("resolved config:\n%s", text)
     path = Path(output_dir) / name
     atomic_write_text(path, text)
