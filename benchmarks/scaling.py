@@ -522,12 +522,15 @@ batch keys (micro-batch = `train.train_batch_size`, gradient accumulation = micr
 update, clipping = `train.max_grad_norm`); the engine steps the optimizer at the last backward pass of each update.
 A checkpoint keeps the usual files (LoRA, scheduler, state) plus `deepspeed/` with every rank's ZeRO partition of
 the optimizer state (`engine.save_checkpoint`), and resumes from it exactly. Under ZeRO-3 only the DiT is
-partitioned (the VLM, VAE and reward models are built whole), the LoRA is gathered for saving, held-out evaluation is
-refused (its batches are shared out unevenly), and every process must run the same number of DiT forwards (a batch that
-mixes prompts with and without a reference image runs two forwards: keep the reference images uniform per iteration).
-Under DDP and ZeRO-2 held-out evaluation shares its batches out over the processes and gathers the scores on the
-main process (the same scores as one process: tests/test_evaluate_distributed.py); a main process evaluating alone
-while the others wait would meet NCCL's 10-minute timeout at the real recipe's size.
+partitioned (the VLM, VAE and reward models are built whole), the LoRA is gathered for saving, and every process must
+run the same number of DiT forwards: a batch that mixes prompts with and without a reference image runs two, so a
+prompt manifest that mixes them is refused unless rollouts and training micro-batches hold one sample each
+(`sampling.rollout_batch_size=1`, `train.train_batch_size=1`).
+Held-out evaluation shares its batches out over the processes and gathers the scores on the main process (the same
+scores as one process: tests/test_evaluate_distributed.py); a main process evaluating alone while the others wait
+would meet NCCL's 10-minute timeout at the real recipe's size. Its batches never mix items with and without a
+reference, and under ZeRO-3 a process with fewer batches than another runs a repeat of one of its own (dropped), so
+the processes' forwards stay in step.
 On CPUs, ZeRO-2 and ZeRO-3 ran for real (2 processes, gloo, the tiny editor). Not run anywhere: bf16 under
 DeepSpeed, CPU offload, NCCL, multi-node; these are checked as configurations by DeepSpeed's own config classes.
 

@@ -166,15 +166,40 @@ class Evaluator:
                                  z, sigmas, mode="ode")
         return policy.decode(traj.latents).cpu()
 
-    def units(self) -> list[tuple[int, int]]:
-        """The evaluation's work: ``(seed, first item)`` of every batch, seed-major (one process's order)."""
-        bs = self.cfg.batch_size
-        return [(seed, start) for seed in self.seeds for start in range(0, len(self.records), bs)]
+    def batches(self) -> list[tuple[int, int]]:
+        """``(first, stop)`` item ranges of the evaluation's batches: consecutive records, at most ``eval.batch_size``,
+        never mixing items with and without a reference image (the editor would run such a batch as two DiT
+        forwards a step: ``VivaEditor.velocity``), so every batch costs one forward a step."""
+        bounds, start = [], 0
+        for i in range(1, len(self.records) + 1):
+            if i == len(self.records) or i - start == self.cfg.batch_size or (
+                    bool(self.records[i].get("reference")) != bool(self.records[start].get("reference"))):
+                bounds.append((start, i))
+                start = i
+        return bounds
 
-    def _run_unit(self, policy, seed: int, start: int) -> dict:
-        """Edit and score one batch: ``{"unit": (seed, start), "scores": [per item {key: value}], "clips": {id: uint8
-        clip}}`` (clips of the showcase items, first seed only; uint8 as they will be written)."""
-        recs = self.records[start:start + self.cfg.batch_size]
+    def units(self) -> list[tuple[int, int, int]]:
+        """The evaluation's work: ``(seed, first item, stop)`` of every batch (:meth:`batches`), seed-major (one
+        process's order)."""
+        return [(seed, start, stop) for seed in self.seeds for start, stop in self.batches()]
+
+    def share(self, rank: int, world: int, *, lockstep: bool = False) -> tuple[list[tuple[int, int, int]], int]:
+        """Process ``rank``'s batches of :meth:`units` (``r, r + world, ...``) and how many of them count. With
+        ``lockstep`` (DeepSpeed ZeRO-3: every DiT forward gathers its parameters from all processes, so every process
+        must run as many as the others; each batch runs one a step) the list is padded to
+        ``ceil(len(units) / world)`` with repeats of a batch it already has (``units[0]`` when it has none); the
+        padding's results are dropped."""
+        units = self.units()
+        mine = units[rank::world]
+        n_real = len(mine)
+        if lockstep and units:
+            mine += [mine[-1] if mine else units[0]] * (-(-len(units) // world) - n_real)
+        return mine, n_real
+
+    def _run_unit(self, policy, seed: int, start: int, stop: int) -> dict:
+        """Edit and score one batch: ``{"unit": (seed, start, stop), "scores": [per item {key: value}], "clips": {id:
+        uint8 clip}}`` (clips of the showcase items, first seed only; uint8 as they will be written)."""
+        recs = self.records[start:stop]
         edited = self.edit(policy, recs, seed, start)
         items = [self._load(r) for r in recs]
         source = torch.stack([it["source"] for it in items])
@@ -198,28 +223,32 @@ class Evaluator:
             per_item.append(row)
             if seed == self.seeds[0] and start + i in self.showcase:
                 clips[r["id"]] = edited[i].clamp(0, 1).mul(255).round().to(torch.uint8)
-        return {"unit": (seed, start), "scores": per_item, "clips": clips}
+        return {"unit": (seed, start, stop), "scores": per_item, "clips": clips}
 
     def run(self, policy, *, step: int, accelerator=None) -> dict | None:
         """Evaluate ``policy``, the batches shared out over the processes (process ``r`` of ``n`` runs batches
         ``r, r + n, ...`` of :meth:`units`), then gathered (``accelerate.utils.gather_object``: scores, and the
         showcase clips as uint8) on the main process, which writes the step's folder and returns the summary (None
         on the others). Each item's noise comes from its seed and its index and the batches are the ones one process
-        runs, so the scores do not depend on the number of processes. (Under DeepSpeed ZeRO-3 every forward needs
-        every process; the trainer refuses evaluation there.)"""
+        runs, so the scores do not depend on the number of processes. Under DeepSpeed ZeRO-3 every DiT forward needs
+        every process, so each runs the same number of batches (:meth:`share`, ``lockstep``)."""
+        from viva_base.distributed import deepspeed_stage
+
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         dit = getattr(policy, "dit_forward", None) or policy.transformer
         was_training = dit.training
         dit.eval()
         out = self.out / f"step-{step}"
         units = self.units()
-        mine = units[rank::world]
+        lockstep = world > 1 and deepspeed_stage(accelerator) == 3
+        mine, n_real = self.share(rank, world, lockstep=lockstep)
         bar = tqdm(total=len(mine), desc=f"eval@{step}", leave=False, disable=rank != 0)
         results = []
-        for seed, start in mine:
-            results.append(self._run_unit(policy, seed, start))
+        for unit in mine:
+            results.append(self._run_unit(policy, *unit))
             bar.update(1)
         bar.close()
+        results = results[:n_real]  # ZeRO-3's padding ran only to keep the processes' forwards in step
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -233,8 +262,8 @@ class Evaluator:
         clips = {}
         order = {u: n for n, u in enumerate(units)}
         for res in sorted(results, key=lambda res: order[tuple(res["unit"])]):  # one process's order
-            seed, start = res["unit"]
-            for r, row in zip(self.records[start:start + self.cfg.batch_size], res["scores"]):
+            seed, start, stop = res["unit"]
+            for r, row in zip(self.records[start:stop], res["scores"]):
                 for k, v in row.items():
                     per_item[r["id"]][k].append(v)
             clips.update({name: clip.float() / 255 for name, clip in res["clips"].items()})

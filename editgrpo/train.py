@@ -41,7 +41,7 @@ from viva_base.training import (MetricsFile, build_editor, compile_dit, find_che
                                 load_checkpoint, log_videos, make_accelerator, step_generator)
 
 from .config import GRPOConfig, validate_config
-from .distributed import backward_passes
+from .distributed import backward_passes, check_reference_forwards
 from .grpo import (FORWARD_ALGORITHMS, awm_loss, component_advantages, gather_for_advantages, group_advantages,
                    nft_loss, policy_loss, step_kl, velocity_kl)
 from .prompts import PromptSource
@@ -204,11 +204,7 @@ def main(cfg: GRPOConfig) -> Path:
     if zero is not None:  # the trained-step count does not depend on the iteration or the shift
         n_steps = tc.forward_timesteps if forward else len(choose_steps(cfg, sigma_schedule(sc.num_steps), 0)[1])
         n_back_ds = backward_passes(cfg, n_local, train_bs, n_steps)
-    if zero == 3:
-        if cfg.eval.manifest:
-            raise UserError("held-out evaluation shares its batches out over the processes, and under ZeRO-3 every "
-                            "forward gathers parameters from all processes at once: set eval.manifest=null, or use "
-                            "ZeRO-2")
+    if zero == 3:  # (held-out evaluation keeps the processes' DiT forwards in step: Evaluator.share)
         no_zero_init()
     if zero is not None:
         configure_deepspeed(accelerator, micro_batch=train_bs, accumulation=n_back_ds, clip=tc.max_grad_norm,
@@ -226,6 +222,8 @@ def main(cfg: GRPOConfig) -> Path:
     # ---- prompts, policy, rewards
     with accelerator.main_process_first():
         prompts = PromptSource.from_config(cfg)
+    if zero == 3:
+        check_reference_forwards(prompts.records, rollout_bs, train_bs)
     editor = build_editor(cfg.model, device=accelerator.device)
     torch.manual_seed(tc.seed)  # the LoRA's gaussian init draws from the global generator
     add_lora(editor.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,

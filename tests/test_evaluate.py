@@ -352,3 +352,37 @@ def test_evaluator_and_report_split_the_preservation_error_at_the_edit_boundary(
         text = (tmp_path / name).read_text()
         assert "Where the preservation error sits" in text and "at the boundary SFT" in text
         assert "| ops/3/background |" in text or "<td>ops/3/background</td>" in text
+
+
+def _bare_evaluator(records: list[dict], batch_size: int, seeds: list[int]) -> Evaluator:
+    """An Evaluator over in-memory ``records`` (no manifest read): what :meth:`Evaluator.batches` and ``share`` see."""
+    ev = Evaluator.__new__(Evaluator)
+    ev.cfg = OmegaConf.create({"batch_size": batch_size})
+    ev.records, ev.seeds = records, seeds
+    return ev
+
+
+def test_evaluation_batches_never_mix_items_with_and_without_a_reference():
+    """A batch mixing items with and without a reference image runs two DiT forwards a step
+    (VivaEditor.velocity); batches split at every change, so each costs one forward a step."""
+    refs = [None, None, "a.png", "b.png", "c.png", None, "d.png"]
+    ev = _bare_evaluator([{"reference": r} for r in refs], batch_size=2, seeds=[5, 6])
+    assert ev.batches() == [(0, 2), (2, 4), (4, 5), (5, 6), (6, 7)]
+    assert ev.units()[:5] == [(5, 0, 2), (5, 2, 4), (5, 4, 5), (5, 5, 6), (5, 6, 7)] and len(ev.units()) == 10
+    plain = _bare_evaluator([{} for _ in range(5)], batch_size=2, seeds=[1])
+    assert plain.batches() == [(0, 2), (2, 4), (4, 5)] and _bare_evaluator([], 2, [1]).units() == []
+
+
+@pytest.mark.parametrize("n_units, world", [(3, 2), (5, 4), (1, 3), (6, 3)])
+def test_zero3_evaluation_runs_as_many_batches_on_every_process(n_units, world):
+    """Under ZeRO-3 (``lockstep``) every process runs ceil(units / processes) batches, so their DiT forwards stay
+    in step; the real ones are each unit once over all processes, the rest repeats of one of its own (dropped)."""
+    ev = _bare_evaluator([{} for _ in range(n_units)], batch_size=1, seeds=[0])
+    shares = [ev.share(r, world, lockstep=True) for r in range(world)]
+    assert {len(mine) for mine, _ in shares} == {-(-n_units // world)}
+    real = [u for mine, n in shares for u in mine[:n]]
+    assert sorted(real) == ev.units()
+    for mine, n in shares:
+        assert all(u in (mine[:n] or ev.units()[:1]) for u in mine[n:])
+    assert [ev.share(r, world) for r in range(world)] == [(ev.units()[r::world], len(ev.units()[r::world]))
+                                                          for r in range(world)]  # DDP: no padding

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SEEDS, BATCH = [1, 2], 2  # 5 items -> 3 batches a seed, 6 in all: rank 0 runs batches 0, 2, 4, rank 1 runs 1, 3, 5
 
@@ -57,6 +58,43 @@ def test_two_processes_share_the_evaluation_and_write_what_one_process_writes(tm
     a, b = _folder(tmp_path / "one" / "eval" / "step-3"), _folder(tmp_path / "two" / "eval" / "step-3")
     assert sorted(a) == sorted(b) and any(name.startswith("videos/") for name in a)
     assert a == b  # items.jsonl, summary.json and the showcase clips, byte for byte
+
+
+def _items(step_dir: Path) -> dict[str, dict]:
+    return {row["id"]: row for row in map(json.loads, (step_dir / "items.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_zero3_training_evaluates_on_two_processes_as_one_process_does(tmp_path, repo_root):
+    """Edit-GRPO under DeepSpeed ZeRO-3 (every DiT parameter partitioned, 2 processes) with held-out evaluation before
+    and after its iteration: 5 items in batches of 2 are 3 batches, so rank 0 runs two and rank 1 one; every DiT
+    forward gathers the parameters from both, so rank 1 runs a repeat of its batch (dropped) to keep in step
+    (Evaluator.share). Before, the trainer refused eval.manifest under ZeRO-3. Scores equal one process's to
+    ZeRO-3's rounding (its linear layers run through DeepSpeed's own autograd function: test_scale_multiprocess)."""
+    from test_scale_multiprocess import COMMON, _deepspeed, _launch, _zero_config, one_process_reference
+
+    import test_scale_multiprocess
+    from viva_base.data.toy import ensure_toy_dataset
+
+    manifest = str(ensure_toy_dataset(tmp_path / "toy", seed=3, n_sft_video=0, n_sft_image=0, n_grpo=0,
+                                      n_eval_compound=3, n_eval_simple=2)["eval"])
+    evaluation = [f"eval.manifest={manifest}", "eval.seeds=[1]", "eval.batch_size=2", "eval.num_steps=2",
+                  "eval.save_videos=2", "eval.at_start=true"]
+    one_process_reference([*COMMON, *evaluation], tmp_path / "one")
+    config = _zero_config(tmp_path, repo_root, "zero3", stage3_param_persistence_threshold=0)
+    run = tmp_path / "zero3"
+    _launch(_deepspeed(config, 2), [str(tmp_path / "dump"), *COMMON, *evaluation, f"output_dir={run}"], repo_root,
+            script=test_scale_multiprocess.__file__)
+    assert torch.load(tmp_path / "dump" / "dump-1.pt", weights_only=True)["partitioned"] > 10
+    for step in ("step-0", "step-1"):
+        ref, got = _items(tmp_path / "one" / "eval" / step), _items(run / "eval" / step)
+        assert list(got) == list(ref) and len(ref) == 5
+        for item, row in ref.items():
+            assert set(got[item]["scores"]) == set(row["scores"])
+            for key, values in row["scores"].items():
+                assert got[item]["scores"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), (step, item, key)
+        assert sorted(p.name for p in (run / "eval" / step / "videos").iterdir()) == \
+            sorted(p.name for p in (tmp_path / "one" / "eval" / step / "videos").iterdir())
 
 
 if __name__ == "__main__":  # one process of the torchrun launch

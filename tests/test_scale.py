@@ -357,3 +357,19 @@ def test_13b_editor_dit_on_meta_has_13b_parameters_and_the_paper_lora():
     # dual-stream blocks: 8 projections (to_q/k/v/out, add_q/k/v, to_add_out); single-stream: to_q/k/v
     assert sum(p.numel() for _, p in lora) == 64 * 2 * d * (20 * 8 + 40 * 3)
     assert all("lora_" in n for n, _ in lora)
+
+
+def test_zero3_grpo_refuses_prompts_that_would_mix_reference_forwards():
+    """Under ZeRO-3 a rollout or training batch mixing prompts with and without a reference image would run two DiT
+    forwards on one process and one on another, and the processes would wait on each other for ever."""
+    from editgrpo.distributed import check_reference_forwards
+    from viva_base.errors import UserError
+
+    mixed = [{"reference": "a.png"}, {}]
+    check_reference_forwards(mixed, rollout_bs=1, train_bs=1)  # one sample a forward: never mixed
+    check_reference_forwards([{"reference": "a.png"}, {"reference": "b.png"}], rollout_bs=4, train_bs=4)
+    check_reference_forwards([{}, {}], rollout_bs=4, train_bs=2)
+    for bs in ((2, 1), (1, 2)):
+        with pytest.raises(UserError, match="1 of the 2 prompts have a reference image: set "
+                                            "sampling.rollout_batch_size=1 and train.train_batch_size=1"):
+            check_reference_forwards(mixed, *bs)
