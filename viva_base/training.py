@@ -186,6 +186,16 @@ def _cpu_process_group() -> None:
     PartialState(cpu=not deepspeed, backend="gloo")
 
 
+def process_state():
+    """accelerate's ``PartialState`` of this launch, for a command that needs only the process index, count and
+    device (the data build): on CPUs under ``torchrun`` started on gloo first (:func:`_cpu_process_group`), else
+    every process would see a world of 1 and take every shard."""
+    from accelerate import PartialState
+
+    _cpu_process_group()
+    return PartialState()
+
+
 COMPILE_MODES = ("none", "full", "regional")
 
 

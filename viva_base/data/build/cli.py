@@ -7,8 +7,9 @@
 For every input record of this shard that is not finished yet: cut and resize the clip, run the
 generating stages (``stages``), then the filter stage, and write ``record.json`` last. A failing record
 (an unreadable video, a VLM that never answered, any error) is written as ``{"status": "failed",
-"reason": ...}`` and the run goes on. At the end the manifests are rebuilt from every finished record
-in ``output_dir`` (``pairs.jsonl``, ``failed.jsonl``, ``summary.json``). See docs/data_pipeline.md.
+"reason": ...}`` and the run goes on. When its shard is done, each process rebuilds the manifests from every
+finished record in ``output_dir`` (``pairs.jsonl``, ``failed.jsonl``, ``summary.json``; no barrier: the last shard
+to finish writes the complete manifest). See docs/data_pipeline.md.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ...recipe import run_cli, save_resolved
-from ...training import DTYPES, ModelConfig
+from ...training import DTYPES, ModelConfig, process_state
 from ...video import write_video
 from .models import DATA_PROMPT_VERSION, masked_source, paste_back
 from .records import RecordStore, combine_shards, fingerprint, in_shard, list_inputs, parse_shard, write_outputs
@@ -313,14 +314,12 @@ def build_record(ctx: Context, store: RecordStore, item, fps: dict[str, str]) ->
 
 def main(cfg: BuildConfig) -> dict:
     """Build this shard's records, then rebuild the manifests; returns the counts of this run."""
-    from accelerate import PartialState
-
     validate(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     fps = stage_fingerprints(cfg)
     if cfg.manifest_only:
-        counts = write_outputs(out, fingerprint_now=fps["record"])
+        counts = rebuild_manifests(out, fps["record"])
         print(f"manifest rebuilt: {counts['pairs']} pairs from {counts['records_done']} records "
               f"({counts['records_failed']} failed) in {out / 'pairs.jsonl'}")
         return counts
@@ -331,7 +330,7 @@ def main(cfg: BuildConfig) -> dict:
         from ...training import check_model_config
 
         check_model_config(cfg.generator.model, "generator.model")
-    state = PartialState()
+    state = process_state()  # on CPUs under torchrun too (gloo)
     index, count = combine_shards(parse_shard(cfg.shard), (state.process_index, state.num_processes))
     if state.is_main_process:
         save_resolved(cfg, out)
@@ -358,13 +357,23 @@ def main(cfg: BuildConfig) -> dict:
         run["built" if record["status"] == "done" else "failed"] += 1
         if record["status"] == "failed":
             logger.warning("record %s failed: %s", item.id, record["reason"])
-    state.wait_for_everyone()
-    if state.is_main_process:
-        counts = write_outputs(out, fingerprint_now=fps["record"])
-        run.update(counts)
-        print(f"data build {run['shard']}: {run['built']} built, {run['failed']} failed, {run['skipped']} already "
-              f"finished; {counts['pairs']} pairs in {out / 'pairs.jsonl'}")
+    # No barrier: shards finish hours apart on real data, and a process waiting in one for more than the process
+    # group's timeout (NCCL: 10 minutes) would stop the launch. Each process rebuilds the manifests from every finished
+    # record when its own shard is done, one at a time, so the last one to finish writes the complete manifest.
+    counts = rebuild_manifests(out, fps["record"])
+    run.update(counts)
+    print(f"data build {run['shard']}: {run['built']} built, {run['failed']} failed, {run['skipped']} already "
+          f"finished; {counts['pairs']} pairs from every shard finished so far in {out / 'pairs.jsonl'}")
     return run
+
+
+def rebuild_manifests(out: Path, fingerprint_now: str) -> dict:
+    """:func:`write_outputs` under an exclusive file lock (``out/manifest.lock``; ``filelock``), so that shards
+    finishing together never interleave their writes and the last to take it sees every record finished before."""
+    from filelock import FileLock
+
+    with FileLock(str(out / "manifest.lock")):
+        return write_outputs(out, fingerprint_now=fingerprint_now)
 
 
 def _failed(item, fps: dict[str, str], exc: Exception) -> dict:
