@@ -109,13 +109,17 @@ def test_log_videos_to_tensorboard(tmp_path):
                                                                                   logging_dir=str(tmp_path / "logs")))
     acc.init_trackers("t")
     clip = torch.rand(5, 3, 16, 16)
-    assert log_videos(acc, {"eval/x": clip}, step=3) == 1
+    # a real-size clip (33 frames of 480 x 848; 40 megapixels side by side) is shrunk to 256 px, 8 frames
+    real = torch.rand(33, 3, 480, 848)
+    assert log_videos(acc, {"eval/x": clip, "rollout/real": real}, step=3) == 2
     acc.end_training()
     ev = EventAccumulator(str(next((tmp_path / "logs").rglob("events.*")).parent), size_guidance={"images": 0})
     ev.Reload()
-    assert "eval/x" in ev.Tags()["images"]
+    assert {"eval/x", "rollout/real"} <= set(ev.Tags()["images"])
     img = ev.Images("eval/x")[0]
     assert img.step == 3 and (img.width, img.height) == (5 * 16 * 4, 16 * 4)
+    big = ev.Images("rollout/real")[0]
+    assert (big.width, big.height) == (8 * 256, 145)  # 480 x 848 -> 145 x 256
 
 
 def test_tiny_spec_init_prediction_and_instructor_scale():

@@ -276,12 +276,15 @@ def init_trackers(accelerator, name: str, cfg: Any) -> None:
         accelerator.init_trackers(name, config=flat)
 
 
-def log_videos(accelerator, videos: dict[str, torch.Tensor], step: int, *, fps: float = 8.0, upscale: int = 4) -> int:
+def log_videos(accelerator, videos: dict[str, torch.Tensor], step: int, *, fps: float = 8.0, upscale: int = 4,
+               max_side: int = 256, strip_frames: int = 8) -> int:
     """Log clips ``{tag: (F, 3, H, W) in [0, 1]}`` to every tracker of ``accelerator`` (main process only).
 
     wandb gets a ``wandb.Video`` (a GIF); tensorboard a video where ``moviepy`` (which its ``add_video`` needs)
-    is installed, else a film strip (the frames side by side) as an image. Small frames are enlarged
-    ``upscale`` times (nearest) so a toy clip is visible. Returns the number of clips logged.
+    is installed, else a film strip (at most ``strip_frames`` frames, evenly spaced, side by side) as an image.
+    Small frames are enlarged ``upscale`` times (nearest) so a toy clip is visible; large ones are shrunk (area) to
+    ``max_side`` on their longer side, so a real clip (33 x 480 x 848) logs a few hundred KB, not a 40-megapixel
+    strip per clip and checkpoint. Returns the number of clips logged.
     """
     if not accelerator.is_main_process or not videos or not getattr(accelerator, "trackers", None):
         return 0
@@ -294,6 +297,10 @@ def log_videos(accelerator, videos: dict[str, torch.Tensor], step: int, *, fps: 
         v = v.detach().float().cpu().clamp(0, 1)
         if upscale > 1 and max(v.shape[-2:]) < 128:
             v = F.interpolate(v, scale_factor=upscale, mode="nearest")
+        elif max(v.shape[-2:]) > max_side:
+            scale = max_side / max(v.shape[-2:])
+            size = [max(1, round(n * scale)) for n in v.shape[-2:]]
+            v = F.interpolate(v, size=size, mode="area")
         clips[tag] = v
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -302,7 +309,8 @@ def log_videos(accelerator, videos: dict[str, torch.Tensor], step: int, *, fps: 
                 if importlib.util.find_spec("moviepy") is not None:
                     writer.add_video(tag, v[None], step, fps=int(round(fps)))
                 else:
-                    writer.add_image(tag, torch.cat(list(v), dim=-1), step)
+                    keep = torch.linspace(0, len(v) - 1, min(len(v), strip_frames)).round().long().unique()
+                    writer.add_image(tag, torch.cat(list(v[keep]), dim=-1), step)
             writer.flush()
         elif tracker.name == "wandb":
             import wandb
