@@ -69,19 +69,20 @@ def test_arguments():
 
 @pytest.mark.slow
 def test_quick_mode_runs_every_configuration(tmp_path, repo_root, monkeypatch):
-    """--quick: the shrunk toy chain once, then every configuration on 2 seeds; the table lists all of them."""
+    """--quick: the shrunk toy chain once, then every configuration on one training seed (pooling over seeds is the
+    hand-made test's); the table lists all of them."""
     monkeypatch.chdir(repo_root)
     out = tmp_path / "q"
-    assert A.main(["--quick", "--out", str(out), "--seeds", "0", "1"]) == 0
+    assert A.main(["--quick", "--out", str(out), "--seeds", "0"]) == 0
     result = json.loads((out / "algorithms" / "algorithms.json").read_text())
-    assert set(result["configs"]) == set(A.CONFIGS) and result["seeds"] == [0, 1]
+    assert set(result["configs"]) == set(A.CONFIGS) and result["seeds"] == [0]
     for name, pts in result["curves"].items():
         assert [p["step"] for p in pts] == [0, 1, 2], name
         assert pts[-1]["rollouts"] == 2 * 2 * 2
     md = (out / "algorithms" / "algorithms.md").read_text()
     assert all(f"| {name} |" in md for name in A.CONFIGS)
     assert (out / "algorithms" / "curves.png").exists()
-    assert len(list((out / "algorithms").glob("*/seed-*/sft"))) == 2 * len(A.CONFIGS)
+    assert len(list((out / "algorithms").glob("*/seed-*/sft"))) == len(A.CONFIGS)
 
 
 def test_two_benchmark_processes_never_train_the_same_run_at_once(tmp_path):
