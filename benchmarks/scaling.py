@@ -496,6 +496,12 @@ RUNNING = """## Running on many processes
     accelerate launch --config_file recipes/accelerate/zero3.yaml -m viva_base.sft recipe=recipes/sft_viva.yaml ...
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m viva_base.sft recipe=recipes/sft_tiny.yaml
 
+The toy chain (`recipe=recipes/toy.yaml`) runs under `torchrun` too: its stages are built by the main process while
+the others wait by polling a file, not in a barrier (the SFT stage outlasts gloo's 30-minute timeout on CPUs), and
+the SFT stage trains as a process of its own, as a 1-process chain trains it (tests/test_toy_multiprocess.py). The
+data build's processes never wait for each other: each rebuilds the manifest when its own shard is done
+(docs/data_pipeline.md).
+
 What makes N processes train exactly like one (tests/test_scale_multiprocess.py checks it to 1e-5, 1 against 2
 processes, including a group split between processes):
 

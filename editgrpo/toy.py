@@ -17,7 +17,6 @@ It then points the GRPO recipe at them (``model.pretrained``, ``data.manifest``,
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -26,33 +25,35 @@ logger = logging.getLogger(__name__)
 
 
 def prepare(cfg, accelerator=None):
-    """Run the missing stages (main process first) and return the GRPO config pointing at them."""
+    """Run the missing stages (main process first) and return the GRPO config pointing at them. The other processes
+    wait for the main one by polling a file, not in a barrier: the SFT stage takes longer than gloo's 30-minute
+    timeout on CPUs (``viva_base.training.main_process_first_polled``)."""
+    from viva_base.training import main_process_first_polled
+
     t = cfg.toy
     out = Path(cfg.output_dir)
     main = accelerator is None or accelerator.is_main_process
-    ctx = accelerator.main_process_first() if accelerator is not None else nullcontext()
-    with ctx:
-        paths, reward_name, base = shared_stages(cfg, out, main=main)
+    with main_process_first_polled(accelerator, out):
+        paths, reward_name, base = shared_stages(cfg, out)  # the main process builds them, the others read them
         sft_final = out / "sft" / "final"
-        if main:
-            fingerprint = _sft_stage(t, out / "sft", paths["sft"], cfg.report_to, base=base)
-        else:  # the main process built it (main_process_first)
+        if main:  # in a process of its own when this one is one of several (it would join their process group)
+            fingerprint = _sft_stage(t, out / "sft", paths["sft"], cfg.report_to, base=base,
+                                     processes=accelerator.num_processes if accelerator is not None else 1)
+        else:  # the main process built it (main_process_first_polled)
             import json
 
             fingerprint = stage_fingerprint(json.loads((out / "sft" / SFT_STAGE).read_text()))
-    cfg = point_at(cfg, paths, reward_name, sft_final, fingerprint)
-    if main and not (out / "sft" / DIAGNOSTICS).exists():
-        write_sft_diagnostics(cfg, paths, out / "sft" / DIAGNOSTICS)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+        cfg = point_at(cfg, paths, reward_name, sft_final, fingerprint)
+        if main and not (out / "sft" / DIAGNOSTICS).exists():
+            write_sft_diagnostics(cfg, paths, out / "sft" / DIAGNOSTICS)
     return cfg
 
 
-def shared_stages(cfg, out: Path, *, main: bool = True):
+def shared_stages(cfg, out: Path):
     """Stages 1-3 (data, toy reward model, toy instructor) in ``out``, each cached; what every SFT stage built on them
     shares. Returns ``(paths, reward_name, base)``: the manifests, the toy CLIP's name for the rewards (None when no
     reward uses it), and the pretrained toy instructor's ``(editor folder, fingerprint)`` (None when
-    ``toy.instructor_steps`` is 0 or on a process other than the main one)."""
+    ``toy.instructor_steps`` is 0)."""
     t = cfg.toy
     from viva_base.data.toy import ensure_toy_dataset
 
@@ -73,7 +74,7 @@ def shared_stages(cfg, out: Path, *, main: bool = True):
             kw["degrade"] = t.reward_degrade
         reward_name = train_toy_clip(out / "reward_model", seed=t.seed, frames=t.frames, size=t.size, **kw)
     base = None
-    if t.instructor_steps and main:
+    if t.instructor_steps:
         base = _instructor_stage(t, out / "instructor", paths)
     return paths, reward_name, base
 
@@ -184,11 +185,13 @@ def compound_instructions(path: Path, paths: dict, n: int) -> Path:
     return path
 
 
-def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None) -> str:
+def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None, processes: int = 1) -> str:
     """The SFT stage, cached by what produced it: ``sft_dir/stage.json`` holds the resolved SFT recipe (less
     output_dir, report_to and resume) of the editor in ``sft_dir/final``. The same recipe reuses it; another one
     resumes the SFT run from its last checkpoint, which continues it where only ``train.max_steps`` grew and is
-    refused with one line naming the keys otherwise (viva_base.training.check_resume_config)."""
+    refused with one line naming the keys otherwise (viva_base.training.check_resume_config). ``processes``: the
+    processes of the launch; with more than one the SFT runs as ``python -m viva_base.sft`` in a process of its own
+    (:func:`_sft_in_own_process`)."""
     import json
 
     from viva_base.recipe import atomic_write_text, load_recipe
@@ -216,9 +219,38 @@ def _sft_stage(t, sft_dir: Path, manifest, report_to: str, base=None) -> str:
         logger.info("toy chain: the SFT recipe changed since %s was built; resuming it with the new one", sft_dir)
     for stale in (stage, sft_dir / DIAGNOSTICS):
         stale.unlink(missing_ok=True)
-    sft_main(sft_cfg)
+    if processes > 1:
+        _sft_in_own_process(_sft_recipe_args(t, sft_dir, manifest, report_to, base), processes=processes)
+    else:
+        sft_main(sft_cfg)
     atomic_write_text(stage, json.dumps(want, indent=1))
     return stage_fingerprint(want)
+
+
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                   "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "ACCELERATE_USE_DEEPSPEED")
+
+
+def _sft_in_own_process(args: list[str], processes: int = 1) -> None:
+    """``python -m viva_base.sft *args`` as one process outside the launch, the way a 1-process chain trains it (the
+    same editor, so the stage is shared with 1-process runs), on ``processes`` times this process's torch threads (the
+    waiting processes' cores). In-process, the main process of a multi-process launch would run the SFT inside the
+    launch's process group while the other processes wait for the stage: its first collective would never be
+    matched."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from viva_base.errors import UserError
+
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("ACCELERATE_DEEPSPEED")}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads() * processes)
+    code = subprocess.run([sys.executable, "-m", "viva_base.sft", *args], env=env).returncode
+    if code != 0:
+        raise UserError(f"the toy chain's SFT stage stopped (exit {code}; its output is above); rerun to resume it")
 
 
 def stage_fingerprint(config: dict) -> str:

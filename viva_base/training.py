@@ -14,6 +14,7 @@ It is written under a temporary name and renamed, so a killed run never leaves a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
 from .errors import CheckpointError, UserError
-from .recipe import redacted
+from .recipe import atomic_write_text, redacted
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,39 @@ def process_state():
 
     _cpu_process_group()
     return PartialState()
+
+
+@contextlib.contextmanager
+def main_process_first_polled(accelerator, folder: str | os.PathLike, *, poll: float = 1.0):
+    """accelerate's ``main_process_first`` for work that can outlast the process group's timeout (gloo: 30 minutes,
+    NCCL: 10; the toy chain's SFT stage takes longer on CPUs): the main process runs the block first while the others
+    wait for a marker file in ``folder`` (a shared file system), not in a barrier, then run the block themselves.
+    If the main process's block raises, the others stop with a UserError. A no-op wrapper on one process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        yield
+        return
+    import uuid
+
+    from accelerate.utils import broadcast_object_list
+
+    token = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]  # quick
+    marker = Path(folder) / f".main-process-done-{token}"
+    if accelerator.is_main_process:
+        try:
+            yield
+        except BaseException as exc:
+            atomic_write_text(marker, f"failed: {exc.__class__.__name__}")
+            raise
+        atomic_write_text(marker, "ok")
+    else:
+        while not marker.exists():
+            time.sleep(poll)
+        if marker.read_text() != "ok":
+            raise UserError(f"the main process stopped ({marker.read_text()}); its error is in its own output")
+        yield
+    accelerator.wait_for_everyone()  # every process has read the marker
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
 
 
 COMPILE_MODES = ("none", "full", "regional")
