@@ -16,6 +16,12 @@ ICVE, Runway outputs ... scored in the same table), on a benchmark manifest, and
 Resumable: items already in ``items.jsonl`` are skipped (a killed run is simply started again with the
 same command); a run refuses to continue in a folder written with a different protocol.
 
+Sharded: ``--shard i/n`` evaluates the items whose id hashes to shard ``i`` of ``n`` (as the data build shards);
+under ``torchrun`` / ``accelerate launch`` process ``r`` of ``w`` takes shard ``(i w + r) / (n w)`` and the GPU
+``cuda:LOCAL_RANK``. The processes share ``--out`` and never wait for each other: each appends its items under a
+file lock and, when its shard is done, rewrites the tables from every finished item, so the last one to finish
+writes the complete tables.
+
 The manifest (docs/evaluation.md) is the ``eval`` JSONL of :mod:`viva_base.data.manifest`: ``id``,
 ``source``, ``instruction``, and ``task`` (``instruction`` | ``reference``), ``category``,
 ``source_caption``, ``target_caption``, ``reference`` where present. :func:`prepare_viebench` converts a
@@ -523,25 +529,32 @@ def run_benchmark(
     report_max_side: int | None = 384,
     command: Sequence[str] | None = None,
     on_item: Callable[[dict], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Evaluate ``systems`` on ``items`` into ``out_dir`` (see the module doc); returns the summary.
 
     ``metrics``: a :class:`benchmarks.metrics.VideoMetrics` (``None``: no automatic metrics); ``judge``:
     :class:`JudgeSettings` (``None``: no judge). ``max_frames`` / ``max_side`` bound the frames read for
     scoring (``None``: all frames at full resolution, as the published protocols). ``on_item`` is called
-    with each record after it is written.
+    with each record after it is written. ``shard``: ``(i, n)``, evaluate only the items of shard ``i`` of ``n``
+    (``viva_base.data.build.records.in_shard``); the tables cover every item finished in ``out_dir``.
     """
+    from filelock import FileLock
+
     from rewards.base import frame_indices
+    from viva_base.data.build.records import in_shard
     from viva_base.video import VideoError, read_image, read_video
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items_path = out_dir / "items.jsonl"
+    lock = FileLock(str(out_dir / "items.jsonl.lock"))  # shards sharing out_dir: one writer at a time
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
         raise BenchmarkError(f"system names repeat ({', '.join(names)}); name them with --results NAME=DIR / --name")
-    _repair_tail(items_path)
-    previous = read_items(items_path)
+    with lock:
+        _repair_tail(items_path)
+        previous = read_items(items_path)
     done = {(str(r.get("system")), str(r.get("id"))) for r in previous}
 
     protocol: dict[str, Any] = {
@@ -553,14 +566,15 @@ def run_benchmark(
         "versions": _versions(),
         "command": list(command) if command is not None else None,
     }
-    protocol = _check_protocol(out_dir, protocol, {s for s, _ in done} & set(names))
-    write_text_atomic(out_dir / "protocol.json", json.dumps(protocol, indent=2) + "\n")
+    with lock:
+        protocol = _check_protocol(out_dir, protocol, {s for s, _ in done} & set(names))
+        write_text_atomic(out_dir / "protocol.json", json.dumps(protocol, indent=2) + "\n")
 
     not_computed = dict(metrics.not_computed) if metrics is not None else {}
     if judge is None:
         not_computed["judge"] = "not computed: no --judge given"
     missing: dict[str, list[str]] = {}
-    todo = [(s, it) for s in systems for it in items if (s.name, it["id"]) not in done]
+    todo = [(s, it) for s in systems for it in items if (s.name, it["id"]) not in done and in_shard(it["id"], *shard)]
     if done:
         logger.info("resuming: %d (system, item) pairs already in %s, %d to go", len(done), items_path, len(todo))
 
@@ -574,7 +588,8 @@ def run_benchmark(
             record["judge_error"] = error
         record.pop("_item")
         record["seconds"] = round(time.time() - record.pop("_t0"), 3)
-        _append_line(items_path, record)
+        with lock:
+            _append_line(items_path, record)
         if on_item is not None:
             on_item(record)
 
@@ -632,13 +647,27 @@ def run_benchmark(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    all_items = read_items(items_path)
-    keep = {(s.name, it["id"]) for s in systems for it in items}
-    others = [r for r in all_items if (str(r.get("system")), str(r.get("id"))) not in keep]
-    if others:
-        logger.info("%d record(s) in %s are not part of this manifest/system set; they stay in the tables",
-                    len(others), items_path)
-    summary = write_outputs(out_dir, all_items, protocol=protocol, missing=missing, not_computed=not_computed)
+    with lock:  # every shard's finished items: the last shard to finish writes the complete tables
+        all_items = read_items(items_path)
+        keep = {(s.name, it["id"]) for s in systems for it in items}
+        finished = {(str(r.get("system")), str(r.get("id"))) for r in all_items}
+        others = [r for r in all_items if (str(r.get("system")), str(r.get("id"))) not in keep]
+        if others:
+            logger.info("%d record(s) in %s are not part of this manifest/system set; they stay in the tables",
+                        len(others), items_path)
+        if shard[1] > 1:  # the other shards' items: a system without a result for one is missing it too
+            for system in systems:
+                ids = set(missing.get(system.name, []))
+                ids |= {it["id"] for it in items if (system.name, it["id"]) not in finished
+                        and not in_shard(it["id"], *shard) and isinstance(system, ResultsSystem)
+                        and system.edited(it, out_dir) is None}
+                if ids:
+                    missing[system.name] = [it["id"] for it in items if it["id"] in ids]
+            unfinished = len(keep - finished) - sum(map(len, missing.values()))
+            if unfinished:
+                logger.info("shard %d/%d done; %d (system, item) pairs of other shards not finished yet: the last "
+                            "shard to finish writes the complete tables", *shard, unfinished)
+        summary = write_outputs(out_dir, all_items, protocol=protocol, missing=missing, not_computed=not_computed)
     if judge is not None:
         stats = judge.client.stats
         logger.info("judge: %d requests, %d retries, %d cache hits, %d failures this run", stats["requests"],
@@ -688,6 +717,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="output folder (resumable; required unless --prepare)")
     g.add_argument("--ids", help="comma-separated item ids to evaluate (default: all)")
     g.add_argument("--limit", type=int, help="evaluate only the first N items (smoke runs)")
+    g.add_argument("--shard", metavar="I/N", help="evaluate only shard I of N of the items (by id), into the shared "
+                   "--out; under torchrun / accelerate launch each process takes its own part of it")
     g = p.add_argument_group("editing (--model)")
     g.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=50,
                    help="sampling steps (paper: 50; --steps is its old name)")
@@ -787,11 +818,12 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         items = [it for it in items if it["id"] in set(wanted)]
     if args.limit is not None:
         items = items[: args.limit]
+    shard, device = launch_shard(args.shard, args.device)
     systems: list[ResultsSystem | ModelSystem] = []
     if args.model:
         name = args.name or Path(args.model).name + (f"+{Path(args.lora).name}" if args.lora else "")
         systems.append(ModelSystem(name, args.model, args.lora, args.num_steps, args.guidance_scale, args.seed,
-                                   args.device, args.dtype, args.frames, args.size, args.shift, interval))
+                                   device, args.dtype, args.frames, args.size, args.shift, interval))
     for spec in args.results:
         name, sep, folder = spec.partition("=")
         if not sep:
@@ -807,7 +839,7 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             metrics=names, clip=args.clip, clip_features=args.clip_features, dino=args.dino,
             pickscore=args.pickscore, pickscore_processor=args.pickscore_processor,
             pickscore_max_side=args.pickscore_max_side or None, viclip=args.viclip,
-            viclip_weights=args.viclip_weights, tc_mode=args.tc_mode, device=args.device, dtype=args.metric_dtype))
+            viclip_weights=args.viclip_weights, tc_mode=args.tc_mode, device=device, dtype=args.metric_dtype))
     judge = None
     if args.judge:
         from rewards.vlm_judge import JudgeClient
@@ -821,7 +853,22 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         judge = JudgeSettings(client, args.judge_frames)
     return run_benchmark(items, systems, args.out, metrics=metrics, judge=judge, max_frames=args.max_frames,
                          max_side=args.max_side, report_max_side=args.report_max_side,
-                         command=["python", "-m", "benchmarks.viebench", *argv])
+                         command=["python", "-m", "benchmarks.viebench", *argv], shard=shard)
+
+
+def launch_shard(spec: str | None, device: str, env=None) -> tuple[tuple[int, int], str]:
+    """``(shard, device)`` of this process: ``--shard i/n`` (default ``0/1``) combined with the process ``RANK`` of
+    ``WORLD_SIZE`` that ``torchrun`` / ``accelerate launch`` set (global shard ``(i w + r) / (n w)``, as the data build
+    combines them), and a bare ``cuda`` device pinned to ``cuda:LOCAL_RANK``. No process group is started: the
+    processes never talk."""
+    from viva_base.data.build.records import combine_shards, parse_shard
+
+    env = os.environ if env is None else env
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    shard = combine_shards(parse_shard(spec), (rank, world))
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(env.get('LOCAL_RANK', 0))}"
+    return shard, device
 
 
 if __name__ == "__main__":

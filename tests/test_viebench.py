@@ -479,3 +479,53 @@ def test_cli_errors(bench, tmp_path, capsys):
     assert viebench.main(["--manifest", str(bench["manifest"]), "--results", str(bench["sysA"]), "--ids", "zzz",
                           "--out", str(tmp_path / "o")]) == 2
     assert "zzz" in capsys.readouterr().err
+
+
+def test_launch_shard_combines_the_shard_with_the_launchers_process_and_pins_its_gpu():
+    assert viebench.launch_shard(None, "cpu", env={}) == ((0, 1), "cpu")
+    assert viebench.launch_shard("1/2", "cpu", env={}) == ((1, 2), "cpu")
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
+    assert viebench.launch_shard(None, "cuda", env=torchrun) == ((3, 4), "cuda:3")
+    assert viebench.launch_shard("1/2", "cuda:0", env=torchrun) == ((7, 8), "cuda:0")  # machine 1 of 2, GPU given
+
+
+def _summary_tables(out: Path) -> tuple[str, dict]:
+    summary = json.loads((out / "summary.json").read_text())
+    return (out / "table.md").read_text(), {k: summary[k] for k in ("systems", "missing", "n_records")
+                                             if k in summary}
+
+
+def test_two_shards_at_once_share_the_folder_and_the_last_writes_every_item(bench, tmp_path):
+    """Two processes (RANK 0 and 1 of WORLD_SIZE 2, as torchrun sets them) on one --out at the same time: every
+    (system, item) once in items.jsonl, no torn line, and the last shard to finish writes the tables one process
+    writes, with sysB's missing result whichever shard its item fell in."""
+    from viva_base.data.build.records import in_shard
+
+    args = bench["common"] + ["--results", f"sysA={bench['sysA']}", "--results", f"sysB={bench['sysB']}",
+                              "--metrics", "clip_tc,clip_t"]
+    assert {in_shard(i, 0, 2) for i in ITEMS} == {True, False}  # both shards have items
+    assert viebench.main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.viebench", *args, "--out", str(tmp_path / "two")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rows = _lines(tmp_path / "two" / "items.jsonl")
+    assert sorted((r["system"], r["id"]) for r in rows) == sorted(
+        (s, i) for s in ("sysA", "sysB") for i in ITEMS if (s, i) != ("sysB", "add_1"))
+    # the shard that finished last rewrote the tables (under the lock) from every item: the one-process tables
+    assert _summary_tables(tmp_path / "two") == _summary_tables(tmp_path / "one")
+    assert _summary_tables(tmp_path / "two")[1]["missing"] == {"sysB": ["add_1"]}
+
+
+def test_shards_one_after_the_other_evaluate_only_their_own_items(bench, tmp_path):
+    from viva_base.data.build.records import in_shard
+
+    args = bench["common"] + ["--results", f"sysA={bench['sysA']}", "--metrics", "clip_t", "--out", str(tmp_path)]
+    assert viebench.main(args + ["--shard", "0/2"]) == 0
+    assert sorted(r["id"] for r in _lines(tmp_path / "items.jsonl")) == sorted(i for i in ITEMS if in_shard(i, 0, 2))
+    assert viebench.main(args + ["--shard", "1/2"]) == 0
+    assert sorted(r["id"] for r in _lines(tmp_path / "items.jsonl")) == sorted(ITEMS)
+    assert json.loads((tmp_path / "summary.json").read_text())["systems"]["sysA"]["n_items"] == len(ITEMS)
+    assert viebench.main(args + ["--shard", "2/2"]) == 2  # one line, exit 2
