@@ -38,7 +38,8 @@ from viva_base.hub import card_files, check_hub, eval_results, lora_card, push_f
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
 from viva_base.training import (MetricsFile, build_editor, compile_dit, find_checkpoint, init_trackers,
-                                load_checkpoint, log_videos, make_accelerator, step_generator)
+                                load_checkpoint, log_videos, main_process_first_polled, make_accelerator,
+                                step_generator)
 
 from .config import GRPOConfig, validate_config
 from .distributed import backward_passes, check_reference_forwards
@@ -404,26 +405,30 @@ def main(cfg: GRPOConfig) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _save_lora_atomic(dit_raw, final, base_model=cfg.model.pretrained)
-    if accelerator.is_main_process:
-        report = None
-        if evaluator is not None and (out / "eval" / "step-0").exists():
-            from .report import write_report
+    # the others wait for the report by polling a file, then every process tears the process group down together
+    # (viva_base.sft: a process leaving while the main one still wrote once died of SIGABRT in its teardown)
+    with main_process_first_polled(accelerator, out):
+        if accelerator.is_main_process:
+            report = None
+            if evaluator is not None and (out / "eval" / "step-0").exists():
+                from .report import write_report
 
-            report = write_report(out, eval_dir=out / "eval", start_step=0, final_step=tc.num_iterations,
-                                  seconds=time.time() - t_start, eval_manifest=cfg.eval.manifest,
-                                  diagnostics=out / "sft" / "diagnostics.json" if cfg.toy.enabled else None)
-            if "delta_oracle" in report:
-                d = report["delta_oracle"]
-                print(f"held-out oracle: SFT {report['sft']['oracle']:.4f} -> GRPO {report['grpo']['oracle']:.4f} "
-                      f"(delta {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]); "
-                      f"report in {out / 'report.html'}")
-        card = lora_card(cfg, name=repo_id or str(final), title=repo_id or out.resolve().name,
-                         iterations=tc.num_iterations, seconds=time.time() - t_start, processes=world,
-                         last_row=row, resumed_at=start,
-                         results=eval_results(out / "eval", report) if evaluator is not None else "")
-        write_files(final, card_files(card, cfg))
-        logger.info("Edit-GRPO done in %.1f s; LoRA in %s", time.time() - t_start, final)
-        print(f"Edit-GRPO finished: {tc.num_iterations} iterations, LoRA in {final}, metrics in {out / 'metrics.jsonl'}")
+                report = write_report(out, eval_dir=out / "eval", start_step=0, final_step=tc.num_iterations,
+                                      seconds=time.time() - t_start, eval_manifest=cfg.eval.manifest,
+                                      diagnostics=out / "sft" / "diagnostics.json" if cfg.toy.enabled else None)
+                if "delta_oracle" in report:
+                    d = report["delta_oracle"]
+                    print(f"held-out oracle: SFT {report['sft']['oracle']:.4f} -> GRPO {report['grpo']['oracle']:.4f} "
+                          f"(delta {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]); "
+                          f"report in {out / 'report.html'}")
+            card = lora_card(cfg, name=repo_id or str(final), title=repo_id or out.resolve().name,
+                             iterations=tc.num_iterations, seconds=time.time() - t_start, processes=world,
+                             last_row=row, resumed_at=start,
+                             results=eval_results(out / "eval", report) if evaluator is not None else "")
+            write_files(final, card_files(card, cfg))
+            logger.info("Edit-GRPO done in %.1f s; LoRA in %s", time.time() - t_start, final)
+            print(f"Edit-GRPO finished: {tc.num_iterations} iterations, LoRA in {final}, "
+                  f"metrics in {out / 'metrics.jsonl'}")
     accelerator.end_training()
     if repo_id is not None and accelerator.is_main_process:
         push_folder(cfg.hub, repo_id, final, "Edit-GRPO LoRA")

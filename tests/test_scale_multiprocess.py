@@ -130,6 +130,7 @@ def _launch(launcher: list[str], args: list[str], cwd, timeout=420, script: str 
     # the launched script imports the package from the checkout under test, as pytest does in this process (whatever
     # copy, if any, is installed: python runs a script with the script's folder on sys.path, not the working directory)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONFAULTHANDLER": "1",  # a rank that dies of a signal prints every thread's Python stack
            "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([*launcher, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -317,7 +318,8 @@ SFT_TOL = 1e-6  # float32, one reduction order against another: ZeRO-3 and ZeRO-
 
 def _sft(launcher: list[str], args: list[str], *, check: bool = True, **env) -> subprocess.CompletedProcess:
     """``viva_base.sft`` with SFT_COMMON + ``args`` under ``launcher`` (torchrun or accelerate launch)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONFAULTHANDLER": "1", **env}
     proc = subprocess.run([*launcher, "-m", "viva_base.sft", *SFT_COMMON, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     if check:

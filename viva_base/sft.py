@@ -43,7 +43,7 @@ from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compile_dit, compute_autocast,
                        find_checkpoint, init_trackers, load_checkpoint, make_accelerator, step_generator,
-                       upcast_trainable)
+                       main_process_first_polled, upcast_trainable)
 
 logger = logging.getLogger("viva_base.sft")
 
@@ -388,24 +388,28 @@ def main(cfg: SFTConfig) -> Path:
     accelerator.wait_for_everyone()
     final = out / "final"
     whole = full_parameters(accelerator, dit_raw) if zero is not None else None  # collective: every rank
-    if accelerator.is_main_process:
-        transformer = accelerator.unwrap_model(dit)
-        if whole is not None:  # the fp32 master weights (and frozen ones gathered), not ZeRO-3's partitions
-            restore_parameters(transformer, whole)
-        if ema is not None:  # the editor is the average of the weights, as diffusers' training scripts save it
-            ema.copy_to(p for p in transformer.parameters() if p.requires_grad)
-        if tc.trainable == "lora":
-            from .peft_utils import merge_lora
+    # the others wait for the save by polling a file (a 13B editor can take longer than NCCL's 10-minute
+    # timeout), then every process tears the process group down together: a process that left while the main
+    # one was still saving once died of SIGABRT in its teardown (CI, ZeRO-3 on CPUs)
+    with main_process_first_polled(accelerator, out):
+        if accelerator.is_main_process:
+            transformer = accelerator.unwrap_model(dit)
+            if whole is not None:  # the fp32 master weights (and frozen ones gathered), not ZeRO-3's partitions
+                restore_parameters(transformer, whole)
+            if ema is not None:  # the editor is the average of the weights, as diffusers' training scripts save it
+                ema.copy_to(p for p in transformer.parameters() if p.requires_grad)
+            if tc.trainable == "lora":
+                from .peft_utils import merge_lora
 
-            transformer = merge_lora(transformer)
-        editor.transformer, editor.dit_forward = transformer.to(model_dtype), None
-        card = sft_card(cfg, name=repo_id or str(final), title=repo_id or out.resolve().name, steps=tc.max_steps,
-                        loss=loss_mean, seconds=time.time() - t0, processes=world, pairs=len(records),
-                        editor_class=type(editor).__name__, resumed_at=start)
-        editor.save_pretrained(final, files=card_files(card, cfg))
-        logger.info("SFT done in %.1f s; editor written to %s", time.time() - t0, final)
-        print(f"SFT finished: {tc.max_steps} steps, last loss {loss_mean:.4f}, "
-              f"editor in {final}")
+                transformer = merge_lora(transformer)
+            editor.transformer, editor.dit_forward = transformer.to(model_dtype), None
+            card = sft_card(cfg, name=repo_id or str(final), title=repo_id or out.resolve().name, steps=tc.max_steps,
+                            loss=loss_mean, seconds=time.time() - t0, processes=world, pairs=len(records),
+                            editor_class=type(editor).__name__, resumed_at=start)
+            editor.save_pretrained(final, files=card_files(card, cfg))
+            logger.info("SFT done in %.1f s; editor written to %s", time.time() - t0, final)
+            print(f"SFT finished: {tc.max_steps} steps, last loss {loss_mean:.4f}, "
+                  f"editor in {final}")
     accelerator.end_training()
     if repo_id is not None and accelerator.is_main_process:
         push_folder(cfg.hub, repo_id, final, "SFT editor")
