@@ -500,7 +500,9 @@ The toy chain (`recipe=recipes/toy.yaml`) runs under `torchrun` too: its stages 
 the others wait by polling a file, not in a barrier (the SFT stage outlasts gloo's 30-minute timeout on CPUs), and
 the SFT stage trains as a process of its own, as a 1-process chain trains it (tests/test_toy_multiprocess.py). The
 data build's processes never wait for each other: each rebuilds the manifest when its own shard is done
-(docs/data_pipeline.md).
+(docs/data_pipeline.md). At the end of the SFT and of Edit-GRPO the other processes wait for the main one's final
+save and report the same way, so a 13B editor's save cannot meet NCCL's 10-minute timeout, and then all of them
+tear the process group down together.
 
 What makes N processes train exactly like one (tests/test_scale_multiprocess.py checks it to 1e-5, 1 against 2
 processes, including a group split between processes):
