@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from viva_base.distributed import refuse_mixed_references
 from viva_base.errors import UserError
 
 
@@ -21,13 +22,8 @@ def backward_passes(cfg, n_local: int, train_bs: int, n_steps: int) -> int:
 
 
 def check_reference_forwards(records: list[dict], rollout_bs: int, train_bs: int) -> None:
-    """ZeRO-3 gathers the DiT's weights from every process at every forward, so all processes must run the same
-    number of forwards. A batch mixing prompts with and without a reference image runs two (different token counts,
-    ``VivaEditor.velocity``) and the processes would wait on each other for ever: refuse, before any work, a prompt
-    manifest that could mix them in a rollout or training micro-batch (SFT: ``viva_base.sft.check_zero3_forwards``;
-    held-out evaluation never mixes them: ``Evaluator.batches``)."""
-    with_ref = sum(bool(r.get("reference")) for r in records)
-    if max(rollout_bs, train_bs) > 1 and 0 < with_ref < len(records):
-        raise UserError(f"under ZeRO-3 every process must run the same DiT forwards, and {with_ref} of the "
-                        f"{len(records)} prompts have a reference image: set sampling.rollout_batch_size=1 and "
-                        "train.train_batch_size=1, give all or no prompts a reference, or use ZeRO-2")
+    """Under ZeRO-3, refuse before any work a prompt manifest whose prompts with and without a reference image could
+    meet in a rollout or training micro-batch (``viva_base.distributed.refuse_mixed_references``; SFT:
+    ``viva_base.sft.check_zero3_forwards``; held-out evaluation never mixes them: ``Evaluator.batches``)."""
+    refuse_mixed_references(records, max(rollout_bs, train_bs), "prompts", "set sampling.rollout_batch_size=1 and "
+                            "train.train_batch_size=1, give all or no prompts a reference, or use ZeRO-2")

@@ -34,6 +34,17 @@ def deepspeed_stage(accelerator) -> int | None:
     return None if plugin is None else int(plugin.zero_stage)
 
 
+def refuse_mixed_references(records: list[dict], batch: int, items: str, fix: str) -> None:
+    """ZeRO-3 gathers the DiT's weights from every process at every forward, so all processes must run the same
+    number of forwards. A batch mixing ``items`` with and without a reference image runs two (different token
+    counts, ``VivaEditor.velocity``) and the processes would wait on each other for ever: refuse ``records`` that
+    could be mixed in a batch of ``batch``, with one line ending in ``fix``."""
+    with_ref = sum(bool(r.get("reference")) for r in records)
+    if batch > 1 and 0 < with_ref < len(records):
+        raise UserError(f"under ZeRO-3 every process must run the same DiT forwards, and {with_ref} of the "
+                        f"{len(records)} {items} have a reference image: {fix}")
+
+
 def configure_deepspeed(accelerator, *, micro_batch: int, accumulation: int, clip: float,
                         mixed_precision: str | None = None) -> None:
     """Fill the DeepSpeed config's "auto" batch keys from the recipe (no dataloader passes through prepare):

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from .data.manifest import read_manifest
 from .data.pairs import MicroBatches, MixedBatchSampler, PairDataset, pair_batches
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
-                          full_parameters, load_engine_state, no_zero_init, restore_parameters, save_state)
+                          full_parameters, load_engine_state, no_zero_init, refuse_mixed_references,
+                          restore_parameters, save_state)
 from .errors import CheckpointError, UserError
 from .hub import HubConfig, card_files, check_hub, push_folder, sft_card
 from .losses import (add_noise, flow_matching_target, mask_to_latent, masked_flow_matching_loss, sample_sigmas,
@@ -259,12 +260,9 @@ def check_zero3_forwards(records: list[dict], per_micro: int) -> None:
     """ZeRO-3 gathers the DiT's weights from every process at every forward, so all processes must run the same
     number of forwards. A micro-batch mixing pairs with and without a reference image runs two (different token
     counts, ``VivaEditor.velocity``): refuse a manifest that could mix them unless each process takes one pair."""
-    with_ref = sum(bool(r.get("reference")) for r in records)
-    if per_micro > 1 and 0 < with_ref < len(records):
-        raise UserError(f"under ZeRO-3 every process must run the same DiT forwards, and {with_ref} of the "
-                        f"{len(records)} pairs have a reference image: set train.batch_size = "
-                        "gradient_accumulation_steps x processes (one pair per process and micro-batch), give all or "
-                        "no pairs a reference, or use ZeRO-2")
+    refuse_mixed_references(records, per_micro, "pairs", "set train.batch_size = gradient_accumulation_steps x "
+                            "processes (one pair per process and micro-batch), give all or no pairs a reference, or use "
+                            "ZeRO-2")
 
 
 def main(cfg: SFTConfig) -> Path:
