@@ -261,8 +261,8 @@ def check_zero3_forwards(records: list[dict], per_micro: int) -> None:
     number of forwards. A micro-batch mixing pairs with and without a reference image runs two (different token
     counts, ``VivaEditor.velocity``): refuse a manifest that could mix them unless each process takes one pair."""
     refuse_mixed_references(records, per_micro, "pairs", "set train.batch_size = gradient_accumulation_steps x "
-                            "processes (one pair per process and micro-batch), give all or no pairs a reference, or use "
-                            "ZeRO-2")
+                            "processes (one pair per process and micro-batch), give all or no pairs a reference, or "
+                            "use ZeRO-2")
 
 
 def main(cfg: SFTConfig) -> Path:
