@@ -4,8 +4,8 @@ collective was never matched (and a wait longer than gloo's 30-minute timeout wo
 Now the other processes wait for the stages by polling a file (``main_process_first_polled``) and the main process
 trains the SFT stage as a process of its own, as a 1-process chain does.
 
-Also run as a script under torchrun by the tests (``python -m torch.distributed.run ... this_file OUT``): the polled
-wait, with the process group's timeout at 2 s and the main process's work taking 5 s."""
+Also run as a script under torchrun by the tests (``python -m torch.distributed.run ... this_file OUT [fail]``): the
+polled wait, with the process group's timeout at 2 s and the main process's work taking 5 s (or failing after it)."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,20 @@ def test_other_processes_wait_for_long_main_process_work_without_a_collective(tm
     assert ranks[0]["block_end"] - ranks[0]["block_start"] >= WORK > TIMEOUT
     assert ranks[1]["block_start"] >= ranks[0]["block_end"]
     assert not list(tmp_path.glob(".main-process-done-*"))  # the marker is removed once every process has read it
+
+
+@pytest.mark.slow
+def test_when_the_main_process_fails_the_others_stop_with_a_user_error_and_no_marker_is_left(tmp_path, repo_root):
+    from test_scale_multiprocess import _launch, _torchrun
+
+    _launch(_torchrun(2), [str(tmp_path), "fail"], repo_root, script=__file__)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["error"] == "ValueError: the stage broke"
+    assert ranks[1]["error"].startswith("UserError: the main process stopped (failed: ValueError)")
+    # rank 1 ran no block of its own, and stopped as soon as the main process failed (the poll is 0.2 s), not after a
+    # process group's timeout
+    assert ranks[1]["block_start"] is None and abs(ranks[1]["stopped"] - ranks[0]["stopped"]) < TIMEOUT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-0.json", "rank-1.json"]  # marker and receipts gone
 
 
 @pytest.mark.slow
@@ -76,13 +90,21 @@ if __name__ == "__main__":  # one process of the torchrun launch
 
     from viva_base.training import main_process_first_polled
 
-    out = Path(sys.argv[1])
+    out, fail = Path(sys.argv[1]), sys.argv[2:] == ["fail"]
     PartialState(cpu=True, backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT))
     accelerator = Accelerator(cpu=True)
-    with main_process_first_polled(accelerator, out, poll=0.2):
-        start = time.time()
-        if accelerator.is_main_process:
-            time.sleep(WORK)  # a stage: longer than the process group's timeout
-        end = time.time()
-    accelerator.wait_for_everyone()
-    (out / f"rank-{accelerator.process_index}.json").write_text(json.dumps({"block_start": start, "block_end": end}))
+    start = end = error = None
+    try:
+        with main_process_first_polled(accelerator, out, poll=0.2):
+            start = time.time()
+            if accelerator.is_main_process:
+                time.sleep(WORK)  # a stage: longer than the process group's timeout
+                if fail:
+                    raise ValueError("the stage broke")
+            end = time.time()
+    except Exception as exc:  # recorded for the test; no collective after a failure
+        error = f"{type(exc).__name__}: {exc}"
+    else:
+        accelerator.wait_for_everyone()
+    record = {"block_start": start, "block_end": end, "error": error, "stopped": time.time()}
+    (out / f"rank-{accelerator.process_index}.json").write_text(json.dumps(record))

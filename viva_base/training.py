@@ -202,7 +202,8 @@ def main_process_first_polled(accelerator, folder: str | os.PathLike, *, poll: f
     """accelerate's ``main_process_first`` for work that can outlast the process group's timeout (gloo: 30 minutes,
     NCCL: 10; the toy chain's SFT stage takes longer on CPUs): the main process runs the block first while the others
     wait for a marker file in ``folder`` (a shared file system), not in a barrier, then run the block themselves.
-    If the main process's block raises, the others stop with a UserError. A no-op wrapper on one process."""
+    If the main process's block raises, the others stop with a UserError; the main process waits (a minute at most)
+    until each has read why, then removes the marker and raises. A no-op wrapper on one process."""
     if accelerator is None or accelerator.num_processes == 1:
         yield
         return
@@ -217,17 +218,35 @@ def main_process_first_polled(accelerator, folder: str | os.PathLike, *, poll: f
             yield
         except BaseException as exc:
             atomic_write_text(marker, f"failed: {exc.__class__.__name__}")
+            if isinstance(exc, Exception):  # not on Ctrl-C: stop now
+                _remove_when_read(marker, accelerator.num_processes - 1, timeout=max(60.0, 30 * poll), poll=poll)
             raise
         atomic_write_text(marker, "ok")
     else:
         while not marker.exists():
             time.sleep(poll)
-        if marker.read_text() != "ok":
-            raise UserError(f"the main process stopped ({marker.read_text()}); its error is in its own output")
+        status = marker.read_text()
+        if status != "ok":
+            (marker.parent / f"{marker.name}.read-{accelerator.process_index}").touch()
+            raise UserError(f"the main process stopped ({status}); its error is in its own output")
         yield
     accelerator.wait_for_everyone()  # every process has read the marker
     if accelerator.is_main_process:
         marker.unlink(missing_ok=True)
+
+
+def _remove_when_read(marker: Path, readers: int, *, timeout: float, poll: float) -> None:
+    """``main_process_first_polled``'s failure path: once ``readers`` processes have left their receipt next to the
+    failure marker, remove it and the receipts. A process that never reads it (it died) leaves them after ``timeout``
+    seconds, so the main process's error is never held up for long."""
+    deadline = time.monotonic() + timeout
+    receipts = lambda: list(marker.parent.glob(f"{marker.name}.read-*"))  # noqa: E731
+    while len(receipts()) < readers:
+        if time.monotonic() > deadline:
+            return
+        time.sleep(poll)
+    for path in [marker, *receipts()]:
+        path.unlink(missing_ok=True)
 
 
 COMPILE_MODES = ("none", "full", "regional")
