@@ -51,7 +51,7 @@ REFERENCE = "grpo"  # the targets: its final oracle gain and its wall-clock
 # tiny sizes for --quick: the toy chain shrunk as tests/test_evaluate.py's smoke run, 2 iterations of each config
 QUICK = ["toy.n_sft_video=8", "toy.n_sft_image=4", "toy.n_grpo=4", "toy.n_eval_compound=2", "toy.n_eval_simple=1",
          "toy.reward_steps=10", "toy.instructor_steps=5", "toy.instructor_compound=8",
-         "toy.sft_overrides=[train.max_steps=3,train.checkpoint_every=0]",
+         "toy.sft_overrides=[train.max_steps=3,train.checkpoint_every=0,train.compile=none]",
          "train.num_iterations=2", "train.prompts_per_iteration=2", "train.num_generations=2", "sampling.num_steps=3",
          "sampling.sde_window_size=1", "sampling.sde_window_range=null", "eval.num_steps=2", "eval.seeds=[1]",
          "eval.save_videos=0", "train.checkpoint_every=0", "report_to=none"]

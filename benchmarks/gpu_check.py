@@ -221,13 +221,22 @@ def check_grpo_compile(work: Path, device: str, tiny: bool, eager: dict | None =
                       f"{reward if reward is None else f'{reward:.4f}'}{vs}; " + r["ratio_detail"]}
 
 
+def _free_port() -> int:
+    """A TCP port free now, for the launch's rendezvous (a fixed one may be held by another job on the machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def check_grpo_2proc(work: Path, device: str, tiny: bool) -> dict:
     if device.startswith("cuda") and torch.cuda.device_count() < 2:
         return {"status": "skipped", "detail": f"skipped: {torch.cuda.device_count()} GPU"}
     out = work / "grpo_2proc"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "editgrpo.train", *_grpo_args(out, tiny)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "editgrpo.train", *_grpo_args(out, tiny)]
     env = _env(device)
     env.pop("ACCELERATE_USE_CPU", None)  # torchrun on CPUs: the trainer starts gloo itself (viva_base.training)
     _run(cmd, work / "grpo_2proc.log", env)
