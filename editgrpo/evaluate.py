@@ -193,12 +193,11 @@ class Evaluator:
         must run as many as the others; each batch runs one a step) the list is padded to
         ``ceil(len(units) / world)`` with repeats of a batch it already has (``units[0]`` when it has none); the
         padding's results are dropped."""
+        from viva_base.distributed import share_out
+
         units = self.units()
-        mine = units[rank::world]
-        n_real = len(mine)
-        if lockstep and units:
-            mine += [mine[-1] if mine else units[0]] * (-(-len(units) // world) - n_real)
-        return mine, n_real
+        mine, n_real = share_out(len(units), rank, world, lockstep=lockstep)
+        return [units[i] for i in mine], n_real
 
     def _run_unit(self, policy, seed: int, start: int, stop: int) -> dict:
         """Edit and score one batch: ``{"unit": (seed, start, stop), "scores": [per item {key: value}], "clips": {id:

@@ -183,3 +183,16 @@ def save_state(accelerator, out: Path, step: int, *, engine, model, optimizer, l
                                    state={"deepspeed": engine_state(accelerator)})
             os.replace(staging, path / DEEPSPEED_DIR)
     accelerator.wait_for_everyone()
+
+
+def share_out(n_items: int, rank: int, world: int, *, lockstep: bool) -> tuple[list[int], int]:
+    """Process ``rank``'s items of ``range(n_items)`` (``rank, rank + world, ...``) and how many of them count.
+    ``lockstep`` (DeepSpeed ZeRO-3, whose every DiT forward gathers its parameters from all processes, so every
+    process must run as many as the others): padded to ``ceil(n_items / world)`` with repeats of one of its own
+    (item 0 when it has none), whose results the caller drops. The SFT's validation and Edit-GRPO's evaluation share
+    their work this way."""
+    mine = list(range(rank, n_items, world))
+    n_real = len(mine)
+    if lockstep and n_items:
+        mine += [mine[-1] if mine else 0] * (-(-n_items // world) - n_real)
+    return mine, n_real

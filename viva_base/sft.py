@@ -18,6 +18,7 @@ time. docs/scaling.md has the memory plan of the 13B full fine-tuning.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ from .policy import Condition
 from .precompute import PrecomputedPairs
 from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
+from .validation import ValidationConfig
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compile_dit, compute_autocast,
                        find_checkpoint, init_trackers, load_checkpoint, make_accelerator, step_generator,
                        main_process_first_polled, upcast_trainable)
@@ -122,6 +124,7 @@ class SFTConfig:
     report_to: str = "tensorboard"       # tensorboard | wandb (offline without a key) | none
     resume: Optional[str] = None         # latest | a checkpoint folder
     hub: HubConfig = field(default_factory=HubConfig)  # model card and upload of final/ (viva_base/hub.py)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out loss and edits (validation.py)
 
     RECIPE_ALIASES = {"train.lora": "lora"}  # the spelling before 2026-11-30 (the LoRA block is top-level everywhere)
 
@@ -340,6 +343,28 @@ def main(cfg: SFTConfig) -> Path:
                 len(dataset), len(sampler.video_idx), len(sampler.image_idx), n_trainable, start,
                 tc.max_steps, world)
 
+    @contextlib.contextmanager
+    def step_autocast():  # the training forward's: accelerate's mixed precision, bf16 frozen x fp32 trained weights
+        with accelerator.autocast(), compute_autocast(accelerator.device, model_dtype):
+            yield
+
+    validator = None
+    if cfg.validation.manifest is not None:
+        from .validation import Validator
+
+        validator = Validator(cfg.validation, PairDataset, frames=cfg.data.frames, size=cfg.data.size,
+                              out_dir=out / "validation",
+                              loss_options={"w_m": tc.w_m, "loss_weighting": tc.loss_weighting,
+                                            "loss_weight_cap": tc.loss_weight_cap,
+                                            "mask_normalization": tc.mask_normalization})
+
+    def validate(at: int) -> None:
+        validator.run(editor, dit, step=at, accelerator=accelerator, lockstep=world > 1 and zero == 3, ema=ema,
+                      params=params, autocast=step_autocast)
+
+    if validator is not None and cfg.validation.at_start and start == 0:
+        validate(0)
+
     dit.train()
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf  # 0: no clipping, as DeepSpeed reads it
     loss_mean = float("nan")
@@ -379,6 +404,8 @@ def main(cfg: SFTConfig) -> Path:
             accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step + 1)
             metrics.write(row)
         bar.set_postfix(loss=f"{loss_mean:.4f}")
+        if validator is not None and validator.due(step + 1, tc.max_steps):  # before the checkpoint: a run killed
+            validate(step + 1)  # between the two validates this step again when it resumes
         if (tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0) or step + 1 == tc.max_steps:
             save_state(accelerator, out, step + 1, engine=dit, model=dit_raw, optimizer=optimizer,
                        lr_scheduler=lr_scheduler, keep=tc.keep_checkpoints, config=cfg,

@@ -81,6 +81,9 @@ def validate_sft_config(cfg) -> None:
     from .hub import check_hub
 
     check_hub(cfg.hub, cfg.output_dir, create=False)  # offline, token, repo id: no network yet
+    from .validation import check_validation
+
+    check_validation(cfg.validation)
 
     # the data
     probability("data.p_video", dc.p_video)

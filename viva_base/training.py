@@ -405,6 +405,7 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # Recipe keys a resumed run may change without becoming a different run (where and how long, logging, evaluation).
 RESUME_FREE_KEYS = ("resume", "output_dir", "report_to", "train.num_iterations", "train.max_steps",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "eval.",
+                    "validation.",  # the SFT's held-out loss and edits (viva_base/validation.py): not the training
                     "data.precompute",  # encodings once or per step: the same numbers to float rounding
                     "data.num_workers",  # where the clips are read: the same batches
                     "train.compile", "train.fused_optimizer",  # compiled or eager kernels: the same, to rounding
