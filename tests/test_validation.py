@@ -140,6 +140,43 @@ def test_sft_validates_on_schedule_and_trains_exactly_as_without_validation(held
 
 
 @pytest.mark.slow
+def test_with_an_ema_the_ema_weights_are_validated_and_training_is_untouched(held_out, tmp_path, repo_root,
+                                                                           monkeypatch):
+    """train.ema_decay: the last validation scores the EMA weights, which final/ holds (the same loss, recomputed
+    from final/ alone), and the trained weights are put back after each validation: final/ is bit-identical to a
+    run's without validation."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from test_sft import _cfg
+    from viva_base.data.pairs import PairDataset
+    from viva_base.sft import main
+    from viva_base.training import load_editor
+
+    monkeypatch.chdir(repo_root)
+    steps = ["train.max_steps=12", "train.checkpoint_every=0", "data.toy.n_video=6", "data.toy.n_image=4",
+             "train.ema_decay=0.9"]
+    validation = [f"validation.manifest={held_out}", "validation.every=6", "validation.edits=0"]
+    main(_cfg(tmp_path / "plain", *steps))
+    cfg = _cfg(tmp_path / "val", *steps, *validation)
+    main(cfg)
+    weights = lambda run: load_file(str(tmp_path / run / "final" / "transformer" /  # noqa: E731
+                                        "diffusion_pytorch_model.safetensors"))
+    a, b = weights("plain"), weights("val")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = json.loads((tmp_path / "val" / "validation" / "step-12" / "summary.json").read_text())
+    tc = cfg.train
+    v = Validator(cfg.validation, PairDataset, frames=None, size=None, out_dir=tmp_path / "again",
+                  loss_options={"w_m": tc.w_m, "loss_weighting": tc.loss_weighting,
+                                "loss_weight_cap": tc.loss_weight_cap, "mask_normalization": tc.mask_normalization})
+    editor = load_editor(tmp_path / "val" / "final")
+    again = v.run(editor, editor.transformer, step=12, accelerator=Accelerator(cpu=True), lockstep=False)
+    assert again["loss"] == pytest.approx(last["loss"], rel=1e-6)
+    mid = json.loads((tmp_path / "val" / "validation" / "step-6" / "summary.json").read_text())
+    assert mid["loss"] != last["loss"]
+
+
+@pytest.mark.slow
 def test_zero3_validation_on_two_processes_gives_ddp_and_one_process_numbers(held_out, tmp_path, repo_root):
     """ZeRO-3 (every parameter partitioned) on 2 processes, 3 pairs and 3 edits: one process runs a repeat of its
     own pair in each, as every DiT forward needs both. val/loss and the edit errors at steps 0, 2 and 4 are those of
