@@ -133,6 +133,8 @@ def test_sft_validates_on_schedule_and_trains_exactly_as_without_validation(held
                for p, s in zip(folders, summaries))
     losses = [s["loss"] for s in summaries]
     assert losses[2] < losses[1] < losses[0], losses
+    card = (tmp_path / "val" / "final" / "README.md").read_text()  # the model card shows the first and last
+    assert f"{losses[0]:.4g} at step 0 -> {losses[2]:.4g} at step 20" in card, card
     weights = lambda run: load_file(str(tmp_path / run / "final" / "transformer" /  # noqa: E731
                                         "diffusion_pytorch_model.safetensors"))
     a, b = weights("plain"), weights("val")

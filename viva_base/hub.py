@@ -228,8 +228,10 @@ EditPipeline(editor).edit_file("in.mp4", "make the car red", "out.mp4", num_infe
 
 
 def sft_card(cfg, *, name: str, title: str, steps: int, loss: float, seconds: float, processes: int, pairs: int,
-             editor_class: str = "VivaEditor", resumed_at: int = 0) -> str:
-    """The card of an SFT run's ``final/`` (an editor folder): ``cfg`` is the run's ``SFTConfig``."""
+             editor_class: str = "VivaEditor", resumed_at: int = 0, validation: list[dict] | None = None) -> str:
+    """The card of an SFT run's ``final/`` (an editor folder): ``cfg`` is the run's ``SFTConfig``; ``validation``:
+    the run's validation summaries by step (``viva_base.validation.history``), whose first and last held-out loss
+    the card shows."""
     tc, mc = cfg.train, cfg.model
     lora = (f", LoRA r{cfg.lora.rank} / alpha {cfg.lora.alpha} (merged into the weights)"
             if tc.trainable == "lora" else "")
@@ -250,6 +252,7 @@ def sft_card(cfg, *, name: str, title: str, steps: int, loss: float, seconds: fl
         ("precision", f"frozen weights {mc.dtype}, trained weights float32, autocast {tc.mixed_precision}"),
         ("seed", tc.seed),
         ("last loss", _number(loss) if math.isfinite(loss) else None),
+        ("held-out loss", _validation_row(cfg.validation, validation) if validation else None),
         _wall_clock(seconds, resumed_at, "step"),
     ]
     return render_card(
@@ -258,6 +261,13 @@ def sft_card(cfg, *, name: str, title: str, steps: int, loss: float, seconds: fl
         + " This folder is the editor after masked flow-matching SFT on paired edits.",
         usage=usage, training=training, base_model=hub_ids(mc.pretrained, mc.t2v_base, mc.instructor),
         tags=["sft", *(["viva", "hunyuan-video"] if editor_class == "VivaEditor" else [])], license=cfg.hub.license)
+
+
+def _validation_row(vc, summaries: list[dict]) -> str:
+    first, last = summaries[0], summaries[-1]
+    levels = ", ".join(_number(x) for x in first["sigmas"])
+    return (f"{_number(first['loss'])} at step {first['step']} -> {_number(last['loss'])} at step {last['step']} "
+            f"(eq. 3 at noise levels {levels}, {last['pairs']} pairs of `{vc.manifest}`)")
 
 
 def eval_results(eval_dir: str | os.PathLike, report: dict | None = None) -> str:

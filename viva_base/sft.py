@@ -44,6 +44,7 @@ from .precompute import PrecomputedPairs
 from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
 from .validation import ValidationConfig
+from .validation import history as validation_history
 from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compile_dit, compute_autocast,
                        find_checkpoint, init_trackers, load_checkpoint, make_accelerator, step_generator,
                        main_process_first_polled, upcast_trainable)
@@ -430,7 +431,8 @@ def main(cfg: SFTConfig) -> Path:
             editor.transformer, editor.dit_forward = transformer.to(model_dtype), None
             card = sft_card(cfg, name=repo_id or str(final), title=repo_id or out.resolve().name, steps=tc.max_steps,
                             loss=loss_mean, seconds=time.time() - t0, processes=world, pairs=len(records),
-                            editor_class=type(editor).__name__, resumed_at=start)
+                            editor_class=type(editor).__name__, resumed_at=start,
+                            validation=validation_history(out / "validation") if validator is not None else None)
             editor.save_pretrained(final, files=card_files(card, cfg))
             logger.info("SFT done in %.1f s; editor written to %s", time.time() - t0, final)
             print(f"SFT finished: {tc.max_steps} steps, last loss {loss_mean:.4f}, "

@@ -203,6 +203,14 @@ class Validator:
         return summary
 
 
+def history(out_dir: str | Path) -> list[dict]:
+    """The summaries of a run's validations (``output_dir/validation/step-<k>/summary.json``), by step."""
+    folders = [p for p in Path(out_dir).glob("step-*") if (p / "summary.json").exists()
+               and p.name.split("-", 1)[1].isdigit()]
+    return [json.loads((p / "summary.json").read_text())
+            for p in sorted(folders, key=lambda p: int(p.name.split("-", 1)[1]))]
+
+
 class _Repeated:
     """``sft_loss``'s ``features`` (as ``PrecomputedPairs``): one pair's frozen encodings, one row per index asked."""
 
