@@ -98,3 +98,24 @@ def test_compile_without_a_cpp_compiler_is_one_error_before_any_work(repo_root, 
     assert "train.compile='full' needs a C++ compiler" in line and "'no-such-compiler'" in line, line
     monkeypatch.setenv("CXX", "no-such-compiler")
     validate_sft_config(_cfg(repo_root, monkeypatch, "train.compile=none"))  # no compile: no compiler needed
+
+
+def test_a_lucy_editor_is_refused_in_one_line_before_any_work(repo_root, monkeypatch, tmp_path):
+    """viva_base.sft trains the VIVA editor (its projector and token refiner); a Lucy-Edit editor, tiny or a saved
+    folder, once failed with an AttributeError traceback (no ``x_embedder``) after the data and the editor were
+    built. A hub id is checked once the editor is built, before any training."""
+    from viva_base import sft_checks
+    from viva_base.sft import main
+    from viva_base.tiny_lucy import make_tiny_lucy_editor
+
+    with pytest.raises(UserError, match=r"model\.tiny_kind: a LucyEditor.*recipes/lucy_grpo\.yaml"):
+        validate_sft_config(_cfg(repo_root, monkeypatch, "model.tiny_kind=lucy"))
+    folder = tmp_path / "lucy"
+    make_tiny_lucy_editor().save_pretrained(folder)
+    with pytest.raises(UserError, match=r"model\.pretrained: a LucyEditor"):
+        validate_sft_config(_cfg(repo_root, monkeypatch, "model.tiny=false", f"model.pretrained={folder}"))
+    monkeypatch.setattr(sft_checks, "_editor_class", lambda mc: None)  # as for a hub id: known once built
+    with pytest.raises(UserError, match="a LucyEditor"):
+        main(_cfg(repo_root, monkeypatch, "model.tiny=false", f"model.pretrained={folder}",
+                  f"output_dir={tmp_path / 'run'}", "report_to=none"))
+    assert not (tmp_path / "run" / "checkpoint-1").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -309,6 +309,11 @@ def main(cfg: SFTConfig) -> Path:
                                 cfg.data.p_video, tc.seed)
 
     editor = build_editor(cfg.model, device=accelerator.device)
+    from .model import VivaEditor
+
+    if not isinstance(editor, VivaEditor):  # a hub id of another editor (local ones are refused before any work)
+        raise UserError(f"model.pretrained={cfg.model.pretrained}: a {type(editor).__name__}; viva_base.sft trains "
+                        "the VIVA editor only: post-train Lucy-Edit with Edit-GRPO (recipes/lucy_grpo.yaml)")
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc, cfg.lora)
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them

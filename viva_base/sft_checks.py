@@ -38,6 +38,11 @@ def validate_sft_config(cfg) -> None:
     if (mc.t2v_base or mc.instructor) and not (mc.t2v_base and mc.instructor):
         raise UserError("model.t2v_base and model.instructor go together (a HunyuanVideo and a LLaVA checkpoint)")
     positive("model.shift", mc.shift)
+    kind = _editor_class(mc)
+    if kind not in (None, "VivaEditor"):
+        key = "model.tiny_kind" if mc.tiny else "model.pretrained"
+        raise UserError(f"{key}: a {kind}; viva_base.sft trains the VIVA editor (its projector and token refiner) "
+                        "only: post-train Lucy-Edit with Edit-GRPO (recipes/lucy_grpo.yaml)")
 
     one_of("train.trainable", tc.trainable, TRAINABLE)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
@@ -102,3 +107,25 @@ def validate_sft_config(cfg) -> None:
             positive(f"data.toy.{key}", getattr(t, key), strict=False)
         if t.n_video + t.n_image == 0:
             raise UserError("data.toy.n_video + data.toy.n_image must be > 0 (no training pairs)")
+
+
+def _editor_class(mc) -> str | None:
+    """The editor class ``model.*`` builds, where that is known without loading anything: the tiny kind, or a local
+    editor folder's ``editor_config.json`` / a pipeline's ``model_index.json`` (None for a hub id: the trainer
+    checks the editor it built)."""
+    import json
+
+    from .training import PIPELINE_EDITORS
+
+    if mc.tiny:
+        return {"viva": "VivaEditor", "lucy": "LucyEditor"}.get(mc.tiny_kind)
+    if mc.t2v_base:
+        return "VivaEditor"
+    root = Path(mc.pretrained) if mc.pretrained else None
+    if root is None or not root.is_dir():
+        return None
+    for name in ("editor_config.json", "model_index.json"):
+        if (root / name).is_file():
+            cls = json.loads((root / name).read_text()).get("_class_name")
+            return PIPELINE_EDITORS.get(cls, cls)
+    return None
