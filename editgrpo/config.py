@@ -205,6 +205,10 @@ def validate_config(cfg: GRPOConfig) -> None:
     one_of("sampling.log_prob", sc.log_prob, LOG_PROB_KINDS)
     one_of("train.cfg_grad", tc.cfg_grad, CFG_GRADS)
     one_of("model.dtype", cfg.model.dtype, sorted(DTYPES))
+    if not cfg.toy.enabled:  # (the toy chain's model is its SFT stage's, filled in by the chain)
+        from viva_base.training import check_model_config
+
+        check_model_config(cfg.model)
     for key in ("num_iterations", "prompts_per_iteration", "num_generations", "learning_rate", "num_inner_epochs",
                 "minibatches_per_iteration", "train_batch_size", "advantage_clip", "log_every", "forward_timesteps",
                 "nft_beta"):

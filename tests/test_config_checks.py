@@ -47,6 +47,7 @@ def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
     ("sampling.guidance_interval=[0.5]", "sampling.guidance_interval"),
     ("eval.guidance_interval=[-1,1]", "eval.guidance_interval"),
     ("eval.shift=0", "eval.shift"),
+    ("model.tiny_kind=foo", "model.tiny_kind"),  # once only when the editor was built, after the data
 ])
 def test_cheap_checks_name_the_key(override, key):
     cfg = load_recipe(GRPOConfig, ["recipe=recipes/tiny.yaml", override])

@@ -31,10 +31,13 @@ def validate_sft_config(cfg) -> None:
         if not 0 <= value <= 1:
             raise UserError(f"{key}={value!r} must be a probability in [0, 1]")
 
-    # the editor: exactly one source, a known dtype (build_editor's rules, before building anything)
+    # the editor: exactly one source, a known dtype and tiny kind (build_editor's rules, before building anything)
     one_of("model.dtype", mc.dtype, sorted(DTYPES))
     if sum([bool(mc.pretrained), bool(mc.t2v_base or mc.instructor), bool(mc.tiny)]) != 1:
         raise UserError("set exactly one of model.pretrained, model.t2v_base (+ model.instructor), or model.tiny=true")
+    from .training import check_model_config
+
+    check_model_config(mc)
     if (mc.t2v_base or mc.instructor) and not (mc.t2v_base and mc.instructor):
         raise UserError("model.t2v_base and model.instructor go together (a HunyuanVideo and a LLaVA checkpoint)")
     positive("model.shift", mc.shift)

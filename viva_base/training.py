@@ -64,6 +64,8 @@ def check_model_config(cfg: ModelConfig, key: str = "model") -> None:
     if sum(chosen) != 1:
         raise UserError(f"set exactly one of {key}.pretrained (an editor folder), {key}.t2v_base "
                         f"(+ {key}.instructor), or {key}.tiny=true")
+    if cfg.tiny and cfg.tiny_kind not in TINY_EDITORS:
+        raise UserError(f"{key}.tiny_kind={cfg.tiny_kind!r} is not one of {', '.join(TINY_EDITORS)}")
 
 
 def build_editor(cfg: ModelConfig, device: torch.device | str | None = None, *, key: str = "model"):
@@ -78,8 +80,6 @@ def build_editor(cfg: ModelConfig, device: torch.device | str | None = None, *, 
 
         from omegaconf import OmegaConf
 
-        if cfg.tiny_kind not in TINY_EDITORS:
-            raise UserError(f"model.tiny_kind={cfg.tiny_kind!r} is not one of {', '.join(TINY_EDITORS)}")
         module, make, spec_name = TINY_EDITORS[cfg.tiny_kind]
         module = importlib.import_module(module)
         TinySpec = getattr(module, spec_name)
