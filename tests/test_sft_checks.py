@@ -120,3 +120,19 @@ def test_a_lucy_editor_is_refused_in_one_line_before_any_work(repo_root, monkeyp
         main(_cfg(repo_root, monkeypatch, "model.tiny=false", f"model.pretrained={folder}",
                   f"output_dir={tmp_path / 'run'}", "report_to=none"))
     assert not (tmp_path / "run" / "checkpoint-1").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_clips_a_causal_vae_cannot_encode_whole_are_refused_before_training(repo_root, monkeypatch, tmp_path):
+    """A video VAE with temporal ratio r (the Hunyuan VAE: 4) encodes r k + 1 frames: an 8-frame clip lost its last 3
+    frames in the latent while the mask, pooled to the latent grid, spread over all 8: the run trained on, quietly
+    misaligned. Now one line names a pair and the fix before the first step (the tiny Hunyuan VAE, r = 4)."""
+    from viva_base.sft import main
+
+    cfg = _cfg(repo_root, monkeypatch, "model.tiny_spec.vae=hunyuan", "data.toy.n_video=2", "data.toy.n_image=2",
+               f"output_dir={tmp_path}", "report_to=none", "train.max_steps=1", "data.frames=8")
+    with pytest.raises(UserError, match=r"2 of the 4 training pairs .* has 8, .* drop the last 3; set data\.frames=5"):
+        main(cfg)  # the 2 video pairs, cut to 8 frames (the image pairs are 1 frame)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "final").exists()
+    main(_cfg(repo_root, monkeypatch, "model.tiny_spec.vae=hunyuan", "data.toy.n_video=2", "data.toy.n_image=2",
+              f"output_dir={tmp_path / 'ok'}", "report_to=none", "train.max_steps=1", "data.toy.frames=9"))
+    assert (tmp_path / "ok" / "final").is_dir()

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.manifest import read_manifest
-from .data.pairs import MicroBatches, MixedBatchSampler, PairDataset, pair_batches
+from .data.pairs import MicroBatches, MixedBatchSampler, PairDataset, check_frame_counts, pair_batches
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                           full_parameters, load_engine_state, no_zero_init, refuse_mixed_references,
                           restore_parameters, save_state)
@@ -314,6 +314,17 @@ def main(cfg: SFTConfig) -> Path:
     if not isinstance(editor, VivaEditor):  # a hub id of another editor (local ones are refused before any work)
         raise UserError(f"model.pretrained={cfg.model.pretrained}: a {type(editor).__name__}; viva_base.sft trains "
                         "the VIVA editor only: post-train Lucy-Edit with Edit-GRPO (recipes/lucy_grpo.yaml)")
+    check_frame_counts(dataset, editor, "training")
+    validator = None
+    if cfg.validation.manifest is not None:
+        from .validation import Validator
+
+        validator = Validator(cfg.validation, PairDataset, frames=cfg.data.frames, size=cfg.data.size,
+                              out_dir=out / "validation",
+                              loss_options={"w_m": tc.w_m, "loss_weighting": tc.loss_weighting,
+                                            "loss_weight_cap": tc.loss_weight_cap,
+                                            "mask_normalization": tc.mask_normalization})
+        check_frame_counts(validator.dataset, editor, "validation")
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc, cfg.lora)
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
@@ -353,16 +364,6 @@ def main(cfg: SFTConfig) -> Path:
     def step_autocast():  # the training forward's: accelerate's mixed precision, bf16 frozen x fp32 trained weights
         with accelerator.autocast(), compute_autocast(accelerator.device, model_dtype):
             yield
-
-    validator = None
-    if cfg.validation.manifest is not None:
-        from .validation import Validator
-
-        validator = Validator(cfg.validation, PairDataset, frames=cfg.data.frames, size=cfg.data.size,
-                              out_dir=out / "validation",
-                              loss_options={"w_m": tc.w_m, "loss_weighting": tc.loss_weighting,
-                                            "loss_weight_cap": tc.loss_weight_cap,
-                                            "mask_normalization": tc.mask_normalization})
 
     def validate(at: int) -> None:
         validator.run(editor, dit, step=at, accelerator=accelerator, lockstep=world > 1 and zero == 3, ema=ema,

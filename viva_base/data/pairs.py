@@ -26,6 +26,21 @@ def _fit_clip(frames: torch.Tensor, num_frames: int | None, size: tuple[int, int
     return frames
 
 
+def check_frame_counts(dataset: "PairDataset", editor, what: str) -> None:
+    """Refuse clips whose frame count (after ``data.frames``) the editor's causal video VAE cannot encode whole
+    (``r k + 1`` frames for a temporal ratio ``r``): it would drop the last frames from the latent, and the edit mask,
+    pooled to the latent grid, would no longer line up with them: a quiet mistrain. One line naming a pair and the
+    fix."""
+    counts = [n if n == 1 or dataset.frames is None else dataset.frames for n in dataset.num_frames]
+    bad = [(rec, n) for rec, n in zip(dataset.records, counts) if editor.valid_num_frames(n) != n]
+    if bad:
+        (rec, n), r = bad[0], editor.temporal_ratio
+        raise UserError(f"{len(bad)} of the {len(counts)} {what} pairs have clips the editor's video VAE cannot "
+                        f"encode whole (it takes {r}k+1 frames): {rec['id']} has {n}, of which the latent would drop "
+                        f"the last {n - editor.valid_num_frames(n)}; set data.frames={editor.valid_num_frames(n)} "
+                        f"(or another {r}k+1) or trim the clips")
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Items: ``source``/``target`` (F, 3, H, W), ``mask`` (F, 1, H, W) in {0,1} (zeros when absent),
     ``instruction``, ``reference`` (3, H, W) or None, ``is_image``."""
@@ -34,7 +49,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.records = records
         self.frames = frames
         self.size = tuple(size) if size else None
-        self.is_image = [self._num_frames(r) == 1 for r in records]
+        self.num_frames = [self._num_frames(r) for r in records]  # of the source file
+        self.is_image = [n == 1 for n in self.num_frames]
 
     @staticmethod
     def _num_frames(rec: dict) -> int:
