@@ -32,6 +32,13 @@ class PromptSource:
             manifest = paths["grpo"]
         return cls(read_manifest(manifest, "prompts"), frames=cfg.data.frames, size=cfg.data.size)
 
+    def frame_counts(self) -> list[int]:
+        """Each prompt's source frame count as the editor will see it (after ``data.frames``)."""
+        from viva_base.data.pairs import frames_after_cut
+        from viva_base.video import probe_video
+
+        return frames_after_cut([probe_video(r["source"])[0] for r in self.records], self.frames)
+
     def __len__(self) -> int:
         return len(self.records)
 

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from rewards.remote import RemoteRewardError
 from viva_base.atomic import atomic_dir
+from viva_base.data.manifest import read_manifest
+from viva_base.data.pairs import check_frame_counts
 from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                                    gathered, load_engine_state, no_zero_init, save_state)
 from viva_base.errors import UserError
@@ -226,6 +228,13 @@ def main(cfg: GRPOConfig) -> Path:
     if zero == 3:
         check_reference_forwards(prompts.records, rollout_bs, train_bs)
     editor = build_editor(cfg.model, device=accelerator.device)
+    check_frame_counts(prompts.records, prompts.frame_counts(), editor, "prompts")
+    if cfg.eval.manifest:  # evaluation reads its source clips whole
+        from viva_base.video import probe_video
+
+        held_out = read_manifest(cfg.eval.manifest, "eval")[: cfg.eval.max_items or None]
+        check_frame_counts(held_out, [probe_video(r["source"])[0] for r in held_out], editor, "evaluation prompts",
+                           setting=None)
     torch.manual_seed(tc.seed)  # the LoRA's gaussian init draws from the global generator
     add_lora(editor.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
              targets=cfg.lora.targets or editor.lora_targets)

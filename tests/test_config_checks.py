@@ -93,3 +93,41 @@ def test_the_toy_chains_sft_stage_recipe_is_checked_before_any_stage(repo_root, 
     assert len(errors) == 1 and all(w in errors[0] for w in words), errors
     assert not (tmp_path / "run" / "data").exists()
     assert time.time() - t0 < 10
+
+
+def test_prompt_and_evaluation_clips_a_causal_vae_cannot_encode_whole_are_refused_before_any_rollout(repo_root,
+                                                                                                      tmp_path):
+    """8-frame source clips with a causal video VAE (the tiny Hunyuan VAE, r = 4): the rollouts decoded 5 frames and
+    the first reward comparing them with the 8-frame source stopped the run with a traceback, after the first
+    rollouts. Now one line names a prompt and the fix before any rollout: data.frames for the prompts (which then
+    trains), trimming for the held-out evaluation, which reads its clips whole."""
+    import json
+
+    import torch
+
+    from editgrpo.train import main
+    from viva_base.video import write_video
+
+    records = []
+    for i in range(2):
+        write_video(tmp_path / f"s{i}.mp4", torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)), 8.0)
+        records.append({"id": f"p{i}", "source": f"s{i}.mp4", "instruction": "make the square red",
+                        "source_caption": "a square", "target_caption": "a red square"})
+    manifest = tmp_path / "prompts.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["recipe=recipes/tiny.yaml", "model.tiny_spec.vae=hunyuan", f"data.manifest={manifest}", "report_to=none",
+              "train.num_iterations=1", "train.prompts_per_iteration=2", "train.num_generations=2",
+              "sampling.num_steps=3", "sampling.sde_window_size=1"]
+    cwd = os.getcwd()
+    os.chdir(repo_root)
+    try:
+        with pytest.raises(UserError, match=r"2 of the 2 prompts .* p0 has 8, .* the last 3; set data\.frames=5"):
+            main(load_recipe(GRPOConfig, [*common, f"output_dir={tmp_path / 'a'}"]))
+        assert not (tmp_path / "a" / "metrics.jsonl").exists()
+        with pytest.raises(UserError, match=r"2 of the 2 evaluation prompts .* trim the clips to 5 frames"):
+            main(load_recipe(GRPOConfig, [*common, f"output_dir={tmp_path / 'b'}", "data.frames=5",
+                                          f"eval.manifest={manifest}"]))
+        main(load_recipe(GRPOConfig, [*common, f"output_dir={tmp_path / 'c'}", "data.frames=5"]))
+        assert len((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()) == 1
+    finally:
+        os.chdir(cwd)

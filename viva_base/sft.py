@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.manifest import read_manifest
-from .data.pairs import MicroBatches, MixedBatchSampler, PairDataset, check_frame_counts, pair_batches
+from .data.pairs import (MicroBatches, MixedBatchSampler, PairDataset, check_frame_counts, frames_after_cut,
+                         pair_batches)
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                           full_parameters, load_engine_state, no_zero_init, refuse_mixed_references,
                           restore_parameters, save_state)
@@ -314,7 +315,7 @@ def main(cfg: SFTConfig) -> Path:
     if not isinstance(editor, VivaEditor):  # a hub id of another editor (local ones are refused before any work)
         raise UserError(f"model.pretrained={cfg.model.pretrained}: a {type(editor).__name__}; viva_base.sft trains "
                         "the VIVA editor only: post-train Lucy-Edit with Edit-GRPO (recipes/lucy_grpo.yaml)")
-    check_frame_counts(dataset, editor, "training")
+    check_frame_counts(records, frames_after_cut(dataset.num_frames, dataset.frames), editor, "training pairs")
     validator = None
     if cfg.validation.manifest is not None:
         from .validation import Validator
@@ -324,7 +325,8 @@ def main(cfg: SFTConfig) -> Path:
                               loss_options={"w_m": tc.w_m, "loss_weighting": tc.loss_weighting,
                                             "loss_weight_cap": tc.loss_weight_cap,
                                             "mask_normalization": tc.mask_normalization})
-        check_frame_counts(validator.dataset, editor, "validation")
+        check_frame_counts(validator.records, frames_after_cut(validator.dataset.num_frames, cfg.data.frames), editor,
+                           "validation pairs")
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc, cfg.lora)
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them

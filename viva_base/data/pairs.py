@@ -26,19 +26,27 @@ def _fit_clip(frames: torch.Tensor, num_frames: int | None, size: tuple[int, int
     return frames
 
 
-def check_frame_counts(dataset: "PairDataset", editor, what: str) -> None:
-    """Refuse clips whose frame count (after ``data.frames``) the editor's causal video VAE cannot encode whole
-    (``r k + 1`` frames for a temporal ratio ``r``): it would drop the last frames from the latent, and the edit mask,
-    pooled to the latent grid, would no longer line up with them: a quiet mistrain. One line naming a pair and the
-    fix."""
-    counts = [n if n == 1 or dataset.frames is None else dataset.frames for n in dataset.num_frames]
-    bad = [(rec, n) for rec, n in zip(dataset.records, counts) if editor.valid_num_frames(n) != n]
+def frames_after_cut(counts: list[int], frames: int | None) -> list[int]:
+    """The frame counts the editor sees: ``_fit_clip`` cuts every video (not a 1-frame image) to ``frames``."""
+    return [n if n == 1 or frames is None else frames for n in counts]
+
+
+def check_frame_counts(records: list[dict], counts: list[int], editor, what: str,
+                       setting: str | None = "data.frames") -> None:
+    """Refuse clips whose frame count ``counts`` (as the editor will see them) the editor's causal video VAE cannot
+    encode whole (``r k + 1`` frames for a temporal ratio ``r``): the latent would drop the last frames (SFT: the
+    edit mask, pooled to the latent grid, no longer lines up with them, a quiet mistrain; Edit-GRPO: the rollouts
+    decode fewer frames than the source has, and every reward comparing them stops after the first rollout). One
+    line naming a record and the fix: the recipe ``setting`` that cuts clips, or trimming them."""
+    bad = [(rec, n) for rec, n in zip(records, counts) if editor.valid_num_frames(n) != n]
     if bad:
         (rec, n), r = bad[0], editor.temporal_ratio
-        raise UserError(f"{len(bad)} of the {len(counts)} {what} pairs have clips the editor's video VAE cannot "
-                        f"encode whole (it takes {r}k+1 frames): {rec['id']} has {n}, of which the latent would drop "
-                        f"the last {n - editor.valid_num_frames(n)}; set data.frames={editor.valid_num_frames(n)} "
-                        f"(or another {r}k+1) or trim the clips")
+        ok = editor.valid_num_frames(n)
+        fix = f"set {setting}={ok} (or another {r}k+1) or trim the clips" if setting else \
+            f"trim the clips to {ok} frames (or another {r}k+1)"
+        raise UserError(f"{len(bad)} of the {len(counts)} {what} have clips the editor's video VAE cannot encode whole "
+                        f"(it takes {r}k+1 frames): {rec['id']} has {n}, of which the latent would drop the last "
+                        f"{n - ok}; {fix}")
 
 
 class PairDataset(torch.utils.data.Dataset):
