@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from rewards.remote import RemoteRewardError
 from viva_base.atomic import atomic_dir
-from viva_base.data.manifest import read_manifest
 from viva_base.data.pairs import check_frame_counts
 from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                                    gathered, load_engine_state, no_zero_init, save_state)
@@ -229,12 +228,6 @@ def main(cfg: GRPOConfig) -> Path:
         check_reference_forwards(prompts.records, rollout_bs, train_bs)
     editor = build_editor(cfg.model, device=accelerator.device)
     check_frame_counts(prompts.records, prompts.frame_counts(), editor, "prompts")
-    if cfg.eval.manifest:  # evaluation reads its source clips whole
-        from viva_base.video import probe_video
-
-        held_out = read_manifest(cfg.eval.manifest, "eval")[: cfg.eval.max_items or None]
-        check_frame_counts(held_out, [probe_video(r["source"])[0] for r in held_out], editor, "evaluation prompts",
-                           setting=None)
     torch.manual_seed(tc.seed)  # the LoRA's gaussian init draws from the global generator
     add_lora(editor.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
              targets=cfg.lora.targets or editor.lora_targets)
@@ -273,6 +266,10 @@ def main(cfg: GRPOConfig) -> Path:
         from .evaluate import Evaluator
 
         evaluator = Evaluator(cfg.eval, reward_fn, out / "eval")
+        from viva_base.video import probe_video
+
+        check_frame_counts(evaluator.records, [probe_video(r["source"])[0] for r in evaluator.records], editor,
+                           "evaluation prompts", setting=None)  # evaluation reads its source clips whole
         if cfg.eval.at_start and start == 0:
             _evaluate(evaluator, editor, 0, accelerator)
     logger.info("Edit-GRPO: %d prompts, %d x %d samples per iteration on %d process(es), %d LoRA parameters",

@@ -84,7 +84,7 @@ def test_the_held_out_loss_is_eq3_of_each_pair_at_each_level(held_out, tmp_path)
     editor = make_tiny_editor(seed=1)
     cfg = ValidationConfig(manifest=held_out, sigmas=[0.3, 0.8], edits=0, seed=7)
     options = {"w_m": 2.0, "loss_weighting": "none", "loss_weight_cap": 25.0, "mask_normalization": "none"}
-    v = Validator(cfg, PairDataset, frames=None, size=None, out_dir=tmp_path, loss_options=options)
+    v = Validator(cfg, frames=None, size=None, out_dir=tmp_path, loss_options=options)
     with torch.no_grad():
         got = [float(v.pair_loss(editor, i)) for i in range(5)]
     want = []
@@ -168,7 +168,7 @@ def test_with_an_ema_the_ema_weights_are_validated_and_training_is_untouched(hel
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = json.loads((tmp_path / "val" / "validation" / "step-12" / "summary.json").read_text())
     tc = cfg.train
-    v = Validator(cfg.validation, PairDataset, frames=None, size=None, out_dir=tmp_path / "again",
+    v = Validator(cfg.validation, frames=None, size=None, out_dir=tmp_path / "again",
                   loss_options={"w_m": tc.w_m, "loss_weighting": tc.loss_weighting,
                                 "loss_weight_cap": tc.loss_weight_cap, "mask_normalization": tc.mask_normalization})
     editor = load_editor(tmp_path / "val" / "final")

@@ -31,8 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.manifest import read_manifest
-from .data.pairs import (MicroBatches, MixedBatchSampler, PairDataset, check_frame_counts, frames_after_cut,
-                         pair_batches)
+from .data.pairs import MicroBatches, MixedBatchSampler, PairDataset, check_frame_counts, pair_batches
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                           full_parameters, load_engine_state, no_zero_init, refuse_mixed_references,
                           restore_parameters, save_state)
@@ -315,22 +314,27 @@ def main(cfg: SFTConfig) -> Path:
     if not isinstance(editor, VivaEditor):  # a hub id of another editor (local ones are refused before any work)
         raise UserError(f"model.pretrained={cfg.model.pretrained}: a {type(editor).__name__}; viva_base.sft trains "
                         "the VIVA editor only: post-train Lucy-Edit with Edit-GRPO (recipes/lucy_grpo.yaml)")
-    check_frame_counts(records, frames_after_cut(dataset.num_frames, dataset.frames), editor, "training pairs")
+    check_frame_counts(records, dataset.model_frames(), editor, "training pairs")
+    model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32
+
+    @contextlib.contextmanager
+    def step_autocast():  # accelerate's mixed precision, bf16 frozen x fp32 trained weights, as the training step
+        with accelerator.autocast(), compute_autocast(accelerator.device, model_dtype):
+            yield
+
     validator = None
     if cfg.validation.manifest is not None:
         from .validation import Validator
 
-        validator = Validator(cfg.validation, PairDataset, frames=cfg.data.frames, size=cfg.data.size,
+        validator = Validator(cfg.validation, frames=cfg.data.frames, size=cfg.data.size,
                               out_dir=out / "validation",
                               loss_options={"w_m": tc.w_m, "loss_weighting": tc.loss_weighting,
                                             "loss_weight_cap": tc.loss_weight_cap,
                                             "mask_normalization": tc.mask_normalization})
-        check_frame_counts(validator.records, frames_after_cut(validator.dataset.num_frames, cfg.data.frames), editor,
-                           "validation pairs")
+        check_frame_counts(validator.records, validator.dataset.model_frames(), editor, "validation pairs")
     torch.manual_seed(tc.seed)  # a LoRA's init draws from the global generator
     params = set_trainable(editor, tc, cfg.lora)
     n_trainable = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
-    model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
                                   weight_decay=tc.weight_decay, fused=tc.fused_optimizer or None)
     from diffusers.optimization import get_scheduler
@@ -347,7 +351,7 @@ def main(cfg: SFTConfig) -> Path:
         logger.info("resumed from %s at step %d", ckpt, start)
     features = None
     if cfg.data.precompute:  # the frozen encoders' outputs, once per pair, under the step's autocast
-        with accelerator.autocast(), compute_autocast(accelerator.device, model_dtype):
+        with step_autocast():
             features = PrecomputedPairs(editor, dataset, progress=accelerator.is_main_process)
     dit_raw = editor.transformer
     compile_dit(dit_raw, tc.compile)  # in place: the same module and parameter names
@@ -361,11 +365,6 @@ def main(cfg: SFTConfig) -> Path:
     logger.info("SFT: %d pairs (%d video, %d image), %d trainable parameters, steps %d -> %d on %d process(es)",
                 len(dataset), len(sampler.video_idx), len(sampler.image_idx), n_trainable, start,
                 tc.max_steps, world)
-
-    @contextlib.contextmanager
-    def step_autocast():  # the training forward's: accelerate's mixed precision, bf16 frozen x fp32 trained weights
-        with accelerator.autocast(), compute_autocast(accelerator.device, model_dtype):
-            yield
 
     def validate(at: int) -> None:
         validator.run(editor, dit, step=at, accelerator=accelerator, lockstep=world > 1 and zero == 3, ema=ema,

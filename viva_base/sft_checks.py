@@ -114,21 +114,12 @@ def validate_sft_config(cfg) -> None:
 
 def _editor_class(mc) -> str | None:
     """The editor class ``model.*`` builds, where that is known without loading anything: the tiny kind, or a local
-    editor folder's ``editor_config.json`` / a pipeline's ``model_index.json`` (None for a hub id: the trainer
-    checks the editor it built)."""
-    import json
-
-    from .training import PIPELINE_EDITORS
+    editor folder's (``training.editor_class_name``; None for a hub id: the trainer checks the editor it built)."""
+    from .training import editor_class_name
 
     if mc.tiny:
         return {"viva": "VivaEditor", "lucy": "LucyEditor"}.get(mc.tiny_kind)
     if mc.t2v_base:
         return "VivaEditor"
     root = Path(mc.pretrained) if mc.pretrained else None
-    if root is None or not root.is_dir():
-        return None
-    for name in ("editor_config.json", "model_index.json"):
-        if (root / name).is_file():
-            cls = json.loads((root / name).read_text()).get("_class_name")
-            return PIPELINE_EDITORS.get(cls, cls)
-    return None
+    return editor_class_name(root) if root is not None and root.is_dir() else None

@@ -150,6 +150,19 @@ TINY_EDITORS = {"viva": ("viva_base.tiny", "make_tiny_editor", "TinySpec"),
                 "lucy": ("viva_base.tiny_lucy", "make_tiny_lucy_editor", "TinyLucySpec")}
 
 
+def editor_class_name(root: Path) -> str | None:
+    """The editor class of a local folder: its ``editor_config.json``'s, or for a downloaded diffusers pipeline its
+    ``model_index.json``'s (mapped by PIPELINE_EDITORS); None when it has neither."""
+    from .model import EDITOR_CONFIG
+
+    if (root / EDITOR_CONFIG).exists():
+        return json.loads((root / EDITOR_CONFIG).read_text()).get("_class_name")
+    if (root / "model_index.json").exists():
+        name = json.loads((root / "model_index.json").read_text()).get("_class_name")
+        return PIPELINE_EDITORS.get(name, name)
+    return None
+
+
 def load_editor(path: str | os.PathLike, **kwargs):
     """Load any editor directory; its ``editor_config.json`` names the class (see EDITOR_CLASSES), or, for a
     downloaded diffusers pipeline without one, its ``model_index.json`` (see PIPELINE_EDITORS)."""
@@ -158,12 +171,8 @@ def load_editor(path: str | os.PathLike, **kwargs):
     from .model import EDITOR_CONFIG, _resolve
 
     root = _resolve(path, ".")
-    if (root / EDITOR_CONFIG).exists():
-        name = json.loads((root / EDITOR_CONFIG).read_text()).get("_class_name")
-    elif (root / "model_index.json").exists():
-        name = json.loads((root / "model_index.json").read_text()).get("_class_name")
-        name = PIPELINE_EDITORS.get(name, name)
-    else:
+    name = editor_class_name(root)
+    if name is None:
         raise CheckpointError(f"{root}: missing {EDITOR_CONFIG} (or a model_index.json of "
                               f"{', '.join(PIPELINE_EDITORS)}); is this the right directory?")
     if name not in EDITOR_CLASSES:

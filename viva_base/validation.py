@@ -86,13 +86,14 @@ def edit_errors(edited: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
 
 
 class Validator:
-    def __init__(self, cfg: ValidationConfig, dataset_cls, *, frames, size, out_dir: Path, loss_options: dict):
+    def __init__(self, cfg: ValidationConfig, *, frames, size, out_dir: Path, loss_options: dict):
         from .data.manifest import read_manifest
+        from .data.pairs import PairDataset
 
         self.cfg = cfg
         records = read_manifest(cfg.manifest, "pairs")
         records = records[: cfg.max_items] if cfg.max_items else records
-        self.dataset = dataset_cls(records, frames=frames, size=size)
+        self.dataset = PairDataset(records, frames=frames, size=size)
         self.records = records
         self.out = Path(out_dir)
         self.loss_options = loss_options  # w_m, loss_weighting, loss_weight_cap, mask_normalization of the recipe

@@ -60,6 +60,10 @@ class PairDataset(torch.utils.data.Dataset):
         self.num_frames = [self._num_frames(r) for r in records]  # of the source file
         self.is_image = [n == 1 for n in self.num_frames]
 
+    def model_frames(self) -> list[int]:
+        """Each pair's frame count as the editor sees it (after ``frames``)."""
+        return frames_after_cut(self.num_frames, self.frames)
+
     @staticmethod
     def _num_frames(rec: dict) -> int:
         return probe_video(rec["source"])[0]
