@@ -149,27 +149,41 @@ class GRPOConfig:
     RECIPE_REPLACE = ("rewards",)  # merged with the default, `rewards: {pickscore: ...}` once also trained on clip_if + clip_sp
 
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-def check_toy_sft_recipe(toy) -> None:
+def check_toy_sft_recipe(toy, *, tools: bool = True):
     """The toy chain's SFT stage recipe (``toy.sft_recipe`` + ``toy.sft_overrides``) checked as ``viva_base.sft``
     checks it, before the data, toy CLIP and instructor stages (minutes) rather than after them. The data manifest
-    and the starting editor, which the chain fills in later, are left as the recipe has them."""
+    and the starting editor, which the chain fills in later, are left as the recipe has them. ``tools=False``: its
+    values only (``check_sft_values``); returns the loaded ``SFTConfig`` for ``check_toy_sft_tools``."""
     from pathlib import Path
 
     from viva_base.errors import UserError
     from viva_base.recipe import RecipeError, load_recipe
     from viva_base.sft import SFTConfig
-    from viva_base.sft_checks import validate_sft_config
+    from viva_base.sft_checks import check_sft_values
 
     if not Path(toy.sft_recipe).is_file():
         raise UserError(f"toy.sft_recipe={toy.sft_recipe!r}: no such file")
     try:
         sft = load_recipe(SFTConfig, [f"recipe={toy.sft_recipe}", *toy.sft_overrides])
-        validate_sft_config(sft)
+        check_sft_values(sft)
     except (RecipeError, UserError) as e:
+        raise UserError(f"toy.sft_recipe / toy.sft_overrides: {e}") from None
+    if tools:
+        check_toy_sft_tools(sft)
+    return sft
+
+
+def check_toy_sft_tools(sft) -> None:
+    """``check_sft_tools`` for the toy chain's SFT stage, its errors named as ``check_toy_sft_recipe`` names them."""
+    from viva_base.errors import UserError
+    from viva_base.sft_checks import check_sft_tools
+
+    try:
+        check_sft_tools(sft)
+    except UserError as e:
         raise UserError(f"toy.sft_recipe / toy.sft_overrides: {e}") from None
 
 
@@ -180,7 +194,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.guidance import check_sampler_options
     from viva_base.recipe import check_one_of as one_of
     from viva_base.recipe import check_positive as positive
-    from viva_base.training import COMPILE_MODES, DTYPES, check_compile
+    from viva_base.training import COMPILE_MODES, DTYPES, check_compile, check_lr_scheduler
 
     from .grpo import ADVANTAGE_SCALES, ALGORITHMS, FORWARD_ALGORITHMS, KL_TYPES
     from .sampling import CFG_GRADS, LOG_PROB_KINDS, ROLLOUT_METHODS
@@ -190,10 +204,8 @@ def validate_config(cfg: GRPOConfig) -> None:
     one_of("train.reward_normalization", tc.reward_normalization, ("total", "component"))
     one_of("train.scale_rewards", tc.scale_rewards, ADVANTAGE_SCALES)
     one_of("train.kl_type", tc.kl_type, KL_TYPES)
-    one_of("train.lr_scheduler", tc.lr_scheduler, LR_SCHEDULERS)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
     one_of("train.compile", tc.compile, COMPILE_MODES)
-    check_compile(tc.compile)
     one_of("train.algorithm", tc.algorithm, ALGORITHMS)
     one_of("sampling.method", sc.method, ROLLOUT_METHODS)
     if sc.method == "ode" and tc.algorithm not in FORWARD_ALGORITHMS:
@@ -240,7 +252,7 @@ def validate_config(cfg: GRPOConfig) -> None:
         check_open_edit_params(cfg.toy.open_place, cfg.toy.grpo_types, cfg.toy.eval_simple_types, prefix="toy.")
         if not 0 <= cfg.toy.sft_noop_clause <= 1:
             raise UserError(f"toy.sft_noop_clause={cfg.toy.sft_noop_clause}: a probability, in [0, 1]")
-        check_toy_sft_recipe(cfg.toy)
+        sft = check_toy_sft_recipe(cfg.toy, tools=False)
     from rewards.registry import UnknownRewardError, check_rewards_config
 
     try:
@@ -249,3 +261,8 @@ def validate_config(cfg: GRPOConfig) -> None:
         raise UserError(str(e)) from None
     except (TypeError, ValueError) as e:
         raise UserError(str(e).splitlines()[0]) from None
+    # last, the checks that cost a subprocess or an import of diffusers (1-2 s): a mistyped value fails before them
+    check_compile(tc.compile)
+    check_lr_scheduler(tc.lr_scheduler)
+    if cfg.toy.enabled:
+        check_toy_sft_tools(sft)

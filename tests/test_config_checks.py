@@ -32,6 +32,44 @@ def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
     assert seconds < 10, seconds
 
 
+_IMPORTED = """
+import sys
+from viva_base.errors import UserError
+from viva_base.recipe import load_recipe
+if sys.argv[1] == "sft":
+    from viva_base.sft import SFTConfig
+    from viva_base.sft_checks import validate_sft_config as validate
+    cls = SFTConfig
+else:
+    from editgrpo.config import GRPOConfig as cls, validate_config as validate
+try:
+    validate(load_recipe(cls, sys.argv[2:]))
+    print("passed", end=" ")
+except UserError as e:
+    print("refused", end=" ")
+print(",".join(m for m in ("diffusers", "torch._dynamo") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command, args, expected", [
+    ("grpo", ["recipe=recipes/toy.yaml", "toy.sft_overrides=[train.batch_size=0]"], "refused "),
+    ("grpo", ["recipe=recipes/toy.yaml", "rewards.no_such_reward.weight=1"], "refused "),
+    ("grpo", ["recipe=recipes/tiny.yaml", "rewards.no_such_reward.weight=1"], "refused "),
+    ("sft", ["recipe=recipes/sft_toy.yaml", "train.batch_size=0"], "refused "),
+    ("grpo", ["recipe=recipes/toy.yaml", "train.lr_scheduler=cosinus"], "refused diffusers,torch._dynamo"),
+    ("grpo", ["recipe=recipes/toy.yaml"], "passed diffusers,torch._dynamo"),
+])
+def test_a_mistyped_value_is_refused_before_importing_diffusers_or_inductor(repo_root, command, args, expected):
+    """The checks that need diffusers (the lr schedule names) or inductor (the C++ compiler) cost 1.5-3 s each on a
+    CPU, more under load: they ran first and a one-line error took 10.5 s on a busy 2-core CI machine (over the
+    10 s this project promises). Now they run after every check that reads the recipe only."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _IMPORTED, command, *args], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == expected.strip(), proc.stdout
+
+
 @pytest.mark.parametrize("override, key", [
     ("rewards.clip_if.bogus_arg=1", "bogus_arg"),
     ("rewards.clip_if.weight=abc", "weight"),
@@ -40,6 +78,7 @@ def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
     ("rewards.clip_dir={weight: 1, text: target_caption}", "text one of captions, instruction"),
     ("train.scale_rewards=bogus", "train.scale_rewards"),
     ("train.lr_scheduler=cosine_warm", "train.lr_scheduler"),
+    ("train.lr_scheduler=piecewise_constant", "train.lr_scheduler"),  # needs step_rules, which no recipe gives
     ("sampling.method=ddim", "sampling.method"),
     ("train.epsilon=2", "train.epsilon"),
     ("sampling.sde_window_size=9", "sampling.sde_window_size"),

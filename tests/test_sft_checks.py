@@ -24,6 +24,7 @@ def test_shipped_recipes_pass(repo_root, monkeypatch, recipe):
     ("train.trainable=everything", "train.trainable"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
     ("train.lr_scheduler=cosinus", "train.lr_scheduler"),
+    ("train.lr_scheduler=piecewise_constant", "train.lr_scheduler"),  # an AttributeError once the editor was built
     ("train.timestep_sampling=beta", "train.timestep_sampling"),
     ("model.dtype=int8", "model.dtype"),
     ("train.max_steps=0", "train.max_steps"),
@@ -72,6 +73,28 @@ def test_checks_take_well_under_a_second(repo_root, monkeypatch):
     t = time.time()
     validate_sft_config(cfg)
     assert time.time() - t < 0.5
+
+
+def test_a_compiler_that_answers_is_not_looked_up_through_inductor(monkeypatch):
+    """``check_compile`` settles the common case (``$CXX`` or ``g++`` answers ``--version``) with one subprocess:
+    inductor's lookup imports 1.5-3 s of dynamo. Inductor is asked only when that compiler does not answer (it may
+    know another, e.g. one it installs through conda), so the check never refuses what inductor accepts."""
+    import shutil
+
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from viva_base.training import check_compile
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ here")
+    asked = []
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: asked.append(1) or "c++")
+    monkeypatch.delenv("CXX", raising=False)
+    check_compile("full")
+    assert asked == []
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    check_compile("full")  # inductor found one: accepted
+    assert asked == [1]
 
 
 def error_without_a_cpp_compiler(command: list[str], out, repo_root) -> str:

@@ -75,7 +75,6 @@ def test_the_held_out_loss_is_eq3_of_each_pair_at_each_level(held_out, tmp_path)
     the validation's noise, eq. 3 through masked_flow_matching_loss; the mean over levels and pairs."""
     from accelerate import Accelerator
 
-    from viva_base.data.pairs import PairDataset
     from viva_base.losses import masked_flow_matching_loss
     from viva_base.sft import encode_pairs
     from viva_base.tiny import make_tiny_editor
@@ -151,7 +150,6 @@ def test_with_an_ema_the_ema_weights_are_validated_and_training_is_untouched(hel
     from safetensors.torch import load_file
 
     from test_sft import _cfg
-    from viva_base.data.pairs import PairDataset
     from viva_base.sft import main
     from viva_base.training import load_editor
 

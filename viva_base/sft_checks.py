@@ -17,7 +17,25 @@ TRAINABLE = ("full", "lora", "projector_refiner")
 
 
 def validate_sft_config(cfg) -> None:
-    """Check an ``SFTConfig`` (viva_base.sft) before any expensive work. Raises ``UserError`` naming the key."""
+    """Check an ``SFTConfig`` (viva_base.sft) before any expensive work. Raises ``UserError`` naming the key.
+
+    The values first, then the tools they need (``check_sft_tools``: a C++ compiler, diffusers' schedule names), which
+    cost a subprocess or an import of 1-2 s: a mistyped value fails before paying for them."""
+    check_sft_values(cfg)
+    check_sft_tools(cfg)
+
+
+def check_sft_tools(cfg) -> None:
+    """The checks of ``validate_sft_config`` that need more than the recipe: ``torch.compile``'s C++ compiler on a CPU,
+    and ``train.lr_scheduler`` among the names diffusers' ``get_scheduler`` knows (importing diffusers)."""
+    from .training import check_compile, check_lr_scheduler
+
+    check_compile(cfg.train.compile)
+    check_lr_scheduler(cfg.train.lr_scheduler)
+
+
+def check_sft_values(cfg) -> None:
+    """The checks of ``validate_sft_config`` that read the recipe (and the files it names) only."""
     import torch
 
     from .losses import sample_sigmas
@@ -49,13 +67,9 @@ def validate_sft_config(cfg) -> None:
 
     one_of("train.trainable", tc.trainable, TRAINABLE)
     one_of("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION)
-    from .training import COMPILE_MODES, check_compile
+    from .training import COMPILE_MODES
 
     one_of("train.compile", tc.compile, COMPILE_MODES)
-    check_compile(tc.compile)
-    from diffusers.optimization import SchedulerType
-
-    one_of("train.lr_scheduler", tc.lr_scheduler, [s.value for s in SchedulerType])
     try:
         sample_sigmas(1, method=tc.timestep_sampling)
     except ValueError:

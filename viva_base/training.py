@@ -287,8 +287,12 @@ def compile_dit(dit: torch.nn.Module, mode: str) -> None:
 
 def check_compile(compile: str, key: str = "train.compile") -> None:
     """``torch.compile`` on a CPU builds C++ kernels: refuse, before any work, a machine without a C++ compiler
-    (found as inductor finds it: ``$CXX``, else ``g++``)."""
-    if compile == "none" or torch.cuda.is_available():
+    (found as inductor finds it: ``$CXX``, else ``g++``; ``clang++`` on macOS).
+
+    The common case (that compiler answers ``--version``) is settled with one subprocess; only when it does not is
+    inductor asked (``get_cpp_compiler``, which may also install one through conda), so the check never refuses a
+    machine inductor accepts. Importing inductor costs 1.5-3 s, most of a failing command's time before this."""
+    if compile == "none" or torch.cuda.is_available() or _default_cxx_runs():
         return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -301,6 +305,36 @@ def check_compile(compile: str, key: str = "train.compile") -> None:
         raise UserError(f"{key}={compile!r} needs a C++ compiler on a CPU (torch.compile builds C++ kernels) and "
                         f"{cxx!r} does not run: install one (e.g. `apt-get install g++`), point $CXX at it, or set "
                         f"{key}=none") from None
+
+
+def check_lr_scheduler(name: str, key: str = "train.lr_scheduler") -> None:
+    """``name`` must be one diffusers' ``get_scheduler`` (the trainers' lr schedule) builds from a warmup and a step
+    count: its own list (``SchedulerType``), not a copy, less ``piecewise_constant``, which needs ``step_rules`` that
+    the recipes do not take (it stopped the SFT with an AttributeError after the editor was built). Imports diffusers
+    (1-2 s on a CPU): validators call it after the cheap checks."""
+    from diffusers.optimization import SchedulerType
+
+    from .recipe import check_one_of
+
+    check_one_of(key, name, [s.value for s in SchedulerType if s.value != "piecewise_constant"])
+
+
+def _default_cxx_runs() -> bool:
+    """Whether the compiler inductor tries first outside conda (``torch._inductor.config.cpp.cxx``: ``$CXX``, else
+    ``clang++`` on macOS and ``g++`` elsewhere) answers ``<cxx> --version``. False on Windows (inductor's own rules
+    there: ``cl`` and MSVC checks)."""
+    import shlex
+    import subprocess
+    import sys
+
+    if sys.platform == "win32":
+        return False
+    cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    try:
+        subprocess.run([*shlex.split(cxx), "--version"], check=True, capture_output=True, timeout=30)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return False
+    return True
 
 
 def make_accelerator(output_dir: str, *, report_to: str = "tensorboard", mixed_precision: str = "no",
