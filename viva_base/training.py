@@ -15,6 +15,7 @@ It is written under a temporary name and renamed, so a killed run never leaves a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -323,13 +324,18 @@ def _default_cxx_runs() -> bool:
     """Whether the compiler inductor tries first outside conda (``torch._inductor.config.cpp.cxx``: ``$CXX``, else
     ``clang++`` on macOS and ``g++`` elsewhere) answers ``<cxx> --version``. False on Windows (inductor's own rules
     there: ``cl`` and MSVC checks)."""
-    import shlex
-    import subprocess
     import sys
 
     if sys.platform == "win32":
         return False
-    cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    return _cxx_runs(os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++"))
+
+
+@functools.cache
+def _cxx_runs(cxx: str) -> bool:
+    import shlex
+    import subprocess
+
     try:
         subprocess.run([*shlex.split(cxx), "--version"], check=True, capture_output=True, timeout=30)
     except (OSError, ValueError, subprocess.SubprocessError):
