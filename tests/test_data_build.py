@@ -253,6 +253,9 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, repo_root):
     assert "inputs is not set" in capsys.readouterr().err
     assert cli([out, f"inputs={tmp_path / 'nothing'}"]) == 2
     assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a refused command leaves no folder behind (it made an empty one)
+    assert cli([out, "manifest_only=true"]) == 2  # it wrote an empty pairs.jsonl into a new folder
+    assert "holds no records" in capsys.readouterr().err and not (tmp_path / "o").exists()
     # the recipe's generator is unset: the error names the key to set, before any record is built
     (tmp_path / "vids").mkdir()
     write_video(tmp_path / "vids" / "a.mp4", torch.rand(9, 3, 32, 32), 8.0)

@@ -382,3 +382,27 @@ def test_synthesize_is_seeded_and_keeps_the_clip_shape(tiny_editor):
     d = synthesize(tiny_editor, cond, "a fox on the grass", "", num_inference_steps=2, seed=1, guidance_scale=1.0)
     assert a.shape == (5, 3, 16, 24) and 0 <= a.min() and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_manifest_only_rebuilds_the_manifest_from_copied_records(built, chat_server, tmp_path):
+    """Shards built without a shared file system: their ``records/`` copied into one folder, ``manifest_only=true``
+    (same recipe) writes the same pairs.jsonl and failed.jsonl as the build did, without loading a model."""
+    import shutil
+
+    settings = (chat_server, "filter.num_frames=2")  # the store first brought to these (see the test above)
+    main(load_recipe(BuildConfig, _overrides(built["inputs"], built["out"], *settings)))
+    merged = tmp_path / "merged"
+    shutil.copytree(built["out"] / "records", merged / "records")
+    cfg = load_recipe(BuildConfig, _overrides(built["inputs"], merged, *settings, "manifest_only=true"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GroundingDetector, "load", no_model)
+        mp.setattr("viva_base.training.build_editor", no_model)
+        counts = main(cfg)
+    assert counts["pairs"] == 6 and counts["records_done"] == 2 and counts["records_failed"] == 2
+    for name in ("pairs.jsonl", "failed.jsonl"):
+        built_rows = (built["out"] / name).read_text().replace(str(built["out"]), "<out>")
+        assert (merged / name).read_text().replace(str(merged), "<out>") == built_rows

@@ -316,9 +316,11 @@ def main(cfg: BuildConfig) -> dict:
     """Build this shard's records, then rebuild the manifests; returns the counts of this run."""
     validate(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fps = stage_fingerprints(cfg)
     if cfg.manifest_only:
+        if not (out / "records").is_dir():
+            raise UserError(f"manifest_only=true: {out} holds no records (records/) to rebuild pairs.jsonl from; "
+                            "set output_dir to a build's folder, or build first (manifest_only=false)")
         counts = rebuild_manifests(out, fps["record"])
         print(f"manifest rebuilt: {counts['pairs']} pairs from {counts['records_done']} records "
               f"({counts['records_failed']} failed) in {out / 'pairs.jsonl'}")
@@ -330,6 +332,7 @@ def main(cfg: BuildConfig) -> dict:
         from ...training import check_model_config
 
         check_model_config(cfg.generator.model, "generator.model")
+    out.mkdir(parents=True, exist_ok=True)  # (after the checks: a refused command leaves no folder behind)
     state = process_state()  # on CPUs under torchrun too (gloo)
     index, count = combine_shards(parse_shard(cfg.shard), (state.process_index, state.num_processes))
     if state.is_main_process:
