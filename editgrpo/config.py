@@ -157,15 +157,16 @@ def check_toy_sft_recipe(toy, *, tools: bool = True):
     checks it, before the data, toy CLIP and instructor stages (minutes) rather than after them. The data manifest
     and the starting editor, which the chain fills in later, are left as the recipe has them. ``tools=False``: its
     values only (``check_sft_values``); returns the loaded ``SFTConfig`` for ``check_toy_sft_tools``."""
-    from pathlib import Path
 
     from viva_base.errors import UserError
-    from viva_base.recipe import RecipeError, load_recipe
+    from viva_base.recipe import RecipeError, load_recipe, resolve_recipe_path
     from viva_base.sft import SFTConfig
     from viva_base.sft_checks import check_sft_values
 
-    if not Path(toy.sft_recipe).is_file():
-        raise UserError(f"toy.sft_recipe={toy.sft_recipe!r}: no such file")
+    try:
+        resolve_recipe_path(toy.sft_recipe)
+    except RecipeError:
+        raise UserError(f"toy.sft_recipe={toy.sft_recipe!r}: no such file") from None
     try:
         sft = load_recipe(SFTConfig, [f"recipe={toy.sft_recipe}", *toy.sft_overrides])
         check_sft_values(sft)

@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "editgrpo.diagnose": ("editgrpo.diagnose", "main", None),
     "editgrpo.toy_reward": ("editgrpo.toy_reward", "main", None),
     "editgrpo.toy_preference": ("editgrpo.toy_preference", "main", None),
+    "editgrpo.recipes": ("editgrpo.recipes", "main", None),
     "benchmarks.viebench": ("benchmarks.viebench", "main", None),
     "benchmarks.report": ("benchmarks.report", "main", None),
     "benchmarks.toybench": ("benchmarks.toybench", "main", None),

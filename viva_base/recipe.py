@@ -177,6 +177,35 @@ def recipe_replaced(schema) -> tuple[str, ...]:
     return tuple(getattr(schema, "RECIPE_REPLACE", ()) or ())
 
 
+def packaged_recipes() -> Path:
+    """The recipes that ship with the package (``editgrpo/recipe_files``, a link to the clone's ``recipes/``), found
+    without importing ``editgrpo``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("editgrpo")
+    return Path(list(spec.submodule_search_locations)[0]) / "recipe_files"
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself where it is a file; else, for ``recipes/<name>`` (as every command in the docs
+    writes it) or a bare recipe name (``tiny``, ``tiny.yaml``), the one shipped with the package, so the documented
+    commands work outside a clone too (``pip install`` without the repository). A file in the working directory
+    always wins. Raises :class:`RecipeError` naming the shipped recipes."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = packaged_recipes()
+    if not p.is_absolute():
+        rel = Path(*p.parts[1:]) if p.parts[:1] == ("recipes",) and len(p.parts) > 1 else p
+        for candidate in (shipped / rel, shipped / f"{rel}.yaml"):
+            if candidate.is_file():
+                return candidate
+    names = ", ".join(sorted(f.stem for f in shipped.glob("*.yaml")))
+    raise RecipeError(f"recipe file '{path}' not found: pass recipe=PATH to a YAML file, or a shipped recipe "
+                      f"(recipes/<name>.yaml: {names or 'none found'}; `python -m editgrpo.recipes` lists and copies "
+                      "them)")
+
+
 def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: str | None = None) -> T:
     """Build the typed config: schema defaults <- YAML recipe <- ``key=value`` overrides.
 
@@ -194,8 +223,7 @@ def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: s
     base = OmegaConf.structured(schema)
     cfg = base
     if path:
-        if not Path(path).is_file():
-            raise RecipeError(f"recipe file '{path}' not found (pass recipe=PATH to an existing YAML file)")
+        path = str(resolve_recipe_path(path))
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:  # yaml errors come in many classes
