@@ -478,8 +478,18 @@ def _global_mean(accelerator, values: torch.Tensor) -> float:
     return float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
 
 
+def interrupted(cfg) -> str:
+    """The Ctrl-C line's hint (``run_cli``): the toy chain keeps every finished stage and resumes its SFT and Edit-GRPO
+    stages on a rerun; a plain run names its last checkpoint (``viva_base.training.resume_hint``)."""
+    from viva_base.training import resume_hint
+
+    if cfg.toy.enabled:
+        return f"every finished stage is kept in {cfg.output_dir}: run the same command again to continue"
+    return resume_hint(cfg)
+
+
 def cli(argv=None) -> int:
-    return run_cli(main, GRPOConfig, argv)
+    return run_cli(main, GRPOConfig, argv, interrupted=interrupted)
 
 
 if __name__ == "__main__":

@@ -346,8 +346,12 @@ def recipe_reference(schema: type, cfg: Any = None) -> str:
     return text
 
 
-def run_cli(main, schema: type, argv: Sequence[str] | None = None) -> int:
+def run_cli(main, schema: type, argv: Sequence[str] | None = None, interrupted=None) -> int:
     """Load the recipe and run ``main(cfg)``; user errors become one line on stderr and exit code 2.
+
+    Ctrl-C (SIGINT) stops with one line and exit code 130, not a traceback: ``interrupted(cfg)``, where given, says
+    what the run leaves to continue from (the last checkpoint and how to resume). Under torchrun / accelerate every
+    process receives the signal; the first process (``RANK`` 0) prints the line.
 
     ``-h`` / ``--help`` prints the command's usage and every recipe key (type, default, doc) and exits 0; with a
     recipe (``--help recipe=PATH``) the values shown are the resolved ones."""
@@ -368,12 +372,18 @@ def run_cli(main, schema: type, argv: Sequence[str] | None = None) -> int:
         print(recipe_reference(schema, cfg))
         return 0
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         cfg = load_recipe(schema, argv)
         main(cfg)
     except (RecipeError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            hint = interrupted(cfg) if interrupted is not None and cfg is not None else ""
+            print(f"error: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

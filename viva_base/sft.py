@@ -451,7 +451,9 @@ def main(cfg: SFTConfig) -> Path:
 
 
 def cli(argv=None) -> int:
-    return run_cli(main, SFTConfig, argv)
+    from .training import resume_hint
+
+    return run_cli(main, SFTConfig, argv, interrupted=resume_hint)
 
 
 if __name__ == "__main__":

@@ -551,6 +551,17 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resume_hint(cfg) -> str:
+    """What an interrupted training run (``cfg``: its recipe, with ``output_dir`` and ``resume``) leaves to continue
+    from: the line ``run_cli`` prints after Ctrl-C. Checkpoints are written whole or not at all (``atomic_dir``), so
+    the newest complete one is a safe start."""
+    ckpts = list_checkpoints(cfg.output_dir)
+    if not ckpts:
+        return f"no checkpoint was written yet in {cfg.output_dir} (the next run starts fresh)"
+    again = "run the same command again" if cfg.resume == "latest" else "run the same command with resume=latest"
+    return f"the last checkpoint is {ckpts[-1]}: {again} to continue from it"
+
+
 def find_checkpoint(output_dir: str | os.PathLike, resume: str | None, config: Any = None) -> Path | None:
     """``resume``: None/"" (fresh run), "latest" (newest complete checkpoint, or fresh if none), or a path.
     With ``config`` (the run's recipe) a checkpoint written by a different recipe is refused (check_resume_config)."""

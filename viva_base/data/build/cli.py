@@ -407,4 +407,5 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_cli(main, BuildConfig, argv)
+    return run_cli(main, BuildConfig, argv, interrupted=lambda cfg: (
+        f"every finished record is kept in {cfg.output_dir}: run the same command again to build the rest"))
