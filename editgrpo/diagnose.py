@@ -207,22 +207,27 @@ def main(argv=None) -> int:
         records = read_manifest(args.manifest, "eval") if Path(args.manifest).exists() else None
         if records is None:
             raise UserError(f"--manifest {args.manifest}: no such file")
+        rcfg = None
+        if args.rewards:  # (read before the editor loads: a wrong path is one line at once)
+            from viva_base.recipe import RecipeError, read_recipe_file
+
+            try:
+                recipe = read_recipe_file(args.rewards)
+            except RecipeError as exc:
+                raise UserError(f"--rewards: {exc}") from None
+            if not isinstance(recipe.get("rewards"), dict):
+                raise UserError(f"--rewards {args.rewards}: the recipe has no rewards block")
+            rcfg = {k: v for k, v in recipe["rewards"].items() if not (isinstance(v, dict) and v.get("manifest"))}
+            rcfg = resolve_toy_rewards(rcfg, recipe.get("output_dir"), args.rewards)
         editor = load_editor(args.model)
         if args.lora:
             from viva_base.peft_utils import load_lora
 
             load_lora(editor.transformer, args.lora)
         reward_fn = None
-        if args.rewards:
-            from omegaconf import OmegaConf
-
+        if rcfg is not None:
             from rewards.registry import CombinedReward
 
-            rcfg = OmegaConf.load(args.rewards).get("rewards")
-            if rcfg is None:
-                raise UserError(f"--rewards {args.rewards}: the recipe has no rewards block")
-            rcfg = {k: v for k, v in OmegaConf.to_container(rcfg).items() if v.get("manifest") is None}
-            rcfg = resolve_toy_rewards(rcfg, OmegaConf.load(args.rewards).get("output_dir"), args.rewards)
             try:
                 reward_fn = CombinedReward.from_config(rcfg)
             except OSError as exc:

@@ -450,20 +450,15 @@ def load_config(argv) -> Any:
     then ``key=value`` overrides of :class:`ServeConfig`."""
     from omegaconf import OmegaConf
 
-    from viva_base.recipe import RecipeError, load_recipe, parse_args
+    from viva_base.recipe import load_recipe, parse_args, read_recipe_file
 
     path, overrides = parse_args(argv)
     if path is None:
         return load_recipe(ServeConfig, overrides)
-    if not os.path.isfile(path):
-        raise RecipeError(f"recipe file '{path}' not found (pass recipe=PATH to an existing YAML file)")
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as exc:  # yaml errors come in many classes
-        raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    loaded = read_recipe_file(path)
     with tempfile.TemporaryDirectory() as tmp:
         only = os.path.join(tmp, "rewards.yaml")
-        OmegaConf.save(OmegaConf.create({"rewards": (loaded or {}).get("rewards")}), only)
+        OmegaConf.save(OmegaConf.create({"rewards": loaded.get("rewards")}), only)
         return load_recipe(ServeConfig, overrides, recipe=only)
 
 

@@ -157,3 +157,27 @@ def test_rewards_model_toy_is_the_chains_clip(toy, tmp_path, capsys):
                               f"{tmp_path}/run", str(recipe))
     assert got == {"clip_if": {"weight": 1.0, "model": f"open_clip:local-dir:{tmp_path}/run/reward_model"},
                    "pixel_sp": {"weight": 1.0}}
+
+
+def test_a_missing_rewards_recipe_is_one_line_before_the_editor_loads(toy, tmp_path, capsys, monkeypatch):
+    """--rewards nope.yaml died with a FileNotFoundError traceback after the editor had loaded; now one line first.
+    recipes/<name>.yaml reads the shipped recipe from any folder, as the training commands do."""
+    monkeypatch.chdir(tmp_path)
+
+    def no_editor(*args, **kwargs):
+        raise AssertionError("the editor was loaded")
+
+    monkeypatch.setattr("viva_base.training.load_editor", no_editor)
+    args = ["--model", str(tmp_path / "ed"), "--manifest", str(toy["eval"]), "--groups", "1", "--rewards"]
+    assert diagnose_main([*args, "nope.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --rewards: recipe file 'nope.yaml' not found: pass recipe=PATH to a YAML file, or a shipped recipe "
+        "(recipes/<name>.yaml: data_build, lucy_grpo, lucy_tiny, sft_tiny, sft_toy, sft_viva, tiny, toy, viva; "
+        "`python -m editgrpo.recipes` lists and copies them)")
+    (tmp_path / "empty.yaml").write_text("output_dir: x\n")
+    assert diagnose_main([*args, "empty.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --rewards empty.yaml: the recipe has no rewards block"
+    # the shipped toy recipe, from a folder without recipes/: found, and its toy CLIP looked for in outputs/toy
+    assert diagnose_main([*args, "recipes/toy.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --rewards recipes/toy.yaml: rewards.clip_if.model=toy") and "outputs/toy" in err

@@ -206,6 +206,22 @@ def resolve_recipe_path(path: str | Path) -> Path:
                       "them)")
 
 
+def read_recipe_file(path: str | Path) -> dict:
+    """A recipe file's YAML as plain containers (interpolations unresolved), found by :func:`resolve_recipe_path`;
+    for commands that read one block of a recipe (a rewards block). Raises :class:`RecipeError` (no such file, not
+    YAML, not a mapping)."""
+    path = resolve_recipe_path(path)
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # yaml errors come in many classes
+        raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"recipe file '{path}' is not a mapping of recipe keys")
+    return loaded
+
+
 def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: str | None = None) -> T:
     """Build the typed config: schema defaults <- YAML recipe <- ``key=value`` overrides.
 
@@ -224,12 +240,9 @@ def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: s
     cfg = base
     if path:
         path = str(resolve_recipe_path(path))
+        loaded = read_recipe_file(path)
         try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:  # yaml errors come in many classes
-            raise RecipeError(f"recipe file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-        try:
-            loaded = OmegaConf.create(_normalise_tree(OmegaConf.to_container(loaded), aliases, path))
+            loaded = OmegaConf.create(_normalise_tree(loaded, aliases, path))
             for key in recipe_replaced(schema):
                 if OmegaConf.select(loaded, key) is not None:
                     cfg = OmegaConf.structured(schema) if cfg is base else cfg
