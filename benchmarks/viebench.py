@@ -546,18 +546,10 @@ def run_benchmark(
     from viva_base.video import VideoError, read_image, read_video
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    items_path = out_dir / "items.jsonl"
-    lock = FileLock(str(out_dir / "items.jsonl.lock"))  # shards sharing out_dir: one writer at a time
     names = [s.name for s in systems]
     if len(set(names)) != len(names):
         raise BenchmarkError(f"system names repeat ({', '.join(names)}); name them with --results NAME=DIR / --name")
-    with lock:
-        _repair_tail(items_path)
-        previous = read_items(items_path)
-    done = {(str(r.get("system")), str(r.get("id"))) for r in previous}
-
-    protocol: dict[str, Any] = {
+    protocol: dict[str, Any] = {  # (first: it loads the metric models, so a model that fails leaves no out_dir)
         "format": "viebench-protocol-v1",
         "metrics": metrics.protocol() if metrics is not None else None,
         "judge": judge.protocol() if judge is not None else None,
@@ -566,6 +558,13 @@ def run_benchmark(
         "versions": _versions(),
         "command": list(command) if command is not None else None,
     }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items_path = out_dir / "items.jsonl"
+    lock = FileLock(str(out_dir / "items.jsonl.lock"))  # shards sharing out_dir: one writer at a time
+    with lock:
+        _repair_tail(items_path)
+        previous = read_items(items_path)
+    done = {(str(r.get("system")), str(r.get("id"))) for r in previous}
     with lock:
         protocol = _check_protocol(out_dir, protocol, {s for s, _ in done} & set(names))
         write_text_atomic(out_dir / "protocol.json", json.dumps(protocol, indent=2) + "\n")
@@ -805,6 +804,12 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         raise BenchmarkError("give --model DIR (an editor checkpoint) or --results DIR (videos edited by a system)")
     if args.lora and not args.model:
         raise BenchmarkError("--lora needs --model")
+    if args.model:  # before the metric models load (minutes for CLIP-L, DINOv2 and PickScore)
+        from viva_base.edit import check_lora_dirs
+        from viva_base.training import check_editor_path
+
+        check_editor_path(args.model)
+        check_lora_dirs([args.lora] if args.lora else [])
     from viva_base.guidance import checked_sampler_arguments
 
     interval = checked_sampler_arguments(args)

@@ -481,6 +481,34 @@ def test_cli_errors(bench, tmp_path, capsys):
     assert "zzz" in capsys.readouterr().err
 
 
+def test_a_wrong_editor_or_metric_model_is_one_line_and_leaves_no_results_folder(bench, tiny_editor, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """--model / --lora are checked before the metric models load (a wrong editor path used to be reported only after
+    CLIP, DINO and PickScore had loaded: minutes at real sizes), and a metric model that cannot load leaves no --out
+    folder behind (it left one holding a lock file)."""
+    from benchmarks.metrics import VideoMetrics
+
+    def no_metrics(*args, **kwargs):
+        raise AssertionError("the metric models were loaded")
+
+    out = tmp_path / "o"
+    (tmp_path / "not_an_editor").mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(VideoMetrics, "__init__", no_metrics)
+        for model, words in ((tmp_path / "nope", "--model " + str(tmp_path / "nope") + ": editor folder not found"),
+                             (tmp_path / "not_an_editor", "missing editor_config.json")):
+            assert viebench.main(bench["common"] + ["--model", str(model), "--out", str(out)]) == 2
+            assert words in capsys.readouterr().err
+        bench_editor = tiny_editor.save_pretrained(tmp_path / "ed")
+        assert viebench.main(bench["common"] + ["--model", str(bench_editor), "--lora", str(tmp_path / "nope"),
+                                                "--out", str(out)]) == 2
+        assert "LoRA folder not found" in capsys.readouterr().err
+    args = ["--manifest", str(bench["manifest"]), "--results", f"sysA={bench['sysA']}", "--metrics", "clip_t",
+            "--clip", f"hf:{tmp_path / 'no_clip'}", "--out", str(out)]
+    assert viebench.main(args) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not out.exists()
+
+
 def test_launch_shard_combines_the_shard_with_the_launchers_process_and_pins_its_gpu():
     assert viebench.launch_shard(None, "cpu", env={}) == ((0, 1), "cpu")
     assert viebench.launch_shard("1/2", "cpu", env={}) == ((1, 2), "cpu")

@@ -169,17 +169,37 @@ def load_editor(path: str | os.PathLike, **kwargs):
     downloaded diffusers pipeline without one, its ``model_index.json`` (see PIPELINE_EDITORS)."""
     import importlib
 
-    from .model import EDITOR_CONFIG, _resolve
+    from .model import _resolve
 
     root = _resolve(path, ".")
+    module, cls = EDITOR_CLASSES[_known_editor_class(root, path)]
+    return getattr(importlib.import_module(module), cls).from_pretrained(root, **kwargs)
+
+
+def _known_editor_class(root: Path, path) -> str:
+    """``editor_class_name(root)``, which must be one of EDITOR_CLASSES; else a CheckpointError naming the folder."""
+    from .model import EDITOR_CONFIG
+
     name = editor_class_name(root)
     if name is None:
         raise CheckpointError(f"{root}: missing {EDITOR_CONFIG} (or a model_index.json of "
                               f"{', '.join(PIPELINE_EDITORS)}); is this the right directory?")
     if name not in EDITOR_CLASSES:
         raise CheckpointError(f"{path}: unknown editor class {name!r} (known: {', '.join(EDITOR_CLASSES)})")
-    module, cls = EDITOR_CLASSES[name]
-    return getattr(importlib.import_module(module), cls).from_pretrained(root, **kwargs)
+    return name
+
+
+def check_editor_path(path: str | os.PathLike, option: str = "--model") -> None:
+    """What ``load_editor(path)`` will need, checked before any model loads (commands that load other models first,
+    such as a benchmark's metric models): a local editor folder of a known class, or a hub repo id (``owner/name``,
+    resolved when it loads). Raises CheckpointError."""
+    from .hub import hub_ids
+
+    if hub_ids(str(path)):
+        return
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{option} {path}: editor folder not found (and not a hub repo id, owner/name)")
+    _known_editor_class(Path(path), path)
 
 
 # ---------------------------------------------------------------------------- accelerator, trackers
