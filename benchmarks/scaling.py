@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -962,15 +963,40 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="outputs/scaling.json")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    p = plan(Recipe.from_yaml(a.recipe))
-    p["sft"] = sft_plan(SFTRecipe.from_yaml(a.sft_recipe))
-    perf = json.loads(Path(a.perf).read_text()) if a.perf else None
+    from viva_base.recipe import RecipeError
+
+    try:  # every input read, the cheap ones first, and the page rendered before anything is written
+        perf, gpu = (_read_json(option, path) for option, path in (("--perf", a.perf), ("--gpu-check", a.gpu_check)))
+        if not Path(a.out).parent.is_dir():
+            raise ValueError(f"--out {a.out}: no folder {Path(a.out).parent} (run from the clone's root, where "
+                             "docs/ is, or give --out)")
+        recipe, sft_recipe = Recipe.from_yaml(a.recipe), SFTRecipe.from_yaml(a.sft_recipe)
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # its warning at every meta-device .to() of the plan's models
+        p = plan(recipe)
+        p["sft"] = sft_plan(sft_recipe)
+        page = render(p, perf, gpu, sft=p["sft"])
+    except (RecipeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(p, indent=2, default=str))
-    gpu = json.loads(Path(a.gpu_check).read_text()) if a.gpu_check else None
-    Path(a.out).write_text(render(p, perf, gpu, sft=p["sft"]))
+    Path(a.out).write_text(page)
     print(f"written {a.out} and {a.json}")
     return 0
+
+
+def _read_json(option: str, path: str | None) -> dict | None:
+    """The JSON file an option names (None: not given); a ValueError naming the option when it cannot be read."""
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{option} {path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{option} {path}: {exc}") from None
 
 
 if __name__ == "__main__":

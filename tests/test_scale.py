@@ -373,3 +373,23 @@ def test_zero3_grpo_refuses_prompts_that_would_mix_reference_forwards():
         with pytest.raises(UserError, match="1 of the 2 prompts have a reference image: set "
                                             "sampling.rollout_batch_size=1 and train.train_batch_size=1"):
             check_reference_forwards(mixed, *bs)
+
+
+def test_the_page_command_reads_every_input_before_writing_anything(tmp_path, capsys):
+    """``python -m benchmarks.scaling`` wrote outputs/scaling.json, then died with a FileNotFoundError traceback on a
+    missing --gpu-check (after its 80 s plan). Now each unreadable input is one line, exit 2, before the plan, and
+    nothing is written."""
+    from benchmarks.scaling import main
+
+    out, js = tmp_path / "page.md", tmp_path / "plan.json"
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("not json")
+    for args, words in ((["--gpu-check", str(tmp_path / "nope.json")], "--gpu-check"),
+                        (["--perf", str(bad_json)], f"--perf {bad_json}: Expecting value"),
+                        (["--recipe", "recipes/nope.yaml"], "recipe file 'recipes/nope.yaml' not found"),
+                        (["--sft-recipe", "recipes/tiny.yaml"], "unknown recipe key")):
+        assert main([*args, "--out", str(out), "--json", str(js)]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "no_docs" / "scaling.md"), "--json", str(js)]) == 2
+    assert "no folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
