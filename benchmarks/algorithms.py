@@ -238,7 +238,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = [*args.overrides, *QUICK] if args.quick else args.overrides
-    run(Path(args.out), args.seeds, args.configs, overrides, args.recipe, n_boot=200 if args.quick else 2000)
+    from viva_base.errors import UserError
+    from viva_base.recipe import RecipeError
+
+    from .toybench import check_toy_recipe
+
+    try:
+        for name in args.configs:  # every configuration's recipe before the first one trains (hours)
+            try:
+                check_toy_recipe(args.recipe, [*CONFIGS[name][1], *overrides])
+            except (RecipeError, UserError) as exc:
+                raise UserError(f"configuration {name}: {exc}") from None
+        run(Path(args.out), args.seeds, args.configs, overrides, args.recipe, n_boot=200 if args.quick else 2000)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

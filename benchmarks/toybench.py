@@ -299,19 +299,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_toy_recipe(recipe: str, overrides: list[str]):
+    """``recipe`` + ``overrides`` loaded and checked as ``editgrpo.train`` checks them (``validate_config``), and a
+    toy-chain recipe (``toy.enabled``), before a benchmark runs any stage. Returns the config; raises RecipeError or
+    UserError."""
+    from editgrpo.config import GRPOConfig, validate_config
+    from viva_base.errors import UserError
+    from viva_base.recipe import load_recipe
+
+    cfg = load_recipe(GRPOConfig, [f"recipe={recipe}", *overrides])
+    if not cfg.toy.enabled:
+        raise UserError(f"--recipe {recipe}: the benchmark runs the toy chain; give a recipe with "
+                        "toy.enabled: true, such as recipes/toy.yaml")
+    validate_config(cfg)
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from editgrpo.config import GRPOConfig, validate_config
     from viva_base.errors import UserError
-    from viva_base.recipe import RecipeError, load_recipe
+    from viva_base.recipe import RecipeError
 
     try:  # the recipe and its overrides are checked before any stage runs
-        cfg = load_recipe(GRPOConfig, [f"recipe={args.recipe}", *args.overrides])
-        if not cfg.toy.enabled:
-            raise UserError(f"--recipe {args.recipe}: the benchmark runs the toy chain; give a recipe with "
-                            "toy.enabled: true, such as recipes/toy.yaml")
-        validate_config(cfg)
+        check_toy_recipe(args.recipe, args.overrides)
         if args.sft_seeds is not None:
             run_sft_seeds(Path(args.out), args.sft_seeds, args.overrides, args.recipe)
         else:

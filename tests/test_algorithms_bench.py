@@ -68,6 +68,27 @@ def test_arguments():
 
 
 @pytest.mark.slow
+def test_every_configurations_recipe_is_checked_before_the_first_trains(tmp_path, repo_root, monkeypatch, capsys):
+    """A wrong override was a traceback from the first configuration's load (or, for one configuration's own keys,
+    after the configurations before it had trained: hours); now each configuration's recipe is checked first, and
+    the error is one line naming the configuration, exit 2, nothing trained."""
+    monkeypatch.chdir(repo_root)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a configuration was trained")
+
+    monkeypatch.setattr(A, "run", no_training)
+    out = tmp_path / "toy"
+    assert A.main(["--quick", "--out", str(out), "train.bogus=1"]) == 2
+    assert capsys.readouterr().err.startswith("error: configuration grpo: unknown recipe key 'train.bogus'")
+    # nft needs train.advantage_clip: the configurations before it would have trained first
+    assert A.main(["--configs", "nft", "--out", str(out), "train.advantage_clip=null"]) == 2
+    assert capsys.readouterr().err.startswith("error: configuration nft: train.algorithm=nft needs train.advantage_clip")
+    assert A.main(["--out", str(out), "--recipe", "recipes/tiny.yaml"]) == 2
+    assert "the benchmark runs the toy chain" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_quick_mode_runs_every_configuration(tmp_path, repo_root, monkeypatch):
     """--quick: the shrunk toy chain once, then every configuration on one training seed (pooling over seeds is the
     hand-made test's); the table lists all of them."""
