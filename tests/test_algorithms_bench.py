@@ -83,7 +83,8 @@ def test_every_configurations_recipe_is_checked_before_the_first_trains(tmp_path
     assert capsys.readouterr().err.startswith("error: configuration grpo: unknown recipe key 'train.bogus'")
     # nft needs train.advantage_clip: the configurations before it would have trained first
     assert A.main(["--configs", "nft", "--out", str(out), "train.advantage_clip=null"]) == 2
-    assert capsys.readouterr().err.startswith("error: configuration nft: train.algorithm=nft needs train.advantage_clip")
+    err = capsys.readouterr().err
+    assert err.startswith("error: configuration nft: train.algorithm=nft needs train.advantage_clip")
     assert A.main(["--out", str(out), "--recipe", "recipes/tiny.yaml"]) == 2
     assert "the benchmark runs the toy chain" in capsys.readouterr().err
     assert not out.exists()
