@@ -157,7 +157,6 @@ def check_toy_sft_recipe(toy, *, tools: bool = True):
     checks it, before the data, toy CLIP and instructor stages (minutes) rather than after them. The data manifest
     and the starting editor, which the chain fills in later, are left as the recipe has them. ``tools=False``: its
     values only (``check_sft_values``); returns the loaded ``SFTConfig`` for ``check_toy_sft_tools``."""
-
     from viva_base.errors import UserError
     from viva_base.recipe import RecipeError, load_recipe, resolve_recipe_path
     from viva_base.sft import SFTConfig

@@ -239,7 +239,7 @@ def load_recipe(schema: type[T], argv: Sequence[str] | None = None, *, recipe: s
     base = OmegaConf.structured(schema)
     cfg = base
     if path:
-        path = str(resolve_recipe_path(path))
+        path = str(resolve_recipe_path(path))  # (the messages below name the file read)
         loaded = read_recipe_file(path)
         try:
             loaded = OmegaConf.create(_normalise_tree(loaded, aliases, path))
