@@ -2,7 +2,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -11,17 +10,11 @@ from viva_base.errors import UserError
 from viva_base.recipe import load_recipe
 
 
-def _run_train(repo_root, tmp_path, *overrides):
+def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path, timed_run):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/tiny.yaml",
-                           f"output_dir={tmp_path / 'run'}", *overrides],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
-    return proc, time.time() - t0
-
-
-def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
-    proc, seconds = _run_train(repo_root, tmp_path, "rewards.no_such_reward.weight=1")
+    proc, seconds, wall = timed_run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/tiny.yaml",
+                                     f"output_dir={tmp_path / 'run'}", "rewards.no_such_reward.weight=1"],
+                                    cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -29,7 +22,7 @@ def test_unknown_reward_is_one_line_exit_2_before_any_work(repo_root, tmp_path):
     for builtin in ("clip_if", "clip_sp", "pickscore", "hps", "vlm_judge", "pixel_sp", "toy_oracle"):
         assert builtin in errors[0]
     assert not (tmp_path / "run" / "data").exists()  # no toy prompts were built
-    assert seconds < 10, seconds
+    assert seconds < 10 and wall < 60, (seconds, wall)  # CPU seconds: see the timed_run fixture
 
 
 _IMPORTED = """
@@ -118,20 +111,19 @@ def test_toy_chain_open_edit_checks_name_the_key(override, key):
     ("toy.sft_overrides=[train.batch_size=0]", ["toy.sft_overrides", "train.batch_size=0"]),
     ("toy.sft_recipe=recipes/no_such.yaml", ["toy.sft_recipe", "no such file"]),
 ])
-def test_the_toy_chains_sft_stage_recipe_is_checked_before_any_stage(repo_root, tmp_path, override, words):
+def test_the_toy_chains_sft_stage_recipe_is_checked_before_any_stage(repo_root, tmp_path, override, words, timed_run):
     """A wrong SFT override used to fail after the data, toy CLIP and instructor stages (minutes on 2 cores); now the
     chain checks its SFT stage's recipe with the GRPO recipe: one line, exit 2, nothing built."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/toy.yaml",
-                           f"output_dir={tmp_path / 'run'}", override],
-                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    proc, seconds, wall = timed_run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/toy.yaml",
+                                     f"output_dir={tmp_path / 'run'}", override],
+                                    cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and all(w in errors[0] for w in words), errors
     assert not (tmp_path / "run" / "data").exists()
-    assert time.time() - t0 < 10
+    assert seconds < 10 and wall < 60, (seconds, wall)  # CPU seconds: see the timed_run fixture
 
 
 def test_prompt_and_evaluation_clips_a_causal_vae_cannot_encode_whole_are_refused_before_any_rollout(repo_root,
