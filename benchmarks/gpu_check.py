@@ -509,4 +509,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from viva_base.errors import exit_with
+
+    exit_with(main)

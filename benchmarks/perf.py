@@ -634,4 +634,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from viva_base.errors import exit_with
+
+    exit_with(main)

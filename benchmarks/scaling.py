@@ -1000,4 +1000,6 @@ def _read_json(option: str, path: str | None) -> dict | None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from viva_base.errors import exit_with
+
+    exit_with(main)

@@ -877,4 +877,6 @@ def launch_shard(spec: str | None, device: str, env=None) -> tuple[tuple[int, in
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from viva_base.errors import exit_with
+
+    exit_with(main)

@@ -606,4 +606,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from viva_base.errors import exit_with
+
+    exit_with(main)

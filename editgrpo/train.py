@@ -493,4 +493,6 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    from viva_base.errors import exit_with
+
+    exit_with(cli)

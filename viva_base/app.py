@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -578,4 +577,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from viva_base.errors import exit_with
+
+    exit_with(main)

@@ -2,4 +2,6 @@
 from .cli import cli
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    from viva_base.errors import exit_with
+
+    exit_with(cli)
