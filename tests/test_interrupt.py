@@ -48,6 +48,23 @@ def test_the_line_names_the_newest_complete_checkpoint_and_how_to_resume(tmp_pat
     assert capsys.readouterr().err == ""
 
 
+def test_a_second_signal_while_the_line_is_written_is_ignored(tmp_path, monkeypatch, capsys):
+    """Under torchrun a worker gets the terminal's SIGINT and then the one torchrun forwards: the second used to land
+    while the first was being reported and end the worker with a KeyboardInterrupt traceback instead of the line."""
+    monkeypatch.delenv("RANK", raising=False)
+
+    def hint_while_signalled(cfg):
+        os.kill(os.getpid(), signal.SIGINT)  # the second signal arrives while the hint is being made
+        time.sleep(0.05)  # Python runs a handler between bytecodes: give it the chance
+        return "a hint"
+
+    before = signal.getsignal(signal.SIGINT)
+    assert run_cli(_stop, SFTConfig, [f"output_dir={tmp_path}", "model.tiny=true"],
+                   interrupted=hint_while_signalled) == 130
+    assert capsys.readouterr().err == "error: interrupted; a hint\n"
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is back once the line is out
+
+
 def test_the_toy_chain_and_the_data_build_say_a_rerun_continues(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     out = tmp_path / "toy"

@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -364,7 +365,8 @@ def run_cli(main, schema: type, argv: Sequence[str] | None = None, interrupted=N
 
     Ctrl-C (SIGINT) stops with one line and exit code 130, not a traceback: ``interrupted(cfg)``, where given, says
     what the run leaves to continue from (the last checkpoint and how to resume). Under torchrun / accelerate every
-    process receives the signal; the first process (``RANK`` 0) prints the line.
+    process receives the signal (torchrun's workers twice: the terminal's and the one torchrun forwards; a
+    second one while the line is written is ignored); the first process (``RANK`` 0) prints the line.
 
     ``-h`` / ``--help`` prints the command's usage and every recipe key (type, default, doc) and exits 0; with a
     recipe (``--help recipe=PATH``) the values shown are the resolved ones."""
@@ -393,11 +395,26 @@ def run_cli(main, schema: type, argv: Sequence[str] | None = None, interrupted=N
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
-            hint = interrupted(cfg) if interrupted is not None and cfg is not None else ""
-            print(f"error: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        # a second SIGINT while the line is written (torchrun forwards the terminal's Ctrl-C to workers that got it
+        # already) must not turn it into a traceback: ignored until the line is out
+        previous = _ignore_sigint()
+        try:
+            if os.environ.get("RANK", "0") == "0":
+                hint = interrupted(cfg) if interrupted is not None and cfg is not None else ""
+                print(f"error: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         return 130
     return 0
+
+
+def _ignore_sigint():
+    """Ignore SIGINT; returns the handler before, or None where none can be set (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        return None
 
 
 def check_one_of(key: str, value, allowed) -> None:
