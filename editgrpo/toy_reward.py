@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from viva_base.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +256,36 @@ def _is_finished(folder: Path, params: dict) -> bool:
             and (folder / "open_clip_model.safetensors").is_file())
 
 
+class ToyClipError(UserError, ValueError):
+    """A toy CLIP parameter no model can be trained with; the CLI prints it as one line, exit code 2."""
+
+
+class ToyClipFolderError(UserError, FileExistsError):
+    """``out_dir`` exists and holds something other than a toy CLIP."""
+
+
+def check_toy_clip_params(*, steps: int, batch_size: int, lr: float, frames: int, size: int, width: int, layers: int,
+                          heads: int, patch_size: int, degrade: float, num_threads: int) -> None:
+    """Refuse, before any work, the toy CLIP parameters that would fail (or train nothing) later: one
+    :class:`ToyClipError` naming the value and what it must be."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ToyClipError(message)
+
+    need(steps >= 1, f"steps={steps}: must be >= 1")
+    need(batch_size >= 2 and batch_size % 2 == 0,
+         f"batch_size={batch_size}: must be an even number >= 2 (source + target of each pair)")
+    need(lr > 0, f"lr={lr}: must be > 0")
+    need(frames >= 1, f"frames={frames}: must be >= 1")
+    need(size >= 8 and patch_size >= 1 and size % patch_size == 0,
+         f"size={size}: frames must be at least 8 px and a multiple of the patch size {patch_size}")
+    need(layers >= 1, f"layers={layers}: must be >= 1")
+    need(heads >= 1 and width >= heads and width % heads == 0,
+         f"width={width}: must be a positive multiple of the {heads} attention heads")
+    need(0.0 <= degrade <= 1.0, f"degrade={degrade}: a probability in [0, 1]")
+    need(num_threads >= 1, f"num_threads={num_threads}: must be >= 1")
+
+
 def train_toy_clip(
     out_dir: str | os.PathLike,
     *,
@@ -284,12 +317,8 @@ def train_toy_clip(
     returned at once; one trained with other parameters is replaced; any other non-empty folder is an error.
     """
     out = Path(out_dir).resolve()  # a linked folder (a benchmark run sharing the chain's) is filled, not replaced
-    if batch_size < 2 or batch_size % 2:
-        raise ValueError(f"batch_size must be an even number >= 2 (source + target of each pair), got {batch_size}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 <= degrade <= 1.0:
-        raise ValueError(f"degrade is a probability in [0, 1], got {degrade}")
+    check_toy_clip_params(steps=steps, batch_size=batch_size, lr=lr, frames=frames, size=size, width=width,
+                          layers=layers, heads=heads, patch_size=patch_size, degrade=degrade, num_threads=num_threads)
     model_cfg = toy_clip_config(size=size, width=width, layers=layers, heads=heads, embed_dim=embed_dim,
                                 patch_size=patch_size, degraded_captions=degrade > 0)
     params = dict(format=FORMAT_VERSION, seed=int(seed), steps=int(steps), batch_size=int(batch_size), lr=float(lr),
@@ -303,12 +332,16 @@ def train_toy_clip(
         logger.info("toy CLIP found in %s (same parameters): not retraining", out)
         return name
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _read_meta(out) is None)):
-        raise FileExistsError(f"{out} exists and does not hold a toy CLIP; give an empty or new --out folder")
+        raise ToyClipFolderError(f"{out} exists and does not hold a toy CLIP; give an empty or new --out folder")
     if _read_meta(out) is not None:
         logger.info("%s holds a toy CLIP trained with other parameters: retraining it", out)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ToyClipFolderError(f"cannot write the toy CLIP into {out}: {exc.strerror}; give a writable --out folder"
+                                 ) from None
     try:
         stats = _train(tmp, model_cfg, params, progress=progress)
         (tmp / META_FILE).write_text(json.dumps({"params": params, "stats": stats}, indent=2))
@@ -517,11 +550,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-pairs", type=int, default=50, help="held-out pairs per edit type to report (0: skip)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.eval_pairs < 0:
+        p.error(f"--eval-pairs {a.eval_pairs}: give a count >= 0 (0 skips the evaluation)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    name = train_toy_clip(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, frames=a.frames,
-                          size=a.size, width=a.width, layers=a.layers, degrade=a.degrade, num_threads=a.threads,
-                          progress=not a.no_progress)
+    try:
+        name = train_toy_clip(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, frames=a.frames,
+                              size=a.size, width=a.width, layers=a.layers, degrade=a.degrade, num_threads=a.threads,
+                              progress=not a.no_progress)
+    except UserError as exc:  # the parameter's name is the flag's, spelled as in Python: say it as the flag
+        message = str(exc)
+        for key in ("steps", "batch_size", "lr", "frames", "size", "width", "layers", "degrade", "num_threads"):
+            flag = "--threads" if key == "num_threads" else "--" + key.replace("_", "-")
+            if message.startswith(f"{key}="):
+                message = f"{flag} {message[len(key) + 1:]}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     meta = _read_meta(Path(a.out))
     print(f"model: {name}")
     st = meta["stats"]

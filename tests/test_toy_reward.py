@@ -162,6 +162,27 @@ def test_cli_prints_the_rewards_config(tmp_path, capsys, one_thread):
     assert f'model: "open_clip:local-dir:{tmp_path / "m"}"' in out and "clip_if" in out
 
 
+@pytest.mark.parametrize("args, line", [
+    (["--steps", "0"], "error: --steps 0: must be >= 1"),
+    (["--batch-size", "3"], "error: --batch-size 3: must be an even number >= 2"),
+    (["--lr", "-1"], "error: --lr -1.0: must be > 0"),
+    (["--frames", "0"], "error: --frames 0: must be >= 1"),
+    (["--size", "30"], "error: --size 30: frames must be at least 8 px and a multiple of the patch size 4"),
+    (["--width", "0"], "error: --width 0: must be a positive multiple of the 2 attention heads"),
+    (["--layers", "0"], "error: --layers 0: must be >= 1"),
+    (["--degrade", "2"], "error: --degrade 2.0: a probability in [0, 1]"),
+    (["--threads", "0"], "error: --threads 0: must be >= 1"),
+    (["--out", "/proc/no/such"], "error: cannot write the toy CLIP into /proc/no/such: No such file or directory"),
+])
+def test_cli_refuses_a_bad_value_in_one_line_before_any_work(tmp_path, capsys, args, line):
+    """Each of these was a traceback (ValueError, ZeroDivisionError, RuntimeError from torch, FileNotFoundError),
+    some only after the model was built; now one line naming the flag, exit 2, nothing written."""
+    assert tr.main(["--out", str(tmp_path / "m"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------ quality
 def test_heldout_retrieval_per_edit_type(quick_model):
     res = tr.evaluate_toy_clip(quick_model, pairs_per_kind=20, seed=0)
