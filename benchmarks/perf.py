@@ -598,10 +598,22 @@ def main(argv=None) -> int:
     p.add_argument("--_result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if a.iterations is not None and a.iterations < 2:
+        p.error(f"--iterations {a.iterations}: give at least 2 (the first loads the reward models; the later ones "
+                "are timed)")
+    if a.reps is not None and a.reps < 1:
+        p.error(f"--reps {a.reps}: give at least 1")
+    if a.latency < 0:
+        p.error(f"--latency {a.latency}: seconds, >= 0")
     iterations = a.iterations or (3 if a.quick else 4)
     reps = a.reps or (3 if a.quick else 5)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out).resolve()  # each case runs in its own process from the package's folder: an absolute path
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --out {a.out}: cannot create the folder ({exc.strerror}); give a writable folder",
+              file=sys.stderr)
+        return 2
     if a._case:
         r = run_case(a._case, json.loads(a._overrides), iterations=iterations, reps=reps, workdir=out)
         Path(a._result).write_text(json.dumps(r))

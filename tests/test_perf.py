@@ -1,6 +1,7 @@
 """benchmarks.perf: the floor accounting records exactly the passes an Edit-GRPO iteration runs (no timing asserts)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -88,3 +89,37 @@ def test_overlap_measurement_hides_a_slow_remote_reward(tmp_path):
     wait = {k: v["scoring_wait_seconds"] for k, v in r["runs"].items()}
     assert wait["after_sampling"] > 3 * 0.4 and wait["overlapped"] < wait["after_sampling"] - 0.4, wait
     assert r["sampling_seconds"] > 0
+
+
+def test_the_command_runs_from_any_folder_with_a_relative_out(tmp_path, monkeypatch, capsys):
+    """Each case runs in a process of its own started in the package's folder; a relative ``--out`` was passed on as
+    it was, so from any other folder the parent looked for the case's result where the case had not written it
+    (FileNotFoundError after the whole case had run). Smaller than the shipped tiny case: 2 prompts x 2 samples."""
+    from benchmarks import perf
+
+    monkeypatch.setitem(perf.CASES, "tiny", [*perf.CASES["tiny"], "data.toy_prompts=2",
+                                             "train.prompts_per_iteration=2", "train.num_generations=2",
+                                             "sampling.num_steps=3", "sampling.sde_window_size=1",
+                                             "sampling.sde_window_range=[0,1]", "train.minibatches_per_iteration=1"])
+    monkeypatch.chdir(tmp_path)
+    assert perf.main(["--cases", "tiny", "--no-sweeps", "--iterations", "2", "--reps", "1", "--out", "rel"]) == 0
+    report = json.loads((tmp_path / "rel" / "perf.json").read_text())
+    assert [r["case"] for r in report["results"]] == ["tiny"] and report["results"][0]["calls_ok"]
+    assert f"written {tmp_path / 'rel' / 'perf.json'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [(["--iterations", "1"], "--iterations 1: give at least 2"),
+                                         (["--reps", "0"], "--reps 0: give at least 1"),
+                                         (["--out", "/proc/no/such"], "--out /proc/no/such: cannot create")])
+def test_a_bad_value_is_one_line_before_any_case_runs(tmp_path, monkeypatch, capsys, args, words):
+    from benchmarks import perf
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = perf.main(["--cases", "tiny", *args])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
