@@ -468,9 +468,8 @@ def main(argv=None) -> int:
         return 0
     if a.device == "cpu" and not a.tiny_only:
         ap.error("--device cpu needs --tiny-only (the real-size DiT does not run on a CPU)")
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # the recipe checks run from the package's folder: their paths are absolute
     work = out.parent / "runs"
-    work.mkdir(parents=True, exist_ok=True)
     device = "cuda:0" if a.device == "cuda" else a.device
     checks = {
         "kernels": lambda: check_kernels(device),
@@ -486,6 +485,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(wanted) - set(checks))
     if unknown:
         ap.error(f"unknown checks {unknown}; use any of {', '.join(checks)}")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --out {a.out}: cannot create its folder ({exc.strerror}); give a writable path", file=sys.stderr)
+        return 2
     results = {}
     for name in wanted:
         t = time.time()

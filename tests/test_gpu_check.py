@@ -16,6 +16,29 @@ def test_without_cuda_it_says_so_in_one_line_and_runs_nothing(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
 
 
+def test_a_relative_out_works_from_any_folder(tmp_path, monkeypatch, one_thread):
+    """The recipe checks run the trainers in processes started in the package's folder; a relative ``--out`` was
+    handed to them as it was, so from any other folder they wrote elsewhere and every such check FAILed with
+    FileNotFoundError (the check a user runs first, from wherever they are)."""
+    monkeypatch.chdir(tmp_path)
+    assert gpu_check.main(["--device", "cpu", "--tiny-only", "--checks", "sft", "--out", "rel/g.json"]) == 0
+    res = json.loads((tmp_path / "rel" / "g.json").read_text())["results"]
+    assert res["sft"]["status"] == "ok", res["sft"]["detail"]
+    assert (tmp_path / "rel" / "runs" / "sft" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("args, words", [(["--checks", "sft,nope"], "unknown checks ['nope']"),
+                                         (["--out", "/proc/no/such/g.json"], "--out /proc/no/such/g.json: cannot")])
+def test_a_bad_argument_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, args, words):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = gpu_check.main(["--device", "cpu", "--tiny-only", *args])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    assert code == 2 and words in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread, monkeypatch):
     """Every check of the default list, with dynamo's graphs run by ``aot_eager`` (torch's own backend override,
     which the check's subprocesses inherit): the compiled checks trace, guard and differentiate as on a GPU, without
