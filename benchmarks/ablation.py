@@ -453,7 +453,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from editgrpo.config import GRPOConfig
-        from viva_base.recipe import load_recipe, resolve_recipe_path
+        from viva_base.recipe import check_output_dir, load_recipe, resolve_recipe_path
 
         rows = find_rows(args.rows)
         recipe_args = [*(QUICK if args.quick else []), *args.recipe_args]
@@ -466,6 +466,7 @@ def main(argv=None) -> int:
         except RecipeError:
             raise UserError(f"toy.sft_recipe={cfg.toy.sft_recipe!r}: no such recipe file (the ablation needs a toy "
                             "recipe such as recipes/toy.yaml)") from None
+        check_output_dir("output_dir", cfg.output_dir)
         steps = args.sft_steps or (QUICK_SFT_STEPS if args.quick else DEFAULT_SFT_STEPS)
         result = Ablation(cfg, rows, seeds=args.seeds, sft_steps=steps, quick=args.quick).run()
     except (RecipeError, UserError) as exc:

@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = [*args.overrides, *QUICK] if args.quick else args.overrides
     from viva_base.errors import UserError
-    from viva_base.recipe import RecipeError
+    from viva_base.recipe import RecipeError, check_output_dir
 
     from .toybench import check_toy_recipe
 
@@ -249,6 +249,7 @@ def main(argv=None) -> int:
                 check_toy_recipe(args.recipe, [*CONFIGS[name][1], *overrides])
             except (RecipeError, UserError) as exc:
                 raise UserError(f"configuration {name}: {exc}") from None
+        check_output_dir("--out", args.out)
         run(Path(args.out), args.seeds, args.configs, overrides, args.recipe, n_boot=200 if args.quick else 2000)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -485,11 +485,15 @@ def main(argv=None) -> int:
     unknown = sorted(set(wanted) - set(checks))
     if unknown:
         ap.error(f"unknown checks {unknown}; use any of {', '.join(checks)}")
+    from viva_base.errors import UserError
+    from viva_base.recipe import check_output_dir
+
     try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"error: --out {a.out}: cannot create its folder ({exc.strerror}); give a writable path", file=sys.stderr)
+        check_output_dir("--out's folder", Path(a.out).parent)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    work.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in wanted:
         t = time.time()

@@ -607,13 +607,16 @@ def main(argv=None) -> int:
         p.error(f"--latency {a.latency}: seconds, >= 0")
     iterations = a.iterations or (3 if a.quick else 4)
     reps = a.reps or (3 if a.quick else 5)
-    out = Path(a.out).resolve()  # each case runs in its own process from the package's folder: an absolute path
+    from viva_base.errors import UserError
+    from viva_base.recipe import check_output_dir
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"error: --out {a.out}: cannot create the folder ({exc.strerror}); give a writable folder",
-              file=sys.stderr)
+        check_output_dir("--out", a.out)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    out = Path(a.out).resolve()  # each case runs in its own process from the package's folder: an absolute path
+    out.mkdir(parents=True, exist_ok=True)
     if a._case:
         r = run_case(a._case, json.loads(a._overrides), iterations=iterations, reps=reps, workdir=out)
         Path(a._result).write_text(json.dumps(r))

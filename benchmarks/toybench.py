@@ -321,8 +321,11 @@ def main(argv=None) -> int:
     from viva_base.errors import UserError
     from viva_base.recipe import RecipeError
 
+    from viva_base.recipe import check_output_dir
+
     try:  # the recipe and its overrides are checked before any stage runs
         check_toy_recipe(args.recipe, args.overrides)
+        check_output_dir("--out", args.out)
         if args.sft_seeds is not None:
             run_sft_seeds(Path(args.out), args.sft_seeds, args.overrides, args.recipe)
         else:

@@ -193,6 +193,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.errors import UserError
     from viva_base.guidance import check_sampler_options
     from viva_base.recipe import check_one_of as one_of
+    from viva_base.recipe import check_output_dir
     from viva_base.recipe import check_positive as positive
     from viva_base.training import COMPILE_MODES, DTYPES, check_compile, check_lr_scheduler
 
@@ -246,6 +247,7 @@ def validate_config(cfg: GRPOConfig) -> None:
     from viva_base.hub import check_hub
 
     check_hub(cfg.hub, cfg.output_dir, create=False)  # offline, token, repo id: no network yet
+    check_output_dir("output_dir", cfg.output_dir)
     if cfg.toy.enabled:
         from viva_base.data.toyworld.build import check_open_edit_params
 

@@ -62,6 +62,8 @@ def test_unknown_row_and_bad_recipe_are_one_line_errors(capsys, tmp_path):
     assert "not found" in capsys.readouterr().err
     assert main(["recipe=recipes/tiny.yaml", f"output_dir={tmp_path}"]) == 2
     assert "toy.enabled" in capsys.readouterr().err
+    assert main(["recipe=recipes/toy.yaml", "output_dir=/proc/no/such"]) == 2  # an OSError traceback before
+    assert "output_dir=/proc/no/such: cannot create folders in /proc" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse's own errors: usage and one line, exit 2
         main(["recipe=recipes/toy.yaml", "--sft-steps", "x"])
     assert exc.value.code == 2

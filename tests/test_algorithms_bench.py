@@ -88,6 +88,8 @@ def test_every_configurations_recipe_is_checked_before_the_first_trains(tmp_path
     assert A.main(["--out", str(out), "--recipe", "recipes/tiny.yaml"]) == 2
     assert "the benchmark runs the toy chain" in capsys.readouterr().err
     assert not out.exists()
+    assert A.main(["--quick", "--out", "/proc/no/such"]) == 2  # an OSError traceback before
+    assert capsys.readouterr().err.startswith("error: --out /proc/no/such: cannot create folders in /proc")
 
 
 def test_quick_mode_runs_every_configuration(tmp_path, repo_root, monkeypatch):

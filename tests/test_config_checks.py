@@ -162,3 +162,36 @@ def test_prompt_and_evaluation_clips_a_causal_vae_cannot_encode_whole_are_refuse
         assert len((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()) == 1
     finally:
         os.chdir(cwd)
+
+
+def test_check_output_dir_refuses_what_no_run_could_write_and_leaves_nothing(tmp_path):
+    from viva_base.recipe import check_output_dir
+
+    (tmp_path / "a_file").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    check_output_dir("output_dir", tmp_path / "new" / "deeper")  # to be created: fine
+    check_output_dir("output_dir", tmp_path)                     # exists: fine
+    assert sorted(tmp_path.rglob("*")) == before                 # the probe folders are gone
+    with pytest.raises(UserError, match=r"^output_dir=.*a_file: that is a file, not a folder"):
+        check_output_dir("output_dir", tmp_path / "a_file")
+    with pytest.raises(UserError, match=r"a_file is a file, so no folder can be made under it"):
+        check_output_dir("output_dir", tmp_path / "a_file" / "run")
+    with pytest.raises(UserError, match=r"^--out /proc/no/such: cannot create folders in /proc \("):
+        check_output_dir("--out", "/proc/no/such")
+
+
+@pytest.mark.parametrize("command", [
+    ["editgrpo.train", "recipe=recipes/tiny.yaml"],
+    ["editgrpo.train", "recipe=recipes/toy.yaml"],
+    ["viva_base.sft", "recipe=recipes/sft_tiny.yaml"],
+    ["viva_base.data.build", "recipe=recipes/data_build.yaml", "inputs=tests", "generator.model.tiny=true"],
+])
+def test_an_output_dir_no_folder_can_be_made_in_is_one_line_before_any_work(repo_root, timed_run, command):
+    """It was an OSError traceback at the first mkdir (the toy chain's data stage; the trainers' accelerator)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc, seconds, wall = timed_run([sys.executable, "-m", *command, "output_dir=/proc/no/such"], cwd=repo_root,
+                                    env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: output_dir=/proc/no/such: cannot create folders in /proc "
+                                                    "(No such file or directory); give a writable folder")
+    assert seconds < 10 and wall < 60, (seconds, wall)

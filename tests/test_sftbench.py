@@ -65,6 +65,7 @@ def test_seed_flags():
     (["--sft-seeds", "1", "train.learnig_rate=1"], "did you mean 'train.learning_rate'"),
     (["--recipe", "recipes/tiny.yaml", "--sft-seeds", "1"], "toy.enabled: true"),
     (["--seeds", "1", "rewards.nope.weight=1"], "unknown reward 'nope'"),
+    (["--seeds", "1", "--out", "/proc/no/such"], "--out /proc/no/such: cannot create folders in /proc"),
 ])
 def test_a_bad_recipe_is_one_line_and_exit_2_before_any_stage(args, words, tmp_path, repo_root, monkeypatch, capsys):
     monkeypatch.chdir(repo_root)

@@ -431,3 +431,28 @@ def check_positive(key: str, value, strict: bool = True) -> None:
 
     if value is not None and not (value > 0 if strict else value >= 0):
         raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")
+
+
+def check_output_dir(key: str, path: str | os.PathLike) -> None:
+    """Config check: ``path`` is a folder this process can write in, or one it can create.
+
+    The nearest existing folder on the way to ``path`` gets an empty temporary folder, removed at once: permissions, a
+    read-only file system, a file in the way, or a place no folder can be made in (``/proc``) are one ``UserError``
+    line naming ``key``, before any data or model is built (an ``OSError`` traceback at the first ``mkdir`` before).
+    Nothing is left behind."""
+    from .errors import UserError
+
+    named = f"{key} {path}" if key.startswith("-") else f"{key}={path}"  # a flag (--out DIR) or a recipe key
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{named}: that is a file, not a folder; give a folder")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{named}: {existing} is a file, so no folder can be made under it; give another folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as exc:
+        raise UserError(f"{named}: cannot create folders in {existing} ({exc.strerror}); give a writable folder"
+                        ) from None

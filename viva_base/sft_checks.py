@@ -40,6 +40,7 @@ def check_sft_values(cfg) -> None:
 
     from .losses import sample_sigmas
     from .recipe import check_one_of as one_of
+    from .recipe import check_output_dir
     from .recipe import check_positive as positive
     from .training import DTYPES
 
@@ -103,6 +104,7 @@ def check_sft_values(cfg) -> None:
     from .hub import check_hub
 
     check_hub(cfg.hub, cfg.output_dir, create=False)  # offline, token, repo id: no network yet
+    check_output_dir("output_dir", cfg.output_dir)
     from .validation import check_validation
 
     check_validation(cfg.validation)

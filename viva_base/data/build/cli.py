@@ -198,6 +198,9 @@ def validate(cfg: BuildConfig) -> None:
     for name in ("detector", "tracker"):
         if getattr(cfg, name).dtype not in DTYPES:
             raise UserError(f"{name}.dtype={getattr(cfg, name).dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+    from ...recipe import check_output_dir
+
+    check_output_dir("output_dir", cfg.output_dir)
 
 
 # ---------------------------------------------------------------------------------------------- context
