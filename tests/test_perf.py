@@ -110,7 +110,8 @@ def test_the_command_runs_from_any_folder_with_a_relative_out(tmp_path, monkeypa
 
 @pytest.mark.parametrize("args, words", [(["--iterations", "1"], "--iterations 1: give at least 2"),
                                          (["--reps", "0"], "--reps 0: give at least 1"),
-                                         (["--out", "/proc/no/such"], "--out /proc/no/such: cannot create folders in /proc")])
+                                         (["--out", "/proc/no/such"],
+                                          "--out /proc/no/such: cannot create folders in /proc")])
 def test_a_bad_value_is_one_line_before_any_case_runs(tmp_path, monkeypatch, capsys, args, words):
     from benchmarks import perf
 
