@@ -154,6 +154,8 @@ def _bad_inputs(root, files):
         "empty instruction": ({"--instruction": ""}, "instruction is empty"),
         "blank instruction": ({"--instruction": "  \t"}, "instruction is empty"),
         "missing output folder": ({"--out": root / "no_such_dir" / "o.mp4"}, "no_such_dir does not exist"),
+        "output under a file": ({"--out": root / "notanimage.png" / "o.mp4"}, "notanimage.png is a file, not a folder"),
+        "output folder not writable": ({"--out": "/proc/o.mp4"}, "/proc/o.mp4: cannot write in /proc"),
         "unsupported extension": ({"--out": root / "out" / "o.avi"}, "unsupported output extension '.avi'"),
         "image out, many frames": ({"--out": root / "out" / "o.png"}, "an image file holds one frame"),
         "unknown model folder": ({"--model": root / "notaneditor"}, "missing editor_config.json"),
@@ -189,6 +191,7 @@ def bad(files):
 BAD_CASES = [
     "missing video", "empty video", "corrupt video", "zero-frame video", "empty image folder",
     "non-image reference", "missing reference", "empty instruction", "blank instruction", "missing output folder",
+    "output under a file", "output folder not writable",
     "unsupported extension", "image out, many frames", "unknown model folder", "hub id while offline",
     "missing LoRA folder", "folder without a LoRA", "LoRA of another model", "zero steps", "bad size",
     "backwards guidance interval", "zero shift"]

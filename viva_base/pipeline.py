@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -204,6 +205,14 @@ def check_output_path(path: str | os.PathLike, num_frames: int | None = None) ->
     path = Path(path)
     if not path.parent.exists():
         raise VideoError(f"{path}: output folder {path.parent} does not exist; create it first")
+    if not path.parent.is_dir():
+        raise VideoError(f"{path}: {path.parent} is a file, not a folder; give an output in a folder")
+    try:  # the writers write a temporary file next to the output, then rename it
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise VideoError(f"{path}: cannot write in {path.parent} ({exc.strerror}); give a writable folder") from None
     ext = path.suffix.lower()
     if ext in IMAGE_EXTENSIONS:
         if num_frames is not None and num_frames != 1:
