@@ -800,6 +800,9 @@ def _run_cli(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
     if not args.out:
         raise BenchmarkError("give --out OUT, the folder the results go to")
+    from viva_base.recipe import check_output_dir
+
+    check_output_dir("--out", args.out)  # before the metric models load, not at the first result
     if not args.model and not args.results:
         raise BenchmarkError("give --model DIR (an editor checkpoint) or --results DIR (videos edited by a system)")
     if args.lora and not args.model:

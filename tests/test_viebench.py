@@ -503,6 +503,8 @@ def test_a_wrong_editor_or_metric_model_is_one_line_and_leaves_no_results_folder
         assert viebench.main(bench["common"] + ["--model", str(bench_editor), "--lora", str(tmp_path / "nope"),
                                                 "--out", str(out)]) == 2
         assert "LoRA folder not found" in capsys.readouterr().err
+        assert viebench.main(bench["common"] + ["--model", str(bench_editor), "--out", "/proc/no/such"]) == 2
+        assert "--out /proc/no/such: cannot create folders in /proc" in capsys.readouterr().err
     args = ["--manifest", str(bench["manifest"]), "--results", f"sysA={bench['sysA']}", "--metrics", "clip_t",
             "--clip", f"hf:{tmp_path / 'no_clip'}", "--out", str(out)]
     assert viebench.main(args) == 2
