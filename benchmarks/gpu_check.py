@@ -486,10 +486,10 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown checks {unknown}; use any of {', '.join(checks)}")
     from viva_base.errors import UserError
-    from viva_base.recipe import check_output_dir
+    from viva_base.recipe import check_output_file
 
     try:
-        check_output_dir("--out's folder", Path(a.out).parent)
+        check_output_file("--out", a.out)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

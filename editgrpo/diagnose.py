@@ -29,6 +29,7 @@ import torch
 from viva_base.data.manifest import read_manifest
 from viva_base.data.toyworld.oracle import best_oracle_scores, read_mask, record_truths
 from viva_base.losses import add_noise, mask_to_latent
+from viva_base.recipe import atomic_write_text
 from viva_base.video import read_video
 
 DEFAULT_SIGMAS = (0.95, 0.8, 0.5, 0.2, 0.05)
@@ -204,6 +205,10 @@ def main(argv=None) -> int:
     from viva_base.training import load_editor
 
     try:
+        if args.out:
+            from viva_base.recipe import check_output_file
+
+            check_output_file("--out", args.out)  # before the editor loads and the samples are drawn
         records = read_manifest(args.manifest, "eval") if Path(args.manifest).exists() else None
         if records is None:
             raise UserError(f"--manifest {args.manifest}: no such file")
@@ -246,7 +251,8 @@ def main(argv=None) -> int:
         return 2
     print(format_tables(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(result, indent=2))
     return 0
 
 

@@ -465,6 +465,9 @@ def _collect_main(args) -> int:
         records = records[: args.max_prompts]
     if args.group_size < 2:
         raise UserError(f"--group-size {args.group_size}: a preference needs at least 2 samples of a prompt")
+    from viva_base.recipe import check_output_file
+
+    check_output_file("--out", args.out)  # before the editor samples (minutes)
     if args.threads:
         torch.set_num_threads(args.threads)
     editor = load_editor(args.model)
@@ -506,6 +509,9 @@ def _train_main(args) -> int:
         raise UserError(f"--init {args.init}: not a toy CLIP folder (no open_clip_config.json); give the chain's "
                         f"reward_model folder or one from `python -m editgrpo.toy_reward --out DIR`")
     datasets = _read_data(args.data, "--data")
+    from viva_base.recipe import check_output_dir
+
+    check_output_dir("--out", args.out)
     try:
         name = train_preference_model(args.init, datasets, args.out, steps=args.steps, pairs_per_step=args.pairs_per_step,
                                       lr=args.lr, weight_decay=args.weight_decay, margin=args.margin,
@@ -526,6 +532,10 @@ def _evaluate_main(args) -> int:
     from rewards.registry import CombinedReward, build_reward
 
     (data,) = _read_data([args.data], "--data")
+    if args.out:
+        from viva_base.recipe import check_output_file
+
+        check_output_file("--out", args.out)
     rewards = {}
     for m in args.model or []:
         reward, kwargs = reward_of(m)
@@ -547,7 +557,10 @@ def _evaluate_main(args) -> int:
               f"{r['pair_accuracy']:.3f} |" for r in rows]
     print("\n".join(lines))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        from viva_base.recipe import atomic_write_text
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(rows, indent=2))
     return 0
 
 

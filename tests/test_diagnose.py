@@ -169,6 +169,10 @@ def test_a_missing_rewards_recipe_is_one_line_before_the_editor_loads(toy, tmp_p
 
     monkeypatch.setattr("viva_base.training.load_editor", no_editor)
     args = ["--model", str(tmp_path / "ed"), "--manifest", str(toy["eval"]), "--groups", "1", "--rewards"]
+    assert diagnose_main([*args, "recipes/tiny.yaml", "--out", "/proc/no/d.json"]) == 2  # a traceback at the end
+    assert capsys.readouterr().err.startswith("error: --out /proc/no/d.json: cannot create folders in /proc")
+    assert diagnose_main([*args, "recipes/tiny.yaml", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path}: that is a folder; give a file name"
     assert diagnose_main([*args, "nope.yaml"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --rewards: recipe file 'nope.yaml' not found: pass recipe=PATH to a YAML file, or a shipped recipe "

@@ -179,6 +179,17 @@ def test_cli_runs_the_three_steps_and_reports_user_errors(toy, init_clip, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert not (tmp_path / "x").exists()
+    # an --out that cannot be written: one line before the work (a traceback after it before)
+    assert tp.main(["collect", "--model", str(ed), "--manifest", str(toy["grpo"]), "--out", "/proc/no/d.st",
+                    "--group-size", "3", "--num-steps", "2"]) == 2
+    assert tp.main(["train", "--init", init_clip, "--data", str(data), "--out", str(data / "m"), "--steps", "3"]) == 2
+    assert tp.main(["evaluate", "--data", str(data), "--proxies", tp._local_dir(init_clip).as_posix(),
+                    "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --out /proc/no/d.st: cannot create folders in /proc (No such file or directory); give a writable "
+        "folder",
+        f"error: --out {data / 'm'}: {data} is a file, so no folder can be made under it; give another folder",
+        f"error: --out {tmp_path}: that is a folder; give a file name"]
 
 
 def test_pickscore_can_score_against_the_instruction(init_clip):

@@ -442,17 +442,38 @@ def check_output_dir(key: str, path: str | os.PathLike) -> None:
     Nothing is left behind."""
     from .errors import UserError
 
-    named = f"{key} {path}" if key.startswith("-") else f"{key}={path}"  # a flag (--out DIR) or a recipe key
     target = Path(path).expanduser().absolute()
     if target.exists() and not target.is_dir():
-        raise UserError(f"{named}: that is a file, not a folder; give a folder")
-    existing = target
+        raise UserError(f"{_named(key, path)}: that is a file, not a folder; give a folder")
+    _check_folder_can_be_made(key, path, target)
+
+
+def check_output_file(key: str, path: str | os.PathLike) -> None:
+    """Config check: a file can be written at ``path``: it is not a folder, and its folder exists and can be written
+    in or can be created (:func:`check_output_dir`'s probe, nothing left behind)."""
+    from .errors import UserError
+
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise UserError(f"{_named(key, path)}: that is a folder; give a file name")
+    _check_folder_can_be_made(key, path, target.parent)
+
+
+def _named(key: str, path) -> str:
+    return f"{key} {path}" if key.startswith("-") else f"{key}={path}"  # a flag (--out DIR) or a recipe key
+
+
+def _check_folder_can_be_made(key: str, path, folder: Path) -> None:
+    from .errors import UserError
+
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{named}: {existing} is a file, so no folder can be made under it; give another folder")
+        raise UserError(f"{_named(key, path)}: {existing} is a file, so no folder can be made under it; give another "
+                        "folder")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
     except OSError as exc:
-        raise UserError(f"{named}: cannot create folders in {existing} ({exc.strerror}); give a writable folder"
-                        ) from None
+        raise UserError(f"{_named(key, path)}: cannot create folders in {existing} ({exc.strerror}); give a writable "
+                        "folder") from None
