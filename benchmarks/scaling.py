@@ -963,13 +963,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="outputs/scaling.json")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from viva_base.recipe import RecipeError
+    from viva_base.errors import UserError
+    from viva_base.recipe import RecipeError, check_output_file
 
     try:  # every input read, the cheap ones first, and the page rendered before anything is written
         perf, gpu = (_read_json(option, path) for option, path in (("--perf", a.perf), ("--gpu-check", a.gpu_check)))
         if not Path(a.out).parent.is_dir():
             raise ValueError(f"--out {a.out}: no folder {Path(a.out).parent} (run from the clone's root, where "
                              "docs/ is, or give --out)")
+        check_output_file("--out", a.out)
+        check_output_file("--json", a.json)
         recipe, sft_recipe = Recipe.from_yaml(a.recipe), SFTRecipe.from_yaml(a.sft_recipe)
         from diffusers.utils import logging as diffusers_logging
 
@@ -977,7 +980,7 @@ def main(argv=None) -> int:
         p = plan(recipe)
         p["sft"] = sft_plan(sft_recipe)
         page = render(p, perf, gpu, sft=p["sft"])
-    except (RecipeError, ValueError) as exc:
+    except (RecipeError, UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

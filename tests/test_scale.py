@@ -392,4 +392,8 @@ def test_the_page_command_reads_every_input_before_writing_anything(tmp_path, ca
         assert words in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "no_docs" / "scaling.md"), "--json", str(js)]) == 2
     assert "no folder" in capsys.readouterr().err
+    for args, words in ((["--out", "/proc/page.md", "--json", str(js)], "--out /proc/page.md: cannot create folders"),
+                        (["--out", str(out), "--json", "/proc/no/plan.json"], "--json /proc/no/plan.json: cannot")):
+        assert main(args) == 2  # tracebacks after the plan before
+        assert words in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]

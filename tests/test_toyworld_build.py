@@ -158,6 +158,9 @@ def test_geometry_and_overwrite_errors(tmp_path, toy):
         build_toy_dataset(tmp_path / "x", n_grpo=-1)
     with pytest.raises(UserError, match="choose from"):
         build_toy_dataset(tmp_path / "x", image_only_types=["resize"])
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="a_file is a file, so no folder can be made under it"):
+        build_toy_dataset(tmp_path / "a_file" / "toy", **COUNTS)  # a NotADirectoryError traceback before
     out, _ = toy
     with pytest.raises(UserError, match="overwrite"):
         build_toy_dataset(out, seed=3, **COUNTS)

@@ -222,6 +222,9 @@ def build_toy_dataset(
     check_open_edit_params(open_place, grpo_types, eval_simple_types)
     if not 0 <= noop_clause <= 1:
         raise UserError(f"noop_clause={noop_clause}: a probability, in [0, 1]")
+    from ...recipe import check_output_dir
+
+    check_output_dir("--out", out_dir)
     out = Path(out_dir)
     videos = out / "videos"
     if videos.exists():
