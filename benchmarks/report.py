@@ -584,9 +584,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None and len(args.runs) != 1:
         parser.error("give --out when comparing several runs")
     out = args.out or args.runs[0]
+    from viva_base.errors import UserError
+    from viva_base.recipe import check_output_dir
+
     try:
+        if args.out:
+            check_output_dir("--out", args.out)
         summary = compare_runs(args.runs, out)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(render_markdown(summary))

@@ -453,6 +453,7 @@ def test_compare_runs(bench, e2e, tmp_path):
     assert viebench.main(bench["common"] + ["--results", f"sysB={bench['sysB']}", "--out", str(out2),
                                             "--metrics", "clip_tc"]) == 0
     cmp_dir = tmp_path / "cmp"
+    assert report_mod.main([str(e2e["out"]), str(out2), "--out", "/sys/no/cmp"]) == 2  # a PermissionError before
     assert report_mod.main([str(e2e["out"]), str(out2), "--out", str(cmp_dir)]) == 0
     merged = _lines(cmp_dir / "items.jsonl")
     assert sorted({r["system"] for r in merged}) == ["run2/sysB", "sysA", "sysB"] and len(merged) == 13
