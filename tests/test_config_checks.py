@@ -165,7 +165,7 @@ def test_prompt_and_evaluation_clips_a_causal_vae_cannot_encode_whole_are_refuse
 
 
 def test_check_output_dir_refuses_what_no_run_could_write_and_leaves_nothing(tmp_path):
-    from viva_base.recipe import check_output_dir
+    from viva_base.recipe import check_output_dir, check_output_file
 
     (tmp_path / "a_file").write_text("x")
     before = sorted(tmp_path.rglob("*"))
@@ -178,6 +178,14 @@ def test_check_output_dir_refuses_what_no_run_could_write_and_leaves_nothing(tmp
         check_output_dir("output_dir", tmp_path / "a_file" / "run")
     with pytest.raises(UserError, match=r"^--out /proc/no/such: cannot create folders in /proc \("):
         check_output_dir("--out", "/proc/no/such")
+    with pytest.raises(UserError, match=r"^--out /sys/no/such: cannot create folders in /sys \("):  # EPERM / EROFS
+        check_output_dir("--out", "/sys/no/such")
+    with pytest.raises(UserError, match=r"that is a folder; give a file name"):
+        check_output_file("--out", tmp_path)
+    with pytest.raises(UserError, match=r"^--out /proc/x.json: cannot create folders in /proc \("):
+        check_output_file("--out", "/proc/x.json")
+    check_output_file("--out", tmp_path / "new" / "x.json")
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("command", [
