@@ -4,6 +4,7 @@ code 141, as a Unix tool stopped by SIGPIPE does, not with a BrokenPipeError tra
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,19 @@ def test_a_broken_pipe_that_is_not_standard_output_still_fails_loudly(repo_root)
     proc = subprocess.run([sys.executable, "-c", _RAISES], capture_output=True, text=True, cwd=repo_root, timeout=60)
     assert proc.returncode == 1 and proc.stdout == "some output\n"
     assert "Traceback" in proc.stderr and "a reward server's socket" in proc.stderr
+
+
+def test_the_console_scripts_end_as_the_modules_do(repo_root):
+    """Each ``[project.scripts]`` entry is the function pip's wrapper calls; it must end through ``exit_with`` too
+    (``viva-edit`` called ``main`` directly: a closed pipe was a traceback there)."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(repo_root) / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        # the command's main replaced by one that prints more than a pipe holds (argparse's own --help swallows
+        # a write error, so it cannot tell)
+        code = (f"import {module} as m; m.main = lambda *a: print('x' * 200000) or 0; m.{function}()")
+        proc = _run_into_a_closed_pipe(["-c", code], repo_root)
+        assert proc.returncode == 141 and proc.stderr == "", (name, proc.stderr[-2000:])

@@ -231,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``viva-edit`` console script: :func:`main`, ended as every ``python -m`` command is
+    (:func:`viva_base.errors.exit_with`: a reader of the output that stops early ends it quietly)."""
     from viva_base.errors import exit_with
 
     exit_with(main)
+
+
+if __name__ == "__main__":
+    cli()
