@@ -251,8 +251,7 @@ def main(argv=None) -> int:
         return 2
     print(format_tables(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(result, indent=2))
+        atomic_write_text(args.out, json.dumps(result, indent=2))  # (its folder created)
     return 0
 
 

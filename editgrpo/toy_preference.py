@@ -559,8 +559,7 @@ def _evaluate_main(args) -> int:
     if args.out:
         from viva_base.recipe import atomic_write_text
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_text(args.out, json.dumps(rows, indent=2))  # (its folder created)
     return 0
 
 

@@ -531,6 +531,10 @@ def _evaluate(model: str, kinds: Sequence[str], pairs_per_kind: int, seed: int, 
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
+_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "frames": "--frames", "size": "--size",
+          "width": "--width", "layers": "--layers", "degrade": "--degrade", "num_threads": "--threads"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     d = TOY_CLIP_DEFAULTS
     p = argparse.ArgumentParser(prog="python -m editgrpo.toy_reward",
@@ -558,12 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = train_toy_clip(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, frames=a.frames,
                               size=a.size, width=a.width, layers=a.layers, degrade=a.degrade, num_threads=a.threads,
                               progress=not a.no_progress)
-    except UserError as exc:  # the parameter's name is the flag's, spelled as in Python: say it as the flag
+    except UserError as exc:  # "batch_size=3: ..." names the parameter: say it as its flag, "--batch-size 3: ..."
         message = str(exc)
-        for key in ("steps", "batch_size", "lr", "frames", "size", "width", "layers", "degrade", "num_threads"):
-            flag = "--threads" if key == "num_threads" else "--" + key.replace("_", "-")
-            if message.startswith(f"{key}="):
-                message = f"{flag} {message[len(key) + 1:]}"
+        key, _, rest = message.partition("=")
+        if key in _FLAGS:
+            message = f"{_FLAGS[key]} {rest}"
         print(f"error: {message}", file=sys.stderr)
         return 2
     meta = _read_meta(Path(a.out))
