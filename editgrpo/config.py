@@ -187,6 +187,54 @@ def check_toy_sft_tools(sft) -> None:
         raise UserError(f"toy.sft_recipe / toy.sft_overrides: {e}") from None
 
 
+def check_eval_values(ec: EvalConfig) -> None:
+    """The ``eval.*`` values (used when ``eval.manifest`` is set, or by the toy chain), as UserErrors naming the key:
+    a value no evaluation can use fails before the run, not at its first evaluation (after the editor, the reward
+    models and possibly the whole training)."""
+    from viva_base.errors import UserError
+    from viva_base.guidance import check_sampler_options
+    from viva_base.recipe import check_positive as positive
+
+    for key in ("num_steps", "guidance_scale", "max_items", "batch_size"):
+        positive(f"eval.{key}", getattr(ec, key))
+    for key in ("every", "save_videos"):
+        positive(f"eval.{key}", getattr(ec, key), strict=False)
+    if not ec.seeds:
+        raise UserError("eval.seeds=[]: give at least one noise seed (the scores are averaged over them)")
+    if len(set(ec.seeds)) != len(ec.seeds):
+        raise UserError(f"eval.seeds={list(ec.seeds)}: a seed given twice counts its samples twice; give distinct "
+                        "seeds")
+    check_sampler_options(ec.guidance_interval, ec.shift, interval_name="eval.guidance_interval",
+                          shift_name="eval.shift")
+
+
+def check_data_values(dc: DataConfig, *, chain: bool = False) -> None:
+    """The ``data.*`` values: the clip setting (``frames`` > 0, ``size`` ``[H, W]``), and without a manifest the toy
+    prompts generated in its place (not in the toy chain, ``chain=True``, which writes its own manifests)."""
+    from viva_base.errors import UserError
+    from viva_base.recipe import check_positive as positive
+
+    positive("data.frames", dc.frames)
+    if dc.size is not None and (len(dc.size) != 2 or min(dc.size) <= 0):
+        raise UserError(f"data.size={list(dc.size)!r}: give [height, width], both > 0")
+    if not chain and dc.manifest is None:
+        from viva_base.data.toyworld.build import check_geometry
+
+        positive("data.toy_prompts", dc.toy_prompts)
+        check_geometry(dc.toy_frames, dc.toy_size, prefix="data.toy_")
+
+
+def check_manifests(cfg: GRPOConfig) -> None:
+    """``data.manifest`` (prompts) and ``eval.manifest`` read as the run reads them, every file they name present: a
+    bad line or a missing clip is one UserError naming the key, before anything is built or written."""
+    from viva_base.data.manifest import check_manifest
+
+    if cfg.data.manifest is not None:
+        check_manifest("data.manifest", cfg.data.manifest, "prompts")
+    if cfg.eval.manifest:
+        check_manifest("eval.manifest", cfg.eval.manifest, "eval")
+
+
 def validate_config(cfg: GRPOConfig) -> None:
     """Check every value that can be checked without building anything (no data, model or reward is loaded),
     so a mistyped value fails in seconds, before any expensive work. Raises ``UserError`` (one line)."""
@@ -237,9 +285,10 @@ def validate_config(cfg: GRPOConfig) -> None:
     if sc.share_prefix and sc.method == "ode":
         raise UserError("sampling.share_prefix=true with sampling.method=ode: an ODE rollout is one deterministic "
                         "prefix, so every sample of a group would be the same; use flow_sde or cps, or share_prefix=false")
+    positive("sampling.guidance_scale", sc.guidance_scale)
     check_sampler_options(sc.guidance_interval, interval_name="sampling.guidance_interval")
-    check_sampler_options(cfg.eval.guidance_interval, cfg.eval.shift, interval_name="eval.guidance_interval",
-                          shift_name="eval.shift")
+    check_eval_values(cfg.eval)
+    check_data_values(cfg.data, chain=cfg.toy.enabled)
     if sc.sde_window_size and sc.sde_window_size > sc.num_steps - 1:
         raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")
@@ -263,6 +312,8 @@ def validate_config(cfg: GRPOConfig) -> None:
         raise UserError(str(e)) from None
     except (TypeError, ValueError) as e:
         raise UserError(str(e).splitlines()[0]) from None
+    if not cfg.toy.enabled:  # the manifests a run reads, as it reads them (the toy chain writes its own)
+        check_manifests(cfg)
     # last, the checks that cost a subprocess or an import of diffusers (1-2 s): a mistyped value fails before them
     check_compile(tc.compile)
     check_lr_scheduler(tc.lr_scheduler)

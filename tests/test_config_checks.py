@@ -80,6 +80,23 @@ def test_a_mistyped_value_is_refused_before_importing_diffusers_or_inductor(repo
     ("eval.guidance_interval=[-1,1]", "eval.guidance_interval"),
     ("eval.shift=0", "eval.shift"),
     ("model.tiny_kind=foo", "model.tiny_kind"),  # once only when the editor was built, after the data
+    # these once failed with a traceback at the first evaluation (after the editor and the reward models; eval.seeds=[]
+    # after the whole training), or were taken silently (max_items 0: every item; every -1; guidance 0)
+    ("eval.num_steps=0", "eval.num_steps"),
+    ("eval.seeds=[]", "eval.seeds"),
+    ("eval.seeds=[3,3]", "eval.seeds"),
+    ("eval.max_items=0", "eval.max_items"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.every=-1", "eval.every"),
+    ("eval.save_videos=-1", "eval.save_videos"),
+    ("eval.guidance_scale=0", "eval.guidance_scale"),
+    ("sampling.guidance_scale=0", "sampling.guidance_scale"),
+    ("data.frames=0", "data.frames"),  # a traceback once the clips were cut
+    ("data.size=[0,0]", "data.size"),
+    ("data.size=[32]", "data.size"),
+    ("data.toy_prompts=0", "data.toy_prompts"),  # after config.yaml and the data folder were written
+    ("data.toy_frames=8", "data.toy_frames=8: use 4k"),
+    ("data.toy_size=20", "data.toy_size=20: use a side"),
 ])
 def test_cheap_checks_name_the_key(override, key):
     cfg = load_recipe(GRPOConfig, ["recipe=recipes/tiny.yaml", override])
@@ -88,8 +105,18 @@ def test_cheap_checks_name_the_key(override, key):
 
 
 @pytest.mark.parametrize("recipe", ["tiny", "toy", "viva", "lucy_grpo", "lucy_tiny"])
-def test_shipped_recipes_pass_the_checks(recipe):
-    validate_config(load_recipe(GRPOConfig, [f"recipe=recipes/{recipe}.yaml"]))
+def test_shipped_recipes_pass_the_checks(recipe, tmp_path):
+    """Every shipped recipe passes; those that name a prompts manifest (the real-size ones: data/grpo/prompts.jsonl,
+    not here) pass with the user's manifest and are refused, naming data.manifest, without one."""
+    cfg = load_recipe(GRPOConfig, [f"recipe=recipes/{recipe}.yaml"])
+    if cfg.data.manifest is not None and not os.path.exists(cfg.data.manifest):
+        with pytest.raises(UserError, match=r"data\.manifest: manifest 'data/grpo/prompts\.jsonl' not found"):
+            validate_config(cfg)
+        (tmp_path / "a.mp4").write_bytes(b"")
+        cfg.data.manifest = str(tmp_path / "prompts.jsonl")
+        (tmp_path / "prompts.jsonl").write_text('{"id": "a", "source": "a.mp4", "instruction": "make it red", '
+                                                '"source_caption": "a cat", "target_caption": "a red cat"}\n')
+    validate_config(cfg)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -123,6 +150,37 @@ def test_the_toy_chains_sft_stage_recipe_is_checked_before_any_stage(repo_root, 
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and all(w in errors[0] for w in words), errors
     assert not (tmp_path / "run" / "data").exists()
+    assert seconds < 10 and wall < 60, (seconds, wall)  # CPU seconds: see the timed_run fixture
+
+
+@pytest.mark.parametrize("key, line, words", [
+    ("eval.manifest", '{"id": "a", "source": "nope.mp4", "instruction": "x"}', ["eval.manifest", ":1:", "nope.mp4",
+                                                                                "not found"]),
+    ("data.manifest", '{"id": "a", "source": "nope.mp4"', ["data.manifest", ":1:", "not valid JSON"]),
+    ("data.manifest", '{"id": "a", "source": "a.png", "instruction": "x"}', ["data.manifest", ":1:", "source_caption"]),
+    ("eval.manifest", None, ["eval.manifest", ":1:", "not UTF-8"]),
+])
+def test_a_bad_manifest_is_one_line_before_anything_is_built_or_written(repo_root, tmp_path, key, line, words,
+                                                                         timed_run):
+    """A held-out manifest was read after the editor was built and the reward models loaded (minutes at real size),
+    when config.yaml, the tensorboard logs, metrics.jsonl and the toy prompts were written; a prompts manifest after
+    config.yaml; a file that is not text was a UnicodeDecodeError traceback. Now each is one line naming the key, the
+    file and the line, exit 2, with no output folder."""
+    manifest = tmp_path / "m.jsonl"
+    if line is None:
+        manifest.write_bytes(bytes(range(128, 256)) * 4)
+    else:
+        manifest.write_text(line + "\n")
+    (tmp_path / "a.png").write_bytes(b"")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc, seconds, wall = timed_run([sys.executable, "-m", "editgrpo.train", "recipe=recipes/tiny.yaml",
+                                     f"output_dir={tmp_path / 'run'}", f"{key}={manifest}"],
+                                    cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), errors
+    assert not (tmp_path / "run").exists()
     assert seconds < 10 and wall < 60, (seconds, wall)  # CPU seconds: see the timed_run fixture
 
 

@@ -39,6 +39,8 @@ def test_shipped_recipes_pass(repo_root, monkeypatch, recipe):
     ("data.p_video=2", "data.p_video"),
     ("data.manifest=/no/such/pairs.jsonl", "data.manifest"),
     ("data.toy.size=0", "data.toy.size"),
+    ("data.toy.frames=8", "data.toy.frames=8: use 4k"),  # "toy world frames=8", once config.yaml was written
+    ("data.toy.size=20", "data.toy.size=20: use a side"),
     ("model.pretrained=some/dir", "model.pretrained"),
     ("train.shift=0", "train.shift"),
     ("model.tiny_kind=foo", "model.tiny_kind"),  # once only when the editor was built, after the data
@@ -159,3 +161,22 @@ def test_clips_a_causal_vae_cannot_encode_whole_are_refused_before_training(repo
     main(_cfg(repo_root, monkeypatch, "model.tiny_spec.vae=hunyuan", "data.toy.n_video=2", "data.toy.n_image=2",
               f"output_dir={tmp_path / 'ok'}", "report_to=none", "train.max_steps=1", "data.toy.frames=9"))
     assert (tmp_path / "ok" / "final").is_dir()
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"id": "a", "source": "a.mp4"', ":1: not valid JSON"),
+    ('{"id": "a", "source": "a.mp4", "target": "nope.mp4", "instruction": "x"}', ":1: target file"),
+])
+def test_a_bad_pairs_manifest_is_refused_before_anything_is_written(repo_root, monkeypatch, tmp_path, line, words):
+    """data.manifest was read after the output folder, config.yaml and the accelerator were made: a bad line left
+    a run folder with a config.yaml behind. Now it is read with the other checks: one line naming the key, nothing
+    written."""
+    from viva_base.sft import main
+
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "pairs.jsonl").write_text(line + "\n")
+    cfg = _cfg(repo_root, monkeypatch, f"data.manifest={tmp_path / 'pairs.jsonl'}", f"output_dir={tmp_path / 'run'}",
+               "report_to=none")
+    with pytest.raises(UserError, match=r"^data\.manifest: .*pairs\.jsonl" + words.replace(".", r"\.")):
+        main(cfg)
+    assert not (tmp_path / "run").exists()

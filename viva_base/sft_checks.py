@@ -118,10 +118,14 @@ def check_sft_values(cfg) -> None:
     if dc.manifest:
         if not Path(dc.manifest).is_file():
             raise UserError(f"data.manifest={dc.manifest!r}: no such file")
+        from .data.manifest import check_manifest
+
+        check_manifest("data.manifest", dc.manifest, "pairs")  # a bad line or a missing video, before config.yaml
     else:  # the toy world is generated
+        from .data.toyworld.build import check_geometry
+
         t = dc.toy
-        for key in ("frames", "size"):
-            positive(f"data.toy.{key}", getattr(t, key))
+        check_geometry(t.frames, t.size, prefix="data.toy.")
         for key in ("n_video", "n_image"):
             positive(f"data.toy.{key}", getattr(t, key), strict=False)
         if t.n_video + t.n_image == 0:

@@ -62,12 +62,9 @@ def check_validation(vc: ValidationConfig) -> None:
         raise UserError(f"validation.num_steps={vc.num_steps} must be >= 1")
     if vc.guidance_scale <= 0:
         raise UserError(f"validation.guidance_scale={vc.guidance_scale} must be > 0 (1: no CFG)")
-    from .data.manifest import read_manifest
+    from .data.manifest import check_manifest
 
-    try:
-        records = read_manifest(vc.manifest, "pairs")
-    except UserError as e:  # a ManifestError names the file and line
-        raise UserError(f"validation.manifest: {e}") from None
+    records = check_manifest("validation.manifest", vc.manifest, "pairs")
     records = records[: vc.max_items] if vc.max_items else records
     for rec in records[: vc.edits]:
         if not str(rec["instruction"]).strip():

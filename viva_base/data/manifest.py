@@ -38,17 +38,26 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     is a :class:`ManifestError` naming the file and line."""
     path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{path}:{lineno}: each line must be a JSON object")
-            rows.append((lineno, row))
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise ManifestError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # (a byte-order mark some editors write)
+        except UnicodeDecodeError:
+            raise ManifestError(f"{path}:{lineno}: not UTF-8 text (a JSONL manifest is one JSON object per "
+                                "line)") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}:{lineno}: each line must be a JSON object")
+        rows.append((lineno, row))
     return rows
 
 
@@ -85,6 +94,16 @@ def read_manifest(path: str | os.PathLike, kind: str = "pairs", *, check_files: 
     if not records:
         raise ManifestError(f"manifest '{path}' holds no records")
     return records
+
+
+def check_manifest(key: str, path: str | os.PathLike, kind: str) -> list[dict]:
+    """Config check: the manifest a recipe key names, read and validated as the run will read it (its files
+    exist), before anything is built or written. Returns the records; a problem is one ``UserError`` naming
+    ``key`` and the file and line."""
+    try:
+        return read_manifest(path, kind)
+    except ManifestError as e:
+        raise UserError(f"{key}: {e}") from None
 
 
 def write_manifest(path: str | os.PathLike, records: Iterable[dict], *, relative_to: str | os.PathLike | None = None) -> Path:

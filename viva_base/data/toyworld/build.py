@@ -60,12 +60,14 @@ FORMAT_VERSION = 1
 NOOP_STREAMS = {"sft_video": "sft_video_noop", "sft_image": "sft_image_noop"}  # simple SFT pairs only
 
 
-def check_geometry(frames: int, size: int) -> None:
-    """Frames ``4k + 1`` and sides a multiple of 16 (the Hunyuan VAE's constraints), else a UserError."""
+def check_geometry(frames: int, size: int, prefix: str | None = None) -> None:
+    """Frames ``4k + 1`` and sides a multiple of 16 (the Hunyuan VAE's constraints), else a UserError naming
+    ``prefix + "frames"`` / ``prefix + "size"`` (a recipe's keys; without a prefix: "toy world frames")."""
+    name = (lambda key: f"{prefix}{key}") if prefix is not None else (lambda key: f"toy world {key}")
     if frames < 1 or (frames - 1) % 4:
-        raise UserError(f"toy world frames={frames}: use 4k + 1 frames (5, 9, 13, 17, ...)")
+        raise UserError(f"{name('frames')}={frames}: use 4k + 1 frames (5, 9, 13, 17, ...)")
     if size < 16 or size % 16:
-        raise UserError(f"toy world size={size}: use a side that is a multiple of 16 (32, 48, 64)")
+        raise UserError(f"{name('size')}={size}: use a side that is a multiple of 16 (32, 48, 64)")
 
 
 def check_open_edit_params(open_place: float, grpo_types, eval_simple_types, prefix: str = "") -> None:
