@@ -445,14 +445,17 @@ def markdown(results: dict, meta: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from viva_base.cli_args import clip_frames, count, side
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the code paths with --tiny-only)")
     ap.add_argument("--tiny-only", action="store_true", help="tiny shapes everywhere, the DiT check on a small config")
-    ap.add_argument("--frames", type=int, default=9, help="real-size DiT check: clip frames (4k+1)")
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=848)
-    ap.add_argument("--text-tokens", type=int, default=256)
-    ap.add_argument("--vae-frames", type=int, default=33, help="VAE check: clip frames (recipes/viva.yaml's clip)")
+    ap.add_argument("--frames", type=clip_frames, default=9, help="real-size DiT check: clip frames (4k+1)")
+    ap.add_argument("--height", type=side, default=480, help="DiT and VAE checks: frame height (a multiple of 16)")
+    ap.add_argument("--width", type=side, default=848, help="DiT and VAE checks: frame width (a multiple of 16)")
+    ap.add_argument("--text-tokens", type=count(1), default=256)
+    ap.add_argument("--vae-frames", type=clip_frames, default=33,
+                    help="VAE check: clip frames (4k+1; recipes/viva.yaml's clip)")
     ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_compile,grpo_2proc,dit,vae",
                     help="comma-separated subset to run")
     ap.add_argument("--out", default="outputs/gpu_check/gpu_check.json", help="JSON results (markdown next to it)")

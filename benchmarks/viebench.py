@@ -690,6 +690,7 @@ def _versions() -> dict[str, str]:
 # Command line
 # ------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
+    from viva_base.cli_args import count, nonnegative, positive
     from viva_base.guidance import add_sampler_arguments
 
     from .metrics import ALL_METRICS, MetricConfig
@@ -715,18 +716,18 @@ def _parser() -> argparse.ArgumentParser:
                         "compare several systems")
     g.add_argument("--out", help="output folder (resumable; required unless --prepare)")
     g.add_argument("--ids", help="comma-separated item ids to evaluate (default: all)")
-    g.add_argument("--limit", type=int, help="evaluate only the first N items (smoke runs)")
+    g.add_argument("--limit", type=count(1), help="evaluate only the first N items (smoke runs)")
     g.add_argument("--shard", metavar="I/N", help="evaluate only shard I of N of the items (by id), into the shared "
                    "--out; under torchrun / accelerate launch each process takes its own part of it")
     g = p.add_argument_group("editing (--model)")
-    g.add_argument("--num-steps", "--steps", dest="num_steps", type=int, default=50,
+    g.add_argument("--num-steps", "--steps", dest="num_steps", type=count(1), default=50,
                    help="sampling steps (paper: 50; --steps is its old name)")
-    g.add_argument("--guidance-scale", type=float, default=2.0, help="CFG on the instruction (paper: 2.0)")
+    g.add_argument("--guidance-scale", type=positive, default=2.0, help="CFG on the instruction (paper: 2.0; 1: none)")
     add_sampler_arguments(g)
     g.add_argument("--seed", type=int, default=0, help="base seed; each item mixes in its id")
     g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "float32",
                    help="editor weights dtype (float32 | bf16 | fp16)")
-    g.add_argument("--frames", type=int, help="model clip frame count (default: adapted from the input)")
+    g.add_argument("--frames", type=count(1), help="model clip frame count (default: adapted from the input)")
     g.add_argument("--size", help="model clip size WxH (default: adapted from the input)")
     g = p.add_argument_group("metrics")
     g.add_argument("--metrics", default=",".join(ALL_METRICS),
@@ -738,7 +739,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--pickscore", default=d.pickscore, help=f"PickScore model (default {d.pickscore})")
     g.add_argument("--pickscore-processor", help="PickScore tokenizer/processor (default: LAION CLIP-ViT-H for the "
                    "default model, else the model's folder)")
-    g.add_argument("--pickscore-max-side", type=int, default=d.pickscore_max_side,
+    g.add_argument("--pickscore-max-side", type=count(0), default=d.pickscore_max_side,
                    help="scale frames down to this long side before PickScore (EditVerse: 672; 0 = off)")
     g.add_argument("--viclip", help="ViCLIP code as module:factory (factory(weights, device) -> model)")
     g.add_argument("--viclip-weights", help="ViCLIP weights (ViClip-InternVid-10M-FLT.pth)")
@@ -747,22 +748,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device of the editor and the metric models")
     g.add_argument("--metric-dtype", default="float32", help="metric models dtype (float32 | bf16 | fp16)")
-    g.add_argument("--max-frames", type=int, help="read at most this many frames per video for scoring")
-    g.add_argument("--max-side", type=int, help="scale frames read for scoring down to this long side")
+    g.add_argument("--max-frames", type=count(1), help="read at most this many frames per video for scoring")
+    g.add_argument("--max-side", type=count(1), help="scale frames read for scoring down to this long side")
     g = p.add_argument_group("VLM judge (OpenAI-compatible /chat/completions)")
     g.add_argument("--judge", metavar="BASE_URL", help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     g.add_argument("--judge-model", default="gpt-4o-2024-11-20", help="served model name (default gpt-4o-2024-11-20)")
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key)")
-    g.add_argument("--judge-frames", type=int, default=4, help="evenly spaced frames per video sent (default 4)")
-    g.add_argument("--judge-concurrency", type=int, default=4, help="requests in flight (default 4)")
-    g.add_argument("--judge-retries", type=int, default=3, help="retries per judgement (default 3)")
-    g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    g.add_argument("--judge-backoff", type=float, default=1.0, help="first retry wait in seconds (default 1)")
-    g.add_argument("--judge-max-image-side", type=int, default=512, help="downscale images sent (default 512)")
+    g.add_argument("--judge-frames", type=count(1), default=4, help="evenly spaced frames per video sent (default 4)")
+    g.add_argument("--judge-concurrency", type=count(1), default=4, help="requests in flight (default 4)")
+    g.add_argument("--judge-retries", type=count(0), default=3, help="retries per judgement (default 3)")
+    g.add_argument("--judge-timeout", type=positive, default=120.0, help="seconds per request (default 120)")
+    g.add_argument("--judge-backoff", type=nonnegative, default=1.0, help="first retry wait in seconds (default 1)")
+    g.add_argument("--judge-max-image-side", type=count(1), default=512, help="downscale images sent (default 512)")
     g.add_argument("--judge-cache", help="answer cache folder (default OUT/judge_cache; 'none' disables it)")
     g = p.add_argument_group("report")
-    g.add_argument("--report-max-side", type=int, default=384, help="long side of the report's video copies")
+    g.add_argument("--report-max-side", type=count(0), default=384,
+                   help="long side of the report's video copies (0: full size)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -185,17 +185,20 @@ def format_tables(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from viva_base.cli_args import count, noise_level, positive
+
     p = argparse.ArgumentParser(prog="python -m editgrpo.diagnose", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="an editor directory (save_pretrained)")
     p.add_argument("--manifest", required=True, help="a pairs or eval manifest (records with target + mask)")
-    p.add_argument("--max-items", type=int, default=64, help="records used for the clean-latent error")
-    p.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS))
-    p.add_argument("--groups", type=int, default=0, help="prompts for the within-group spread (0: skip it)")
-    p.add_argument("--group-size", type=int, default=8, help="G, samples per prompt")
-    p.add_argument("--num-steps", type=int, default=10)
-    p.add_argument("--guidance-scale", type=float, default=2.0)
-    p.add_argument("--eta", type=float, default=0.7)
+    p.add_argument("--max-items", type=count(1), default=64, help="records used for the clean-latent error")
+    p.add_argument("--sigmas", type=noise_level, nargs="+", default=list(DEFAULT_SIGMAS),
+                   help="noise levels in (0, 1] of the clean-latent error")
+    p.add_argument("--groups", type=count(0), default=0, help="prompts for the within-group spread (0: skip it)")
+    p.add_argument("--group-size", type=count(2), default=8, help="G, samples per prompt (>= 2: a spread)")
+    p.add_argument("--num-steps", type=count(1), default=10)
+    p.add_argument("--guidance-scale", type=positive, default=2.0, help="CFG scale (1: no CFG)")
+    p.add_argument("--eta", type=positive, default=0.7, help="the SDE sampler's noise (> 0)")
     p.add_argument("--rewards", default=None, help="a recipe whose rewards block scores the group samples")
     p.add_argument("--lora", default=None, help="a LoRA folder or hub repo id to load onto the editor")
     p.add_argument("--seed", type=int, default=0)

@@ -564,6 +564,8 @@ def _evaluate_main(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from viva_base.cli_args import count, nonnegative, positive
+
     p = argparse.ArgumentParser(prog="python -m editgrpo.toy_preference", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -571,26 +573,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--model", required=True, help="an editor directory (save_pretrained)")
     c.add_argument("--manifest", required=True, help="a toy-world manifest (records with target + mask)")
     c.add_argument("--out", required=True, help="the .safetensors file to write")
-    c.add_argument("--group-size", type=int, default=8)
-    c.add_argument("--max-prompts", type=int, default=0, help="the first N records only (0: all)")
-    c.add_argument("--num-steps", type=int, default=10)
-    c.add_argument("--guidance-scale", type=float, default=2.0)
-    c.add_argument("--eta", type=float, default=0.7)
-    c.add_argument("--prompts-per-batch", type=int, default=4)
+    c.add_argument("--group-size", type=int, default=8, help="samples per prompt (>= 2: pairs)")
+    c.add_argument("--max-prompts", type=count(0), default=0, help="the first N records only (0: all)")
+    c.add_argument("--num-steps", type=count(1), default=10)
+    c.add_argument("--guidance-scale", type=positive, default=2.0, help="CFG scale (1: no CFG)")
+    c.add_argument("--eta", type=positive, default=0.7, help="the SDE sampler's noise (> 0)")
+    c.add_argument("--prompts-per-batch", type=count(1), default=4)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    c.add_argument("--threads", type=count(0), default=0, help="torch CPU threads (0: torch's default)")
     t = sub.add_parser("train", help="fine-tune the toy CLIP on the oracle's preferences (PickScore's loss)")
     t.add_argument("--init", required=True, help="the toy CLIP folder to start from (the chain's reward_model)")
     t.add_argument("--data", required=True, nargs="+", help="collected .safetensors file(s) of TRAINING prompts")
     t.add_argument("--out", required=True, help="the model folder to write")
-    t.add_argument("--steps", type=int, default=1500)
-    t.add_argument("--pairs-per-step", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--margin", type=float, default=0.0, help="pairs closer than this in oracle score are ties (dropped)")
-    t.add_argument("--temperature", type=float, default=0.0,
+    t.add_argument("--steps", type=count(1), default=1500)
+    t.add_argument("--pairs-per-step", type=count(1), default=32)
+    t.add_argument("--lr", type=positive, default=1e-4)
+    t.add_argument("--weight-decay", type=nonnegative, default=0.0)
+    t.add_argument("--margin", type=nonnegative, default=0.0,
+                   help="pairs closer than this in oracle score are ties (dropped)")
+    t.add_argument("--temperature", type=nonnegative, default=0.0,
                    help="0: a perfect annotator; > 0: a noisy Bradley-Terry annotator of this temperature")
-    t.add_argument("--frames-per-sample", type=int, default=0,
+    t.add_argument("--frames-per-sample", type=count(0), default=0,
                    help="score a random subset of this many frames per training pair (0: all, as the reward does)")
     t.add_argument("--hflip", action="store_true", help="mirror half of the training pairs (both samples alike)")
     t.add_argument("--text", choices=("target_caption", "instruction"), default="target_caption",
@@ -599,12 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="pickscore: the edit against the text (eq. 6); direction: source-aware, the change from source "
                         "to edit against the text (the reward is then clip_dir)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--threads", type=count(1), default=1)
     e = sub.add_parser("evaluate", help="how well rewards order the samples of held-out prompts")
     e.add_argument("--data", required=True, help="a collected .safetensors file of HELD-OUT prompts")
     e.add_argument("--model", action="append", help="a preference model folder, scored as pickscore (repeatable)")
     e.add_argument("--proxies", default=None, help="a toy CLIP folder: also score the recipe's proxies with it")
-    e.add_argument("--margin", type=float, default=0.0)
+    e.add_argument("--margin", type=nonnegative, default=0.0, help="pairs closer than this in oracle score are ties")
     e.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     from viva_base.errors import UserError

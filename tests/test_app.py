@@ -120,6 +120,8 @@ def test_an_upload_is_edited_at_its_frame_count_size_and_fps(demo, tmp_path):
     ({"num_steps": 2.5}, "steps 2.5"),
     ({"seed": -1}, "seed -1"),
     ({"guidance_scale": "x"}, "guidance 'x' is not a number"),
+    ({"guidance_scale": 0}, "guidance 0: give a number > 0 (1: no CFG)"),  # was an edit without the instruction
+    ({"guidance_scale": -2}, "guidance -2: give a number > 0"),
     ({"size": "big"}, "is not WIDTHxHEIGHT"),
     ({"variants": []}, "no variant chosen"),
     ({"reference": "/nonexistent/ref.png"}, "ref.png: image not found"),
@@ -164,6 +166,7 @@ def test_bad_uploads_and_limits(demo, tmp_path):
     (["--model", "{root}/editor", "--lora", "{root}"], "no LoRA here"),
     (["--model", "{root}/editor", "--port", "70000"], "--port 70000"),
     (["--model", "{root}/editor", "--shift", "0"], "--shift 0.0: the schedule shift must be a number > 0"),
+    (["--model", "{root}/editor", "--guidance-scale", "0"], "--guidance-scale 0: must be > 0 (1: no CFG)"),
     (["--model", "{root}/editor", "--guidance-interval", "1", "0.5"], "--guidance-interval=[1.0, 0.5]: need 0 <= lo"),
 ])
 def test_bad_model_or_lora_is_one_line_and_exit_2(saved, capsys, extra, message):

@@ -217,8 +217,8 @@ class EditDemo:
             guidance_scale = float(guidance_scale)
         except (TypeError, ValueError):
             raise UserError(f"guidance {guidance_scale!r} is not a number") from None
-        if not math.isfinite(guidance_scale):
-            raise UserError(f"guidance {guidance_scale} is not a finite number")
+        if not math.isfinite(guidance_scale) or guidance_scale <= 0:
+            raise UserError(f"guidance {guidance_scale:g}: give a number > 0 (1: no CFG)")
         shift, guidance_interval = _sampler(shift, guidance_interval)
         size = parse_size(size.strip()) if isinstance(size, str) and size.strip() else None
         chosen = [v for v in self.variants if v in (variants if variants is not None else list(self.variants))]
@@ -518,6 +518,8 @@ def _check_args(args) -> None:
         raise UserError(f"--max-upload-mb {args.max_upload_mb:g}: must be positive")
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: must be >= 0")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale <= 0:
+        raise UserError(f"--guidance-scale {args.guidance_scale:g}: must be > 0 (1: no CFG)")
     args.guidance_interval = checked_sampler_arguments(args)
 
 

@@ -30,16 +30,6 @@ logger = logging.getLogger("viva_base.edit")
 EXIT_USER_ERROR = 2
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def _size(text: str) -> tuple[int, int]:
     from .errors import UserError
     from .pipeline import parse_size
@@ -51,6 +41,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_args import count, positive
     from .guidance import add_sampler_arguments
 
     p = argparse.ArgumentParser(prog="viva-edit", description="Edit a video with an instruction (VIVA).")
@@ -60,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", required=True, help="what to change, e.g. \"make the sky night\"")
     p.add_argument("--reference", help="optional reference image")
     p.add_argument("--out", required=True, help="output path (.mp4 .mov .mkv .webm .gif, or no extension: PNG folder)")
-    p.add_argument("--num-steps", "--steps", dest="num_steps", type=_positive_int, default=50,
+    p.add_argument("--num-steps", "--steps", dest="num_steps", type=count(1), default=50,
                    help="denoising steps (default 50; --steps is its old name)")
-    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=2.0,
+    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=positive, default=2.0,
                    help="CFG scale on the instruction (default 2.0; 1 = off; --guidance is its old name)")
     add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (same seed, same edit)")
-    p.add_argument("--frames", type=_positive_int, help="frames the model edits (snapped to 4k+1); default: the input's, "
+    p.add_argument("--frames", type=count(1), help="frames the model edits (snapped to 4k+1); default: the input's, "
                    "capped by the model config")
     p.add_argument("--size", type=_size, help="WxH the model edits at (snapped to multiples of 16); default: the "
                    "input's, capped by the model config")

@@ -327,6 +327,8 @@ class EditPipeline:
         instruction = check_instruction(instruction)
         if int(num_inference_steps) < 1:
             raise UserError(f"num_inference_steps={num_inference_steps}: need at least 1 step")
+        if not float(guidance_scale) > 0:  # (NaN too) 0 would drop the instruction, < 0 steer away from it
+            raise UserError(f"guidance_scale={guidance_scale}: must be > 0 (1: no CFG)")
         guidance_interval = check_sampler_options(guidance_interval, shift)
         policy = self.policy
         cond, uncond = policy.encode_condition(clip[None], [instruction], [reference])
