@@ -64,7 +64,7 @@ class TrainConfig:
     weight_decay: float = 1e-4           # AdamW weight decay
     lr_scheduler: str = "constant"       # a diffusers get_scheduler name (constant, cosine, linear, ...)
     warmup_steps: int = 0                # optimizer steps of linear warmup
-    max_grad_norm: float = 1.0           # gradient clipping
+    max_grad_norm: float = 1.0           # gradient clipping (0: none, as DeepSpeed reads it)
     epsilon: float = 1e-4                # clip range of the ratio (Flow-GRPO: 1e-4)
     beta: float = 0.004                  # KL weight to the reference policy (adapter disabled): grpo on kl_type's scale; nft / awm mean (v - v_ref)^2
     kl_type: str = "exact"               # exact: true step-Gaussian KL | flow_grpo: Flow-GRPO's (= exact x |dt|, Flow-SDE)
@@ -224,6 +224,30 @@ def check_data_values(dc: DataConfig, *, chain: bool = False) -> None:
         check_geometry(dc.toy_frames, dc.toy_size, prefix="data.toy_")
 
 
+def check_toy_chain_values(toy: ToyChainConfig) -> None:
+    """The toy chain's own values (``toy.*``): its clips, its counts (SFT pairs, GRPO prompts and held-out prompts,
+    each stage needs some) and its stages' settings, before the first stage rather than at the stage that uses them
+    (the toy CLIP's after the data, the instructor's after the toy CLIP: minutes)."""
+    from viva_base.data.toyworld.build import check_geometry
+    from viva_base.errors import UserError
+    from viva_base.recipe import check_positive as positive
+
+    check_geometry(toy.frames, toy.size, prefix="toy.")
+    for key in ("n_sft_video", "n_sft_image", "n_sft_compound_video", "n_sft_compound_image", "n_eval_compound",
+                "n_eval_simple", "instructor_steps", "instructor_compound"):
+        positive(f"toy.{key}", getattr(toy, key), strict=False)
+    positive("toy.n_grpo", toy.n_grpo)
+    positive("toy.reward_steps", toy.reward_steps)  # (None: the toy CLIP's default)
+    if not toy.n_sft_video + toy.n_sft_image + toy.n_sft_compound_video + toy.n_sft_compound_image:
+        raise UserError("toy.n_sft_video + n_sft_image + the compound counts must be > 0 (no SFT pairs)")
+    if not toy.n_eval_compound + toy.n_eval_simple:
+        raise UserError("toy.n_eval_compound + toy.n_eval_simple must be > 0 (the report compares the editors on "
+                        "held-out prompts)")
+    for key in ("sft_noop_clause", "reward_degrade"):
+        if not 0 <= getattr(toy, key) <= 1:
+            raise UserError(f"toy.{key}={getattr(toy, key)!r}: a probability, in [0, 1]")
+
+
 def check_manifests(cfg: GRPOConfig) -> None:
     """``data.manifest`` (prompts) and ``eval.manifest`` read as the run reads them, every file they name present: a
     bad line or a missing clip is one UserError naming the key, before anything is built or written."""
@@ -293,6 +317,12 @@ def validate_config(cfg: GRPOConfig) -> None:
         raise UserError(f"sampling.sde_window_size={sc.sde_window_size} must be at most num_steps - 1 = "
                         f"{sc.num_steps - 1} (the last step to sigma 0 is always an ODE step)")
     positive("lora.rank", cfg.lora.rank)
+    positive("lora.alpha", cfg.lora.alpha)  # (0: the adapter's output is scaled to nothing, so it never trains)
+    positive("model.shift", cfg.model.shift)
+    positive("train.keep_checkpoints", tc.keep_checkpoints, strict=False)
+    for key in ("adam_beta1", "adam_beta2"):  # (AdamW refuses others, after the editor was built)
+        if not 0 <= getattr(tc, key) < 1:
+            raise UserError(f"train.{key}={getattr(tc, key)!r} must be in [0, 1)")
     from viva_base.hub import check_hub
 
     check_hub(cfg.hub, cfg.output_dir, create=False)  # offline, token, repo id: no network yet
@@ -301,8 +331,7 @@ def validate_config(cfg: GRPOConfig) -> None:
         from viva_base.data.toyworld.build import check_open_edit_params
 
         check_open_edit_params(cfg.toy.open_place, cfg.toy.grpo_types, cfg.toy.eval_simple_types, prefix="toy.")
-        if not 0 <= cfg.toy.sft_noop_clause <= 1:
-            raise UserError(f"toy.sft_noop_clause={cfg.toy.sft_noop_clause}: a probability, in [0, 1]")
+        check_toy_chain_values(cfg.toy)
         sft = check_toy_sft_recipe(cfg.toy, tools=False)
     from rewards.registry import UnknownRewardError, check_rewards_config
 

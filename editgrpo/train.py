@@ -38,7 +38,7 @@ from viva_base.errors import UserError
 from viva_base.hub import card_files, check_hub, eval_results, lora_card, push_folder, write_files
 from viva_base.peft_utils import add_lora, save_lora
 from viva_base.recipe import run_cli, save_resolved
-from viva_base.training import (MetricsFile, build_editor, compile_dit, find_checkpoint, init_trackers,
+from viva_base.training import (MetricsFile, build_editor, clip_norm, compile_dit, find_checkpoint, init_trackers,
                                 load_checkpoint, log_videos, main_process_first_polled, make_accelerator,
                                 step_generator)
 
@@ -379,7 +379,7 @@ def main(cfg: GRPOConfig) -> Path:
                         for name, value in m.items():
                             sums[name] += float(value)
                         n_terms += 1
-                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(params, clip_norm(tc.max_grad_norm))
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

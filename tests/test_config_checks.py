@@ -97,6 +97,11 @@ def test_a_mistyped_value_is_refused_before_importing_diffusers_or_inductor(repo
     ("data.toy_prompts=0", "data.toy_prompts"),  # after config.yaml and the data folder were written
     ("data.toy_frames=8", "data.toy_frames=8: use 4k"),
     ("data.toy_size=20", "data.toy_size=20: use a side"),
+    ("lora.alpha=0", "lora.alpha"),  # an adapter scaled to nothing: it never trained
+    ("model.shift=0", "model.shift"),
+    ("train.adam_beta1=1", "train.adam_beta1"),  # AdamW's ValueError, after the editor was built
+    ("train.adam_beta2=-0.5", "train.adam_beta2"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints"),
 ])
 def test_cheap_checks_name_the_key(override, key):
     cfg = load_recipe(GRPOConfig, ["recipe=recipes/tiny.yaml", override])
@@ -124,6 +129,17 @@ def test_shipped_recipes_pass_the_checks(recipe, tmp_path):
     ("toy.grpo_types=[paint]", "toy.grpo_types"),
     ("toy.eval_simple_types=[]", "toy.eval_simple_types"),
     ("toy.sft_noop_clause=1.5", "toy.sft_noop_clause"),
+    # these were refused by the stage that used them, after the data (toy.reward_*) or the toy CLIP (toy.instructor_*)
+    # had been built, or not at all (toy.reward_steps=0: an untrained reward model)
+    ("toy.frames=8", "toy.frames=8: use 4k"),
+    ("toy.size=20", "toy.size=20"),
+    ("toy.n_grpo=0", "toy.n_grpo"),
+    ("toy.n_sft_video=-1", "toy.n_sft_video"),
+    ("toy.n_eval_simple=-2", "toy.n_eval_simple"),
+    ("toy.reward_steps=0", "toy.reward_steps"),
+    ("toy.reward_degrade=-1", "toy.reward_degrade"),
+    ("toy.instructor_steps=-1", "toy.instructor_steps"),
+    ("toy.instructor_compound=-1", "toy.instructor_compound"),
 ])
 def test_toy_chain_open_edit_checks_name_the_key(override, key):
     cfg = load_recipe(GRPOConfig, ["recipe=recipes/toy.yaml", override])
@@ -261,3 +277,12 @@ def test_an_output_dir_no_folder_can_be_made_in_is_one_line_before_any_work(repo
     assert proc.stderr.strip().splitlines()[-1] == ("error: output_dir=/proc/no/such: cannot create folders in /proc "
                                                     "(No such file or directory); give a writable folder")
     assert seconds < 10 and wall < 60, (seconds, wall)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["toy.n_sft_video=0", "toy.n_sft_image=0"], "no SFT pairs"),
+    (["toy.n_eval_simple=0", "toy.n_eval_compound=0"], "held-out prompts"),
+])
+def test_toy_chain_stages_need_their_data(overrides, words):
+    with pytest.raises(UserError, match=words):
+        validate_config(load_recipe(GRPOConfig, ["recipe=recipes/toy.yaml", *overrides]))

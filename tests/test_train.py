@@ -313,3 +313,29 @@ def test_a_reward_model_that_cannot_load_stops_before_any_rollout(tmp_path, repo
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: rewards.clip_sp:") and "no-such-clip-anywhere" in last
     assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_max_grad_norm_0_means_no_clipping_as_under_deepspeed(tmp_path, repo_root, monkeypatch):
+    """``train.max_grad_norm=0`` clipped every gradient to norm 0 under DDP or one process, so the LoRA never
+    trained, while DeepSpeed reads ``gradient_clipping: 0`` as no clipping (and so did the SFT). Now 0 is no
+    clipping: the run equals one whose clip norm is never reached, and its LoRA moved."""
+    from safetensors.torch import load_file
+
+    from editgrpo import train as train_mod
+    from editgrpo.config import GRPOConfig
+    from viva_base.recipe import load_recipe
+
+    monkeypatch.chdir(repo_root)
+    loras = {}
+    for norm in ("0", "1e9"):
+        out = tmp_path / f"norm-{norm}"
+        train_mod.main(load_recipe(GRPOConfig, [
+            "recipe=recipes/tiny.yaml", f"output_dir={out}", "report_to=none", "train.num_iterations=1",
+            "train.prompts_per_iteration=2", "train.num_generations=4", "data.toy_prompts=2", "sampling.num_steps=3",
+            "sampling.sde_window_size=1", "train.checkpoint_every=0", "train.weight_decay=0",
+            f"train.max_grad_norm={norm}"]))
+        loras[norm] = load_file(str(out / "lora" / "adapter_model.safetensors"))
+    assert loras["0"].keys() == loras["1e9"].keys()
+    assert all(torch.equal(loras["0"][k], loras["1e9"][k]) for k in loras["0"])
+    moved = [k for k, v in loras["0"].items() if "lora_B" in k and v.abs().max() > 0]  # B starts at zero
+    assert moved, "the LoRA did not train"

@@ -45,7 +45,7 @@ from .recipe import run_cli, save_resolved
 from .sft_checks import validate_sft_config
 from .validation import ValidationConfig
 from .validation import history as validation_history
-from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, compile_dit, compute_autocast,
+from .training import (DTYPES, MetricsFile, ModelConfig, build_editor, clip_norm, compile_dit, compute_autocast,
                        find_checkpoint, init_trackers, load_checkpoint, make_accelerator, step_generator,
                        main_process_first_polled, upcast_trainable)
 
@@ -97,7 +97,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     lr_scheduler: str = "constant_with_warmup"  # a diffusers get_scheduler name (constant, cosine, linear, ...)
     warmup_steps: int = 0                # optimizer steps of linear warmup
-    max_grad_norm: float = 1.0           # gradient clipping
+    max_grad_norm: float = 1.0           # gradient clipping (0: none, as DeepSpeed reads it)
     ema_decay: float = 0.0               # EMA of the trained weights (diffusers EMAModel); final/ holds the EMA; 0: off
     w_m: float = 1.0                     # eq. 3 mask weight
     cfg_dropout: float = 0.1             # probability of an empty instruction
@@ -374,7 +374,7 @@ def main(cfg: SFTConfig) -> Path:
         validate(0)
 
     dit.train()
-    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf  # 0: no clipping, as DeepSpeed reads it
+    max_norm = clip_norm(tc.max_grad_norm)  # 0: no clipping, as DeepSpeed reads it
     loss_mean = float("nan")
     bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="sft",
                disable=not accelerator.is_main_process)

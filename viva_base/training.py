@@ -132,6 +132,12 @@ def upcast_trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def clip_norm(max_grad_norm: float) -> float:
+    """The norm ``accelerator.clip_grad_norm_`` clips to for a recipe's ``train.max_grad_norm``: 0 means no clipping,
+    as DeepSpeed reads its ``gradient_clipping`` (torch would scale every gradient to zero, so nothing trained)."""
+    return max_grad_norm if max_grad_norm > 0 else float("inf")
+
+
 def compute_autocast(device: torch.device | str, model_dtype: torch.dtype):
     """The context of a training forward whose frozen weights are ``model_dtype`` and trainable ones float32
     (:func:`upcast_trainable`): autocast to ``model_dtype`` (matmuls and convolutions in the model dtype, so
