@@ -266,3 +266,37 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, repo_root):
     assert not (tmp_path / "o" / "records").exists() or not any((tmp_path / "o" / "records").iterdir())
     cfg = load_recipe(BuildConfig, [f"recipe={repo_root}/recipes/data_build.yaml"])
     assert cfg.stages == ["replace", "add_remove", "global_edit"] and cfg.clip.frames == 33
+
+
+@pytest.mark.parametrize("override, words", [
+    ("detector.box_threshold=1.5", "detector.box_threshold=1.5: a fraction"),
+    ("detector.text_threshold=-0.1", "detector.text_threshold"),
+    ("tracker.dilate=-1", "tracker.dilate=-1 must be >= 0"),
+    ("tracker.max_area=2", "tracker: need 0 <= min_area <= max_area <= 1"),
+    ("tracker.min_area=0.8", "tracker: need 0 <= min_area <= max_area"),
+    ("generator.num_inference_steps=0", "generator.num_inference_steps=0 must be > 0"),
+    ("generator.guidance_scale=0", "generator.guidance_scale"),
+    ("generator.fill=2", "generator.fill"),
+    ("generator.model.shift=0", "generator.model.shift"),
+    ("language.concurrency=0", "language.concurrency"),
+    ("vlm.timeout=0", "vlm.timeout"),
+    ("vlm.max_retries=-1", "vlm.max_retries"),
+    ("replace.max_objects=0", "replace.max_objects"),
+    ("global_edit.canny_sigma=0", "global_edit.canny_sigma"),
+    ("global_edit.canny_low=0.3", "canny_low=0.3 is above canny_high=0.2"),
+    ("filter.num_frames=0", "filter.num_frames"),
+    ("filter.min_change=-1", "filter.min_change"),
+])
+def test_stage_values_are_checked_before_any_model_loads(tmp_path, repo_root, override, words):
+    """These passed the recipe check and stopped the run (or failed every record) once Grounding DINO, SAM 2 and
+    the editor were loaded; now each is one line naming its key."""
+    from viva_base.data.build.cli import validate
+    from viva_base.errors import UserError
+
+    base = [f"recipe={repo_root}/recipes/data_build.yaml", f"output_dir={tmp_path / 'o'}", "inputs=x",
+            "generator.model.tiny=true", "global_edit.canny_high=0.2"]
+    validate(load_recipe(BuildConfig, base))
+    with pytest.raises(UserError) as info:
+        validate(load_recipe(BuildConfig, [*base, override]))
+    assert words in str(info.value), str(info.value)
+    assert not (tmp_path / "o").exists()

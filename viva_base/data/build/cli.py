@@ -198,9 +198,47 @@ def validate(cfg: BuildConfig) -> None:
     for name in ("detector", "tracker"):
         if getattr(cfg, name).dtype not in DTYPES:
             raise UserError(f"{name}.dtype={getattr(cfg, name).dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+    check_stage_values(cfg)
     from ...recipe import check_output_dir
 
     check_output_dir("output_dir", cfg.output_dir)
+
+
+def check_stage_values(cfg: BuildConfig) -> None:
+    """The numbers of the models and stages, each a one-line UserError naming its key: a value out of range stopped
+    the run (or the record, silently, for every input) only once Grounding DINO, SAM 2 and the editor were loaded."""
+    from ...recipe import check_positive as positive
+
+    def fraction(key: str, value: float) -> None:
+        if not 0 <= value <= 1:
+            raise UserError(f"{key}={value!r}: a fraction, in [0, 1]")
+
+    fraction("detector.box_threshold", cfg.detector.box_threshold)
+    fraction("detector.text_threshold", cfg.detector.text_threshold)
+    t = cfg.tracker
+    positive("tracker.dilate", t.dilate, strict=False)
+    if not 0 <= t.min_area <= t.max_area <= 1:
+        raise UserError(f"tracker: need 0 <= min_area <= max_area <= 1 (fractions of the frame), got min_area="
+                        f"{t.min_area}, max_area={t.max_area}")
+    g = cfg.generator  # (its model: main checks it after the inputs, before any work)
+    positive("generator.model.shift", g.model.shift)
+    positive("generator.num_inference_steps", g.num_inference_steps)
+    positive("generator.guidance_scale", g.guidance_scale)
+    fraction("generator.fill", g.fill)
+    for name in ("language", "vlm"):
+        c = getattr(cfg, name)
+        for key in ("timeout", "concurrency", "max_tokens", "max_image_side"):
+            positive(f"{name}.{key}", getattr(c, key))
+        positive(f"{name}.max_retries", c.max_retries, strict=False)
+    positive("replace.max_objects", cfg.replace.max_objects)
+    ge = cfg.global_edit
+    positive("global_edit.canny_sigma", ge.canny_sigma)
+    positive("global_edit.canny_low", ge.canny_low, strict=False)
+    positive("global_edit.canny_high", ge.canny_high, strict=False)
+    if ge.canny_low is not None and ge.canny_high is not None and ge.canny_low > ge.canny_high:
+        raise UserError(f"global_edit: canny_low={ge.canny_low} is above canny_high={ge.canny_high}")
+    positive("filter.num_frames", cfg.filter.num_frames)
+    positive("filter.min_change", cfg.filter.min_change, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------- context
