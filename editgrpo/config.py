@@ -211,12 +211,11 @@ def check_eval_values(ec: EvalConfig) -> None:
 def check_data_values(dc: DataConfig, *, chain: bool = False) -> None:
     """The ``data.*`` values: the clip setting (``frames`` > 0, ``size`` ``[H, W]``), and without a manifest the toy
     prompts generated in its place (not in the toy chain, ``chain=True``, which writes its own manifests)."""
-    from viva_base.errors import UserError
     from viva_base.recipe import check_positive as positive
+    from viva_base.recipe import check_size
 
     positive("data.frames", dc.frames)
-    if dc.size is not None and (len(dc.size) != 2 or min(dc.size) <= 0):
-        raise UserError(f"data.size={list(dc.size)!r}: give [height, width], both > 0")
+    check_size("data.size", dc.size)
     if not chain and dc.manifest is None:
         from viva_base.data.toyworld.build import check_geometry
 

@@ -433,6 +433,14 @@ def check_positive(key: str, value, strict: bool = True) -> None:
         raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")
 
 
+def check_size(key: str, size) -> None:
+    """Config check: a clip size ``[height, width]``, both > 0; None passes (the input's own size)."""
+    from .errors import UserError
+
+    if size is not None and (len(size) != 2 or min(size) <= 0):
+        raise UserError(f"{key}={list(size)!r}: give [height, width], both > 0")
+
+
 def check_output_dir(key: str, path: str | os.PathLike) -> None:
     """Config check: ``path`` is a folder this process can write in, or one it can create.
 

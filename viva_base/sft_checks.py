@@ -42,6 +42,7 @@ def check_sft_values(cfg) -> None:
     from .recipe import check_one_of as one_of
     from .recipe import check_output_dir
     from .recipe import check_positive as positive
+    from .recipe import check_size
     from .training import DTYPES
 
     tc, dc, mc = cfg.train, cfg.data, cfg.model
@@ -113,8 +114,7 @@ def check_sft_values(cfg) -> None:
     probability("data.p_video", dc.p_video)
     positive("data.frames", dc.frames)
     positive("data.num_workers", dc.num_workers, strict=False)
-    if dc.size is not None and (len(dc.size) != 2 or min(dc.size) <= 0):
-        raise UserError(f"data.size={list(dc.size)!r}: give [height, width], both > 0")
+    check_size("data.size", dc.size)
     if dc.manifest:
         if not Path(dc.manifest).is_file():
             raise UserError(f"data.manifest={dc.manifest!r}: no such file")
