@@ -229,6 +229,7 @@ def check_toy_chain_values(toy: ToyChainConfig) -> None:
     (the toy CLIP's after the data, the instructor's after the toy CLIP: minutes)."""
     from viva_base.data.toyworld.build import check_geometry
     from viva_base.errors import UserError
+    from viva_base.recipe import check_fraction
     from viva_base.recipe import check_positive as positive
 
     check_geometry(toy.frames, toy.size, prefix="toy.")
@@ -243,8 +244,7 @@ def check_toy_chain_values(toy: ToyChainConfig) -> None:
         raise UserError("toy.n_eval_compound + toy.n_eval_simple must be > 0 (the report compares the editors on "
                         "held-out prompts)")
     for key in ("sft_noop_clause", "reward_degrade"):
-        if not 0 <= getattr(toy, key) <= 1:
-            raise UserError(f"toy.{key}={getattr(toy, key)!r}: a probability, in [0, 1]")
+        check_fraction(f"toy.{key}", getattr(toy, key))
 
 
 def check_manifests(cfg: GRPOConfig) -> None:

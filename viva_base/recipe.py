@@ -433,6 +433,14 @@ def check_positive(key: str, value, strict: bool = True) -> None:
         raise UserError(f"{key}={value!r} must be {'> 0' if strict else '>= 0'}")
 
 
+def check_fraction(key: str, value, what: str = "a probability") -> None:
+    """Config check: ``value`` is in [0, 1] (a probability, a fraction of a frame, a threshold on a score)."""
+    from .errors import UserError
+
+    if not 0 <= value <= 1:
+        raise UserError(f"{key}={value!r}: {what}, in [0, 1]")
+
+
 def check_size(key: str, size) -> None:
     """Config check: a clip size ``[height, width]``, both > 0; None passes (the input's own size)."""
     from .errors import UserError

@@ -41,15 +41,12 @@ def check_sft_values(cfg) -> None:
     from .losses import sample_sigmas
     from .recipe import check_one_of as one_of
     from .recipe import check_output_dir
+    from .recipe import check_fraction as probability
     from .recipe import check_positive as positive
     from .recipe import check_size
     from .training import DTYPES
 
     tc, dc, mc = cfg.train, cfg.data, cfg.model
-
-    def probability(key: str, value) -> None:
-        if not 0 <= value <= 1:
-            raise UserError(f"{key}={value!r} must be a probability in [0, 1]")
 
     # the editor: exactly one source, a known dtype and tiny kind (build_editor's rules, before building anything)
     one_of("model.dtype", mc.dtype, sorted(DTYPES))

@@ -207,14 +207,11 @@ def validate(cfg: BuildConfig) -> None:
 def check_stage_values(cfg: BuildConfig) -> None:
     """The numbers of the models and stages, each a one-line UserError naming its key: a value out of range stopped
     the run (or the record, silently, for every input) only once Grounding DINO, SAM 2 and the editor were loaded."""
+    from ...recipe import check_fraction
     from ...recipe import check_positive as positive
 
-    def fraction(key: str, value: float) -> None:
-        if not 0 <= value <= 1:
-            raise UserError(f"{key}={value!r}: a fraction, in [0, 1]")
-
-    fraction("detector.box_threshold", cfg.detector.box_threshold)
-    fraction("detector.text_threshold", cfg.detector.text_threshold)
+    check_fraction("detector.box_threshold", cfg.detector.box_threshold, "a fraction")
+    check_fraction("detector.text_threshold", cfg.detector.text_threshold, "a fraction")
     t = cfg.tracker
     positive("tracker.dilate", t.dilate, strict=False)
     if not 0 <= t.min_area <= t.max_area <= 1:
@@ -224,7 +221,7 @@ def check_stage_values(cfg: BuildConfig) -> None:
     positive("generator.model.shift", g.model.shift)
     positive("generator.num_inference_steps", g.num_inference_steps)
     positive("generator.guidance_scale", g.guidance_scale)
-    fraction("generator.fill", g.fill)
+    check_fraction("generator.fill", g.fill, "a fraction")
     for name in ("language", "vlm"):
         c = getattr(cfg, name)
         for key in ("timeout", "concurrency", "max_tokens", "max_image_side"):

@@ -63,11 +63,11 @@ NOOP_STREAMS = {"sft_video": "sft_video_noop", "sft_image": "sft_image_noop"}  #
 def check_geometry(frames: int, size: int, prefix: str | None = None) -> None:
     """Frames ``4k + 1`` and sides a multiple of 16 (the Hunyuan VAE's constraints), else a UserError naming
     ``prefix + "frames"`` / ``prefix + "size"`` (a recipe's keys; without a prefix: "toy world frames")."""
-    name = (lambda key: f"{prefix}{key}") if prefix is not None else (lambda key: f"toy world {key}")
+    prefix = "toy world " if prefix is None else prefix
     if frames < 1 or (frames - 1) % 4:
-        raise UserError(f"{name('frames')}={frames}: use 4k + 1 frames (5, 9, 13, 17, ...)")
+        raise UserError(f"{prefix}frames={frames}: use 4k + 1 frames (5, 9, 13, 17, ...)")
     if size < 16 or size % 16:
-        raise UserError(f"{name('size')}={size}: use a side that is a multiple of 16 (32, 48, 64)")
+        raise UserError(f"{prefix}size={size}: use a side that is a multiple of 16 (32, 48, 64)")
 
 
 def check_open_edit_params(open_place: float, grpo_types, eval_simple_types, prefix: str = "") -> None:
@@ -222,9 +222,9 @@ def build_toy_dataset(
     if workers < 1:
         raise UserError(f"workers={workers}: use 1 or more processes")
     check_open_edit_params(open_place, grpo_types, eval_simple_types)
-    if not 0 <= noop_clause <= 1:
-        raise UserError(f"noop_clause={noop_clause}: a probability, in [0, 1]")
-    from ...recipe import check_output_dir
+    from ...recipe import check_fraction, check_output_dir
+
+    check_fraction("noop_clause", noop_clause)
 
     check_output_dir("--out", out_dir)
     out = Path(out_dir)
