@@ -27,6 +27,36 @@ def tiny_editor():
 
 
 @pytest.fixture()
+def oriented_clip():
+    """``write(path, degrees, hflip=False, vflip=False, frames=3)``: a 64 x 32 H.264 clip (8 fps) whose display
+    matrix turns it ``degrees`` counter-clockwise, then mirrors it, as a phone's clips are; ``write.coded`` is its
+    coded frame: a red block at the top-left corner, a blue one at the bottom-right."""
+    import numpy as np
+
+    av = pytest.importorskip("av")
+    coded = np.zeros((32, 64, 3), np.uint8)
+    coded[:8, :8, 0] = 255
+    coded[-8:, -8:, 2] = 255
+
+    def write(path, degrees, hflip=False, vflip=False, frames=3):
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("libx264", rate=8)
+            s.width, s.height, s.pix_fmt = 64, 32, "yuv444p"
+            if not hasattr(s, "set_display_rotation"):
+                pytest.skip("this PyAV cannot write a display matrix")
+            s.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+            for _ in range(frames):
+                for p in s.encode(av.VideoFrame.from_ndarray(coded, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        return path
+
+    write.coded = coded
+    return write
+
+
+@pytest.fixture()
 def repo_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

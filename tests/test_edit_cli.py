@@ -107,6 +107,22 @@ def test_file_inputs_keep_frame_count_size_and_fps(files, tiny_editor, tmp_path,
     assert read_video(out).frames.shape == (expected[0], 3, H, W)
 
 
+def test_a_phone_portrait_clip_is_edited_upright_and_written_upright(tiny_editor, tmp_path, oriented_clip):
+    """A portrait phone clip: landscape 64 x 32 frames turned a quarter clockwise by the display matrix. The model
+    must see it upright (the instructor reads its first frame) and the edit must come back 32 wide, 64 tall,
+    upright, in the input's frame count and fps (before: edited and written lying on its side, 64 x 32)."""
+    src = oriented_clip(tmp_path / "portrait.mp4", -90, frames=5)
+    pipe = EditPipeline(tiny_editor)
+    clip, info = pipe.load_clip(src, num_frames=5, size=(16, 32))  # (width, height)
+    assert clip.shape == (5, 3, 32, 16) and (info.height, info.width) == (64, 32)
+    assert clip[0, 0, :4, -4:].mean() > 0.8 and clip[0, 2, -4:, :4].mean() > 0.8  # red top-right, blue bottom-left
+    out = pipe.edit_file(src, INSTR, tmp_path / "edited.mp4", num_inference_steps=2, size=(16, 32), num_frames=5,
+                         progress=False)
+    assert probe_video(out) == (5, 64, 32, 8.0)
+    with av.open(str(out)) as c:  # upright pixels, and no display matrix left to turn them again
+        assert all("DISPLAYMATRIX" not in sd.type.name for sd in next(c.decode(video=0)).side_data)
+
+
 def test_same_seed_gives_identical_files(files, tiny_editor, tmp_path):
     pipe = EditPipeline(tiny_editor)
     kw = dict(num_inference_steps=2, size="32x24", progress=False)

@@ -64,3 +64,67 @@ def test_same_frames_give_identical_bytes_whatever_the_heap_holds(tmp_path, ext)
         junk = [rng.random(int(n)) for n in rng.integers(1, 50_000, 4)]  # reshape the heap between encodes
         assert write_video(tmp_path / f"again{ext}", x, fps=12).read_bytes() == first, f"encode {i} differed"
         del junk
+
+
+def _corner(frames, channel):
+    """(row, column) of the centre of the coloured block in the first frame."""
+    m = (frames[0, channel] > 0.8) & (frames[0, 2 - channel] < 0.4)
+    idx = m.nonzero().float().mean(0)
+    return round(idx[0].item()), round(idx[1].item())
+
+
+# Where ffmpeg's CLI (5.1, autorotate on) shows the red and blue blocks of the 32 x 64 coded frame, measured with
+# `ffmpeg -i clip.mp4 frame.png` on clips written by the `oriented_clip` fixture: (shown height, width), red centre,
+# blue centre.
+SHOWN = {
+    (0, False, False): ((32, 64), (4, 4), (28, 60)),
+    (90, False, False): ((64, 32), (60, 4), (4, 28)),     # a quarter turn counter-clockwise
+    (-90, False, False): ((64, 32), (4, 28), (60, 4)),    # clockwise (a phone held upright)
+    (180, False, False): ((32, 64), (28, 60), (4, 4)),
+    (0, True, False): ((32, 64), (4, 60), (28, 4)),       # a mirror (front camera)
+    (90, True, False): ((64, 32), (60, 28), (4, 4)),
+}
+
+
+@pytest.mark.parametrize("turn", list(SHOWN))
+def test_a_video_is_read_as_players_show_it(tmp_path, turn, oriented_clip):
+    """Phones store a portrait clip as landscape frames plus a display matrix. Read as coded, such a clip was
+    edited and written back lying on its side (and its first frame reached the instructor sideways)."""
+    path = oriented_clip(tmp_path / "clip.mp4", *turn)
+    (h, w), red, blue = SHOWN[turn]
+    v = read_video(path)
+    assert v.frames.shape == (3, 3, h, w)
+    assert _corner(v.frames, 0) == red and _corner(v.frames, 2) == blue
+    assert probe_video(path) == (3, h, w, 8.0)
+    small = read_video(path, max_side=32, frame_step=2)  # shrinking while decoding keeps the orientation
+    assert small.frames.shape == (2, 3, h // 2, w // 2)
+
+
+def test_an_image_is_read_as_its_exif_orientation_says(tmp_path, oriented_clip):
+    """A phone photo (a reference image, or a frame of an image folder) stores its orientation in EXIF."""
+    from PIL import Image
+
+    img = Image.fromarray(oriented_clip.coded)
+    exif = img.getexif()
+    exif[0x0112] = 6  # Orientation 6: shown turned 90 degrees clockwise
+    img.save(tmp_path / "photo.jpg", exif=exif, quality=100, subsampling=0)
+    x = read_image(tmp_path / "photo.jpg")[None]
+    assert x.shape == (1, 3, 64, 32)
+    assert _corner(x, 0) == (4, 28) and _corner(x, 2) == (60, 4)  # = the clockwise quarter turn above
+
+
+def test_hd_video_is_written_with_colour_tags_players_read_right(tmp_path):
+    """Untagged, players take BT.709 for HD: our BT.601 frames then showed green (32, 224, 64) as (16, 193, 58)."""
+    av = pytest.importorskip("av")
+    from av.video.reformatter import Colorspace
+
+    colour = torch.tensor([32, 224, 64]) / 255
+    for (h, w), matrix in (((720, 1280), Colorspace.ITU709), ((48, 64), Colorspace.ITU601)):
+        path = write_video(tmp_path / f"{w}.mp4", colour[None, :, None, None].expand(2, 3, h, w).clone(), fps=8)
+        with av.open(str(path)) as c:
+            frame = next(c.decode(video=0))
+            assert (frame.colorspace, frame.color_range) == ((1, 1) if w == 1280 else (6, 1))  # BT.709 / 170M, tv
+            # decoded with the matrix the size implies (what a player guesses), and by our reader (the tags)
+            guessed = frame.reformat(format="rgb24", src_colorspace=matrix).to_ndarray()[h // 2, w // 2]
+        assert (torch.from_numpy(guessed.astype("float32")) - colour * 255).abs().max() <= 3
+        assert (read_video(path).frames[0, :, h // 2, w // 2] - colour).abs().max() <= 3 / 255

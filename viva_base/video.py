@@ -18,6 +18,13 @@ extension  codec                                       lossless
 (folder)   PNG image sequence ``00000.png``...         yes
 =========  ==========================================  =========
 
+Frames are read as players show them: a video's display matrix (phones store portrait clips as landscape
+frames plus a quarter turn, front cameras add a mirror) and an image's EXIF orientation are applied, and a video's
+colour tags (BT.601 / BT.709 matrix, limited or full range) choose the YUV -> RGB conversion (PyAV >= 17; older
+versions converted BT.709 video with the BT.601 matrix: green (32, 224, 64) read as (46, 253, 67)). Written H.264 and
+VP9 carry their colour tags: BT.709 for HD frames (at least 1280 wide or taller than 576 lines, where players assume
+BT.709 for untagged video), BT.601 below, limited range.
+
 Every write is atomic: the file is written under a temporary name in the same folder and renamed.
 Every user-caused failure raises :class:`VideoError` with one line naming the file and the problem.
 """
@@ -32,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .atomic import atomic_dir
 from .errors import UserError
@@ -90,10 +97,49 @@ def read_image(path: str | os.PathLike, *, max_side: int | None = None) -> torch
         raise VideoError(f"{path}: image not found")
     try:
         with Image.open(path) as img:
-            img = _fit(img.convert("RGB"), max_side)
+            img = _fit(ImageOps.exif_transpose(img).convert("RGB"), max_side)
             return _to_tensor([np.asarray(img)])[0]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise VideoError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def display_matrix(frame) -> tuple[int, int, int, int] | None:
+    """The linear part ``(a, b, c, d)`` of a decoded frame's display matrix (FFmpeg's
+    ``AV_FRAME_DATA_DISPLAYMATRIX``, the ISO/IEC 14496-12 ``tkhd`` matrix: 16.16 fixed point, native byte
+    order), or None when the frame has none."""
+    for sd in frame.side_data:
+        if "DISPLAYMATRIX" in getattr(sd.type, "name", str(sd.type)):
+            m = np.frombuffer(bytes(sd), dtype=np.int32)
+            return int(m[0]), int(m[1]), int(m[3]), int(m[4])
+    return None
+
+
+def upright_transposes(matrix: tuple[int, int, int, int] | None) -> list:
+    """The Pillow transposes that show a coded frame as its display matrix says.
+
+    The matrix maps the coded pixel ``(x, y)`` to ``(a x + c y, b x + d y)`` (libavutil/display.h). For the eight
+    quarter turns and mirrors each of ``a, b, c, d`` is 0 or +-1: with ``a = d = 0`` the axes swap (a transpose),
+    then a negative entry mirrors that output axis. ``av_display_rotation_set(90)`` (a quarter turn counter-clockwise,
+    ffmpeg's ``transpose=cclock``) is ``(0, -1, 1, 0)``: transpose, then flip top to bottom. Any other angle is left
+    as coded, with a warning (ffmpeg's CLI rotates those by interpolation)."""
+    if matrix is None:
+        return []
+    a, b, c, d = (0 if abs(v) < 1 << 15 else (1 if v > 0 else -1) for v in matrix)
+    if a == d == 0 and b and c:
+        return [Image.Transpose.TRANSPOSE, *([Image.Transpose.FLIP_TOP_BOTTOM] if b < 0 else []),
+                *([Image.Transpose.FLIP_LEFT_RIGHT] if c < 0 else [])]
+    if b == c == 0 and a and d:
+        return [*([Image.Transpose.FLIP_LEFT_RIGHT] if a < 0 else []),
+                *([Image.Transpose.FLIP_TOP_BOTTOM] if d < 0 else [])]
+    logger.warning("display matrix %s is not a quarter turn or a mirror: frames are read as coded", matrix)
+    return []
+
+
+def _upright_image(frame, transposes: list, max_side: int | None) -> Image.Image:
+    img = _fit(frame.to_image(), max_side)  # to RGB by the frame's colour tags (PyAV >= 17)
+    for t in transposes:
+        img = img.transpose(t)
+    return img
 
 
 def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:
@@ -111,10 +157,13 @@ def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:
                 raise VideoError(f"{path}: has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_IMAGE_FPS)
-            n = stream.frames
-            if not n:
-                n = sum(1 for _ in container.decode(stream))
-            return int(n), int(stream.height), int(stream.width), fps
+            decoded = container.decode(stream)
+            first = next(decoded, None)  # its display matrix says whether height and width swap when shown
+            n = stream.frames or (first is not None) + sum(1 for _ in decoded)
+            h, w = int(stream.height), int(stream.width)
+            if first is not None and Image.Transpose.TRANSPOSE in upright_transposes(display_matrix(first)):
+                h, w = w, h
+            return int(n), h, w, fps
     except av.error.FFmpegError as exc:
         raise VideoError(f"{path}: not a readable video ({exc.__class__.__name__})") from None
 
@@ -164,10 +213,13 @@ def read_video(
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_IMAGE_FPS)
+            transposes = None
             for i, frame in enumerate(container.decode(stream)):
+                if transposes is None:  # the stream's orientation, from its first frame
+                    transposes = upright_transposes(display_matrix(frame))
                 if i % frame_step:
                     continue
-                img = _fit(frame.to_image(), max_side)
+                img = _upright_image(frame, transposes, max_side)
                 arrays.append(np.asarray(img.convert("RGB")))
                 if max_frames and len(arrays) >= max_frames:
                     break
@@ -244,12 +296,33 @@ def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
         else:
             raise VideoError(f"{path}: unsupported output extension {ext!r} (use .mp4, .mov, .mkv, .webm, .gif, .png or a folder)")
         stream.width, stream.height = w, h
+        convert = _tag_colour(stream, h, w) if ext != ".mkv" else {}
         for arr in data:
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            if convert:
+                frame = frame.reformat(format=stream.pix_fmt, **convert)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def _tag_colour(stream, height: int, width: int) -> dict:
+    """Tag a YUV stream's colours and return the RGB -> YUV conversion that matches the tags.
+
+    Untagged, a player guesses the matrix from the size (mpv: BT.709 from 1280 wide or above 576 lines): an HD
+    clip converted with swscale's default BT.601 matrix and left untagged decodes that way as green (32, 224, 64)
+    shown as (16, 193, 58). So HD frames are converted with BT.709 and every stream says which matrix,
+    primaries, transfer and range it holds (BT.601 below HD, as before, with the same pixels).
+    """
+    from av.video.reformatter import ColorRange, Colorspace
+
+    hd = width >= 1280 or height > 576
+    ctx = stream.codec_context
+    # AVColorSpace / AVColorPrimaries / AVColorTransferCharacteristic: 1 = BT.709, 6 = SMPTE 170M (BT.601 525)
+    ctx.colorspace = ctx.color_primaries = ctx.color_trc = 1 if hd else 6
+    ctx.color_range = int(ColorRange.MPEG)
+    return {"dst_colorspace": Colorspace.ITU709 if hd else Colorspace.ITU601, "dst_color_range": ColorRange.MPEG}
 
 
 def _write_folder(path: Path, data: np.ndarray) -> Path:
