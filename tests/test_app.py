@@ -113,6 +113,17 @@ def test_an_upload_is_edited_at_its_frame_count_size_and_fps(demo, tmp_path):
     assert r.scores == {} and r.target_view is None and "oracle" not in r.message
 
 
+def test_an_uploads_sound_goes_into_the_downloads(demo, tmp_path, clip_with_sound):
+    import av
+
+    path = clip_with_sound(tmp_path / "talk.mp4", frames=9, fps=12, delay=0.25)
+    r = demo.edit(example=None, upload=str(path), instruction="make it blue", num_steps=1, size="16x16")
+    for p in r.downloads:
+        with av.open(p) as c:
+            assert c.streams.audio and c.streams.audio[0].codec_context.name == "aac"
+            assert c.streams.audio[0].start_time * c.streams.audio[0].time_base == pytest.approx(0.25, abs=0.03)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"instruction": "  "}, "instruction is empty"),
     ({"example": None}, "no source video"),

@@ -128,3 +128,67 @@ def test_hd_video_is_written_with_colour_tags_players_read_right(tmp_path):
             guessed = frame.reformat(format="rgb24", src_colorspace=matrix).to_ndarray()[h // 2, w // 2]
         assert (torch.from_numpy(guessed.astype("float32")) - colour * 255).abs().max() <= 3
         assert (read_video(path).frames[0, :, h // 2, w // 2] - colour).abs().max() <= 3 / 255
+
+
+def _sound(path):
+    """(codec, sample rate, start in seconds, packets' bytes, decoded samples) of a file's first audio stream (mono),
+    or None when it has none."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return None
+        a = c.streams.audio[0]
+        packets = [bytes(p) for p in c.demux(a) if p.size]
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        frames = list(c.decode(a))
+        samples = np.concatenate([f.to_ndarray()[0] for f in frames])  # mono: one row, planar or packed
+        start = float(frames[0].pts * frames[0].time_base)
+        return a.codec_context.name, a.codec_context.sample_rate, start, packets, samples
+
+
+def _tone_hz(samples, rate):
+    import numpy as np
+
+    x = samples[: rate // 2]
+    return np.argmax(np.abs(np.fft.rfft(x))) * rate / len(x)
+
+
+def test_the_sound_of_a_clip_goes_along_in_sync(tmp_path, clip_with_sound, caplog):
+    """An edit written with ``audio=source`` keeps the source's sound: its packets as they are where the container
+    takes the codec (AAC into .mp4/.mov/.mkv), re-encoded where not (Opus for .webm), starting where it started
+    relative to the first frame. Before, every edit came out silent."""
+    src = clip_with_sound(tmp_path / "talk.mp4", delay=0.5)
+    codec, rate, start, packets, samples = _sound(src)
+    x = _clip(f=24, h=48, w=64)
+    for ext in (".mp4", ".mov", ".mkv"):
+        got = _sound(write_video(tmp_path / f"out{ext}", x, fps=12, audio=src))
+        # copied as it is, at the same time (to the millisecond: .mkv's time base)
+        assert got[:3] == (codec, rate, pytest.approx(start, abs=1e-3)) and got[3] == packets
+    opus = _sound(write_video(tmp_path / "out.webm", x, fps=12, audio=src))
+    assert opus[:2] == ("opus", 48000) and abs(opus[2] - start) < 0.025  # one Opus frame
+    assert _tone_hz(opus[4][round((start + 0.1) * 48000):], 48000) == pytest.approx(440, abs=4)
+    assert start == pytest.approx(0.5, abs=0.03)  # the fixture's tone starts half a second in
+    # the edit itself is unchanged by its sound; a silent source and audio=None add none
+    alone = write_video(tmp_path / "v.mkv", x, 12)
+    assert torch.equal(read_video(tmp_path / "out.mkv").frames, read_video(alone).frames)
+    silent = write_video(tmp_path / "silent.mp4", x, fps=12)
+    assert _sound(write_video(tmp_path / "again.mp4", x, fps=12, audio=silent)) is None
+    with caplog.at_level("WARNING", logger="viva_base.video"):
+        write_video(tmp_path / "out.gif", x, fps=12, audio=src)
+    assert "holds no sound" in caplog.text
+
+
+def test_a_sound_that_cannot_be_carried_over_drops_with_a_warning(tmp_path, clip_with_sound, caplog, monkeypatch):
+    import viva_base.video as video
+
+    src = clip_with_sound(tmp_path / "talk.mp4")
+    monkeypatch.setitem(video.AUDIO_ENCODER, ".webm", "no_such_encoder")  # AAC must be re-encoded for .webm
+    x = _clip(f=24, h=48, w=64)
+    with caplog.at_level("WARNING", logger="viva_base.video"):
+        out = write_video(tmp_path / "out.webm", x, fps=12, audio=src)
+    assert "cannot be carried over" in caplog.text and _sound(out) is None
+    assert (read_video(out).frames - x).abs().mean() <= 0.25 and read_video(out).frames.shape == x.shape
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.webm", "talk.mp4"]  # no temporary file left

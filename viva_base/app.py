@@ -257,7 +257,8 @@ class EditDemo:
                 full = edits[label] = map_back(edited, n, hw)
                 seconds[label] = time.perf_counter() - t0
                 slug = _slug(label)
-                downloads.append(str(write_video(job / f"{slug}.mp4", full, fps=fps)))
+                # the download keeps the upload's sound (the page's players stay silent)
+                downloads.append(str(write_video(job / f"{slug}.mp4", full, fps=fps, audio=upload or None)))
                 views[label] = str(write_display(job / f"{slug}_view.mp4", full, fps))
                 if ex is not None:
                     scores[label] = _oracle(full, ex)

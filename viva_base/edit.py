@@ -7,8 +7,9 @@
         [--steps 50 --guidance 2.0 --seed 0 --frames N --size WxH --device cuda --dtype bf16]
 
 Defaults follow the paper (Appendix B): 50 steps, classifier-free guidance 2.0 on the instruction only.
-Any container PyAV reads (mp4, webm, mov, mkv, gif), an image, or a folder of images is accepted; the
-output has the input's frame count, size and fps, and its codec follows the extension (H.264 for .mp4).
+Any container PyAV reads (mp4, webm, mov, mkv, gif), an image, or a folder of images is accepted, upright
+as players show it (a phone's portrait clip included); the output has the input's frame count, size and fps,
+its codec follows the extension (H.264 for .mp4), and it keeps the input's sound (``--no-audio`` drops it).
 How a clip is adapted to the model (frames ``4k + 1``, sides multiple of 16, the config's max length
 and side) is described in :mod:`viva_base.pipeline`.
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", required=True, help="what to change, e.g. \"make the sky night\"")
     p.add_argument("--reference", help="optional reference image")
     p.add_argument("--out", required=True, help="output path (.mp4 .mov .mkv .webm .gif, or no extension: PNG folder)")
+    p.add_argument("--no-audio", action="store_true",
+                   help="write the edit without the input's sound (default: kept, in sync, where the output holds "
+                        "sound: .mp4 .mov .mkv .webm)")
     p.add_argument("--num-steps", "--steps", dest="num_steps", type=count(1), default=50,
                    help="denoising steps (default 50; --steps is its old name)")
     p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=positive, default=2.0,
@@ -162,7 +166,8 @@ def run(args) -> Path:
     return EditPipeline(editor).edit_file(
         args.video, args.instruction, args.out, args.reference, num_inference_steps=args.num_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_frames=args.frames, size=args.size,
-        progress=not args.no_progress, guidance_interval=args.guidance_interval, shift=args.shift)
+        progress=not args.no_progress, guidance_interval=args.guidance_interval, shift=args.shift,
+        audio=not args.no_audio)
 
 
 def explain(exc: BaseException, smaller: str = "--size and/or --frames") -> str | None:

@@ -390,10 +390,11 @@ class EditPipeline:
         video = _as_unit_float(video)
         return self.adapt(video, num_frames=num_frames, size=size), video.shape[0], tuple(video.shape[-2:])
 
-    def edit_file(self, video: str | os.PathLike, instruction: str, out: str | os.PathLike, reference=None,
-                  **kwargs) -> Path:
+    def edit_file(self, video: str | os.PathLike, instruction: str, out: str | os.PathLike, reference=None, *,
+                  audio: bool = True, **kwargs) -> Path:
         """Edit the video file (or image folder) ``video`` and write the result to ``out`` atomically, at
-        the input's frame count, size and fps; the codec follows ``out``'s extension (H.264 for .mp4).
+        the input's frame count, size and fps; the codec follows ``out``'s extension (H.264 for .mp4). With
+        ``audio`` the input's sound goes along, in sync (:func:`~viva_base.video.write_video`).
         Keyword arguments are those of :meth:`__call__`. Returns ``out``."""
         info = probe_clip(video)
         out = check_output_path(out, info.num_frames)
@@ -402,7 +403,8 @@ class EditPipeline:
         keys = {"num_frames", "size"}
         clip, info = self.load_clip(video, info=info, **{k: v for k, v in kwargs.items() if k in keys})
         edited = self.sample(clip, instruction, ref, **{k: v for k, v in kwargs.items() if k not in keys})
-        return write_video(out, map_back(edited, info.num_frames, (info.height, info.width)), fps=info.fps)
+        return write_video(out, map_back(edited, info.num_frames, (info.height, info.width)), fps=info.fps,
+                           audio=video if audio else None)
 
 
 def _as_unit_float(x: torch.Tensor) -> torch.Tensor:

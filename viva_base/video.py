@@ -238,8 +238,14 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFAULT_IMAGE_FPS) -> Path:
-    """Write ``(F, 3, H, W)`` frames in [0, 1] to ``path`` atomically; the codec follows the extension."""
+def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFAULT_IMAGE_FPS, *,
+                audio: str | os.PathLike | None = None) -> Path:
+    """Write ``(F, 3, H, W)`` frames in [0, 1] to ``path`` atomically; the codec follows the extension.
+
+    ``audio``: a video file whose first audio stream goes into the output with the frames (its packets as they
+    are where the container takes the codec, else re-encoded: :data:`AUDIO_COPY`, :data:`AUDIO_ENCODER`), timed
+    from that file's first video frame, so an edit of it keeps its sound in sync. A file without sound adds none;
+    an output that holds no sound (.gif, images) or a sound that cannot be read drops it with a warning."""
     path = Path(path)
     data = _to_uint8(frames)
     ext = path.suffix.lower()
@@ -258,6 +264,9 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFA
         finally:
             tmp.unlink(missing_ok=True)
         return path
+    if audio is not None and ext not in AUDIO_ENCODER and has_audio(audio):
+        logger.warning("%s: a %s output holds no sound; the sound of %s is dropped (write .mp4, .mov, .mkv or "
+                       ".webm to keep it)", path, ext or "folder", audio)
     tmp = _atomic_target(path)
     try:
         if ext == ".gif":  # Pillow builds the palette (libswscale cannot convert rgb24 -> pal8)
@@ -265,14 +274,87 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFA
             frames_pil[0].save(tmp, format="GIF", save_all=True, append_images=frames_pil[1:],
                                duration=max(1, round(1000 / fps)), loop=0, optimize=False)
         else:
-            _encode(tmp, data, fps, ext)
+            try:
+                _encode(tmp, data, fps, ext, audio if audio is not None and has_audio(audio) else None)
+            except _AudioError as exc:
+                logger.warning("%s: the sound of %s cannot be carried over (%s); written without sound",
+                               path, audio, exc)
+                _encode(tmp, data, fps, ext, None)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
+# Output extension -> the audio codecs its muxer takes as they are; any other is re-encoded to AUDIO_ENCODER's.
+_MP4_AUDIO = frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"})
+AUDIO_COPY = {".mp4": _MP4_AUDIO, ".m4v": _MP4_AUDIO,
+              ".mov": frozenset({"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le", "pcm_s24le", "pcm_f32le"}),
+              ".mkv": None, ".webm": frozenset({"opus", "vorbis"})}  # None: any codec
+AUDIO_ENCODER = {".mp4": "aac", ".m4v": "aac", ".mov": "aac", ".mkv": "flac", ".webm": "libopus"}
+
+
+class _AudioError(Exception):
+    """The source's sound could not be read or re-encoded (the frames are then written without it)."""
+
+
+def has_audio(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a video file with an audio stream (folders and images have none)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() in IMAGE_EXTENSIONS:
+        return False
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio)
+    except av.error.FFmpegError:
+        return False
+
+
+def _audio_packets(container, source: Path, ext: str) -> list:
+    """``(seconds, packet)`` for the first audio stream of ``source``, ready to mux into ``container`` (whose
+    audio stream this adds), in time order, timed relative to the source's first video frame (copied packets
+    exactly, re-encoded sound to the encoder's frame); sound wholly before that frame is dropped."""
+    import av
+
+    try:
+        with av.open(str(source)) as src:
+            a_in = src.streams.audio[0]
+            v_in = src.streams.video[0] if src.streams.video else None
+            start = float(v_in.start_time * v_in.time_base) if v_in is not None and v_in.start_time is not None else 0.0
+            allowed = AUDIO_COPY[ext]
+            out = []
+            if allowed is None or a_in.codec_context.name in allowed:
+                a_out = container.add_stream_from_template(a_in)
+                shift = round(start / a_in.time_base)
+                for packet in src.demux(a_in):
+                    if packet.pts is None or packet.dts is None:
+                        continue
+                    packet.pts -= shift
+                    packet.dts -= shift
+                    if packet.pts + (packet.duration or 0) <= 0:
+                        continue
+                    seconds = float(packet.pts * a_in.time_base)
+                    packet.stream = a_out
+                    out.append((seconds, packet))
+                return out
+            rate = 48000 if AUDIO_ENCODER[ext] == "libopus" else a_in.codec_context.sample_rate  # Opus: 48 kHz
+            a_out = container.add_stream(AUDIO_ENCODER[ext], rate=rate)
+            a_out.layout = a_in.codec_context.layout.name if a_in.codec_context.layout.nb_channels <= 2 else "stereo"
+            for frame in src.decode(a_in):
+                if frame.pts is not None:
+                    frame.pts -= round(start / frame.time_base)
+                    if float(frame.pts * frame.time_base) + frame.samples / frame.sample_rate <= 0:
+                        continue  # wholly before the first video frame
+                out.extend(a_out.encode(frame))
+            out.extend(a_out.encode(None))
+            return [(float(p.pts * p.time_base) if p.pts is not None else 0.0, p) for p in out]
+    except (av.error.FFmpegError, ValueError, IndexError) as exc:
+        raise _AudioError(f"{exc.__class__.__name__}: {exc}") from None
+
+
+def _encode(path: Path, data: np.ndarray, fps: float, ext: str, audio: Path | None = None) -> None:
     import av
 
     h, w = data.shape[1:3]
@@ -297,13 +379,20 @@ def _encode(path: Path, data: np.ndarray, fps: float, ext: str) -> None:
             raise VideoError(f"{path}: unsupported output extension {ext!r} (use .mp4, .mov, .mkv, .webm, .gif, .png or a folder)")
         stream.width, stream.height = w, h
         convert = _tag_colour(stream, h, w) if ext != ".mkv" else {}
-        for arr in data:
+        sound = _audio_packets(container, Path(audio), ext) if audio is not None else []
+        k = 0
+        for i, arr in enumerate(data):
+            while k < len(sound) and sound[k][0] < i / fps:  # interleave: the sound up to this frame first
+                container.mux(sound[k][1])
+                k += 1
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
             if convert:
                 frame = frame.reformat(format=stream.pix_fmt, **convert)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
+            container.mux(packet)
+        for _, packet in sound[k:]:
             container.mux(packet)
 
 
