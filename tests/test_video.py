@@ -192,3 +192,24 @@ def test_a_sound_that_cannot_be_carried_over_drops_with_a_warning(tmp_path, clip
     assert "cannot be carried over" in caplog.text and _sound(out) is None
     assert (read_video(out).frames - x).abs().mean() <= 0.25 and read_video(out).frames.shape == x.shape
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.webm", "talk.mp4"]  # no temporary file left
+
+
+def test_an_hdr_clip_is_read_with_a_warning_that_it_is_not_tone_mapped(tmp_path, caplog):
+    """Phones record HDR (HLG) by default; reading it as SDR without tone mapping gives flat colours. Say so."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    for trc, name in ((18, "HLG"), (1, None)):
+        path = tmp_path / f"trc{trc}.mp4"
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("libx264", rate=8)
+            s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+            s.codec_context.color_trc = trc
+            packets = [*s.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")),
+                       *s.encode(None)]
+            for p in packets:
+                c.mux(p)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="viva_base.video"):
+            assert read_video(path).frames.shape == (1, 3, 32, 32)
+        assert ("HDR video (HLG" in caplog.text) == (name is not None), caplog.text

@@ -135,6 +135,19 @@ def upright_transposes(matrix: tuple[int, int, int, int] | None) -> list:
     return []
 
 
+# AVColorTransferCharacteristic of HDR video: SMPTE ST 2084 (PQ, HDR10 / Dolby Vision) and ARIB STD-B67 (HLG,
+# what phones record as "HDR")
+HDR_TRANSFERS = {16: "PQ (SMPTE ST 2084)", 18: "HLG (ARIB STD-B67)"}
+
+
+def _warn_if_hdr(path: Path, frame) -> None:
+    trc = getattr(frame, "color_trc", None)
+    if trc in HDR_TRANSFERS:
+        logger.warning("%s: HDR video (%s) is read as 8-bit SDR without tone mapping, so its colours look flat; "
+                       "for a faithful edit convert it to SDR first (e.g. ffmpeg's zscale and tonemap filters)",
+                       path, HDR_TRANSFERS[trc])
+
+
 def _upright_image(frame, transposes: list, max_side: int | None) -> Image.Image:
     img = _fit(frame.to_image(), max_side)  # to RGB by the frame's colour tags (PyAV >= 17)
     for t in transposes:
@@ -217,6 +230,7 @@ def read_video(
             for i, frame in enumerate(container.decode(stream)):
                 if transposes is None:  # the stream's orientation, from its first frame
                     transposes = upright_transposes(display_matrix(frame))
+                    _warn_if_hdr(path, frame)
                 if i % frame_step:
                     continue
                 img = _upright_image(frame, transposes, max_side)
