@@ -75,11 +75,32 @@ def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
-def _to_uint8(frames: torch.Tensor) -> np.ndarray:
-    if frames.ndim != 4 or frames.shape[1] != 3:
-        raise VideoError(f"expected frames of shape (F, 3, H, W), got {tuple(frames.shape)}")
-    arr = frames.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()
+class _Uint8Frames:
+    """``(H, W, 3)`` uint8 arrays, one at a time, of ``(F, 3, H, W)`` frames in [0, 1]: a tensor, or any sequence of
+    ``(3, H, W)`` frames (``len`` and indexing), such as :class:`viva_base.pipeline.MappedBack`, which makes each
+    on demand, so a long clip is written without ever being held whole."""
+
+    def __init__(self, frames):
+        if torch.is_tensor(frames) and (frames.ndim != 4 or frames.shape[1] != 3):
+            raise VideoError(f"expected frames of shape (F, 3, H, W), got {tuple(frames.shape)}")
+        self.frames = frames
+        first = frames[0] if len(frames) else None
+        if first is None or first.ndim != 3 or first.shape[0] != 3:
+            raise VideoError(f"expected (3, H, W) frames, got {len(frames)} frames"
+                             + (f" of shape {tuple(first.shape)}" if first is not None else ""))
+        self.height, self.width = int(first.shape[1]), int(first.shape[2])
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        frame = self.frames[i]
+        if tuple(frame.shape) != (3, self.height, self.width):
+            raise VideoError(f"frame {i} has shape {tuple(frame.shape)}, frame 0 (3, {self.height}, {self.width})")
+        return frame.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def _fit(img: Image.Image, max_side: int | None) -> Image.Image:
@@ -252,16 +273,19 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def write_video(path: str | os.PathLike, frames: torch.Tensor, fps: float = DEFAULT_IMAGE_FPS, *,
+def write_video(path: str | os.PathLike, frames, fps: float = DEFAULT_IMAGE_FPS, *,
                 audio: str | os.PathLike | None = None) -> Path:
     """Write ``(F, 3, H, W)`` frames in [0, 1] to ``path`` atomically; the codec follows the extension.
+
+    ``frames``: a tensor, or a sequence of ``(3, H, W)`` frames that makes each when indexed (the edit writes
+    :class:`viva_base.pipeline.MappedBack`): video files and folders are written one frame at a time.
 
     ``audio``: a video file whose first audio stream goes into the output with the frames (its packets as they
     are where the container takes the codec, else re-encoded: :data:`AUDIO_COPY`, :data:`AUDIO_ENCODER`), timed
     from that file's first video frame, so an edit of it keeps its sound in sync. A file without sound adds none;
     an output that holds no sound (.gif, images) or a sound that cannot be read drops it with a warning."""
     path = Path(path)
-    data = _to_uint8(frames)
+    data = _Uint8Frames(frames)
     ext = path.suffix.lower()
     if ext and ext not in IMAGE_EXTENSIONS and ext not in VIDEO_EXTENSIONS:
         raise VideoError(f"{path}: unsupported output extension {ext!r} (use {', '.join(VIDEO_EXTENSIONS)}, "
@@ -368,10 +392,10 @@ def _audio_packets(container, source: Path, ext: str) -> list:
         raise _AudioError(f"{exc.__class__.__name__}: {exc}") from None
 
 
-def _encode(path: Path, data: np.ndarray, fps: float, ext: str, audio: Path | None = None) -> None:
+def _encode(path: Path, data: _Uint8Frames, fps: float, ext: str, audio: Path | None = None) -> None:
     import av
 
-    h, w = data.shape[1:3]
+    h, w = data.height, data.width
     rate = Fraction(fps).limit_denominator(1001)
     # +bitexact: no random muxer ids, so the same frames give byte-identical files (reproducible datasets)
     with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as container:
@@ -428,7 +452,7 @@ def _tag_colour(stream, height: int, width: int) -> dict:
     return {"dst_colorspace": Colorspace.ITU709 if hd else Colorspace.ITU601, "dst_color_range": ColorRange.MPEG}
 
 
-def _write_folder(path: Path, data: np.ndarray) -> Path:
+def _write_folder(path: Path, data: _Uint8Frames) -> Path:
     if not path.parent.exists():
         raise VideoError(f"{path}: output folder {path.parent} does not exist; create it first")
     with atomic_dir(path) as tmp:
