@@ -1,10 +1,12 @@
 """The VIVA editor: shapes, masking, widening, reference path, save/load, loading errors."""
+import json
+
 import pytest
 import torch
 
 from viva_base.errors import CheckpointError
 from viva_base.model import VivaEditor, widen_patch_embedding
-from viva_base.tiny import TinySpec, make_tiny_t2v_checkpoint, make_tiny_transformer
+from viva_base.tiny import TinySpec, make_tiny_editor, make_tiny_t2v_checkpoint, make_tiny_transformer
 
 INSTR = ["remove the red square", "make the background night and add a small blue circle"]
 
@@ -125,8 +127,18 @@ def test_save_and_load_give_identical_outputs(tiny_editor, tmp_path):
 
 
 def test_from_t2v_layout_loads_and_widens(tmp_path):
+    """The hub layouts the README starts from. The LLaVA folder, like xtuner's, has no processor_config.json, so its
+    processor has no patch_size: transformers 5 then failed at the first instruction (`int // NoneType`)."""
     root = make_tiny_t2v_checkpoint(tmp_path / "hub")
+    assert not (root / "instructor" / "processor_config.json").exists()
     editor = VivaEditor.from_t2v(root / "base", root / "instructor")
+    ours = make_tiny_editor().processor  # the processor the tiny instructor was made with
+    assert (editor.processor.patch_size, editor.processor.vision_feature_select_strategy,
+            editor.processor.num_additional_image_tokens) == (ours.patch_size, ours.vision_feature_select_strategy,
+                                                                ours.num_additional_image_tokens)
+    editor.save_pretrained(tmp_path / "editor")  # the editor folder then carries a complete processor
+    saved = json.loads((tmp_path / "editor" / "instructor" / "processor_config.json").read_text())
+    assert saved["patch_size"] == ours.patch_size
     assert editor.transformer.config.in_channels == 2 * editor.transformer.config.out_channels
     from diffusers import HunyuanVideoTransformer3DModel
 

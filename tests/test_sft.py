@@ -114,6 +114,25 @@ def test_sft_recipe_end_to_end_and_exact_resume(tmp_path, repo_root, monkeypatch
     assert json.loads((tmp_path / "b" / "checkpoint-9" / "trainer_state.json").read_text())["config"]["train.w_m"] == 2.0
 
 
+def test_sft_starts_from_the_hub_layouts_of_a_t2v_model_and_a_llava(tmp_path, repo_root, monkeypatch):
+    """`model.t2v_base` + `model.instructor` (the README's real-checkpoint command) on tiny copies of the hub layouts:
+    the instructor folder, like xtuner's LLaVA, has no processor_config.json. The run trains, and its final/ editor
+    loads and edits."""
+    from viva_base.tiny import make_tiny_t2v_checkpoint
+
+    monkeypatch.chdir(repo_root)
+    hub = make_tiny_t2v_checkpoint(tmp_path / "hub")
+    final = main(_cfg(tmp_path / "run", "model.tiny=false", f"model.t2v_base={hub / 'base'}",
+                      f"model.instructor={hub / 'instructor'}", "train.max_steps=2", "train.checkpoint_every=0",
+                      "data.toy.n_video=2", "data.toy.n_image=2"))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    editor = VivaEditor.from_pretrained(final)
+    assert editor.transformer.config.in_channels == 24
+    assert editor.edit(torch.rand(5, 3, 16, 16), "make it blue", num_inference_steps=1, progress=False).shape == \
+        (5, 3, 16, 16)
+
+
 @pytest.mark.slow
 def test_sft_cli_runs_and_rejects_unknown_keys(tmp_path, repo_root):
     run = subprocess.run([sys.executable, "-m", "viva_base.sft", "recipe=recipes/sft_tiny.yaml",

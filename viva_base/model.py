@@ -357,6 +357,33 @@ def _resolve(path: str | os.PathLike, probe: str) -> Path:
                               f"`hf download {path}`)") from None
 
 
+def complete_processor(processor, instructor):
+    """Fill in what a LLaVA processor saved before transformers 4.45 lacks, from the model it belongs to.
+
+    Such a processor (``xtuner/llava-llama-3-8b-v1_1-transformers``, converted with transformers 4.40, holds only
+    the tokenizer and the image processor) has no ``patch_size``, so transformers 5 cannot expand ``<image>`` into
+    one token per image feature and fails at the first instruction (``int // NoneType``). The values follow from the
+    instructor: its vision tower's patch size, its ``vision_feature_select_strategy``, and the positions the tower
+    adds to the patches (CLIP's class token: 1; SigLIP: 0). LLaVA itself checks that the image tokens and its image
+    features then agree in number. Returns ``processor``."""
+    if getattr(processor, "patch_size", None) is not None or not hasattr(processor, "patch_size"):
+        return processor
+    config = instructor.config
+    processor.patch_size = int(config.vision_config.patch_size)
+    if getattr(processor, "vision_feature_select_strategy", None) is None:
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    tower = getattr(getattr(instructor, "model", instructor), "vision_tower", None)
+    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    if emb is not None and hasattr(emb, "num_positions") and hasattr(emb, "num_patches"):
+        processor.num_additional_image_tokens = int(emb.num_positions - emb.num_patches)
+    else:
+        processor.num_additional_image_tokens = int("clip" in config.vision_config.model_type)
+    logger.info("the instructor's processor had no patch_size (saved before transformers 4.45): taken from the model "
+                "(patch_size=%d, vision_feature_select_strategy=%s, num_additional_image_tokens=%d)",
+                processor.patch_size, processor.vision_feature_select_strategy, processor.num_additional_image_tokens)
+    return processor
+
+
 def _load_components(root: Path, base: Path, instructor_dir: Path, vae_class: str | None,
                      torch_dtype: torch.dtype | None, widen: bool = False) -> dict:
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
@@ -371,14 +398,16 @@ def _load_components(root: Path, base: Path, instructor_dir: Path, vae_class: st
             transformer = widen_patch_embedding(transformer)
         vae_cls = PixelUnshuffleVAE if (vae_class or json.loads((base / "vae" / "config.json").read_text())
                                         .get("_class_name")) == "PixelUnshuffleVAE" else AutoencoderKLHunyuanVideo
+        instructor = LlavaForConditionalGeneration.from_pretrained(
+            instructor_dir, **({"dtype": torch_dtype} if torch_dtype else {}))
         return dict(
             transformer=transformer,
             vae=vae_cls.from_pretrained(base / "vae", **kw),
             text_encoder_2=CLIPTextModel.from_pretrained(base / "text_encoder_2", **({"dtype": torch_dtype} if torch_dtype else {})),
             tokenizer_2=AutoTokenizer.from_pretrained(base / "tokenizer_2"),
             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(base / "scheduler"),
-            instructor=LlavaForConditionalGeneration.from_pretrained(instructor_dir, **({"dtype": torch_dtype} if torch_dtype else {})),
-            processor=AutoProcessor.from_pretrained(instructor_dir),
+            instructor=instructor,
+            processor=complete_processor(AutoProcessor.from_pretrained(instructor_dir), instructor),
         )
     except CheckpointError:
         raise

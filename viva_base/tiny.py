@@ -200,7 +200,9 @@ def make_tiny_t2v_checkpoint(path: str | os.PathLike, spec: TinySpec | None = No
 
     ``path/base`` mirrors ``hunyuanvideo-community/HunyuanVideo`` (transformer with ``in_channels = C``,
     vae, text_encoder_2, tokenizer_2, scheduler); ``path/instructor`` mirrors
-    ``xtuner/llava-llama-3-8b-v1_1-transformers`` (model + processor in one folder).
+    ``xtuner/llava-llama-3-8b-v1_1-transformers``: the model, the tokenizer and the image processor
+    (``preprocessor_config.json``) in one folder, and no ``processor_config.json``, as its conversion with
+    transformers 4.40 wrote them (:func:`viva_base.model.complete_processor` fills in the rest).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -215,7 +217,8 @@ def make_tiny_t2v_checkpoint(path: str | os.PathLike, spec: TinySpec | None = No
     FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(base / "scheduler")
     llava, processor = make_tiny_instructor(spec, seed=seed)
     llava.save_pretrained(path / "instructor")
-    processor.save_pretrained(path / "instructor")
+    processor.tokenizer.save_pretrained(path / "instructor")
+    processor.image_processor.save_pretrained(path / "instructor")
     return path
 
 
