@@ -229,3 +229,31 @@ def test_tiny_spec_patch_size_sets_the_pixels_a_dit_token_covers():
     with torch.no_grad():
         v = fine.velocity(z, torch.tensor([0.5]), cond)
     assert v.shape == z.shape == (1, 12, 1, 16, 16)
+
+
+def test_the_instructor_sees_the_whole_of_a_wide_frame(tiny_editor):
+    """A wide first frame (32 x 64): the tiny image processor resizes its short side to 32 and centre-crops 32 x 32,
+    so the outer quarters never reached the VLM (a real 16:9 frame loses 44% of its width the same way). Padded to a
+    square first (the default, as LLaVA-1.5 and xtuner's LLaVA-Llama-3 were trained) they do; a square frame is the
+    same either way, so the toy world (square clips) is unchanged."""
+    from dataclasses import replace
+
+    from viva_base.instructor import encode_instructions
+
+    ed = tiny_editor
+    g = torch.Generator().manual_seed(0)
+    wide = torch.rand(3, 32, 64, generator=g)
+    other = wide.clone()
+    other[:, :, :8] = 1 - other[:, :, :8]  # only the left eighth differs
+
+    def hidden(image, aspect):
+        cfg = replace(ed.config.instructor, image_aspect=aspect)
+        return encode_instructions(ed.instructor, ed.processor, ["make it blue"], [[image]], cfg)[0]
+
+    assert ed.config.instructor.image_aspect == "pad"
+    assert torch.equal(hidden(wide, "crop"), hidden(other, "crop"))        # the left edge is cut away
+    assert not torch.allclose(hidden(wide, "pad"), hidden(other, "pad"))   # ... and seen when padded
+    square = wide[:, :, :32]
+    assert torch.equal(hidden(square, "pad"), hidden(square, "crop"))
+    with pytest.raises(ValueError, match="image_aspect='stretch'"):
+        replace(ed.config.instructor, image_aspect="stretch")

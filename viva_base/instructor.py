@@ -9,6 +9,11 @@ The system prompt's tokens are cropped from the output (as HunyuanVideo crops it
 ``crop_start``), so the DiT sees the image tokens and the instruction tokens, valid tokens first and
 padding after; the mask counts them.
 
+Images: a frame that is not square is padded to a square of the image processor's mean colour before the
+processor's resize (``InstructorConfig.image_aspect="pad"``, how LLaVA-1.5 and xtuner's LLaVA-Llama-3 were trained),
+so the VLM sees the whole frame; ``"crop"`` leaves the processor's centre crop, which keeps the middle 56% of a 16:9
+frame.
+
 Which layer: HunyuanVideo's DiT was pretrained on the *third-from-last* hidden states of its LLaMA
 text encoder (diffusers' ``num_hidden_layers_to_skip=2``); the VIVA paper says "last hidden states".
 We default to ``hidden_layer=-3`` because a DiT (and its token refiner) initialised from HunyuanVideo
@@ -26,17 +31,43 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+IMAGE_ASPECTS = ("pad", "crop")
+
+
 @dataclass
 class InstructorConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     hidden_layer: int = -3
     max_sequence_length: int = 256
     crop_system_prompt: bool = True
+    # How a frame that is not square reaches the VLM's square input. "pad": centred on a square of the image
+    # processor's mean colour, so the VLM sees the whole frame, as LLaVA-1.5 and xtuner's LLaVA-Llama-3 were trained
+    # (pad_image_to_square=True). "crop": the image processor's own resize and centre crop, which cuts a 16:9 frame to
+    # its middle 56% (an object near the left or right edge never reaches the VLM). Square frames: the same.
+    image_aspect: str = "pad"
+
+    def __post_init__(self):
+        if self.image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"instructor.image_aspect={self.image_aspect!r}: use one of {', '.join(IMAGE_ASPECTS)}")
 
 
 def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, what image processors take."""
     return image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def pad_to_square(image: np.ndarray, fill) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 image centred on a ``max(H, W)`` square of colour ``fill`` (LLaVA-1.5's
+    ``expand2square``); a square image is returned as it is."""
+    h, w = image.shape[:2]
+    if h == w:
+        return image
+    side = max(h, w)
+    out = np.empty((side, side, 3), dtype=np.uint8)
+    out[:] = np.asarray(fill, dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = image
+    return out
 
 
 def build_texts(instructions: list[str], num_images: list[int], cfg: InstructorConfig, image_token: str) -> list[str]:
@@ -61,6 +92,9 @@ def encode_instructions(model, processor, instructions: list[str], images: list[
     image_token = processor.image_token
     texts = build_texts(instructions, [len(im) for im in images], cfg, image_token)
     flat = [_to_uint8_hwc(im) for item in images for im in item]
+    if cfg.image_aspect == "pad":
+        mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        flat = [pad_to_square(im, [round(255 * m) for m in mean]) for im in flat]
     inputs = processor(text=texts, images=flat or None, padding="longest", return_tensors="pt")
     if tokenizer.padding_side != "right":
         raise ValueError("the instructor's tokenizer must pad on the right (set padding_side='right')")
