@@ -453,7 +453,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--frames", type=clip_frames, default=9, help="real-size DiT check: clip frames (4k+1)")
     ap.add_argument("--height", type=side, default=480, help="DiT and VAE checks: frame height (a multiple of 16)")
     ap.add_argument("--width", type=side, default=848, help="DiT and VAE checks: frame width (a multiple of 16)")
-    ap.add_argument("--text-tokens", type=count(1), default=256)
+    ap.add_argument("--text-tokens", type=count(1), default=832,
+                    help="DiT check: text tokens (the first frame's 576 image tokens + at most 256 of the instruction)")
     ap.add_argument("--vae-frames", type=clip_frames, default=33,
                     help="VAE check: clip frames (4k+1; recipes/viva.yaml's clip)")
     ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_compile,grpo_2proc,dit,vae",

@@ -68,7 +68,10 @@ CLIP_H14_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers
 # Resolutions x frame counts of the plan: HunyuanVideo's 480p / 540p / 720p 16:9 buckets; 33 frames is
 # recipes/viva.yaml's training clip, 129 frames HunyuanVideo's full length (frames 4k + 1).
 SETTINGS = [(480, 848, 33), (480, 848, 65), (544, 960, 65), (720, 1280, 33), (720, 1280, 129)]
-TEXT_TOKENS = 256          # the instructor's max_sequence_length (viva_base.instructor.InstructorConfig)
+IMAGE_TOKENS = 576         # LLaVA's tokens for one image: CLIP ViT-L/14 at 336 px, (336 / 14)^2
+# The DiT's text tokens: the instructor's hidden states of the first frame's image tokens plus at most 256
+# instruction tokens (viva_base.instructor.InstructorConfig.max_sequence_length caps the instruction only)
+TEXT_TOKENS = IMAGE_TOKENS + 256
 VLM_TOKENS = 680           # LLaVA sequence: system prompt + 576 image tokens (336 / 14 = 24^2) + instruction
 REWARD_FRAMES = 8          # frames each reward scores (recipes/viva.yaml: frames: {num: 8})
 ZERO3_LIVE_PARAMS = int(1e9)  # recipes/accelerate/ds_zero3*.json: stage3_max_live_parameters (bf16 while gathered)
@@ -599,8 +602,8 @@ stop the others:
   one sampling forward and one training forward + backward (CFG batch 2, bf16 autocast), timed, with the peak GPU
   memory, each next to what this document's counting predicts for that shape (FLOPs at 40% MFU of 989 TFLOP/s;
   memory = bf16 weights + fp32 LoRA and its gradients + checkpointed activations) and the ratio measured / predicted.
-  At the default shape (3 x 60 x 106 latent, 4,770 video + 256 text tokens) the prediction is 176 TFLOP and 0.44 s
-  for the forward, 565 TFLOP and 1.43 s for forward + backward with the recomputed forward, and 29.8 GiB;
+  At the default shape (3 x 60 x 106 latent, 4,770 video + 832 text tokens) the prediction is 201 TFLOP and 0.51 s
+  for the forward, 650 TFLOP and 1.64 s for forward + backward with the recomputed forward, and 30.4 GiB;
 * `vae`: the real-size HunyuanVideo VAE (random weights, bf16) decoding 2 clips of `--vae-frames x --height x
   --width` (default 33 x 480 x 848, recipes/viva.yaml's clip) as the editor runs it (one clip at a time, 256-pixel
   tiles), then one clip untiled: the peak GPU memory of each and the seconds a clip (below, "The VAE's working

@@ -257,3 +257,33 @@ def test_the_instructor_sees_the_whole_of_a_wide_frame(tiny_editor):
     assert torch.equal(hidden(square, "pad"), hidden(square, "crop"))
     with pytest.raises(ValueError, match="image_aspect='stretch'"):
         replace(ed.config.instructor, image_aspect="stretch")
+
+
+def test_the_instruction_is_never_cut_away_by_the_image_tokens(tiny_editor):
+    """A real LLaVA gives 576 tokens per image, more than max_sequence_length (256): capping the whole sequence kept
+    the first frame's tokens and cut every instruction away, so all prompts gave the DiT the same condition. Here the
+    same ratio at tiny size: 16 image tokens, a cap of 10. The cap now applies to the instruction's tokens only."""
+    from dataclasses import replace
+
+    from viva_base.instructor import encode_instructions
+
+    ed = tiny_editor
+    frame = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cfg = replace(ed.config.instructor, max_sequence_length=10)
+    image_tokens = 16  # (32 / patch 8)^2 + the class token - 1 ("default" feature strategy)
+
+    def encode(text, images=1):
+        return encode_instructions(ed.instructor, ed.processor, [text], [[frame] * images], cfg)
+
+    (a, ma), (b, mb) = encode("make the sky night"), encode("remove the red square")
+    k = min(ma.shape[1], mb.shape[1])
+    assert k > image_tokens  # before: both cut to their first 10 image tokens, identical
+    assert not torch.allclose(a[:, image_tokens:k], b[:, image_tokens:k])  # the instructions reach the DiT
+    long = " ".join(["blue"] * 40)
+    h, m = encode(f"make it {long}", images=2)  # with a reference: both images' tokens stay, the text is cut to 10
+    assert m.shape[1] == 2 * image_tokens + 10 and int(m.sum()) == 2 * image_tokens + 10
+    # the cap itself: per row, its image tokens plus max_text others, valid tokens first
+    from viva_base.instructor import cap_text_tokens
+
+    mask = torch.tensor([[1] * 8 + [0] * 2, [1] * 10])
+    assert cap_text_tokens(mask, torch.tensor([2, 5]), 3).tolist() == [[1] * 5 + [0] * 5, [1] * 8 + [0] * 2]

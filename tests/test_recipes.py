@@ -47,7 +47,7 @@ def test_data_build_makes_clips_at_the_size_the_viva_recipes_train_at(repo_root)
 
 def test_the_13b_sft_is_launched_with_the_deepspeed_config_that_fits(repo_root):
     """Every command that runs recipes/sft_viva.yaml (README, the recipe, docs) uses ZeRO-3: plain DDP full
-    fine-tuning of the 13B DiT needs ~231 GB per GPU and ZeRO-2 ~74 GB (docs/scaling.md, "SFT")."""
+    fine-tuning of the 13B DiT needs ~232 GB per GPU and ZeRO-2 ~75 GB (docs/scaling.md, "SFT")."""
     root = Path(repo_root)
     files = [root / "README.md", ROOT / "sft_viva.yaml", *sorted((root / "docs").glob("*.md"))]
     launches = [(f.name, ln) for f in files for ln in f.read_text().splitlines()

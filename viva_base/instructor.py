@@ -21,10 +21,13 @@ expects that distribution; set ``hidden_layer=-1`` to follow the paper's wording
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a video editing assistant. Read the instruction and the images, and describe the edited video."
@@ -38,7 +41,7 @@ IMAGE_ASPECTS = ("pad", "crop")
 class InstructorConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     hidden_layer: int = -3
-    max_sequence_length: int = 256
+    max_sequence_length: int = 256      # instruction tokens the DiT sees at most, besides every image token
     crop_system_prompt: bool = True
     # How a frame that is not square reaches the VLM's square input. "pad": centred on a square of the image
     # processor's mean colour, so the VLM sees the whole frame, as LLaVA-1.5 and xtuner's LLaVA-Llama-3 were trained
@@ -105,17 +108,39 @@ def encode_instructions(model, processor, instructions: list[str], images: list[
     out = model(**inputs, output_hidden_states=True)
     hidden = out.hidden_states[cfg.hidden_layer]
     mask = inputs["attention_mask"].long()
+    ids = inputs["input_ids"]
     if cfg.crop_system_prompt:
         prefix = tokenizer(f"{cfg.system_prompt}\n", add_special_tokens=True)["input_ids"]
-        ids = inputs["input_ids"]
         n = len(prefix)
         if ids.shape[1] <= n or not bool((ids[:, :n] == torch.tensor(prefix, device=ids.device)).all()):
             raise ValueError("the system prompt does not tokenize as a fixed prefix; end it with punctuation "
                              "or set crop_system_prompt=false")
-        hidden, mask = hidden[:, n:], mask[:, n:]
+        hidden, mask, ids = hidden[:, n:], mask[:, n:], ids[:, n:]
+    mask = cap_text_tokens(mask, (ids == _image_token_id(processor)).sum(1), cfg.max_sequence_length)
     length = int(mask.sum(1).max().clamp(min=1))
-    length = min(length, cfg.max_sequence_length)
     return hidden[:, :length].contiguous(), mask[:, :length].contiguous()
+
+
+def _image_token_id(processor) -> int:
+    token_id = getattr(processor, "image_token_id", None)
+    return int(token_id if token_id is not None else processor.tokenizer.convert_tokens_to_ids(processor.image_token))
+
+
+def cap_text_tokens(mask: torch.Tensor, image_tokens: torch.Tensor, max_text: int) -> torch.Tensor:
+    """The mask ``(B, L)`` (valid tokens first) with each row cut to its image tokens plus at most ``max_text``
+    others (``InstructorConfig.max_sequence_length``): every image token is kept, and only an instruction longer than
+    ``max_text`` tokens loses its end (with a warning). A real LLaVA gives 576 tokens per image (CLIP ViT-L/14 at
+    336), so a cap on the whole sequence, as before, kept the first frame's tokens and cut the instruction away."""
+    keep = torch.arange(mask.shape[1], device=mask.device)[None] < (image_tokens + int(max_text))[:, None]
+    capped = mask * keep
+    if bool((capped != mask).any()) and max_text not in _WARNED_CAPS:
+        _WARNED_CAPS.add(max_text)
+        logger.warning("an instruction longer than %d tokens was cut to its first %d (instructor.max_sequence_length; "
+                       "said once)", max_text, max_text)
+    return capped
+
+
+_WARNED_CAPS: set[int] = set()
 
 
 @torch.no_grad()
