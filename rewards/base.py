@@ -158,6 +158,9 @@ class Reward:
     name: str = "reward"
     #: True: the reward scores a whole group at once (:meth:`score_group`), not each sample on its own
     group_wise: bool = False
+    #: True: the constructor only checks and stores its options (it loads and reads nothing), so a recipe's
+    #: values are checked by building the reward before any work (:func:`rewards.registry.check_rewards_config`)
+    checked_by_building: bool = False
 
     def __init__(self, *, frames: FrameSpec = "all", device: str | torch.device | None = None):
         parse_frames(frames)  # fail at construction, not at the first batch

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,7 @@ class ImagePreprocess:
 
     ``resize_mode``: ``"shortest"`` (resize the short side to the crop size, center crop; CLIP's
     default), ``"squash"`` (resize to the size directly) or ``"longest"`` (resize the long side, pad
-    with ``fill``).
+    with ``fill``; ``fill=None``: with the normalisation mean, i.e. zeros after normalising).
     """
 
     size: tuple[int, int]
@@ -193,7 +194,7 @@ class ImagePreprocess:
     std: tuple[float, ...]
     resize_mode: str = "shortest"
     interpolation: str = "bicubic"
-    fill: float = 0.0
+    fill: float | None = 0.0
     #: "shortest": the short-side length before the crop (default: the larger crop side);
     #: "squash": the (h, w) resized to before the crop (default: ``size``)
     resize_to: int | tuple[int, int] | None = None
@@ -213,7 +214,10 @@ class ImagePreprocess:
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
             images = _resize(images, (nh, nw), self.interpolation, self.clamp)
             top, left = (th - nh) // 2, (tw - nw) // 2
-            images = F.pad(images, (left, tw - nw - left, top, th - nh - top), value=self.fill)
+            border = (left, tw - nw - left, top, th - nh - top)
+            if self.fill is None:  # the mean colour: pad the normalised images with zeros
+                return F.pad(self.normalise(images), border, value=0.0)
+            images = F.pad(images, border, value=self.fill)
         elif self.resize_mode == "shortest":
             short = int(self.resize_to) if self.resize_to is not None else max(th, tw)
             # like torchvision's Resize(int): the short side becomes `short`, the long side is truncated
@@ -222,9 +226,17 @@ class ImagePreprocess:
                                   self.crop_offset)
         else:
             raise ValueError(f"unknown resize_mode {self.resize_mode!r}: use 'shortest', 'squash' or 'longest'")
+        return self.normalise(images)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
         return (images - mean) / std
+
+    def whole_frame(self) -> "ImagePreprocess":
+        """This preprocessing with the whole frame kept: scaled to fit the model's input, padded with the mean
+        colour (instead of a centre crop, which keeps the middle 56% of a 16:9 frame)."""
+        return dataclasses.replace(self, resize_mode="longest", fill=None)
 
 
 def _center_crop(images: torch.Tensor, size: tuple[int, int], offset: str = "round") -> torch.Tensor:
@@ -278,13 +290,16 @@ class ClipScorer:
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode_images(self, frames: torch.Tensor | Sequence[torch.Tensor], max_batch: int | None = None) -> torch.Tensor:
+    def encode_images(self, frames: torch.Tensor | Sequence[torch.Tensor], max_batch: int | None = None,
+                      preprocess: ImagePreprocess | None = None) -> torch.Tensor:
         """Embed images: ``frames`` is ``(N, 3, H, W)`` in [0, 1] or a list of such tensors (sizes may
         differ between tensors; the result stacks them in order). Returns ``(N_total, D)`` float32 on
-        the model's device, L2-normalised. One forward for all images unless ``max_batch`` splits it."""
+        the model's device, L2-normalised. One forward for all images unless ``max_batch`` splits it.
+        ``preprocess``: instead of the model's own (e.g. ``self.preprocess.whole_frame()``)."""
         parts = [frames] if isinstance(frames, torch.Tensor) else list(frames)
+        preprocess = preprocess or self.preprocess
         pixels = torch.cat(
-            [self.preprocess(p.to(device=self.device, dtype=torch.float32)) for p in parts], dim=0
+            [preprocess(p.to(device=self.device, dtype=torch.float32)) for p in parts], dim=0
         ).to(self.dtype)
         step = pixels.shape[0] if not max_batch else max_batch
         feats = [self._image_features(pixels[i : i + step]) for i in range(0, pixels.shape[0], max(step, 1))]
@@ -480,6 +495,9 @@ def _load_open_clip(spec: ClipSpec, device: torch.device, dtype: torch.dtype) ->
 # ------------------------------------------------------------------------------------------------
 # The CLIP rewards
 # ------------------------------------------------------------------------------------------------
+ASPECTS = ("crop", "pad")  # how a frame that is not square meets the model's square input (ClipImageRewardBase)
+
+
 class ClipImageRewardBase(Reward):
     """Shared options of the CLIP-based rewards.
 
@@ -491,11 +509,15 @@ class ClipImageRewardBase(Reward):
         max_batch: split the image forward into chunks of this many frames (``None``: one forward).
         text: the text the reward scores against, for the rewards that offer a choice (``TEXTS``, the default
             first: ``pickscore`` / ``hps``, ``clip_dir``); others refuse it.
+        aspect: ``"crop"`` (the model's own preprocessing: for CLIP, the short side resized and the middle
+            square kept, so a 16:9 frame loses 44% of its width and an edit near its left or right edge goes
+            unseen) or ``"pad"`` (the whole frame, scaled to fit and padded with the mean colour).
         frames, device: see :class:`rewards.base.Reward`.
     """
 
     default_model: str = "hf:openai/clip-vit-large-patch14"
     default_processor: str | None = None
+    checked_by_building = True  # the model loads at the first call (or load()), not here
     TEXTS: tuple[str, ...] = ()  # the choices of a ``text`` option, the default first (empty: no such option)
 
     def __init__(
@@ -507,10 +529,14 @@ class ClipImageRewardBase(Reward):
         processor: str | None = None,
         dtype: str = "float32",
         max_batch: int | None = None,
+        aspect: str = "crop",
         frames: FrameSpec = "all",
         device: str | None = None,
     ):
         super().__init__(frames=frames, device=device)
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+        self.aspect = aspect
         if self.TEXTS:
             text = self.TEXTS[0] if text is None else text
             if text not in self.TEXTS:
@@ -539,7 +565,8 @@ class ClipImageRewardBase(Reward):
         returns one ``(B, F', D)`` tensor per video."""
         sampled = [self.sample_frames(v) for v in videos]
         flat = [s.reshape(-1, *s.shape[2:]) for s in sampled]
-        emb = scorer.encode_images(flat, max_batch=self.max_batch)
+        emb = scorer.encode_images(flat, max_batch=self.max_batch,
+                                   preprocess=scorer.preprocess.whole_frame() if self.aspect == "pad" else None)
         out, start = [], 0
         for s in sampled:
             n = s.shape[0] * s.shape[1]

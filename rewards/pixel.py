@@ -46,6 +46,8 @@ def pixel_sp_score(edited: torch.Tensor, source: torch.Tensor, metric: str = "l1
 class PixelSourcePreservation(Reward):
     """Pixel-level source preservation (module docstring). Options: ``metric`` (``l1`` or ``rms``), ``frames``."""
 
+    checked_by_building = True
+
     def __init__(self, *, metric: str = "l1", frames="all", device=None):
         super().__init__(frames=frames, device=device)
         if metric not in ("l1", "rms"):

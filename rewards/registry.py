@@ -196,6 +196,11 @@ def check_rewards_config(cfg: Mapping[str, Any]) -> None:
         if choices is not None and "text" in kwargs and kwargs["text"] not in choices:
             raise ValueError(f"rewards.{name}: text={kwargs['text']!r}; " +
                              (f"{kind} takes text one of {', '.join(choices)}" if choices else f"{kind} has no text option"))
+        if getattr(factory, "checked_by_building", False):  # its values too: building it loads nothing
+            try:
+                factory(**kwargs)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"rewards.{name}: {str(e).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,6 +69,11 @@ def test_a_mistyped_value_is_refused_before_importing_diffusers_or_inductor(repo
     ("rewards.clip_if.text=instruction", "clip_if has no text option"),
     ("rewards.pickscore={weight: 1, text: caption}", "text one of target_caption, instruction"),
     ("rewards.clip_dir={weight: 1, text: target_caption}", "text one of captions, instruction"),
+    # values of the built-in rewards, checked by building them (they load nothing): before, a traceback after
+    # config.yaml and the data were written
+    ("rewards.clip_if.max_batch=0", "rewards.clip_if: max_batch must be a positive integer"),
+    ("rewards.clip_sp.aspect=stretch", "rewards.clip_sp: aspect must be one of crop, pad"),
+    ("rewards.clip_sp.frames={num: 0}", "rewards.clip_sp: invalid frame sampling"),
     ("train.scale_rewards=bogus", "train.scale_rewards"),
     ("train.lr_scheduler=cosine_warm", "train.lr_scheduler"),
     ("train.lr_scheduler=piecewise_constant", "train.lr_scheduler"),  # needs step_rules, which no recipe gives

@@ -368,3 +368,38 @@ def test_models_follow_the_input_device(hf_dir, oc_model):
         assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float32
         assert reward.scorer(edited.cuda()).device.type == "cuda"
         torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["hf", "open_clip"])
+def test_aspect_pad_scores_the_whole_of_a_wide_frame(backend, hf_dir, oc_model):
+    """CLIP's own preprocessing keeps the middle square of a frame: on a wide clip an edit near the left edge moved no
+    CLIP reward. `aspect=pad` scores the whole frame (scaled to fit, padded with the mean colour: independent
+    reference below); on square frames both are the same."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    model = "hf:" + hf_dir if backend == "hf" else "open_clip:" + oc_model[0]
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(1, 2, 3, 32, 64, generator=g)
+    edited = source.clone()
+    edited[..., :8] = 1 - edited[..., :8]  # an edit of the left eighth only
+    crop, pad = (build_reward("clip_sp", model=model, aspect=a) for a in ("crop", "pad"))
+    assert call(crop, edited, source).scores.item() == pytest.approx(1.0, abs=1e-6)  # unseen
+    assert call(pad, edited, source).scores.item() < 1 - 1e-4
+    square = source[..., :32]
+    assert torch.equal(call(crop, square, square.flip(-1)).scores, call(pad, square, square.flip(-1)).scores)
+    # pad = the frame resized to 16 x 32 inside the 32 x 32 input, the 8-row bands above and below the mean colour
+    scorer = load_clip(pad.spec, device="cpu", dtype=torch.float32)
+    pre = scorer.preprocess
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    assert pre.interpolation == "bicubic"
+    small = F.interpolate(edited[0], size=(16, 32), mode="bicubic", antialias=True, align_corners=False)
+    canvas = mean.expand(2, 3, 32, 32).clone()
+    canvas[:, :, 8:24] = small.clamp(0, 1) if pre.clamp else small
+    want = scorer.encode_images(canvas, preprocess=dataclasses.replace(pre, resize_mode="squash", resize_to=None))
+    got = scorer.encode_images(edited[0], preprocess=pre.whole_frame())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="aspect must be one of crop, pad"):
+        build_reward("clip_sp", model=model, aspect="stretch")
+
