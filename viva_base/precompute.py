@@ -13,7 +13,8 @@ appears in, the process, or a resume), and keeps per pair:
 
 A training step then gathers its batch from memory and runs the DiT only. The cost is host memory: per pair the
 text tokens (tokens x hidden size) twice and three latents; the toy world's 9,500 pairs take ~0.7 GB, a real
-13B-VIVA dataset (4096-wide LLaVA states, 33x480x848 clips) ~3 MB per pair in bf16, so it stays off in
+13B-VIVA dataset (4096-wide LLaVA states of the first frame's 576 image tokens and ~100 instruction tokens: 11 MB for
+the two conditions; 33x480x848 clips: 1.8 MB per latent) ~15 MB per pair in bf16, so it stays off in
 ``recipes/sft_viva.yaml``. Every process encodes the whole dataset (chunks are not split over processes).
 """
 from __future__ import annotations
