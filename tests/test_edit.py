@@ -340,3 +340,16 @@ def test_long_large_input_is_read_strided_shrunk_and_mapped_back(tiny_editor, tm
         s = nearest(j * (n - 1), 8)             # edited frame -> wanted source frame
         d = min(nearest(s, k), -(-n // k) - 1)  # wanted source -> nearest decoded (every k-th) frame
         assert torch.allclose(got[o], colours[k * d][:, None, None].expand(3, 50, 70), atol=1.5 / 255), o
+
+
+def test_a_clip_of_the_training_size_is_edited_at_that_size():
+    """The VIVA editor's default `max_side` is the longer side: at 720, a 480 x 848 input (recipes/sft_viva.yaml's
+    training size, HunyuanVideo's 480p) was shrunk to 400 x 720, edited, and scaled back up."""
+    from viva_base.model import EditorConfig
+    from viva_base.recipe import load_recipe
+    from viva_base.sft import SFTConfig
+
+    cfg = EditorConfig()
+    h, w = load_recipe(SFTConfig, ["recipe=recipes/sft_viva.yaml"]).data.size
+    assert plan_clip(33, h, w, temporal_ratio=4, spatial_multiple=16, max_frames=cfg.max_frames,
+                     max_side=cfg.max_side) == (33, h, w)

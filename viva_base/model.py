@@ -53,8 +53,10 @@ class EditorConfig:
     instructor: InstructorConfig = field(default_factory=InstructorConfig)
     embedded_guidance_scale: float = 6.0   # HunyuanVideo's distilled guidance input (used if the DiT has one)
     shift: float = 7.0                     # flow-matching schedule shift (HunyuanVideo's default)
-    max_frames: int = 129                  # what the edit command adapts inputs to
-    max_side: int = 720
+    max_frames: int = 129                  # what the edit command adapts inputs to (HunyuanVideo's length)
+    # the longer side (inputs larger are shrunk to it): recipes/sft_viva.yaml's 480 x 848 (HunyuanVideo's 480p
+    # bucket), as LucyEditor's is its 480 x 832. It was 720, which shrank an input of the training size to 720 x 400.
+    max_side: int = 848
     pooled_max_length: int = 77
     # What the DiT's output means. "velocity": v itself (HunyuanVideo and every pretrained flow DiT).
     # "source_residual": the clean latent's difference from the source latent, x0 = z_src + out, and
