@@ -262,7 +262,7 @@ def test_old_flag_spellings_are_aliases_of_the_shared_knob_names(files, tmp_path
     assert not torch.equal(read_video(tmp_path / "new.mkv").frames, read_video(tmp_path / "other.mkv").frames)
 
 
-def test_the_edit_keeps_the_clips_sound_unless_told_not_to(files, tmp_path, clip_with_sound):
+def test_the_edit_keeps_the_clips_sound_unless_told_not_to(files, tmp_path, clip_with_sound, capsys):
     """A clip with sound (a 440 Hz tone from 0.5 s): the edit command's output carries the same AAC packets at
     the same time, and `--no-audio` leaves them out. Before, every edit came out silent."""
     from viva_base.edit import main
@@ -271,7 +271,9 @@ def test_the_edit_keeps_the_clips_sound_unless_told_not_to(files, tmp_path, clip
     base = ["--model", str(files["editor"]), "--video", str(src), "--instruction", INSTR, "--frames", "5",
             "--size", "32x16", "--num-steps", "2", "--device", "cpu", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "with.mp4")]) == 0
+    assert "fps, with the input's sound)" in capsys.readouterr().out
     assert main([*base, "--out", str(tmp_path / "without.mp4"), "--no-audio"]) == 0
+    assert "12 fps)" in capsys.readouterr().out
     with av.open(str(src)) as c:
         want = [(p.pts, bytes(p)) for p in c.demux(c.streams.audio[0]) if p.size]
     with av.open(str(tmp_path / "with.mp4")) as c:

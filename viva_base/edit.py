@@ -220,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     code, out = guarded(run, args)
     if code:
         return code
-    from .video import probe_video
+    from .video import has_audio, probe_video
 
     n, h, w, fps = probe_video(out)
-    print(f"wrote {out} ({n} frames, {w}x{h}, {fps:g} fps)")
+    sound = ", with the input's sound" if has_audio(out) else ""
+    print(f"wrote {out} ({n} frames, {w}x{h}, {fps:g} fps{sound})")
     return 0
 
 
