@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from rewards.remote import RemoteRewardError
 from viva_base.atomic import atomic_dir
-from viva_base.data.pairs import check_frame_counts
+from viva_base.data.pairs import check_frame_counts, warn_changed_aspect
 from viva_base.distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                                    gathered, load_engine_state, no_zero_init, save_state)
 from viva_base.errors import UserError
@@ -228,6 +228,7 @@ def main(cfg: GRPOConfig) -> Path:
         check_reference_forwards(prompts.records, rollout_bs, train_bs)
     editor = build_editor(cfg.model, device=accelerator.device)
     check_frame_counts(prompts.records, prompts.frame_counts(), editor, "prompts")
+    warn_changed_aspect(prompts.records, prompts.shapes(), cfg.data.size, "prompts")
     torch.manual_seed(tc.seed)  # the LoRA's gaussian init draws from the global generator
     add_lora(editor.transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, init=cfg.lora.init,
              targets=cfg.lora.targets or editor.lora_targets)

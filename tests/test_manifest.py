@@ -54,3 +54,28 @@ def test_check_manifest_names_the_recipe_key_the_file_and_the_line(folder, conte
     message = str(info.value)
     assert message.startswith("data.manifest: ") and words in message and "m.jsonl" in message, message
     assert "\n" not in message
+
+
+def test_clips_of_another_aspect_ratio_are_named_before_training(tmp_path, caplog):
+    """Every clip is resized to data.size whole; a portrait clip in a landscape recipe is learned squashed. The trainers
+    now say so once, with the count and the worst clip (a warning: squashing may be intended)."""
+    import torch
+
+    from viva_base.data.pairs import PairDataset, warn_changed_aspect
+    from viva_base.video import write_video
+
+    records = []
+    for i, (h, w) in enumerate([(16, 32), (17, 32), (32, 16)]):  # landscape, within 10%, portrait
+        path = write_video(tmp_path / f"c{i}.mkv", torch.rand(5, 3, h, w), fps=8)
+        records.append({"id": f"p{i}", "source": str(path), "target": str(path), "instruction": "x"})
+    dataset = PairDataset(records, frames=5, size=(16, 32))
+    assert dataset.shapes == [(16, 32), (17, 32), (32, 16)] and dataset.num_frames == [5, 5, 5]
+    with caplog.at_level("WARNING", logger="viva_base.data.pairs"):
+        assert warn_changed_aspect(records, dataset.shapes, (16, 32), "training pairs") == 1
+    assert "1 of the 3 training pairs are resized to data.size=16x32" in caplog.text
+    assert "p2, 32x16, by 4.00x" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="viva_base.data.pairs"):
+        assert warn_changed_aspect(records[:2], dataset.shapes[:2], (16, 32), "training pairs") == 0
+        assert warn_changed_aspect(records, dataset.shapes, None, "training pairs") == 0
+    assert caplog.text == ""

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.manifest import read_manifest
-from .data.pairs import MicroBatches, MixedBatchSampler, PairDataset, check_frame_counts, pair_batches
+from .data.pairs import (MicroBatches, MixedBatchSampler, PairDataset, check_frame_counts, pair_batches,
+                         warn_changed_aspect)
 from .distributed import (DeepSpeedOptimizerState, check_resume, configure_deepspeed, deepspeed_stage,
                           full_parameters, load_engine_state, no_zero_init, refuse_mixed_references,
                           restore_parameters, save_state)
@@ -315,6 +316,7 @@ def main(cfg: SFTConfig) -> Path:
         raise UserError(f"model.pretrained={cfg.model.pretrained}: a {type(editor).__name__}; viva_base.sft trains "
                         "the VIVA editor only: post-train Lucy-Edit with Edit-GRPO (recipes/lucy_grpo.yaml)")
     check_frame_counts(records, dataset.model_frames(), editor, "training pairs")
+    warn_changed_aspect(records, dataset.shapes, cfg.data.size, "training pairs")
     model_dtype = DTYPES[cfg.model.dtype]  # of the frozen weights; the trained ones are float32
 
     @contextlib.contextmanager

@@ -7,6 +7,7 @@ and with several processes each takes its slice of the same global batch.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..video import probe_video, read_image, read_video
+
+logger = logging.getLogger(__name__)
 
 
 def _fit_clip(frames: torch.Tensor, num_frames: int | None, size: tuple[int, int] | None, what: str) -> torch.Tensor:
@@ -29,6 +32,26 @@ def _fit_clip(frames: torch.Tensor, num_frames: int | None, size: tuple[int, int
 def frames_after_cut(counts: list[int], frames: int | None) -> list[int]:
     """The frame counts the editor sees: ``_fit_clip`` cuts every video (not a 1-frame image) to ``frames``."""
     return [n if n == 1 or frames is None else frames for n in counts]
+
+
+def warn_changed_aspect(records: list[dict], shapes: list[tuple[int, int]], size, what: str,
+                        key: str = "data.size", tolerance: float = 1.1) -> int:
+    """Say (one warning) how many clips ``size`` stretches: each is resized to ``size`` whole (source, target and
+    mask alike, so a pair stays aligned), and a clip whose aspect ratio differs from ``size``'s by more than
+    ``tolerance`` (a factor) is learned from squashed (a portrait phone clip in a 480 x 848 recipe: 3.2x). Returns
+    how many."""
+    if not size:
+        return 0
+    th, tw = size
+    factors = [max(r, 1 / r) for r in ((w / h) / (tw / th) for h, w in shapes)]
+    bad = [(f, rec, hw) for f, rec, hw in zip(factors, records, shapes) if f > tolerance]
+    if bad:
+        f, rec, (h, w) = max(bad, key=lambda b: b[0])
+        logger.warning("%d of the %d %s are resized to %s=%dx%d (H x W) with their aspect ratio changed by more than "
+                       "%.0f%%, so they are learned squashed (the most: %s, %dx%d, by %.2fx); give %s their shape or "
+                       "use clips of one aspect ratio", len(bad), len(records), what, key, th, tw,
+                       100 * (tolerance - 1), rec.get("id", rec.get("source")), h, w, f, key)
+    return len(bad)
 
 
 def check_frame_counts(records: list[dict], counts: list[int], editor, what: str,
@@ -57,16 +80,14 @@ class PairDataset(torch.utils.data.Dataset):
         self.records = records
         self.frames = frames
         self.size = tuple(size) if size else None
-        self.num_frames = [self._num_frames(r) for r in records]  # of the source file
+        probes = [probe_video(r["source"]) for r in records]  # of the source file
+        self.num_frames = [int(p[0]) for p in probes]
+        self.shapes = [(int(p[1]), int(p[2])) for p in probes]  # (height, width), as shown
         self.is_image = [n == 1 for n in self.num_frames]
 
     def model_frames(self) -> list[int]:
         """Each pair's frame count as the editor sees it (after ``frames``)."""
         return frames_after_cut(self.num_frames, self.frames)
-
-    @staticmethod
-    def _num_frames(rec: dict) -> int:
-        return probe_video(rec["source"])[0]
 
     def __len__(self) -> int:
         return len(self.records)
