@@ -116,6 +116,11 @@ def test_a_phone_portrait_clip_is_edited_upright_and_written_upright(tiny_editor
     clip, info = pipe.load_clip(src, num_frames=5, size=(16, 32))  # (width, height)
     assert clip.shape == (5, 3, 32, 16) and (info.height, info.width) == (64, 32)
     assert clip[0, 0, :4, -4:].mean() > 0.8 and clip[0, 2, -4:, :4].mean() > 0.8  # red top-right, blue bottom-left
+    # should a probe ever disagree with the decoder on the orientation, the decoded frames win
+    from viva_base.pipeline import ClipInfo
+
+    again, info2 = pipe.load_clip(src, num_frames=5, info=ClipInfo(5, 32, 64, 8.0))
+    assert (info2.height, info2.width) == (64, 32) and again.shape[-2] > again.shape[-1]
     out = pipe.edit_file(src, INSTR, tmp_path / "edited.mp4", num_inference_steps=2, size=(16, 32), num_frames=5,
                          progress=False)
     assert probe_video(out) == (5, 64, 32, 8.0)

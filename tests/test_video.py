@@ -40,6 +40,9 @@ def test_errors_are_clear(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 50)
     with pytest.raises(VideoError, match="not a readable video"):
         read_video(tmp_path / "junk.mp4")
+    from viva_base.video import mp4_display_matrix
+
+    assert mp4_display_matrix(tmp_path / "junk.mp4") is None  # (probe_video then decodes a frame)
     (tmp_path / "junk.png").write_bytes(b"nope")
     with pytest.raises(VideoError, match="not a readable image"):
         read_image(tmp_path / "junk.png")
@@ -92,6 +95,14 @@ def test_a_video_is_read_as_players_show_it(tmp_path, turn, oriented_clip):
     edited and written back lying on its side (and its first frame reached the instructor sideways)."""
     path = oriented_clip(tmp_path / "clip.mp4", *turn)
     (h, w), red, blue = SHOWN[turn]
+    import av
+
+    from viva_base.video import display_matrix, mp4_display_matrix, upright_transposes
+
+    with av.open(str(path)) as c:  # probe_video reads the matrix from the MP4 boxes: FFmpeg's, without decoding
+        decoded = display_matrix(next(c.decode(video=0)))
+    assert upright_transposes(mp4_display_matrix(path)) == upright_transposes(decoded)
+    assert mp4_display_matrix(path) == (decoded or (65536, 0, 0, 65536))
     v = read_video(path)
     assert v.frames.shape == (3, 3, h, w)
     assert _corner(v.frames, 0) == red and _corner(v.frames, 2) == blue

@@ -304,6 +304,14 @@ class EditPipeline:
         side = 2 * max(h, w) if max(info.height, info.width) > 2 * max(h, w) else None
         video = read_video(path, max_frames=wanted, max_side=side, frame_step=k)
         decoded = video.frames
+        dh, dw = decoded.shape[-2:]
+        if dh != dw and info.height != info.width and (dh > dw) != (info.height > info.width):
+            # the probe (the MP4 boxes) and the decoder (FFmpeg's display matrix) disagree on the orientation:
+            # trust the decoder, as for the frame count below
+            logger.warning("%s: probed %dx%d, decoded %dx%d frames: taking the decoder's orientation", path,
+                           info.width, info.height, dw, dh)
+            info = ClipInfo(info.num_frames, info.width, info.height, info.fps)
+            f, h, w = self.plan(info.num_frames, info.height, info.width, num_frames_model=num_frames, size=size)
         n = info.num_frames
         if k == 1 and decoded.shape[0] != n:  # the container's frame count was off: trust the decoder
             logger.warning("%s: the container says %d frames, %d decoded", path, n, decoded.shape[0])

