@@ -58,25 +58,35 @@ def oriented_clip():
 
 @pytest.fixture()
 def clip_with_sound():
-    """``write(path, frames=24, fps=12, delay=0.5, vcodec="libx264", acodec="aac", rate=44100)``: a 64 x 48 clip
-    whose sound is a 440 Hz tone starting ``delay`` seconds after its first frame and lasting to its end."""
+    """``write(path, frames=24, fps=12, delay=0.5, vcodec="libx264", acodec="aac", rate=44100, times=None)``: a
+    64 x 48 clip whose sound is a 440 Hz tone starting ``delay`` seconds after its first frame and lasting to its end;
+    ``times``: each frame's time in seconds (a variable frame rate) instead of ``i / fps``."""
+    from fractions import Fraction
+
     import numpy as np
 
     av = pytest.importorskip("av")
 
-    def write(path, frames=24, fps=12, delay=0.5, vcodec="libx264", acodec="aac", rate=44100):
+    def write(path, frames=24, fps=12, delay=0.5, vcodec="libx264", acodec="aac", rate=44100, times=None):
+        frames = len(times) if times is not None else frames
+        length = times[-1] + 1 / fps if times is not None else frames / fps
         with av.open(str(path), "w") as c:
             v = c.add_stream(vcodec, rate=fps)
             v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+            if times is not None:
+                v.codec_context.time_base = Fraction(1, 90000)
             a = c.add_stream(acodec, rate=rate)
             a.layout = "mono"
-            t = np.arange(int(rate * (frames / fps - delay))) / rate
+            t = np.arange(int(rate * (length - delay))) / rate
             tone = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
                                               format="flt", layout="mono")
             tone.sample_rate, tone.pts = rate, round(delay * rate)
             packets = [*a.encode(tone), *a.encode(None)]
             for i in range(frames):
-                packets += v.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24"))
+                frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i % 256, np.uint8), format="rgb24")
+                if times is not None:
+                    frame.pts, frame.time_base = round(times[i] * 90000), Fraction(1, 90000)
+                packets += v.encode(frame)
             for p in [*packets, *v.encode(None)]:
                 c.mux(p)
         return path

@@ -324,3 +324,19 @@ def test_a_long_clip_is_written_back_without_holding_it_whole(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.split()[-1]) < 60, r.stdout
     assert probe_video(tmp_path / "out.mp4") == (n, 120, 160, 30.0)
+
+
+def test_a_variable_frame_rate_clip_keeps_its_frame_times_and_lip_sync(tiny_editor, tmp_path, clip_with_sound):
+    """A phone clip at 30 fps that drops to 15 fps halfway (low light), with sound. Written at its average rate
+    (23.7 fps) frame 30 was shown at 1.27 s instead of 1.00 s: the picture ran 267 ms behind its sound. Each output
+    frame now keeps its source frame's time."""
+    from viva_base.video import frame_times
+
+    times = [i / 30 for i in range(30)] + [1 + i / 15 for i in range(15)]
+    src = clip_with_sound(tmp_path / "vfr.mp4", fps=30, delay=0.0, times=times)
+    assert frame_times(src) == pytest.approx(times, abs=1e-4)
+    out = EditPipeline(tiny_editor).edit_file(src, INSTR, tmp_path / "out.mp4", num_inference_steps=1, num_frames=5,
+                                             size=(32, 16), progress=False)
+    assert frame_times(out) == pytest.approx(times, abs=1e-4)
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].frames == 45 and c.streams.audio

@@ -224,3 +224,27 @@ def test_an_hdr_clip_is_read_with_a_warning_that_it_is_not_tone_mapped(tmp_path,
         with caplog.at_level("WARNING", logger="viva_base.video"):
             assert read_video(path).frames.shape == (1, 3, 32, 32)
         assert ("HDR video (HLG" in caplog.text) == (name is not None), caplog.text
+
+
+def test_frame_times_round_trip_a_variable_frame_rate(tmp_path):
+    from viva_base.video import frame_times, variable_rate_times
+
+    times = [i / 30 for i in range(30)] + [1 + i / 15 for i in range(15)]  # 30 fps, then 15 (frames dropped)
+    x = _clip(f=45, h=16, w=16)
+    for ext in (".mp4", ".mkv", ".webm"):
+        path = write_video(tmp_path / f"vfr{ext}", x, fps=45 / 2, times=times)
+        assert frame_times(path) == pytest.approx(times, abs=1e-3)
+        assert read_video(path).frames.shape == x.shape
+    cfr = write_video(tmp_path / "cfr.mp4", x, fps=30)
+    assert frame_times(cfr) == pytest.approx([i / 30 for i in range(45)], abs=1e-6)
+    # the stream's time base was once read after the container was closed (freed memory): times of 3.6e9 s, now and
+    # then, which made a constant-rate clip look variable and its edit fail to mux
+    n = 1000
+    long = write_video(tmp_path / "long.mp4", x[:1].expand(n, -1, -1, -1), fps=30)
+    for _ in range(20):
+        assert max(abs(t - i / 30) for i, t in enumerate(frame_times(long))) < 1e-6
+    assert variable_rate_times(frame_times(cfr), 30.0, 45) is None  # written as before
+    assert variable_rate_times(times, 45 / 2, 45) == times and variable_rate_times(times, 45 / 2, 44) is None
+    assert frame_times(tmp_path) is None
+    with pytest.raises(VideoError, match="44 frame times for 45 frames"):
+        write_video(tmp_path / "bad.mp4", x, fps=30, times=times[:44])

@@ -65,8 +65,8 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .guidance import check_sampler_options, guided
 from .policy import Condition
-from .video import (DEFAULT_IMAGE_FPS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, probe_video, read_image,
-                    read_video, write_video)
+from .video import (DEFAULT_IMAGE_FPS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoError, frame_times, probe_video,
+                    read_image, read_video, variable_rate_times, write_video)
 
 logger = logging.getLogger(__name__)
 
@@ -424,8 +424,9 @@ class EditPipeline:
     def edit_file(self, video: str | os.PathLike, instruction: str, out: str | os.PathLike, reference=None, *,
                   audio: bool = True, **kwargs) -> Path:
         """Edit the video file (or image folder) ``video`` and write the result to ``out`` atomically, at
-        the input's frame count, size and fps; the codec follows ``out``'s extension (H.264 for .mp4). With
-        ``audio`` the input's sound goes along, in sync (:func:`~viva_base.video.write_video`).
+        the input's frame count, size and fps (a variable frame rate: each frame at its source frame's time); the
+        codec follows ``out``'s extension (H.264 for .mp4). With ``audio`` the input's sound goes along, in sync
+        (:func:`~viva_base.video.write_video`).
         Keyword arguments are those of :meth:`__call__`. Returns ``out``."""
         info = probe_clip(video)
         out = check_output_path(out, info.num_frames)
@@ -434,8 +435,9 @@ class EditPipeline:
         keys = {"num_frames", "size"}
         clip, info = self.load_clip(video, info=info, **{k: v for k, v in kwargs.items() if k in keys})
         edited = self.sample(clip, instruction, ref, **{k: v for k, v in kwargs.items() if k not in keys})
+        times = variable_rate_times(frame_times(video), info.fps, info.num_frames)  # None: a constant rate
         return write_video(out, MappedBack(edited, info.num_frames, (info.height, info.width)), fps=info.fps,
-                           audio=video if audio else None)
+                           audio=video if audio else None, times=times)
 
 
 def _as_unit_float(x: torch.Tensor) -> torch.Tensor:

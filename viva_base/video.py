@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -335,8 +336,37 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
+def frame_times(path: str | os.PathLike) -> list[float] | None:
+    """The presentation time of every frame of a video file, in seconds from its first frame, read from the
+    packets (no decoding); None for an image, a folder, or a file whose packets do not all carry a time."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            time_base = Fraction(stream.time_base)  # read while the container is open (after, it is freed memory)
+            pts = [p.pts for p in container.demux(stream) if p.size]
+    except (av.error.FFmpegError, IndexError):
+        return None
+    if not pts or any(t is None for t in pts):
+        return None
+    pts.sort()
+    return [float((t - pts[0]) * time_base) for t in pts]
+
+
+def variable_rate_times(times: list[float] | None, fps: float, num_frames: int) -> list[float] | None:
+    """``times`` when they are those of a variable-frame-rate clip of ``num_frames`` frames (a frame more than half a
+    frame away from ``i / fps``: phones drop frames in low light), else None (constant rate: written as such)."""
+    if not times or len(times) != num_frames or fps <= 0:
+        return None
+    return times if max(abs(t - i / fps) for i, t in enumerate(times)) > 0.5 / fps else None
+
+
 def write_video(path: str | os.PathLike, frames, fps: float = DEFAULT_IMAGE_FPS, *,
-                audio: str | os.PathLike | None = None) -> Path:
+                audio: str | os.PathLike | None = None, times: Sequence[float] | None = None) -> Path:
     """Write ``(F, 3, H, W)`` frames in [0, 1] to ``path`` atomically; the codec follows the extension.
 
     ``frames``: a tensor, or a sequence of ``(3, H, W)`` frames that makes each when indexed (the edit writes
@@ -345,9 +375,14 @@ def write_video(path: str | os.PathLike, frames, fps: float = DEFAULT_IMAGE_FPS,
     ``audio``: a video file whose first audio stream goes into the output with the frames (its packets as they
     are where the container takes the codec, else re-encoded: :data:`AUDIO_COPY`, :data:`AUDIO_ENCODER`), timed
     from that file's first video frame, so an edit of it keeps its sound in sync. A file without sound adds none;
-    an output that holds no sound (.gif, images) or a sound that cannot be read drops it with a warning."""
+    an output that holds no sound (.gif, images) or a sound that cannot be read drops it with a warning.
+
+    ``times``: each frame's presentation time in seconds (a variable frame rate, :func:`variable_rate_times`), for
+    .mp4/.mov/.mkv/.webm; ``fps`` is then only the nominal rate. Without it, frame ``i`` is shown at ``i / fps``."""
     path = Path(path)
     data = _Uint8Frames(frames)
+    if times is not None and len(times) != len(data):
+        raise VideoError(f"{path}: {len(times)} frame times for {len(data)} frames")
     ext = path.suffix.lower()
     if ext and ext not in IMAGE_EXTENSIONS and ext not in VIDEO_EXTENSIONS:
         raise VideoError(f"{path}: unsupported output extension {ext!r} (use {', '.join(VIDEO_EXTENSIONS)}, "
@@ -375,11 +410,11 @@ def write_video(path: str | os.PathLike, frames, fps: float = DEFAULT_IMAGE_FPS,
                                duration=max(1, round(1000 / fps)), loop=0, optimize=False)
         else:
             try:
-                _encode(tmp, data, fps, ext, audio if audio is not None and has_audio(audio) else None)
+                _encode(tmp, data, fps, ext, audio if audio is not None and has_audio(audio) else None, times)
             except _AudioError as exc:
                 logger.warning("%s: the sound of %s cannot be carried over (%s); written without sound",
                                path, audio, exc)
-                _encode(tmp, data, fps, ext, None)
+                _encode(tmp, data, fps, ext, None, times)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -454,7 +489,11 @@ def _audio_packets(container, source: Path, ext: str) -> list:
         raise _AudioError(f"{exc.__class__.__name__}: {exc}") from None
 
 
-def _encode(path: Path, data: _Uint8Frames, fps: float, ext: str, audio: Path | None = None) -> None:
+VFR_TIME_BASE = Fraction(1, 90000)  # frame times of a variable-rate output (MPEG's 90 kHz clock)
+
+
+def _encode(path: Path, data: _Uint8Frames, fps: float, ext: str, audio: Path | None = None,
+            times: Sequence[float] | None = None) -> None:
     import av
 
     h, w = data.height, data.width
@@ -478,16 +517,21 @@ def _encode(path: Path, data: _Uint8Frames, fps: float, ext: str, audio: Path | 
         else:
             raise VideoError(f"{path}: unsupported output extension {ext!r} (use .mp4, .mov, .mkv, .webm, .gif, .png or a folder)")
         stream.width, stream.height = w, h
+        if times is not None:  # variable frame rate: each frame at its own time
+            stream.codec_context.time_base = VFR_TIME_BASE
         convert = _tag_colour(stream, h, w) if ext != ".mkv" else {}
         sound = _audio_packets(container, Path(audio), ext) if audio is not None else []
         k = 0
         for i, arr in enumerate(data):
-            while k < len(sound) and sound[k][0] < i / fps:  # interleave: the sound up to this frame first
+            shown = times[i] if times is not None else i / fps
+            while k < len(sound) and sound[k][0] < shown:  # interleave: the sound up to this frame first
                 container.mux(sound[k][1])
                 k += 1
             frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
             if convert:
                 frame = frame.reformat(format=stream.pix_fmt, **convert)
+            if times is not None:
+                frame.pts, frame.time_base = round(times[i] / VFR_TIME_BASE), VFR_TIME_BASE
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
