@@ -2,6 +2,7 @@
 or toy-world prompts generated into ``output_dir/data`` when no manifest is given."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -32,22 +33,22 @@ class PromptSource:
             manifest = paths["grpo"]
         return cls(read_manifest(manifest, "prompts"), frames=cfg.data.frames, size=cfg.data.size)
 
+    @functools.cached_property
     def _probes(self) -> list[tuple]:
-        if not hasattr(self, "_probed"):
-            from viva_base.video import probe_video
+        """``probe_video`` of every prompt's source, once."""
+        from viva_base.video import probe_video
 
-            self._probed = [probe_video(r["source"]) for r in self.records]
-        return self._probed
+        return [probe_video(r["source"]) for r in self.records]
 
     def frame_counts(self) -> list[int]:
         """Each prompt's source frame count as the editor will see it (after ``data.frames``)."""
         from viva_base.data.pairs import frames_after_cut
 
-        return frames_after_cut([int(p[0]) for p in self._probes()], self.frames)
+        return frames_after_cut([int(p[0]) for p in self._probes], self.frames)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Each prompt's source ``(height, width)``, as shown."""
-        return [(int(p[1]), int(p[2])) for p in self._probes()]
+        return [(int(p[1]), int(p[2])) for p in self._probes]
 
     def __len__(self) -> int:
         return len(self.records)

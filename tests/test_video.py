@@ -248,3 +248,10 @@ def test_frame_times_round_trip_a_variable_frame_rate(tmp_path):
     assert frame_times(tmp_path) is None
     with pytest.raises(VideoError, match="44 frame times for 45 frames"):
         write_video(tmp_path / "bad.mp4", x, fps=30, times=times[:44])
+
+
+def test_a_folder_output_says_it_drops_the_sound(tmp_path, clip_with_sound, caplog):
+    src = clip_with_sound(tmp_path / "talk.mp4")
+    with caplog.at_level("WARNING", logger="viva_base.video"):
+        write_video(tmp_path / "frames", _clip(f=3, h=48, w=64), fps=12, audio=src)
+    assert "a folder output holds no sound" in caplog.text

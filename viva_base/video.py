@@ -387,6 +387,10 @@ def write_video(path: str | os.PathLike, frames, fps: float = DEFAULT_IMAGE_FPS,
     if ext and ext not in IMAGE_EXTENSIONS and ext not in VIDEO_EXTENSIONS:
         raise VideoError(f"{path}: unsupported output extension {ext!r} (use {', '.join(VIDEO_EXTENSIONS)}, "
                          ".png or a folder)")
+    sound = Path(audio) if audio is not None and has_audio(audio) else None  # the source's, if it has any
+    if sound is not None and ext not in AUDIO_ENCODER:
+        logger.warning("%s: a %s output holds no sound; the sound of %s is dropped (write .mp4, .mov, .mkv or "
+                       ".webm to keep it)", path, ext or "folder", sound)
     if ext == "":
         return _write_folder(path, data)
     if ext in IMAGE_EXTENSIONS:
@@ -399,9 +403,6 @@ def write_video(path: str | os.PathLike, frames, fps: float = DEFAULT_IMAGE_FPS,
         finally:
             tmp.unlink(missing_ok=True)
         return path
-    if audio is not None and ext not in AUDIO_ENCODER and has_audio(audio):
-        logger.warning("%s: a %s output holds no sound; the sound of %s is dropped (write .mp4, .mov, .mkv or "
-                       ".webm to keep it)", path, ext or "folder", audio)
     tmp = _atomic_target(path)
     try:
         if ext == ".gif":  # Pillow builds the palette (libswscale cannot convert rgb24 -> pal8)
@@ -410,7 +411,7 @@ def write_video(path: str | os.PathLike, frames, fps: float = DEFAULT_IMAGE_FPS,
                                duration=max(1, round(1000 / fps)), loop=0, optimize=False)
         else:
             try:
-                _encode(tmp, data, fps, ext, audio if audio is not None and has_audio(audio) else None, times)
+                _encode(tmp, data, fps, ext, sound, times)
             except _AudioError as exc:
                 logger.warning("%s: the sound of %s cannot be carried over (%s); written without sound",
                                path, audio, exc)
@@ -520,7 +521,7 @@ def _encode(path: Path, data: _Uint8Frames, fps: float, ext: str, audio: Path | 
         if times is not None:  # variable frame rate: each frame at its own time
             stream.codec_context.time_base = VFR_TIME_BASE
         convert = _tag_colour(stream, h, w) if ext != ".mkv" else {}
-        sound = _audio_packets(container, Path(audio), ext) if audio is not None else []
+        sound = _audio_packets(container, audio, ext) if audio is not None else []
         k = 0
         for i, arr in enumerate(data):
             shown = times[i] if times is not None else i / fps
