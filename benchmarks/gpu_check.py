@@ -270,12 +270,16 @@ def _init_random_(dit: torch.nn.Module, seed: int = 0) -> None:
 
 
 def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens: int, device: str,
-             lora_rank: int = 64, repeats: int = 2) -> dict:
+             lora_rank: int = 64, repeats: int = 2, compile: str = "none") -> dict:
     """One Edit-GRPO-like DiT step of ``config`` (random weights) on ``device``: a sampling forward (no grad) and a
     training forward + backward (LoRA ``lora_rank``, gradient checkpointing, bf16 autocast), CFG batch 2, each
     timed (best of ``repeats`` after a warm-up), with the peak memory of the training pass (CUDA), next to
     benchmarks.scaling's prediction for the same config and shape (the latent grid of a ``frames x height x width``
-    clip through HunyuanVideo's VAE, ``benchmarks.scaling.latent_grid``)."""
+    clip through HunyuanVideo's VAE, ``benchmarks.scaling.latent_grid``). ``compile``: ``train.compile``'s modes
+    (``viva_base.training.compile_dit``; ``regional`` compiles the repeated blocks): the first call of each pass,
+    which compiles, is reported apart (``*_first_seconds``)."""
+    from viva_base.training import compile_dit
+
     from benchmarks.scaling import GPU, MFU, dit_inputs, dit_pass, latent_grid, meta_editor_dit, seconds_at_mfu
 
     grid = latent_grid(frames, height, width)
@@ -295,6 +299,7 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
     dit = meta_editor_dit(config, lora_rank, 2 * lora_rank, dtype=dtype).to_empty(device=device)
     _init_random_(dit)
     dit.enable_gradient_checkpointing()
+    compile_dit(dit, compile)
     g = torch.Generator(device=device).manual_seed(0)
     kw = dit_inputs(config, batch, grid, text_tokens, dtype=dtype, device=device)
     for key in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
@@ -312,17 +317,18 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
         out.float().square().mean().backward()
         return out
 
-    def timed(fn) -> float:
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first is a warm-up (kernel selection, allocator)
+    def timed(fn) -> tuple[float, float]:
+        """(best of the repeats, the first call): the first is a warm-up (kernel selection, allocator, compiling)."""
+        times = []
+        for _ in range(repeats + 1):
             _sync(device)
             t = time.perf_counter()
             fn()
             _sync(device)
-            best = min(best, time.perf_counter() - t)
-        return best
+            times.append(time.perf_counter() - t)
+        return min(times[1:]), times[0]
 
-    t_sample = timed(sample)
+    t_sample, first_sample = timed(sample)
     for p in lora:
         p.grad = None
     if cuda:
@@ -331,7 +337,7 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
     calls = [0]  # calls of the first block: 2 per training step when checkpointing recomputes it (a pre-hook:
     # the recomputation stops early, before the forward hooks)
     hook = dit.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    t_train = timed(train_step)
+    t_train, first_train = timed(train_step)
     hook.remove()
     peak = torch.cuda.max_memory_allocated() if cuda else None
     grads = [p.grad for p in lora if p.grad is not None]
@@ -344,7 +350,8 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
     return {"config_params": n_frozen, "lora_params": n_lora, "lora_rank": lora_rank, "frames": frames,
             "height": height, "width": width,
             "latent_grid": list(grid), "video_tokens": grid[0] * (grid[1] // 2) * (grid[2] // 2),
-            "text_tokens": text_tokens, "sample_seconds": t_sample, "train_seconds": t_train,
+            "text_tokens": text_tokens, "compile": compile, "sample_seconds": t_sample, "train_seconds": t_train,
+            "sample_first_seconds": first_sample, "train_first_seconds": first_train,
             "predicted_sample_seconds": p_sample, "predicted_train_seconds": p_train,
             # a GPU prediction: no ratio for a CPU run (the stand-in only exercises the code)
             "sample_ratio": t_sample / p_sample if cuda else None, "train_ratio": t_train / p_train if cuda else None,
@@ -356,20 +363,25 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
             "grad_ok": grad_ok, "output_finite": out_finite, "checkpointing": calls[0] == 2 * (repeats + 1)}
 
 
-def check_dit(device: str, tiny: bool, frames: int, height: int, width: int, text_tokens: int) -> dict:
+def check_dit(device: str, tiny: bool, frames: int, height: int, width: int, text_tokens: int,
+              compile: str = "none") -> dict:
     from benchmarks.scaling import HUNYUAN_DIT_13B
 
     if tiny:  # the stand-in: a few small blocks, a small latent
-        r = dit_step(TINY_DIT, frames=5, height=32, width=32, text_tokens=8, device=device, lora_rank=4, repeats=1)
+        r = dit_step(TINY_DIT, frames=5, height=32, width=32, text_tokens=8, device=device, lora_rank=4, repeats=1,
+                     compile=compile)
     else:
         r = dit_step(HUNYUAN_DIT_13B, frames=frames, height=height, width=width, text_tokens=text_tokens,
-                     device=device)
+                     device=device, compile=compile)
     mem = (f", peak {r['peak_bytes'] / 2**30:.1f} GiB (predicted {r['predicted_peak_bytes'] / 2**30:.1f}, "
            f"x{r['memory_ratio']:.2f})" if r["peak_bytes"] is not None else "")
     x = lambda v: f"x{v:.2f} of predicted" if v is not None else "no GPU prediction"  # noqa: E731
     detail = (f"{'tiny stand-in' if tiny else 'HunyuanVideo-13B'} {r['frames']}x{r['height']}x{r['width']}, "
               f"{r['video_tokens']} video tokens: forward {r['sample_seconds']:.3f} s ({x(r['sample_ratio'])}), "
               f"fwd+bwd {r['train_seconds']:.3f} s ({x(r['train_ratio'])}){mem}")
+    if compile != "none":
+        detail += (f"; compiled ({compile}): first forward {r['sample_first_seconds']:.1f} s, first fwd+bwd "
+                   f"{r['train_first_seconds']:.1f} s")
     ok = r["grad_ok"] and r["output_finite"] and r["checkpointing"]
     return {"status": "ok" if ok else "FAIL", **r, "detail": detail}
 
@@ -422,26 +434,71 @@ def check_vae(device: str, tiny: bool, frames: int, height: int, width: int, cli
 
 
 # ---------------------------------------------------------------------------- report
-def markdown(results: dict, meta: dict) -> str:
-    lines = [f"Measured by `python -m benchmarks.gpu_check {meta['argv']}` on {meta['device_name']} "
-             f"(torch {torch.__version__}, {meta['date']}):", "",
-             "| check | status | result |", "|---|---|---|"]
+def measured_by(meta: dict) -> str:
+    """The line naming the command, the machine, its torch and the date of a run (from its JSON's ``meta``)."""
+    command = f"python -m benchmarks.gpu_check {meta['argv']}".strip()
+    return f"`{command}` on {meta['device_name']} (torch {meta.get('torch', '?')}, {meta['date']})"
+
+
+def check_table(results: dict, meta: dict) -> list[str]:
+    lines = ["| check | status | result |", "|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['status']} | {r.get('detail', '')} |")
+    missing = [c for c in meta.get("checks", ()) if c not in results]
+    if meta.get("complete") is False and missing:  # written part-way; if the run stops here, this says so
+        lines.append(f"| {', '.join(missing)} | not run | the run stopped before these checks |")
+    return lines
+
+
+def dit_table(rows: list[dict]) -> list[str]:
+    """The ``dit`` checks' measurements, one row each, next to the predictions, with the model FLOPs utilisation
+    measured (the counted FLOPs over the seconds, against the prediction's GPU peak), and a line saying what the
+    predictions are."""
+    from benchmarks.scaling import GPU
+
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b is not None else "n/a"  # noqa: E731
+    x = lambda r: f"{r:.2f}" if r is not None else "n/a"  # noqa: E731
+    mfu = lambda tflops, sec, d: (f"{tflops / sec / GPU['bf16_tflops']:.0%}"  # noqa: E731
+                                  if d["peak_bytes"] is not None else "n/a")  # a CPU run: no GPU peak to compare
+    ranks = sorted({d["lora_rank"] for d in rows})
+    lines = ["| frames x H x W | video + text tokens | forward (CFG 2) | predicted | ratio | fwd+bwd, LoRA "
+             f"r{'/'.join(map(str, ranks))} + checkpointing | predicted | ratio | MFU forward / fwd+bwd | "
+             "peak memory | predicted | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in rows:
+        compiled = f", compiled ({d['compile']})" if d.get("compile", "none") != "none" else ""
+        lines.append(
+            f"| {d['frames']}x{d['height']}x{d['width']}{compiled} | {d['video_tokens']:,} + {d['text_tokens']} | "
+            f"{d['sample_seconds']:.3g} s | {d['predicted_sample_seconds']:.3g} s | {x(d['sample_ratio'])} | "
+            f"{d['train_seconds']:.3g} s | {d['predicted_train_seconds']:.3g} s | {x(d['train_ratio'])} | "
+            f"{mfu(d['sample_tflops'], d['sample_seconds'], d)} / {mfu(d['train_tflops'], d['train_seconds'], d)} | "
+            f"{gib(d['peak_bytes'])} | {gib(d['predicted_peak_bytes'])} | {x(d['memory_ratio'])} |")
+    basis = sorted({d["prediction_basis"] for d in rows})
+    return lines + ["", f"Predictions: benchmarks.scaling's counts for this shape, {'; '.join(basis)}; memory = bf16 "
+                    "weights + fp32 LoRA and its gradients + the checkpointed activations (ratio = measured / "
+                    "predicted; MFU = the counted FLOPs per second over the same peak)."]
+
+
+def markdown(results: dict, meta: dict) -> str:
+    """One run's report: its command, its checks, and the DiT step's table."""
+    lines = [f"Measured by {measured_by(meta)}:", "", *check_table(results, meta)]
     d = results.get("dit")
     if d and "train_seconds" in d:
-        gib = lambda b: f"{b / 2**30:.1f} GiB" if b is not None else "n/a"  # noqa: E731
-        x = lambda r: f"{r:.2f}" if r is not None else "n/a"  # noqa: E731
-        lines += ["", "| frames x H x W | video + text tokens | forward (CFG 2) | predicted | ratio | fwd+bwd, LoRA "
-                  f"r{d['lora_rank']} + checkpointing | predicted | ratio | peak memory | predicted | ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|",
-                  f"| {d['frames']}x{d['height']}x{d['width']} | {d['video_tokens']:,} + {d['text_tokens']} | "
-                  f"{d['sample_seconds']:.3g} s | {d['predicted_sample_seconds']:.3g} s | {x(d['sample_ratio'])} | "
-                  f"{d['train_seconds']:.3g} s | {d['predicted_train_seconds']:.3g} s | {x(d['train_ratio'])} | "
-                  f"{gib(d['peak_bytes'])} | {gib(d['predicted_peak_bytes'])} | {x(d['memory_ratio'])} |",
-                  "", f"Predictions: benchmarks.scaling's counts for this shape, {d['prediction_basis']}; memory = bf16 "
-                  "weights + fp32 LoRA and its gradients + the checkpointed activations (ratio = measured / predicted)."]
+        lines += ["", *dit_table([d])]
     return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, meta: dict, results: dict, done: bool) -> str:
+    """``out`` (JSON) and its markdown snippet (``.md``), each replaced whole (a temporary file renamed over it);
+    ``done`` is False while checks are still to run (recorded as ``meta["complete"]``). Returns the markdown."""
+    meta = {**meta, "complete": done}
+    md = markdown(results, meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps({"meta": meta, "results": results}, indent=2, default=str)),
+                       (out.with_suffix(".md"), md)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return md
 
 
 def parser() -> argparse.ArgumentParser:
@@ -455,6 +512,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=side, default=848, help="DiT and VAE checks: frame width (a multiple of 16)")
     ap.add_argument("--text-tokens", type=count(1), default=832,
                     help="DiT check: text tokens (the first frame's 576 image tokens + at most 256 of the instruction)")
+    ap.add_argument("--dit-compile", default="none", choices=["none", "regional", "full"],
+                    help="DiT check: compile the DiT as train.compile does (its first calls, compiling, apart)")
     ap.add_argument("--vae-frames", type=clip_frames, default=33,
                     help="VAE check: clip frames (4k+1; recipes/viva.yaml's clip)")
     ap.add_argument("--checks", default="kernels,sft,sft_compile,grpo,grpo_compile,grpo_2proc,dit,vae",
@@ -482,7 +541,7 @@ def main(argv=None) -> int:
         "grpo": lambda: check_grpo(work, a.device, a.tiny_only),
         "grpo_compile": lambda: check_grpo_compile(work, a.device, a.tiny_only, results.get("grpo")),
         "grpo_2proc": lambda: check_grpo_2proc(work, a.device, a.tiny_only),
-        "dit": lambda: check_dit(device, a.tiny_only, a.frames, a.height, a.width, a.text_tokens),
+        "dit": lambda: check_dit(device, a.tiny_only, a.frames, a.height, a.width, a.text_tokens, a.dit_compile),
         "vae": lambda: check_vae(device, a.tiny_only, a.vae_frames, a.height, a.width),
     }
     wanted = [c.strip() for c in a.checks.split(",") if c.strip()]
@@ -498,6 +557,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     work.mkdir(parents=True, exist_ok=True)
+    meta = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "checks": wanted}
     results = {}
     for name in wanted:
         t = time.time()
@@ -508,13 +570,8 @@ def main(argv=None) -> int:
         r["seconds"] = time.time() - t
         results[name] = r
         print(f"[{r['status']:>7}] {name:<10} {r['seconds']:6.1f} s  {r.get('detail', '')}", flush=True)
-    meta = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "device": device,
-            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
-    md = markdown(results, meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
-    out.with_suffix(".md").write_text(md)
+        # written after every check: a run stopped part-way (a time limit, a hung kernel) keeps what it measured
+        md = write_results(out, meta, results, done=len(results) == len(wanted))
     print("\n" + md)
     print(f"written {out} and {out.with_suffix('.md')}")
     return 0 if all(r["status"] != "FAIL" for r in results.values()) else 1

@@ -40,6 +40,23 @@ def test_a_bad_argument_is_one_line_and_nothing_is_written(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_stopped_part_way_keeps_what_it_measured(tmp_path, monkeypatch, one_thread):
+    """A lent GPU machine's command has a time limit: killed during a later check, the run must leave the earlier
+    checks' results (they were written only at the end before, so a stopped run returned nothing)."""
+    def stopped(*_a, **_k):
+        raise KeyboardInterrupt  # what a kill looks like to Python: not a failed check, the end of the run
+
+    monkeypatch.setattr(gpu_check, "check_sft", stopped)
+    out = tmp_path / "g.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--device", "cpu", "--tiny-only", "--checks", "kernels,sft,vae", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert list(saved["results"]) == ["kernels"] and saved["results"]["kernels"]["status"] == "ok"
+    assert saved["meta"]["complete"] is False and saved["meta"]["checks"] == ["kernels", "sft", "vae"]
+    assert "| sft, vae | not run |" in out.with_suffix(".md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread, monkeypatch):
     """Every check of the default list, with dynamo's graphs run by ``aot_eager`` (torch's own backend override,
     which the check's subprocesses inherit): the compiled checks trace, guard and differentiate as on a GPU, without
@@ -73,7 +90,7 @@ def test_every_check_runs_on_cpu_at_tiny_sizes(tmp_path, capsys, one_thread, mon
     assert "| dit | ok |" in capsys.readouterr().out
     from benchmarks.scaling import gpu_check_section  # python -m benchmarks.scaling --gpu-check FILE adds it
 
-    section = gpu_check_section(json.loads(out.read_text()))
+    section = gpu_check_section([json.loads(out.read_text())])
     assert section.startswith("## Measured: checking a GPU machine") and "| grpo | ok |" in section
 
 
@@ -100,3 +117,52 @@ def test_docs_scaling_has_the_generated_gpu_check_section(repo_root):
     from benchmarks.scaling import CHECKING
 
     assert CHECKING in (Path(repo_root) / "docs" / "scaling.md").read_text()
+
+
+def _dit_run(frames: int, compile: str, seconds: float, torch_version: str = "2.11.0+cu130") -> dict:
+    """A gpu_check.json of a ``--checks dit`` run on a GPU, with the numbers given (the rest as the check writes)."""
+    d = {"status": "ok", "detail": f"{frames} frames", "frames": frames, "height": 480, "width": 848,
+         "video_tokens": 1000 * frames, "text_tokens": 832, "compile": compile, "lora_rank": 64,
+         "sample_seconds": seconds / 4, "predicted_sample_seconds": 1.0, "sample_ratio": seconds / 4,
+         "train_seconds": seconds, "predicted_train_seconds": 4.0, "train_ratio": seconds / 4,
+         "sample_tflops": 395.76, "train_tflops": 1583.04, "peak_bytes": 40 * 2**30,
+         "predicted_peak_bytes": 40 * 2**30, "memory_ratio": 1.0, "prediction_basis": "H100 SXM at 40% MFU"}
+    return {"meta": {"argv": f"--checks dit --frames {frames}", "device_name": "NVIDIA H200", "date": "2026-12-04",
+                     "torch": torch_version, "checks": ["dit"], "complete": True}, "results": {"dit": d}}
+
+
+def test_the_doc_section_puts_several_runs_dit_steps_in_one_table():
+    """``benchmarks.scaling --gpu-check A B ...``: the first run's checks in full, each further run in a line, and
+    every DiT step in one table with its measured MFU (the counted TFLOP over the seconds, against 989.4 TFLOP/s).
+    The torch version is the run's, from its JSON: the page printed the version of the machine that rendered it."""
+    from benchmarks.scaling import gpu_check_section
+
+    first = _dit_run(9, "none", 4.0)
+    first["results"]["kernels"] = {"status": "ok", "detail": "matmul rel err 3e-03"}
+    section = gpu_check_section([first, _dit_run(33, "regional", 2.0)])
+    lines = section.splitlines()
+    assert "Measured by `python -m benchmarks.gpu_check --checks dit --frames 9` on NVIDIA H200 (torch 2.11.0+cu130, " \
+        "2026-12-04):" in lines
+    assert "| kernels | ok | matmul rel err 3e-03 |" in lines
+    assert "* `python -m benchmarks.gpu_check --checks dit --frames 33` on NVIDIA H200 (torch 2.11.0+cu130, " \
+        "2026-12-04): dit ok" in lines
+    rows = [line for line in lines if line.startswith("| 9x480x848") or line.startswith("| 33x480x848")]
+    assert len(rows) == 2 and rows[1].startswith("| 33x480x848, compiled (regional) |")
+    # 395.76 TFLOP in 1 s and 1583.04 in 4 s: 40% of 989.4 TFLOP/s; the compiled run, twice as fast: 80%
+    assert "| 40% / 40% |" in rows[0] and "| 80% / 80% |" in rows[1]
+    assert torch.__version__ not in section or torch.__version__ == "2.11.0+cu130"
+
+
+def test_the_docs_gpu_section_is_the_recorded_runs(repo_root):
+    """docs/scaling.md's measured GPU section is what ``benchmarks.scaling --gpu-check`` renders from the runs kept in
+    docs/gpu_check/ (no number in it typed by hand), and the recorded runs passed every check they ran."""
+    from pathlib import Path
+
+    from benchmarks.scaling import gpu_check_section, measured_mfu
+
+    folder = Path(repo_root) / "docs" / "gpu_check" / "h200-2026-12-04"
+    runs = [json.loads((folder / f"{name}.json").read_text()) for name in ("gpu_check", "dit33", "dit33c", "dit65")]
+    page = (Path(repo_root) / "docs" / "scaling.md").read_text()
+    assert gpu_check_section(runs) in page and measured_mfu(runs) in page
+    assert all(r["meta"]["complete"] is not False for r in runs)
+    assert all(c["status"] in ("ok", "skipped") for r in runs for c in r["results"].values())
