@@ -564,15 +564,18 @@ The counts above leave out the VAE's decoding working set, and it is not small. 
 HunyuanVideo VAE config with random weights, the rise of the peak resident memory while decoding, `getrusage`):
 one clip of 128 x 128 x 17 frames 1.54 GB, two clips at once 3.10 GB, two clips one at a time 1.58 GB;
 one clip of 240 x 424 x 33 frames 9.5 GB (355 s on 2 cores), in 256-pixel tiles 5.9 GB (474 s). Untiled, the set
-grows with the pixels: a 480 x 848 x 33 clip would take about 4 x 9.5 = 38 GB in float32, about 19 GB in bf16 (if
-a GPU's working set scales as the CPU's; not measured on a GPU). Edit-GRPO decodes its rollouts a group at a time
-(`sampling.rollout_batch_size`, G = 8 in recipes/viva.yaml): 8 such clips at once, about 150 GB, would not have fit
-on an 80 GB or a 141 GB GPU. The editor now sends a batch through the VAE one clip at a time (diffusers'
-`enable_slicing`: the same numbers as each clip alone) and, by default (`editor_config.json`'s `vae_tiling`,
-recipe key `model.vae_tiling`), in 256-pixel spatial tiles blended over 64 pixels (`enable_tiling`, as diffusers'
-HunyuanVideo examples run it), so a clip's working set stops growing with its resolution
-(`viva_base.vae.configure_vae_memory`, tests/test_vae_memory.py). The tiles cost time (+34% on CPU at 240 x 424), on
-a step the plan puts at 0.4%-1.6% of an iteration. `gpu_check`'s `vae` check measures both on a GPU.
+grows with the pixels: a 480 x 848 x 33 clip would take about 4 x 9.5 = 38 GB in float32, about 19 GB in bf16;
+measured on an H200 in bf16 (`gpu_check`'s `vae` check, the last section): 22.0 GiB. Edit-GRPO decodes its rollouts
+a group at a time (`sampling.rollout_batch_size`, G = 8 in recipes/viva.yaml): 8 such clips at once, about 150 GB,
+would not have fit on an 80 GB or a 141 GB GPU. The editor now sends a batch through the VAE one clip at a time
+(diffusers' `enable_slicing`: the same numbers as each clip alone) and, by default (`editor_config.json`'s
+`vae_tiling`, recipe key `model.vae_tiling`), in 256-pixel spatial tiles blended over 64 pixels (`enable_tiling`, as
+diffusers' HunyuanVideo examples run it), so a clip's working set stops growing with its resolution
+(`viva_base.vae.configure_vae_memory`, tests/test_vae_memory.py). On the H200, a 480 x 848 x 33 clip decodes sliced
+and tiled in 3.19 s with a 3.7 GiB peak, against 1.76 s and 22.0 GiB untiled: the tiles cost 81% more time (+34% on
+CPU at 240 x 424). With recipes/viva.yaml on 8 GPUs each GPU decodes 16 rollouts an iteration, about 51 s tiled, 5%
+of the plan's 17.4 min (more than the 0.4%-1.6% of an iteration that the FLOPs of the VAE and the rewards suggest);
+on a 141 GB GPU with room for the untiled working set, `model.vae_tiling=false` saves about 23 s of it.
 """
 
 
@@ -580,6 +583,7 @@ CHECKING = """## Checking a GPU machine
 
     python -m benchmarks.gpu_check                                        # on a CUDA machine, a few minutes
     python -m benchmarks.gpu_check --frames 33 --height 480 --width 848   # the 13B DiT step at recipes/viva.yaml's clip
+    python -m benchmarks.gpu_check --checks dit --frames 33 --dit-compile regional   # that step compiled
     python -m benchmarks.gpu_check --device cpu --tiny-only               # the same code paths on CPU, tiny shapes
 
 The first command to run on a GPU machine. Each check reports ok, FAIL or skipped, and a failing one does not
@@ -603,7 +607,9 @@ stop the others:
   memory, each next to what this document's counting predicts for that shape (FLOPs at 40% MFU of 989 TFLOP/s;
   memory = bf16 weights + fp32 LoRA and its gradients + checkpointed activations) and the ratio measured / predicted.
   At the default shape (3 x 60 x 106 latent, 4,770 video + 832 text tokens) the prediction is 201 TFLOP and 0.51 s
-  for the forward, 650 TFLOP and 1.64 s for forward + backward with the recomputed forward, and 30.4 GiB;
+  for the forward, 650 TFLOP and 1.64 s for forward + backward with the recomputed forward, and 30.4 GiB.
+  `--dit-compile regional` compiles the DiT as `train.compile=regional` does (the first call of each pass, which
+  compiles, is reported apart); the table gives the MFU measured (counted FLOPs per second over 989.4 TFLOP/s);
 * `vae`: the real-size HunyuanVideo VAE (random weights, bf16) decoding 2 clips of `--vae-frames x --height x
   --width` (default 33 x 480 x 848, recipes/viva.yaml's clip) as the editor runs it (one clip at a time, 256-pixel
   tiles), then one clip untiled: the peak GPU memory of each and the seconds a clip (below, "The VAE's working
@@ -611,10 +617,27 @@ stop the others:
 
 It prints a table, writes it as JSON (`--out`, default `outputs/gpu_check/gpu_check.json`) and, next to it, a
 markdown snippet; `python -m benchmarks.scaling --perf outputs/perf/perf.json --gpu-check
-outputs/gpu_check/gpu_check.json` puts it at the end of this document. Without CUDA it says so in one line and exits 0 with nothing run; with
-`--device cpu --tiny-only` every check runs on CPU at tiny sizes, the DiT step on a scaled-down config through
-the same function (tests/test_gpu_check.py, about 2 min with the compiled SFT on a cold inductor cache). Not yet run on a GPU: no GPU was available when it was
-written.
+outputs/gpu_check/gpu_check.json [more.json ...]` puts it at the end of this document (the first file's checks in
+full, every file's DiT step in one table). The files are written again after each check, so a run stopped by a time
+limit keeps what it measured (the report names the checks not run). Without CUDA it says so in one line and exits 0
+with nothing run; with `--device cpu --tiny-only` every check runs on CPU at tiny sizes, the DiT step on a
+scaled-down config through the same function (tests/test_gpu_check.py, about 2 min with the compiled SFT on a cold
+inductor cache).
+
+**Run on a lent H200 (2026-12-04; the last section).** Every check passed on the first try, with no change to the
+code: the offline install of the carried wheels, the bf16 kernels (FlashAttention available), the tiny SFT and
+Edit-GRPO recipes in bf16 eager and compiled (first minibatch ratio 1.000000 eager, 0.999996 compiled; compiled SFT
+losses within 8.5e-5 of eager), the held-out evaluation, the 13B DiT step at 9, 33 and 65 frames (peak memory
+within 2-4% of the count above; time x1.27-1.36 of the 40%-MFU prediction eager, x0.99 compiled) and the VAE. The
+machine had one GPU, so `grpo_2proc` (NCCL) was skipped. Their JSON files are kept in
+`docs/gpu_check/h200-2026-12-04/` (`--gpu-check docs/gpu_check/h200-2026-12-04/{gpu_check,dit33,dit33c,dit65}.json`
+renders the last section again). The two calls, 6.3 and 4.6 minutes of the machine:
+
+    bash benchmarks/gpu_wheels.sh install && python3 -m benchmarks.gpu_check \\
+        --checks kernels,dit,vae,sft,grpo,sft_compile,grpo_compile,grpo_2proc --out /tmp/gc/gpu_check.json
+    python3 -m benchmarks.gpu_check --checks dit --frames 33 --out /tmp/gc/dit33.json
+    python3 -m benchmarks.gpu_check --checks dit --frames 33 --dit-compile regional --out /tmp/gc/dit33c.json
+    python3 -m benchmarks.gpu_check --checks dit --frames 65 --out /tmp/gc/dit65.json
 
 A GPU machine without network needs the packages it lacks (diffusers, omegaconf, av, open_clip_torch, ftfy; torch,
 torchvision, transformers, timm, accelerate, peft, safetensors, tokenizers, matplotlib and tensorboard are assumed
@@ -673,8 +696,17 @@ compiled run stopped and resumed bit-identically (tests/test_sft.py); the tiny S
 ZeRO-3 with gradient checkpointing and `full` (DDP's losses and weights to 1e-6, tests/test_scale_multiprocess.py)
 and ZeRO-2 with `regional` + fused AdamW (losses within 1e-7 of eager, by hand); Edit-GRPO's tiny recipe compiled,
 with its KL reference and held-out evaluation (eager's rewards, losses and LoRA, tests/test_grpo_compile.py), and
-the toy chain's Edit-GRPO stage (below). Not run: any GPU (`benchmarks.gpu_check`'s `sft_compile` and
-`grpo_compile` checks are the first), the 13B model.
+the toy chain's Edit-GRPO stage (below).
+On an H200 (2026-12-04, the last section): the 13B DiT's LoRA step at recipes/viva.yaml's 480x848x33 with
+`regional`: forward 1.61 s against 2.25 s eager (-28%), forward + backward 6.54 s against 8.68 s (-25%, 40% MFU
+against 30%), peak memory 39.2 GiB against 41.2; the two block graphs compile in the first calls (33.9 s for the
+forward, 53.2 s for forward + backward: about 80 s in all, repaid after about 40 training steps, well inside one
+iteration's 64 trained steps a GPU). The tiny recipes compiled in bf16: SFT losses within 8.5e-5 of eager, the first
+step 38.8 s (compiling) and the third and fourth 43.5 s and 40.8 s (batches of new shapes, image or video pairs and
+instruction lengths: recompiles until those sizes are dynamic; on CPU the same run recompiled 9 times in its first 4
+steps and not once in the next 12); Edit-GRPO's first ratio 0.999996 and the eager run's first reward, its first
+iteration 60 s (compiling its graphs) and the second 0.37 s against eager's 0.41 s. Not run: compiling under
+DeepSpeed or on several GPUs, and the full fine-tuning step of the 13B DiT.
 
 The toy chain's Edit-GRPO stage (24 iterations of 4 x 8 rollouts, evaluation before and after; the faster 2-core
 machine, 2026-12-02), `train.compile=full train.fused_optimizer=true` against eager: iterations 7.25 s against
@@ -798,22 +830,25 @@ def render_sft(sp: dict) -> str:
             "under ZeRO-3 (every parameter partitioned, gradient checkpointing on, float32): the same losses, gradient "
             "norms, lr and final weights as DDP to 1e-6, and a run resumed from its mid-run DeepSpeed checkpoint ends "
             "with identical weights; under ZeRO-2 in bf16 (DeepSpeed's bf16 mode on the CPU): float32 master weights in "
-            "the checkpoint, `final/` exactly those rounded to bf16, losses within 1% of DDP's float32 run. Not run: any "
-            "GPU, NCCL, CPU offload, the 13B model; the recipe's filled DeepSpeed configs pass DeepSpeed's own config "
-            "validation (tests/test_scale.py)."]
+            "the checkpoint, `final/` exactly those rounded to bf16, losses within 1% of DDP's float32 run. Not run: "
+            "full fine-tuning on a GPU (the tiny SFT recipe ran on an H200, and the 13B DiT's LoRA step: the last "
+            "section), NCCL, CPU offload, the 13B SFT; the recipe's filled DeepSpeed configs pass DeepSpeed's own "
+            "config validation (tests/test_scale.py)."]
     return "\n".join(out)
 
 
-def render(p: dict, perf: dict | None = None, gpu_check: dict | None = None, sft: dict | None = None) -> str:
+def render(p: dict, perf: dict | None = None, gpu_check: list[dict] | None = None,
+           sft: dict | None = None) -> str:
     r, pr = p["recipe"], p["params"]
     out = ["# Scaling plan: Edit-GRPO and VIVA SFT at paper scale",
            "",
            "Generated by `python -m benchmarks.scaling` from the real model configs (HunyuanVideo-13B DiT widened to 32 "
            "input channels with the recipe's LoRA, llava-llama-3-8b, the HunyuanVideo VAE, the reward CLIPs) built on "
            "PyTorch's meta device: parameters are counted, FLOPs counted by `FlopCounterMode` on the real forward and "
-           "backward, activation memory is what autograd saves (see the module docstring). The last section is "
-           "measured: `python -m benchmarks.perf`, then `python -m benchmarks.scaling --perf outputs/perf/perf.json`. "
-           "Do not edit by hand.",
+           "backward, activation memory is what autograd saves (see the module docstring). The last sections are "
+           "measured: `python -m benchmarks.perf` on CPU and `python -m benchmarks.gpu_check` on a GPU, then "
+           "`python -m benchmarks.scaling --perf outputs/perf/perf.json --gpu-check outputs/gpu_check/gpu_check.json "
+           "...`. Do not edit by hand.",
            "",
            f"Recipe (`recipes/viva.yaml`): {r['prompts']} prompts x G={r['group']} rollouts per iteration, "
            f"{r['steps']} sampling steps with CFG batched (batch 2 per sample), {r['trained_steps']} trained steps per "
@@ -863,7 +898,8 @@ def render(p: dict, perf: dict | None = None, gpu_check: dict | None = None, sft
             "about twice its forward) but no weight gradients except the LoRA's. Gradient checkpointing adds one "
             "forward per trained step. Condition encoding (VLM on cond + uncond, VAE encoder) runs once per prompt, "
             f"VAE decoding and the rewards once per rollout: together {min(fixed):.1%}-{max(fixed):.1%} of an "
-            "iteration. Attention's share of the DiT FLOPs grows with the tokens (quadratic against linear).",
+            "iteration. Attention's share of the DiT FLOPs grows with the tokens (quadratic against linear). "
+            + measured_mfu(gpu_check),
             "",
             "## Memory per GPU (training micro-batch: 1 sample = 2 CFG rows)",
             "",
@@ -908,7 +944,9 @@ def render(p: dict, perf: dict | None = None, gpu_check: dict | None = None, sft
             "3072 x 2 bytes) exceed a GPU: that length needs sequence parallelism (splitting the tokens of a sample "
             "over GPUs), which this project does not implement.",
             "",
-            "What was not run: nothing here ran on a GPU. On the CPU machines of this project the DeepSpeed path ran "
+            "What was measured on a GPU: the LoRA training step's peak memory on one H200 (the last section), within "
+            "2-4% of this count at 9, 33 and 65 frames of 480x848. Not run on a GPU: DeepSpeed, several processes, "
+            "NCCL. On the CPU machines of this project the DeepSpeed path ran "
             "for real with the tiny editor (ZeRO-2 and ZeRO-3, 2 processes, gloo: tests/test_scale_multiprocess.py); "
             "bf16 DeepSpeed mode, CPU offload (`zero3_offload.yaml`) and NCCL were validated as configurations only "
             "(DeepSpeed's config classes, tests/test_scale.py).", "", VAE_MEMORY.rstrip("\n")]
@@ -944,12 +982,50 @@ def render(p: dict, perf: dict | None = None, gpu_check: dict | None = None, sft
     return "\n".join(out) + "\n"
 
 
-def gpu_check_section(gpu_check: dict) -> str:
-    """The measured section of a ``gpu_check.json`` (benchmarks.gpu_check's own markdown, under a heading)."""
-    from .gpu_check import markdown
+def measured_mfu(runs: list[dict] | None) -> str:
+    """What the GPU runs (``--gpu-check``) say of this page's MFU assumption: the DiT step's measured MFU and its
+    time against the prediction, eager and compiled (a sentence; the numbers are in the last section's table)."""
+    rows = [r["results"]["dit"] for r in runs or () if r["results"].get("dit", {}).get("train_ratio") is not None]
+    if not rows:
+        return f"The {MFU:.0%} MFU is an assumption: no GPU run has been recorded here (`benchmarks.gpu_check`)."
 
-    return ("## Measured: checking a GPU machine (`python -m benchmarks.gpu_check`)\n\n"
-            + markdown(gpu_check["results"], gpu_check["meta"]).rstrip("\n"))
+    def span(values, fmt):
+        lo, hi = fmt(min(values)), fmt(max(values))
+        return lo if lo == hi else f"{lo}-{hi}"
+
+    pct = lambda v: f"{v:.0%}"  # noqa: E731
+    times = lambda v: f"{v:.2f}"  # noqa: E731
+    parts = []
+    for label, mode in (("eager", False), ("with `train.compile=regional`", True)):
+        got = [d for d in rows if (d.get("compile", "none") != "none") == mode]
+        if got:
+            mfu = [d["train_tflops"] / d["train_seconds"] / GPU["bf16_tflops"] for d in got]
+            parts.append(f"{span(mfu, pct)} MFU {label} (x{span([d['train_ratio'] for d in got], times)} "
+                         "the predicted time)")
+    names = sorted({r["meta"]["device_name"] for r in runs if "dit" in r["results"]})
+    shapes = ", ".join(f"{f}x{h}x{w}" for f, h, w in sorted({(d["frames"], d["height"], d["width"]) for d in rows}))
+    return (f"Measured on one {' / '.join(names)} (the last section), the 13B DiT's LoRA training step at "
+            f"{shapes} (frames x H x W) ran at "
+            f"{' and '.join(parts)}; an H200 computes as fast as the H100 assumed here. Several GPUs' communication "
+            "was not measured.")
+
+
+def gpu_check_section(runs: list[dict]) -> str:
+    """The measured section from the ``gpu_check.json`` files of benchmarks.gpu_check: the first run's checks, the
+    other runs' commands and results in a line each, and every run's DiT step in one table."""
+    from .gpu_check import check_table, dit_table, measured_by
+
+    first, *more = runs
+    out = ["## Measured: checking a GPU machine (`python -m benchmarks.gpu_check`)", "",
+           f"Measured by {measured_by(first['meta'])}:", "", *check_table(first["results"], first["meta"])]
+    if more:
+        out += ["", "Then, on the same kind of machine:", ""]
+        out += [f"* {measured_by(r['meta'])}: "
+                + "; ".join(f"{name} {res['status']}" for name, res in r["results"].items()) for r in more]
+    dits = [r["results"]["dit"] for r in runs if "train_seconds" in r["results"].get("dit", {})]
+    if dits:
+        out += ["", *dit_table(dits)]
+    return "\n".join(out)
 
 
 def _dur(seconds: float) -> str:
@@ -961,7 +1037,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default="recipes/viva.yaml")
     ap.add_argument("--sft-recipe", default="recipes/sft_viva.yaml", help="the SFT recipe of the SFT section")
     ap.add_argument("--perf", default=None, help="a perf.json of benchmarks.perf to include (measured CPU table)")
-    ap.add_argument("--gpu-check", default=None, help="a gpu_check.json of benchmarks.gpu_check to include")
+    ap.add_argument("--gpu-check", nargs="+", default=None, metavar="FILE",
+                    help="gpu_check.json files of benchmarks.gpu_check to include (the first one's checks in full, "
+                         "every run's DiT step in one table)")
     ap.add_argument("--out", default="docs/scaling.md")
     ap.add_argument("--json", default="outputs/scaling.json")
     a = ap.parse_args(argv)
@@ -970,7 +1048,8 @@ def main(argv=None) -> int:
     from viva_base.recipe import RecipeError, check_output_file
 
     try:  # every input read, the cheap ones first, and the page rendered before anything is written
-        perf, gpu = (_read_json(option, path) for option, path in (("--perf", a.perf), ("--gpu-check", a.gpu_check)))
+        perf = _read_json("--perf", a.perf)
+        gpu = [_read_json("--gpu-check", path) for path in a.gpu_check or ()] or None
         if not Path(a.out).parent.is_dir():
             raise ValueError(f"--out {a.out}: no folder {Path(a.out).parent} (run from the clone's root, where "
                              "docs/ is, or give --out)")
