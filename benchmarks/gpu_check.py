@@ -36,8 +36,12 @@ Checks, each reported as ok / FAIL / skipped (a failing check does not stop the 
   tiles: ``viva_base.vae.configure_vae_memory``), then one clip untiled: the peak GPU memory of each and the seconds a
   clip (the decoding working set is not in the scaling plan's counts; docs/scaling.md, "The VAE's working memory").
 
-Prints a table, writes it as JSON (``--out``) and a markdown snippet next to it (``.md``); ``python -m
-benchmarks.scaling --gpu-check FILE`` adds that to docs/scaling.md.
+``--dit-compile regional`` compiles the DiT as ``train.compile=regional`` does; the first call of each pass (which
+compiles) is reported apart.
+
+Prints a table, writes it as JSON (``--out``) and a markdown snippet next to it (``.md``), both again after every
+check (a run stopped part-way keeps what it measured); ``python -m benchmarks.scaling --gpu-check FILE [FILE ...]``
+adds them to docs/scaling.md. The runs of a lent H200 are kept in docs/gpu_check/.
 Without CUDA (and without ``--device cpu``) it says so in one line and exits 0 with nothing run.
 Exit status: 0 when no check failed, 1 otherwise.
 """
