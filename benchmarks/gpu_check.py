@@ -550,8 +550,9 @@ def main(argv=None) -> int:
     }
     wanted = [c.strip() for c in a.checks.split(",") if c.strip()]
     unknown = sorted(set(wanted) - set(checks))
-    if unknown:
-        ap.error(f"unknown checks {unknown}; use any of {', '.join(checks)}")
+    if unknown or not wanted:
+        ap.error(f"unknown checks {unknown}; use any of {', '.join(checks)}" if unknown else
+                 f"--checks names no check; use any of {', '.join(checks)}")
     from viva_base.errors import UserError
     from viva_base.recipe import check_output_file
 

@@ -29,6 +29,7 @@ def test_a_relative_out_works_from_any_folder(tmp_path, monkeypatch, one_thread)
 
 @pytest.mark.parametrize("args, words", [
     (["--checks", "sft,nope"], "unknown checks ['nope']"),
+    (["--checks", ","], "--checks names no check"),
     (["--out", "/proc/no/such/g.json"], "--out /proc/no/such/g.json: cannot create folders in /proc")])
 def test_a_bad_argument_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
