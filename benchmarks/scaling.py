@@ -629,7 +629,7 @@ code: the offline install of the carried wheels, the bf16 kernels (FlashAttentio
 Edit-GRPO recipes in bf16 eager and compiled (first minibatch ratio 1.000000 eager, 0.999996 compiled; compiled SFT
 losses within 8.5e-5 of eager), the held-out evaluation, the 13B DiT step at 9, 33 and 65 frames (peak memory
 within 2-4% of the count above; time x1.27-1.36 of the 40%-MFU prediction eager, x0.99 compiled) and the VAE. The
-machine had one GPU, so `grpo_2proc` (NCCL) was skipped. Their JSON files are kept in
+machine had one GPU, so `grpo_2proc` (NCCL) was skipped. The runs' JSON files are kept in
 `docs/gpu_check/h200-2026-12-04/` (`--gpu-check docs/gpu_check/h200-2026-12-04/{gpu_check,dit33,dit33c,dit65}.json`
 renders the last section again). The two calls, 6.3 and 4.6 minutes of the machine:
 
