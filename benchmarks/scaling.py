@@ -996,18 +996,19 @@ def measured_mfu(runs: list[dict] | None) -> str:
     pct = lambda v: f"{v:.0%}"  # noqa: E731
     times = lambda v: f"{v:.2f}"  # noqa: E731
     parts = []
-    for label, mode in (("eager", False), ("with `train.compile=regional`", True)):
-        got = [d for d in rows if (d.get("compile", "none") != "none") == mode]
-        if got:
-            mfu = [d["train_tflops"] / d["train_seconds"] / GPU["bf16_tflops"] for d in got]
-            parts.append(f"{span(mfu, pct)} MFU {label} (x{span([d['train_ratio'] for d in got], times)} "
-                         "the predicted time)")
+    for mode in sorted({d.get("compile", "none") for d in rows}, key=lambda m: m != "none"):  # eager first
+        got = [d for d in rows if d.get("compile", "none") == mode]
+        mfu = [d["train_tflops"] / d["train_seconds"] / GPU["bf16_tflops"] for d in got]
+        label = "eager" if mode == "none" else f"with `train.compile={mode}`"
+        parts.append(f"{span(mfu, pct)} MFU {label} (x{span([d['train_ratio'] for d in got], times)} the predicted "
+                     "time)")
     names = sorted({r["meta"]["device_name"] for r in runs if "dit" in r["results"]})
     shapes = ", ".join(f"{f}x{h}x{w}" for f, h, w in sorted({(d["frames"], d["height"], d["width"]) for d in rows}))
+    same = ("; an H200 computes as fast as the H100 assumed here (the same dense bf16 peak)"
+            if all("H200" in n or "H100" in n for n in names) else "")
     return (f"Measured on one {' / '.join(names)} (the last section), the 13B DiT's LoRA training step at "
-            f"{shapes} (frames x H x W) ran at "
-            f"{' and '.join(parts)}; an H200 computes as fast as the H100 assumed here. Several GPUs' communication "
-            "was not measured.")
+            f"{shapes} (frames x H x W) ran at {' and '.join(parts)}{same}. Several GPUs' communication was not "
+            "measured.")
 
 
 def gpu_check_section(runs: list[dict]) -> str:
