@@ -284,7 +284,8 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
     which compiles, is reported apart (``*_first_seconds``)."""
     from viva_base.training import compile_dit
 
-    from benchmarks.scaling import GPU, MFU, dit_inputs, dit_pass, latent_grid, meta_editor_dit, seconds_at_mfu
+    from benchmarks.scaling import (GPU, MFU, achieved_mfu, dit_inputs, dit_pass, latent_grid, meta_editor_dit,
+                                    seconds_at_mfu)
 
     grid = latent_grid(frames, height, width)
     batch = 2  # CFG: cond and uncond rows of one sample
@@ -360,7 +361,7 @@ def dit_step(config: dict, *, frames: int, height: int, width: int, text_tokens:
             # a GPU prediction: no ratio for a CPU run (the stand-in only exercises the code)
             "sample_ratio": t_sample / p_sample if cuda else None, "train_ratio": t_train / p_train if cuda else None,
             "sample_tflops": pred_sample / 1e12, "train_tflops": pred_train / 1e12,
-            "achieved_mfu_train": pred_train / t_train / (GPU["bf16_tflops"] * 1e12),
+            "achieved_mfu_train": achieved_mfu(pred_train, t_train),
             "peak_bytes": peak, "predicted_peak_bytes": pred_mem,
             "memory_ratio": peak / pred_mem if peak is not None else None,
             "prediction_basis": f"{GPU['name']} {GPU['bf16_tflops']} bf16 TFLOP/s at {MFU:.0%} MFU",
@@ -458,11 +459,11 @@ def dit_table(rows: list[dict]) -> list[str]:
     """The ``dit`` checks' measurements, one row each, next to the predictions, with the model FLOPs utilisation
     measured (the counted FLOPs over the seconds, against the prediction's GPU peak), and a line saying what the
     predictions are."""
-    from benchmarks.scaling import GPU
+    from benchmarks.scaling import achieved_mfu
 
     gib = lambda b: f"{b / 2**30:.1f} GiB" if b is not None else "n/a"  # noqa: E731
     x = lambda r: f"{r:.2f}" if r is not None else "n/a"  # noqa: E731
-    mfu = lambda tflops, sec, d: (f"{tflops / sec / GPU['bf16_tflops']:.0%}"  # noqa: E731
+    mfu = lambda tflops, sec, d: (f"{achieved_mfu(tflops * 1e12, sec):.0%}"  # noqa: E731
                                   if d["peak_bytes"] is not None else "n/a")  # a CPU run: no GPU peak to compare
     ranks = sorted({d["lora_rank"] for d in rows})
     lines = ["| frames x H x W | video + text tokens | forward (CFG 2) | predicted | ratio | fwd+bwd, LoRA "

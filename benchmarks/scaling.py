@@ -99,6 +99,11 @@ def seconds_at_mfu(flops: float, gpus: int, mfu: float = MFU, peak_tflops: float
     return flops / (gpus * mfu * peak_tflops * 1e12)
 
 
+def achieved_mfu(flops: float, seconds: float, peak_tflops: float = GPU["bf16_tflops"]) -> float:
+    """The MFU one GPU reached doing ``flops`` in ``seconds`` (the inverse of ``seconds_at_mfu``)."""
+    return flops / seconds / (peak_tflops * 1e12)
+
+
 def training_state_bytes(trainable: int, gpus: int, zero: int) -> dict[str, float]:
     """Per-GPU bytes of the trainable parameters' training state under ZeRO stage ``zero``, by part.
 
@@ -998,7 +1003,7 @@ def measured_mfu(runs: list[dict] | None) -> str:
     parts = []
     for mode in sorted({d.get("compile", "none") for d in rows}, key=lambda m: m != "none"):  # eager first
         got = [d for d in rows if d.get("compile", "none") == mode]
-        mfu = [d["train_tflops"] / d["train_seconds"] / GPU["bf16_tflops"] for d in got]
+        mfu = [achieved_mfu(d["train_tflops"] * 1e12, d["train_seconds"]) for d in got]
         label = "eager" if mode == "none" else f"with `train.compile={mode}`"
         parts.append(f"{span(mfu, pct)} MFU {label} (x{span([d['train_ratio'] for d in got], times)} the predicted "
                      "time)")
